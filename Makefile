@@ -1,0 +1,58 @@
+# vfl: vertical federated logistic regression. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# protoc finds the mypy-protobuf plugins on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help install proto proto-check lint typecheck test test-compose demo up down clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install pinned dependencies
+
+proto: $(STAMP) ## regenerate vfl/v1 from protos/
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. protos/vfl/v1/*.proto
+
+proto-check: $(STAMP) ## fail if the generated code differs from protos/
+	@tmp=$$(mktemp -d); \
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp protos/vfl/v1/*.proto && \
+	diff -r -x __init__.py -x __pycache__ $$tmp/vfl/v1 vfl/v1 && echo "proto-check: generated code is up to date"; \
+	rc=$$?; rm -rf $$tmp; exit $$rc
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP) ## mypy on common/
+	$(VENV)/bin/mypy common
+
+test: $(STAMP) ## unit, protocol and end-to-end tests (real gRPC, real Paillier)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP) ## local federation: train on the bundled breast data, predict the held-out 20 %, print the AUC
+	$(VENV)/bin/vfl demo
+
+test-compose: ## docker-compose: build, run the demo federation, check its AUC
+	bash tests/system/test_compose.sh
+
+up: ## docker-compose up (demo federation)
+	docker-compose up --build
+
+down: ## docker-compose down
+	docker-compose down -v
+
+clean: ## remove the venv and local run state
+	rm -rf $(VENV) .vfl run
