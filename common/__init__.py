@@ -1,0 +1,1 @@
+"""Shared library of the vfl services: crypto, protocol steps, data, serde, rpc."""

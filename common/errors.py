@@ -1,0 +1,55 @@
+"""Domain errors and the one table that maps them to gRPC status codes.
+
+Servicers raise these; `common.rpc` turns them into statuses. Messages name
+the field and what was expected, and never carry a secret value.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class VflError(Exception):
+    """Base of all domain errors. `code` is the gRPC status it maps to."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(VflError):
+    """A field has the wrong shape, type or range."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(VflError):
+    """An unknown job, model or id."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(VflError):
+    """The request is well formed but not acceptable now: wrong key
+    fingerprint, a step out of order, missing ids, a model/data mismatch."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AlreadyExists(VflError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unavailable(VflError):
+    """The peer party could not be reached."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class OutOfRange(VflError):
+    """A value would overflow the plaintext space, or a decrypted value is
+    outside the range the step allows."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class ConfigError(Exception):
+    """Bad service configuration, reported at start-up."""

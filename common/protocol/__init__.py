@@ -1,0 +1,1 @@
+"""The protocol of PROTOCOL.md, one function per step, free of gRPC."""

@@ -1,0 +1,207 @@
+"""One function per step of PROTOCOL.md ("One training iteration",
+"Loss for convergence checks", "Prediction").
+
+Pure: numpy arrays and ciphertext vectors in and out, no gRPC. Both parties
+call the same functions for the symmetric steps; the docstrings say who calls
+what. Notation: for A, X is [X_A, 1] (the intercept is a column of ones) and
+the share is a = u_A/4 + 1/2 - y; for B, X is X_B and the share is b = u_B/4.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey
+from common.crypto.fixedpoint import (
+    FEATURE_SCALE_BITS,
+    RESIDUAL_SCALE_BITS,
+    decode,
+    encode,
+    signed,
+    to_fixed,
+)
+from common.errors import OutOfRange
+
+# Largest |value| of a residual share, score or standardised feature that the
+# fixed-point encoding accepts; it bounds every homomorphic sum below.
+SHARE_BOUND = float(2**20)
+FEATURE_BOUND = float(2**30)
+
+
+def sigmoid(u: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * u))
+
+
+# --- plaintext shares (each party, on its own data) -------------------------
+
+
+def active_residual_share(x_active: np.ndarray, w_active: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A's part of the Taylor residual, a = u_A/4 + 1/2 - y (intercept in w_active)."""
+    return (x_active @ w_active) / 4.0 + 0.5 - y
+
+
+def passive_residual_share(x_passive: np.ndarray, w_passive: np.ndarray) -> np.ndarray:
+    """B's part of the Taylor residual, b = u_B/4."""
+    return (x_passive @ w_passive) / 4.0
+
+
+def encrypt_share(backend: HEBackend, key: PublicKey, share: np.ndarray) -> CipherVector:
+    return backend.encrypt(key, encode(share, RESIDUAL_SCALE_BITS, key.n, SHARE_BOUND))
+
+
+# --- steps 1-2 ---------------------------------------------------------------
+
+
+def first_encrypted_data(backend: HEBackend, key_active: PublicKey, a: np.ndarray) -> CipherVector:
+    """Step 1 (A): [[a_S]]_A, A's parameters, features and labels under T."""
+    return encrypt_share(backend, key_active, a)
+
+
+def first_intermediate_share(backend: HEBackend, key_passive: PublicKey, b: np.ndarray) -> CipherVector:
+    """Step 2 (B): [[b_S]]_B, B's share of <<d_S>> = ([[a_S]]_A, [[b_S]]_B)."""
+    return encrypt_share(backend, key_passive, b)
+
+
+# --- step 3 ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskedGradient:
+    """[[X^T s + R]] under the peer's key, and R, which never leaves its owner."""
+
+    ciphers: CipherVector
+    mask: tuple[int, ...]
+
+
+def fixed_transpose(x: np.ndarray) -> np.ndarray:
+    """X^T as signed integers at the feature scale, computed once per batch."""
+    return to_fixed(x.T, FEATURE_SCALE_BITS, FEATURE_BOUND)
+
+
+def cross_gradient_bound(x: np.ndarray) -> float:
+    """Largest |(X^T s)_j| any valid peer share s can give (real units)."""
+    if x.size == 0:
+        return 0.0
+    return float(np.max(np.sum(np.abs(x), axis=0))) * SHARE_BOUND
+
+
+def check_capacity(x: np.ndarray, key: PublicKey) -> None:
+    """Refuse a product that could wrap around n/2 instead of returning a wrong number."""
+    bound = cross_gradient_bound(x) * 2.0 ** (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
+    if bound > 0 and math.log2(bound) + 2 >= key.n.bit_length() - 1:
+        raise OutOfRange(
+            f"batch: X^T s could reach 2^{math.log2(bound):.0f}, beyond the {key.bits}-bit key's "
+            "plaintext space; use a larger key or smaller batches"
+        )
+
+
+def random_mask(key: PublicKey, length: int) -> tuple[int, ...]:
+    """R uniform modulo n (perfect hiding), from the OS CSPRNG."""
+    return tuple(secrets.randbelow(key.n) for _ in range(length))
+
+
+def masked_encrypted_gradient(
+    backend: HEBackend, x_fixed_t: np.ndarray, peer_share: CipherVector
+) -> MaskedGradient:
+    """Step 3 (both): [[X^T s_peer + R]]_peer. R is added as a fresh encryption,
+    never as a plaintext shift: the peer reads a ciphertext's randomness on
+    decryption, and that of X^T [[s]] alone would reveal X."""
+    product = backend.matvec(x_fixed_t, peer_share)
+    mask = random_mask(peer_share.key, len(product))
+    return MaskedGradient(backend.add(product, backend.encrypt(peer_share.key, mask)), mask)
+
+
+# --- step 4 ------------------------------------------------------------------
+
+
+def decrypt_masked_gradient(
+    backend: HEBackend, key: PrivateKey, ciphers: CipherVector, expected_length: int
+) -> list[int]:
+    """Step 4 (both): decrypt the peer's masked gradient, z = h + R mod n.
+    Only a vector of the expected length under this party's own key."""
+    ciphers.require_key(key.public, "masked gradient")
+    ciphers.require_length(expected_length, "masked gradient")
+    backend.check_ciphertexts(ciphers)
+    return backend.decrypt(key, ciphers)
+
+
+# --- step 5 ------------------------------------------------------------------
+
+
+def unmask_gradient(z: list[int], mask: tuple[int, ...], key: PublicKey, bound: float) -> np.ndarray:
+    """Step 5a (both): "decrypt with the random vector": h = z - R mod n, then
+    decode; a value beyond what any valid share allows is refused."""
+    if len(z) != len(mask):
+        raise OutOfRange(f"decrypted gradient: expected {len(mask)} values, got {len(z)}")
+    n = key.n
+    h = decode([(zi - ri) % n for zi, ri in zip(z, mask, strict=True)], FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS, n)
+    if h.size and float(np.max(np.abs(h))) > bound * (1 + 1e-9) + 1.0:
+        raise OutOfRange("decrypted gradient: a value is outside the range a valid share allows")
+    return h
+
+
+def gradient_from_shares(
+    x: np.ndarray, own_share: np.ndarray, cross: np.ndarray, w: np.ndarray, l2: float, penalised: np.ndarray
+) -> np.ndarray:
+    """Step 5b (both): (X^T own_share + X^T peer_share) / m + l2 * w on the
+    penalised coordinates (the intercept is not penalised)."""
+    m = x.shape[0]
+    return (x.T @ own_share + cross) / m + l2 * w * penalised
+
+
+def sgd_update(w: np.ndarray, gradient: np.ndarray, learning_rate: float) -> np.ndarray:
+    return w - learning_rate * gradient
+
+
+# --- loss check --------------------------------------------------------------
+
+LOSS_SCALE_BITS = 2 * RESIDUAL_SCALE_BITS
+
+
+def passive_loss_share(backend: HEBackend, a_enc: CipherVector, u_passive: np.ndarray) -> CipherVector:
+    """B: [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, at scale 2^LOSS_SCALE_BITS.
+    Adding a fresh encryption re-randomises the result."""
+    key = a_enc.key
+    u_fixed = to_fixed(u_passive.reshape(1, -1), RESIDUAL_SCALE_BITS, SHARE_BOUND)
+    cross = backend.matvec(u_fixed, a_enc)
+    own = encode(np.array([float(np.sum(u_passive**2)) / 8.0 * 2.0**RESIDUAL_SCALE_BITS]), RESIDUAL_SCALE_BITS, key.n, float(2**100))
+    return backend.add(cross, backend.encrypt(key, own))
+
+
+def active_loss(u_active: np.ndarray, y: np.ndarray, share: CipherVector, backend: HEBackend, key: PrivateKey) -> float:
+    """A: the batch's Taylor loss from its own terms and B's decrypted share."""
+    share.require_key(key.public, "loss share")
+    share.require_length(1, "loss share")
+    backend.check_ciphertexts(share)
+    cross = signed(backend.decrypt(key, share), key.public.n)[0] / float(1 << LOSS_SCALE_BITS)
+    m = len(y)
+    y_pm = 2.0 * y - 1.0
+    return math.log(2.0) + (-float(np.sum(y_pm * u_active)) / 2.0 + float(np.sum(u_active**2)) / 8.0 + cross) / m
+
+
+# --- prediction --------------------------------------------------------------
+
+
+def third_encrypted_data(backend: HEBackend, key_active: PublicKey, u_active: np.ndarray) -> CipherVector:
+    """Prediction (A): [[u_A]]_A."""
+    return encrypt_share(backend, key_active, u_active)
+
+
+def target_prediction_data(backend: HEBackend, u_active_enc: CipherVector, u_passive: np.ndarray) -> CipherVector:
+    """Prediction (B): [[u_A]]_A + [[u_B]]_A (the fourth encrypted data). The
+    fresh encryption of u_B re-randomises the sum, so A cannot link it to
+    what it sent."""
+    return backend.add(u_active_enc, encrypt_share(backend, u_active_enc.key, u_passive))
+
+
+def decrypt_prediction(backend: HEBackend, key: PrivateKey, scores: CipherVector, expected_length: int) -> np.ndarray:
+    """Prediction (A): decrypt u_A + u_B and apply the sigmoid."""
+    scores.require_key(key.public, "prediction scores")
+    scores.require_length(expected_length, "prediction scores")
+    backend.check_ciphertexts(scores)
+    u = decode(backend.decrypt(key, scores), RESIDUAL_SCALE_BITS, key.public.n)
+    return sigmoid(u)

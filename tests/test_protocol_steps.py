@@ -1,0 +1,161 @@
+"""Each protocol step of PROTOCOL.md against the same step in plain numpy,
+with real Paillier keys (test-size) and no network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.crypto import get_backend
+from common.crypto.backend import target_fingerprint
+from common.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from common.protocol import steps
+from common.protocol.batching import batch_schedule, check_batch_size
+from common.protocol.reference import initial_weights, train_plain, with_intercept
+
+BITS = 512
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return get_backend("phe")
+
+
+@pytest.fixture(scope="module")
+def keys(backend):
+    return backend.generate_keypair(BITS), backend.generate_keypair(BITS)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rng = np.random.default_rng(7)
+    m, pa, pb = 24, 3, 4
+    xa = with_intercept(rng.normal(size=(m, pa)))
+    xb = rng.normal(size=(m, pb))
+    y = rng.integers(0, 2, size=m).astype(float)
+    wa = rng.normal(0, 0.3, size=pa + 1)
+    wb = rng.normal(0, 0.3, size=pb)
+    return xa, xb, y, wa, wb
+
+
+def test_shares_are_the_taylor_residual_split(batch):
+    xa, xb, y, wa, wb = batch
+    a = steps.active_residual_share(xa, wa, y)
+    b = steps.passive_residual_share(xb, wb)
+    u = xa @ wa + xb @ wb
+    np.testing.assert_allclose(a + b, u / 4 + 0.5 - y, rtol=0, atol=1e-12)
+
+
+def test_one_iteration_matches_numpy(backend, keys, batch):
+    sk_a, sk_b = keys
+    xa, xb, y, wa, wb = batch
+    m = len(y)
+    a = steps.active_residual_share(xa, wa, y)
+    b = steps.passive_residual_share(xb, wb)
+    # Steps 1-2.
+    a_enc = steps.first_encrypted_data(backend, sk_a.public, a)
+    b_enc = steps.first_intermediate_share(backend, sk_b.public, b)
+    # Step 3.
+    grad_a = steps.masked_encrypted_gradient(backend, steps.fixed_transpose(xa), b_enc)
+    grad_b = steps.masked_encrypted_gradient(backend, steps.fixed_transpose(xb), a_enc)
+    assert grad_a.ciphers.key == sk_b.public and grad_b.ciphers.key == sk_a.public
+    # Step 4: each decrypts the other's masked vector.
+    z_a = steps.decrypt_masked_gradient(backend, sk_b, grad_a.ciphers, xa.shape[1])
+    z_b = steps.decrypt_masked_gradient(backend, sk_a, grad_b.ciphers, xb.shape[1])
+    # What the decrypting party sees is masked: not the encoded cross gradient.
+    encoded = [int(round(v * 2**52)) % sk_b.public.n for v in xa.T @ b]
+    assert not set(z_a) & set(encoded)
+    # Step 5.
+    h_a = steps.unmask_gradient(z_a, grad_a.mask, sk_b.public, steps.cross_gradient_bound(xa))
+    h_b = steps.unmask_gradient(z_b, grad_b.mask, sk_a.public, steps.cross_gradient_bound(xb))
+    np.testing.assert_allclose(h_a, xa.T @ b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h_b, xb.T @ a, rtol=1e-5, atol=1e-5)
+    pen = np.r_[np.ones(xa.shape[1] - 1), 0.0]
+    g_a = steps.gradient_from_shares(xa, a, h_a, wa, 0.1, pen)
+    np.testing.assert_allclose(g_a, xa.T @ (a + b) / m + 0.1 * wa * pen, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_share_matches_numpy(backend, keys, batch):
+    sk_a, _ = keys
+    xa, xb, y, wa, wb = batch
+    a = steps.active_residual_share(xa, wa, y)
+    u_a, u_b = xa @ wa, xb @ wb
+    share = steps.passive_loss_share(backend, steps.first_encrypted_data(backend, sk_a.public, a), u_b)
+    loss = steps.active_loss(u_a, y, share, backend, sk_a)
+    u = u_a + u_b
+    expected = np.mean(np.log(2) - (2 * y - 1) * u / 2 + u**2 / 8)
+    assert loss == pytest.approx(expected, rel=1e-7)
+
+
+def test_prediction_matches_numpy(backend, keys, batch):
+    sk_a, _ = keys
+    xa, xb, _, wa, wb = batch
+    u_a, u_b = xa @ wa, xb @ wb
+    enc = steps.third_encrypted_data(backend, sk_a.public, u_a)
+    target = steps.target_prediction_data(backend, enc, u_b)
+    assert set(target.values).isdisjoint(enc.values)  # re-randomised
+    probs = steps.decrypt_prediction(backend, sk_a, target, len(u_a))
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-(u_a + u_b))), rtol=0, atol=1e-6)
+
+
+def test_masked_gradient_refuses_wrong_key_and_length(backend, keys, batch):
+    sk_a, sk_b = keys
+    xa, _, y, wa, _ = batch
+    a_enc = steps.first_encrypted_data(backend, sk_a.public, steps.active_residual_share(xa, wa, y))
+    with pytest.raises(FailedPrecondition, match="under key"):
+        steps.decrypt_masked_gradient(backend, sk_b, a_enc, len(a_enc))
+    with pytest.raises(InvalidArgument, match="expected 3 ciphertexts"):
+        steps.decrypt_masked_gradient(backend, sk_a, a_enc, 3)
+
+
+def test_unmask_refuses_out_of_range(keys):
+    _, sk_b = keys
+    n = sk_b.public.n
+    with pytest.raises(OutOfRange):
+        steps.unmask_gradient([n // 3], (0,), sk_b.public, bound=10.0)
+
+
+def test_encoding_refuses_nan_and_overflow(backend, keys):
+    sk_a, _ = keys
+    with pytest.raises(OutOfRange, match="finite"):
+        steps.encrypt_share(backend, sk_a.public, np.array([np.nan]))
+    with pytest.raises(OutOfRange, match="bound"):
+        steps.encrypt_share(backend, sk_a.public, np.array([2.0**40]))
+
+
+def test_capacity_check_refuses_tiny_key(backend):
+    small = backend.generate_keypair(128).public  # tiny on purpose: realistic batches fit larger keys
+    steps.check_capacity(np.ones((64, 20)), small)  # fits
+    with pytest.raises(OutOfRange, match="plaintext space"):
+        steps.check_capacity(np.full((1000, 2), 2.0**29), small)
+
+
+def test_target_fingerprint_is_ordered(keys):
+    sk_a, sk_b = keys
+    assert target_fingerprint(sk_a.public, sk_b.public) != target_fingerprint(sk_b.public, sk_a.public)
+
+
+def test_batch_guard_and_merge():
+    with pytest.raises(InvalidArgument, match="batch_size"):
+        check_batch_size(59, 10, 20, allow_small=False)
+    check_batch_size(60, 10, 20, allow_small=False)
+    with pytest.raises(InvalidArgument):
+        check_batch_size(20, 10, 20, allow_small=True)
+    sched = batch_schedule(455, 64, 2, seed=1, min_batch=60)
+    sizes = [len(b.rows) for b in sched]
+    assert sizes == [64] * 6 + [71] + [64] * 6 + [71]
+    for epoch in (0, 1):
+        rows = np.concatenate([b.rows for b in sched if b.epoch == epoch])
+        assert sorted(rows.tolist()) == list(range(455))
+
+
+def test_plain_reference_learns(batch):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 6))
+    y = (x @ rng.normal(size=6) + 0.3 * rng.normal(size=400) > 0).astype(float)
+    sched = batch_schedule(400, 64, 5, seed=0, min_batch=18)
+    wa, wb = train_plain(
+        x[:, :3], x[:, 3:], y, initial_weights(0, "active", 4, 0.01), initial_weights(0, "passive", 3, 0.01), sched, 0.3, 0.0
+    )
+    acc = np.mean(((with_intercept(x[:, :3]) @ wa + x[:, 3:] @ wb) > 0) == y)
+    assert acc > 0.85
