@@ -53,3 +53,11 @@ class OutOfRange(VflError):
 
 class ConfigError(Exception):
     """Bad service configuration, reported at start-up."""
+
+
+class PeerError(VflError):
+    """The peer party refused a call; carries the peer's status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,1 @@
+"""The `vfl` command line: demo, train, status, predict, models."""

@@ -1,0 +1,59 @@
+"""A thin client of the active party's TrainingService, for the CLI and for
+other Python systems."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from common.jobconfig import JobConfig
+from common.rpc import open_channel
+from common.serde import config_to_proto
+from vfl.v1 import client_pb2, client_pb2_grpc
+
+STATE_NAMES = {v: k.removeprefix("JOB_STATE_").lower() for k, v in client_pb2.JobState.items()}
+
+
+class VflClient:
+    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
+        self._channel = open_channel(address)
+        self.stub = client_pb2_grpc.TrainingServiceStub(self._channel)
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> VflClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+
+    def start_training(self, config: JobConfig, train_ids: Sequence[str] = (), job_id: str = "") -> client_pb2.JobStatus:
+        req = client_pb2.StartTrainingRequest(job_id=job_id, config=config_to_proto(config), train_ids=list(train_ids))
+        return self.stub.StartTraining(req, timeout=self.timeout_s)
+
+    def status(self, job_id: str) -> client_pb2.JobStatus:
+        return self.stub.GetJobStatus(client_pb2.GetJobStatusRequest(job_id=job_id), timeout=self.timeout_s)
+
+    def watch(self, job_id: str) -> Iterator[client_pb2.JobEvent]:
+        return self.stub.WatchJob(client_pb2.WatchJobRequest(job_id=job_id))
+
+    def wait(self, job_id: str, on_event: Callable[[client_pb2.JobEvent], None] | None = None) -> client_pb2.JobStatus:
+        """Follow the watch stream to the job's end; return the final status."""
+        for ev in self.watch(job_id):
+            if on_event is not None:
+                on_event(ev)
+        return self.status(job_id)
+
+    def predict(self, model_id: str, ids: Sequence[str]) -> np.ndarray:
+        reply = self.stub.Predict(client_pb2.PredictRequest(model_id=model_id, ids=list(ids)), timeout=self.timeout_s)
+        return np.asarray(reply.probabilities)
+
+    def list_models(self) -> list[client_pb2.ModelInfo]:
+        return list(self.stub.ListModels(client_pb2.ListModelsRequest(), timeout=self.timeout_s).models)

@@ -1,0 +1,133 @@
+"""Start the three services as local processes on free ports (used by
+`vfl demo` and by the end-to-end tests): each party in its own process with
+its own data directory, talking real gRPC over loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    env: dict[str, str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_service(
+    name: str, module: str, env: dict[str, str], workdir: Path, timeout_s: float = 60.0
+) -> ServiceProcess:
+    """Start `python -m module` and wait until it has written its port file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port_file = workdir / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    log_path = workdir / f"{name}.log"
+    full_env = {**os.environ, **env, "VFL_PORT_FILE": str(port_file), "PYTHONUNBUFFERED": "1"}
+    full_env.setdefault("VFL_PORT", "0")
+    root = Path(__file__).resolve().parent.parent
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), full_env.get("PYTHONPATH", "")]))
+    log = log_path.open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", module], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if port_file.exists() and port_file.read_text().strip():
+            return ServiceProcess(name, proc, int(port_file.read_text()), log_path, env)
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{name} exited with code {proc.returncode} before serving:\n{tail}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{name} did not start within {timeout_s:.0f} s; log: {log_path}")
+
+
+@dataclass
+class LocalFederation:
+    """Passive party, optional assistant, active party; stopped on exit."""
+
+    workdir: Path
+    active_csv: Path
+    passive_csv: Path
+    key_bits: int = 2048
+    assistant: bool = True
+    label_column: str = "y"
+    id_column: str = "id"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    transcripts: bool = False
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def _env(self, name: str, **more: str) -> dict[str, str]:
+        env = {
+            "VFL_DATA_DIR": str(self.workdir / name / "data"),
+            "VFL_KEY_BITS": str(self.key_bits),
+            "VFL_TEST_MODE": "true" if self.key_bits < 2048 else "false",
+            "VFL_ID_COLUMN": self.id_column,
+            **self.extra_env,
+            **more,
+        }
+        if self.transcripts:
+            env["VFL_TRANSCRIPT_PATH"] = str(self.workdir / f"{name}.transcript.jsonl")
+        return env
+
+    def start(self, name: str) -> ServiceProcess:
+        """(Re)start one service with its usual environment."""
+        if name == "passive":
+            env = self._env("passive", VFL_DATA_CSV=str(self.passive_csv))
+            module = "services.passive"
+        elif name == "assistant":
+            env = self._env("assistant", VFL_UPSTREAM_ADDRESS=self.services["passive"].address)
+            module = "services.assistant"
+        else:
+            upstream = self.services["assistant" if self.assistant else "passive"].address
+            env = self._env("active", VFL_DATA_CSV=str(self.active_csv), VFL_PEER_ADDRESS=upstream, VFL_LABEL_COLUMN=self.label_column)
+            module = "services.active"
+        old = self.services.get(name)
+        if old is not None:
+            env["VFL_PORT"] = str(old.port)  # keep the address others were given
+        svc = start_service(name, module, env, self.workdir)
+        self.services[name] = svc
+        return svc
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            self.start("passive")
+            if self.assistant:
+                self.start("assistant")
+            self.start("active")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def active_address(self) -> str:
+        return self.services["active"].address
+
+    def stop(self) -> None:
+        for name in ("active", "assistant", "passive"):
+            if name in self.services:
+                self.services[name].stop()
+
+    def __exit__(self, *exc: object | TracebackType) -> None:
+        self.stop()

@@ -1,0 +1,254 @@
+"""`vfl`: run a local federation, train, watch, predict."""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.client import STATE_NAMES, VflClient
+from cli.federation import LocalFederation
+from common.data import load_party_csv
+from common.errors import VflError
+from common.jobconfig import JobConfig, job_config
+from vfl.v1 import client_pb2
+
+app = typer.Typer(help="Vertical federated logistic regression under a two-party Paillier key.", no_args_is_help=True)
+console = Console()
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_ACTIVE = ROOT / "data" / "breast_hetero_guest.csv"
+BUNDLED_PASSIVE = ROOT / "data" / "breast_hetero_host.csv"
+
+Address = Annotated[str, typer.Option("--address", "-a", envvar="VFL_ACTIVE_ADDRESS", help="active party host:port")]
+Epochs = Annotated[int, typer.Option(help="passes over the training rows")]
+BatchSize = Annotated[int, typer.Option(help="rows per mini-batch (at least 3 * max(p_A, p_B))")]
+LearningRate = Annotated[float, typer.Option(help="SGD step size")]
+L2 = Annotated[float, typer.Option(help="L2 penalty")]
+Seed = Annotated[int, typer.Option(help="seed of batch order and initial weights")]
+
+
+def _config(epochs: int, batch_size: int, learning_rate: float, l2: float, seed: int) -> JobConfig:
+    try:
+        return job_config(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, seed=seed)
+    except VflError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _fail(exc: grpc.RpcError) -> typer.Exit:
+    console.print(f"[red]error {exc.code().name}:[/red] {exc.details()}")
+    return typer.Exit(1)
+
+
+def train_with_progress(client: VflClient, config: JobConfig, train_ids: list[str], job_id: str = "") -> client_pb2.JobStatus:
+    """Start a job and show a progress bar fed by the watch stream."""
+    status = client.start_training(config, train_ids, job_id)
+    with Progress(
+        TextColumn("[bold]training[/bold] {task.fields[job]}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} it"),
+        TextColumn("epoch {task.fields[epoch]}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("train", total=status.total_iterations, job=status.job_id, epoch=0, loss="-")
+
+        def on_event(ev: client_pb2.JobEvent) -> None:
+            loss = f"{ev.loss:.5f}" if ev.HasField("loss") else "-"
+            progress.update(task, completed=ev.iteration, epoch=ev.epoch, loss=loss)
+
+        final = client.wait(status.job_id, on_event)
+    if final.state != client_pb2.JOB_STATE_SUCCEEDED:
+        console.print(f"[red]job {final.job_id} {STATE_NAMES[final.state]}:[/red] {final.error}")
+        raise typer.Exit(1)
+    return final
+
+
+def split_ids(labels_csv: Path, id_column: str, label_column: str, test_size: float, split_seed: int) -> tuple[list[str], list[str], dict[str, float]]:
+    """scikit-learn's train_test_split over the label holder's rows (in file order)."""
+    from sklearn.model_selection import train_test_split
+
+    data = load_party_csv(labels_csv, id_column, label_column)
+    assert data.labels is not None
+    train, test = train_test_split(data.ids, test_size=test_size, random_state=split_seed)
+    return list(train), list(test), dict(zip(data.ids, data.labels.tolist(), strict=True))
+
+
+def evaluate_and_report(client: VflClient, model_id: str, test_ids: list[str], labels: dict[str, float], started: float) -> float:
+    """Predict the held-out ids, print AUC, confusion matrix and time; return the AUC."""
+    from sklearn.metrics import confusion_matrix, roc_auc_score
+
+    probs = client.predict(model_id, test_ids)
+    y = np.array([labels[i] for i in test_ids])
+    auc = float(roc_auc_score(y, probs))
+    cm = confusion_matrix(y, (probs >= 0.5).astype(float), labels=[0.0, 1.0])
+    table = Table(title=f"held-out rows: {len(test_ids)} (threshold 0.5)")
+    table.add_column("")
+    table.add_column("predicted 0", justify="right")
+    table.add_column("predicted 1", justify="right")
+    table.add_row("actual 0", str(cm[0, 0]), str(cm[0, 1]))
+    table.add_row("actual 1", str(cm[1, 0]), str(cm[1, 1]))
+    console.print(table)
+    console.print(f"accuracy {np.trace(cm) / cm.sum():.4f}   wall time {time.time() - started:.1f} s")
+    print(f"AUC {auc:.4f}", flush=True)
+    return auc
+
+
+@app.command()
+def demo(
+    active_csv: Annotated[Path, typer.Option(help="label holder's CSV")] = BUNDLED_ACTIVE,
+    passive_csv: Annotated[Path, typer.Option(help="feature holder's CSV")] = BUNDLED_PASSIVE,
+    label_column: Annotated[str, typer.Option(help="label column in the active CSV")] = "y",
+    id_column: Annotated[str, typer.Option(help="id column in both CSVs")] = "id",
+    key_bits: Annotated[int, typer.Option(help="Paillier key size; under 2048 runs in test mode")] = 2048,
+    assistant: Annotated[bool, typer.Option(help="route A<->B through the assistant")] = True,
+    epochs: Epochs = 5,
+    batch_size: BatchSize = 64,
+    learning_rate: LearningRate = 0.15,
+    l2: L2 = 0.01,
+    seed: Seed = 42,
+    test_size: Annotated[float, typer.Option(help="held-out fraction")] = 0.2,
+    split_seed: Annotated[int, typer.Option(help="random_state of the split")] = 42,
+    workdir: Annotated[Path | None, typer.Option(help="keys, models and logs (default: a temporary dir)")] = None,
+) -> None:
+    """Start A, B (and C) locally, train, predict the held-out rows, print the AUC, stop."""
+    started = time.time()
+    config = _config(epochs, batch_size, learning_rate, l2, seed)
+    train_ids, test_ids, labels = split_ids(active_csv, id_column, label_column, test_size, split_seed)
+    with tempfile.TemporaryDirectory(prefix="vfl-demo-") as tmp:
+        root = workdir or Path(tmp)
+        console.print(f"starting the federation ({key_bits}-bit keys, assistant {'on' if assistant else 'off'}) in {root}")
+        fed = LocalFederation(root, active_csv, passive_csv, key_bits=key_bits, assistant=assistant, label_column=label_column, id_column=id_column)
+        with fed:
+            console.print("  " + "  ".join(f"{n}={s.address}" for n, s in fed.services.items()))
+            with VflClient(fed.active_address) as client:
+                client.wait_ready()
+                try:
+                    final = train_with_progress(client, config, train_ids)
+                    console.print(f"trained {final.job_id}: {final.iteration} iterations, loss {final.loss:.5f}, {final.elapsed_s:.1f} s")
+                    evaluate_and_report(client, final.job_id, test_ids, labels, started)
+                except grpc.RpcError as exc:
+                    raise _fail(exc) from None
+
+
+@app.command("demo-client")
+def demo_client(
+    address: Address = "localhost:50051",
+    labels_csv: Annotated[Path, typer.Option(help="the label holder's CSV (for the split and the AUC)")] = BUNDLED_ACTIVE,
+    label_column: Annotated[str, typer.Option()] = "y",
+    id_column: Annotated[str, typer.Option()] = "id",
+    epochs: Epochs = 5,
+    batch_size: BatchSize = 64,
+    learning_rate: LearningRate = 0.15,
+    l2: L2 = 0.01,
+    seed: Seed = 42,
+    wait_s: Annotated[float, typer.Option(help="how long to wait for the active party")] = 120.0,
+) -> None:
+    """Against running services: train on 80 %, predict the held-out 20 %, print the AUC."""
+    started = time.time()
+    config = _config(epochs, batch_size, learning_rate, l2, seed)
+    train_ids, test_ids, labels = split_ids(labels_csv, id_column, label_column, 0.2, 42)
+    with VflClient(address) as client:
+        client.wait_ready(wait_s)
+        try:
+            final = train_with_progress(client, config, train_ids)
+            evaluate_and_report(client, final.job_id, test_ids, labels, started)
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+
+
+@app.command()
+def train(
+    address: Address = "localhost:50051",
+    epochs: Epochs = 5,
+    batch_size: BatchSize = 64,
+    learning_rate: LearningRate = 0.15,
+    l2: L2 = 0.01,
+    seed: Seed = 42,
+    job_id: Annotated[str, typer.Option(help="job id (generated if empty)")] = "",
+    ids_csv: Annotated[Path | None, typer.Option(help="CSV whose id column lists the training rows (default: all)")] = None,
+    id_column: Annotated[str, typer.Option()] = "id",
+) -> None:
+    """Train a model with running services; shows progress and the final status."""
+    config = _config(epochs, batch_size, learning_rate, l2, seed)
+    ids = _read_ids(ids_csv, id_column) if ids_csv else []
+    with VflClient(address) as client:
+        try:
+            final = train_with_progress(client, config, ids, job_id)
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    console.print(f"model {final.job_id}: {final.iteration} iterations, loss {final.loss:.5f}, {final.elapsed_s:.1f} s")
+
+
+@app.command()
+def status(job_id: str, address: Address = "localhost:50051") -> None:
+    """Status of a job."""
+    with VflClient(address) as client:
+        try:
+            st = client.status(job_id)
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    loss = f"{st.loss:.5f}" if st.HasField("loss") else "-"
+    console.print(f"{st.job_id}: {STATE_NAMES[st.state]}  iteration {st.iteration}/{st.total_iterations}  epoch {st.epoch}  loss {loss}  {st.elapsed_s:.1f} s {st.error}")
+
+
+@app.command()
+def predict(
+    model_id: str,
+    ids_csv: Annotated[Path, typer.Option(help="CSV with an id column")],
+    address: Address = "localhost:50051",
+    id_column: Annotated[str, typer.Option()] = "id",
+    out: Annotated[Path | None, typer.Option(help="write id,probability here (default: stdout)")] = None,
+) -> None:
+    """Score the ids of a CSV with a trained model."""
+    ids = _read_ids(ids_csv, id_column)
+    with VflClient(address) as client:
+        try:
+            probs = client.predict(model_id, ids)
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    lines = ["id,probability", *(f"{i},{p:.6f}" for i, p in zip(ids, probs, strict=True))]
+    if out is None:
+        print("\n".join(lines))
+    else:
+        out.write_text("\n".join(lines) + "\n")
+        console.print(f"wrote {len(ids)} predictions to {out}")
+
+
+@app.command()
+def models(address: Address = "localhost:50051") -> None:
+    """Models stored at the active party."""
+    with VflClient(address) as client:
+        try:
+            infos = client.list_models()
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    table = Table("model", "rows", "p_A", "p_B", "iterations", "final loss")
+    for m in infos:
+        table.add_row(m.model_id, str(m.train_rows), str(m.active_features), str(m.passive_features), str(m.iterations), f"{m.final_loss:.5f}" if m.HasField("final_loss") else "-")
+    console.print(table)
+
+
+def _read_ids(path: Path, id_column: str) -> list[str]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or id_column not in reader.fieldnames:
+            console.print(f"[red]error:[/red] {path}: no column {id_column!r}")
+            raise typer.Exit(2)
+        return [row[id_column].strip() for row in reader]
+
+
+if __name__ == "__main__":
+    app()

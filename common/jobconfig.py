@@ -1,0 +1,32 @@
+"""Validated training hyper-parameters (the domain side of TrainingConfig)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.errors import InvalidArgument
+
+
+class JobConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False, extra="forbid")
+
+    learning_rate: float = Field(0.15, gt=0, le=100, description="SGD step size")
+    batch_size: int = Field(64, ge=2, le=1_000_000, description="rows per mini-batch")
+    epochs: int = Field(5, ge=1, le=100_000, description="passes over the training rows")
+    l2: float = Field(0.01, ge=0, le=1e6, description="L2 penalty, intercept excluded")
+    seed: int = Field(42, ge=0, lt=2**63, description="batch order and initial weights")
+    tol: float = Field(0.0, ge=0, description="early stop when |loss change| < tol (0 = off)")
+    loss_every: int = Field(1, ge=0, le=1_000_000, description="loss check period in iterations (0 = never)")
+    standardize: bool = Field(True, description="each party standardises its own columns")
+    init_scale: float = Field(0.01, gt=0, le=10, description="std of the random initial weights")
+    allow_small_batch: bool = Field(False, description="allow batches under 3 * max(p_A, p_B)")
+
+
+def job_config(**fields: object) -> JobConfig:
+    """JobConfig from fields, with a validation error naming the field."""
+    try:
+        return JobConfig.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidArgument(f"config.{where}: {first['msg']}") from None

@@ -1,0 +1,207 @@
+"""gRPC plumbing shared by the services: server construction with health and
+reflection, channel options, the domain-error-to-status mapping, structured
+logging and the (tests only) transcript recorder."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import inspect
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from common.errors import VflError
+
+log = logging.getLogger("vfl.rpc")
+
+MAX_MESSAGE_BYTES = 16 << 20  # chunks are 1 MiB; this leaves room, never the limit
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def setup_logging(level: str, service: str) -> None:
+    """One line per event, key=value, with the service name."""
+    logging.basicConfig(
+        level=level,
+        format=f"ts=%(asctime)s level=%(levelname)s service={service} logger=%(name)s %(message)s",
+        force=True,
+    )
+
+
+def create_server(
+    add_servicers: Callable[[grpc.Server], None],
+    service_names: Sequence[str],
+    host: str,
+    port: int,
+    max_workers: int = 16,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> tuple[grpc.Server, int]:
+    """A server with the given servicers, health and reflection, bound but not
+    started. Returns the real port (useful with port 0)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS, interceptors=list(interceptors)
+    )
+    add_servicers(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in [*service_names, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"VFL_PORT: could not bind {host}:{port}")
+    return server, bound
+
+
+def open_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, VflError):
+        log.info("event=rpc_refused method=%s code=%s detail=%r", method, exc.code.name, str(exc))
+        context.abort(exc.code, str(exc))
+    # Unexpected: log the traceback for the operator, return only an id.
+    ref = uuid.uuid4().hex[:12]
+    log.exception("event=rpc_internal_error method=%s ref=%s", method, ref)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref} in the service log)")
+
+
+def rpc_method(fn: F) -> F:
+    """Servicer decorator: domain errors become their status code; anything
+    else becomes INTERNAL with a log reference and no detail."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from fn(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status below
+                _abort(context, exc, fn.__name__)
+
+        return gen_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            _abort(context, exc, fn.__name__)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class TranscriptRecorder:
+    """Appends every message a service receives to a JSON-lines file, so that a
+    test can check what each party and the assistant could read. Off unless
+    VFL_TRANSCRIPT_PATH is set."""
+
+    def __init__(self, path: Path, service: str) -> None:
+        self._path = path
+        self._service = service
+        self._lock = threading.Lock()
+
+    def record(self, method: str, direction: str, message: Any) -> None:
+        payload = message if isinstance(message, bytes) else message.SerializeToString()
+        line = json.dumps(
+            {
+                "service": self._service,
+                "method": method,
+                "direction": direction,
+                "type": type(message).__name__,
+                "payload": base64.b64encode(payload).decode(),
+                "t": time.time(),
+            }
+        )
+        with self._lock, self._path.open("a") as fh:
+            fh.write(line + "\n")
+
+    def wrap(self, method: str, direction: str, messages: Iterable[Any]) -> Iterator[Any]:
+        for m in messages:
+            self.record(method, direction, m)
+            yield m
+
+
+class RecordingInterceptor(grpc.ServerInterceptor):
+    """Records the requests a server receives (see TranscriptRecorder)."""
+
+    def __init__(self, recorder: TranscriptRecorder) -> None:
+        self._rec = recorder
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        method, rec = details.method, self._rec
+
+        def one(req: Any) -> Any:
+            rec.record(method, "request", req)
+            return req
+
+        if handler.request_streaming and handler.response_streaming:
+            fn = handler.stream_stream
+            return grpc.stream_stream_rpc_method_handler(
+                lambda it, ctx: fn(rec.wrap(method, "request", it), ctx),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.request_streaming:
+            fn = handler.stream_unary
+            return grpc.stream_unary_rpc_method_handler(
+                lambda it, ctx: fn(rec.wrap(method, "request", it), ctx),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.response_streaming:
+            fn = handler.unary_stream
+            return grpc.unary_stream_rpc_method_handler(
+                lambda r, ctx: fn(one(r), ctx), handler.request_deserializer, handler.response_serializer
+            )
+        fn = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(
+            lambda r, ctx: fn(one(r), ctx), handler.request_deserializer, handler.response_serializer
+        )
+
+
+def serve_forever(server: grpc.Server, port: int, port_file: Path | None, service: str, grace_s: float = 5.0) -> None:
+    """Start, announce the port, and on SIGTERM/SIGINT drain in-flight calls."""
+    import signal
+
+    from common.storage import atomic_write_text
+
+    server.start()
+    if port_file is not None:
+        atomic_write_text(port_file, str(port), mode=0o644)
+    log.info("event=serving service=%s port=%d", service, port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("event=stopping service=%s grace_s=%.1f", service, grace_s)
+    server.stop(grace_s).wait()

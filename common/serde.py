@@ -1,0 +1,199 @@
+"""Conversion between protos and domain types; nothing else touches _pb2.
+
+Vectors are split into chunks of at most CHUNK_BYTES so that no message
+nears gRPC's size limit, whatever the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.crypto.backend import CipherVector, PublicKey
+from common.errors import FailedPrecondition, InvalidArgument
+from common.jobconfig import JobConfig, job_config
+from vfl.v1 import common_pb2
+
+CHUNK_BYTES = 1 << 20
+MAX_IDS_PER_CHUNK = 8192
+MAX_ID_LENGTH = 256
+
+
+def public_key_to_proto(key: PublicKey) -> common_pb2.PublicKey:
+    return common_pb2.PublicKey(scheme=key.scheme, n=key.n.to_bytes(key.residue_width, "big"), fingerprint=key.fingerprint)
+
+
+def public_key_from_proto(msg: common_pb2.PublicKey, what: str, min_bits: int) -> PublicKey:
+    if msg.scheme != "paillier":
+        raise InvalidArgument(f"{what}.scheme: expected 'paillier', got {msg.scheme[:32]!r}")
+    n = int.from_bytes(msg.n, "big")
+    if n.bit_length() < min_bits or n % 2 == 0:
+        raise InvalidArgument(f"{what}.n: expected an odd modulus of at least {min_bits} bits")
+    key = PublicKey(n)
+    if msg.fingerprint != key.fingerprint:
+        raise InvalidArgument(f"{what}.fingerprint: does not match SHA-256 of the modulus")
+    return key
+
+
+def _pack(values: Sequence[int], width: int) -> bytes:
+    return b"".join(v.to_bytes(width, "big") for v in values)
+
+
+def _unpack(data: bytes, width: int, what: str) -> list[int]:
+    if width == 0 or len(data) % width:
+        raise InvalidArgument(f"{what}: data length {len(data)} is not a multiple of width {width}")
+    return [int.from_bytes(data[i : i + width], "big") for i in range(0, len(data), width)]
+
+
+@dataclass
+class StepMessage:
+    """A step stream reassembled: header, rows, ids and vector bytes."""
+
+    header: common_pb2.StepHeader | None = None
+    rows: list[int] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    cipher_fp: bytes | None = None
+    cipher_width: int = 0
+    cipher_data: bytearray = field(default_factory=bytearray)
+    residue_fp: bytes | None = None
+    residue_width: int = 0
+    residue_data: bytearray = field(default_factory=bytearray)
+
+    def require_header(self, what: str) -> common_pb2.StepHeader:
+        if self.header is None:
+            raise InvalidArgument(f"{what}: the first chunk must carry a header")
+        return self.header
+
+    def ciphers(self, key: PublicKey, what: str) -> CipherVector:
+        """The ciphertexts, refused unless under `key` with the key's width."""
+        if self.cipher_fp is None:
+            raise InvalidArgument(f"{what}: expected ciphertexts, got none")
+        if self.cipher_fp != key.fingerprint:
+            raise FailedPrecondition(
+                f"{what}: ciphertexts are under key {self.cipher_fp.hex()[:16]}, expected {key.fingerprint.hex()[:16]}"
+            )
+        if self.cipher_width != key.cipher_width:
+            raise InvalidArgument(f"{what}: ciphertext width {self.cipher_width}, expected {key.cipher_width}")
+        values = _unpack(bytes(self.cipher_data), self.cipher_width, what)
+        n_square = key.n_square
+        if any(not 0 < c < n_square for c in values):
+            raise InvalidArgument(f"{what}: expected ciphertexts in [1, n^2), got one outside")
+        return CipherVector(key, tuple(values))
+
+    def residues(self, key: PublicKey, what: str) -> list[int]:
+        if self.residue_fp is None:
+            raise InvalidArgument(f"{what}: expected residues, got none")
+        if self.residue_fp != key.fingerprint:
+            raise FailedPrecondition(f"{what}: residues are modulo another key's n")
+        if self.residue_width != key.residue_width:
+            raise InvalidArgument(f"{what}: residue width {self.residue_width}, expected {key.residue_width}")
+        values = _unpack(bytes(self.residue_data), self.residue_width, what)
+        if any(v >= key.n for v in values):
+            raise InvalidArgument(f"{what}: expected residues in [0, n), got one outside")
+        return values
+
+
+def step_header(job_id: str, iteration: int, target_fp: bytes) -> common_pb2.StepHeader:
+    return common_pb2.StepHeader(job_id=job_id, iteration=iteration, target_fingerprint=target_fp)
+
+
+def to_chunks(
+    header: common_pb2.StepHeader | None,
+    rows: Sequence[int] = (),
+    ids: Sequence[str] = (),
+    ciphers: CipherVector | None = None,
+    residues: tuple[PublicKey, Sequence[int]] | None = None,
+) -> Iterator[common_pb2.StepChunk]:
+    """Split a step message into StepChunks of bounded size (at least one)."""
+    parts: list[common_pb2.StepChunk] = []
+    rows_list = [int(r) for r in rows]
+    step = MAX_IDS_PER_CHUNK
+    for s in range(0, max(len(rows_list), len(ids)), step):
+        parts.append(common_pb2.StepChunk(rows=rows_list[s : s + step], ids=list(ids[s : s + step])))
+    if ciphers is not None:
+        width = ciphers.key.cipher_width
+        per = max(1, CHUNK_BYTES // width)
+        for s in range(0, max(len(ciphers), 1), per):
+            cv = common_pb2.CipherVector(
+                key_fingerprint=ciphers.key.fingerprint, width=width, data=_pack(ciphers.values[s : s + per], width)
+            )
+            parts.append(common_pb2.StepChunk(ciphertexts=cv))
+    if residues is not None:
+        key, values = residues
+        width = key.residue_width
+        per = max(1, CHUNK_BYTES // width)
+        for s in range(0, max(len(values), 1), per):
+            rv = common_pb2.ResidueVector(key_fingerprint=key.fingerprint, width=width, data=_pack(values[s : s + per], width))
+            parts.append(common_pb2.StepChunk(residues=rv))
+    if not parts:
+        parts.append(common_pb2.StepChunk())
+    if header is not None:
+        parts[0].header.CopyFrom(header)
+    yield from parts
+
+
+def from_chunks(chunks: Iterable[common_pb2.StepChunk], what: str, max_bytes: int = 1 << 31) -> StepMessage:
+    """Reassemble a step stream, checking that each vector keeps one key and width."""
+    msg = StepMessage()
+    total = 0
+    for i, chunk in enumerate(chunks):
+        total += chunk.ByteSize()
+        if total > max_bytes:
+            raise InvalidArgument(f"{what}: stream exceeds {max_bytes} bytes")
+        if chunk.HasField("header"):
+            if i != 0:
+                raise InvalidArgument(f"{what}: header only allowed on the first chunk")
+            msg.header = chunk.header
+        msg.rows.extend(chunk.rows)
+        for s in chunk.ids:
+            if len(s) > MAX_ID_LENGTH:
+                raise InvalidArgument(f"{what}.ids: an id is longer than {MAX_ID_LENGTH} characters")
+        msg.ids.extend(chunk.ids)
+        if chunk.HasField("ciphertexts"):
+            cv = chunk.ciphertexts
+            if msg.cipher_fp is None:
+                msg.cipher_fp, msg.cipher_width = cv.key_fingerprint, cv.width
+            elif (cv.key_fingerprint, cv.width) != (msg.cipher_fp, msg.cipher_width):
+                raise InvalidArgument(f"{what}: ciphertext chunks under different keys or widths")
+            msg.cipher_data += cv.data
+        if chunk.HasField("residues"):
+            rv = chunk.residues
+            if msg.residue_fp is None:
+                msg.residue_fp, msg.residue_width = rv.key_fingerprint, rv.width
+            elif (rv.key_fingerprint, rv.width) != (msg.residue_fp, msg.residue_width):
+                raise InvalidArgument(f"{what}: residue chunks modulo different keys or widths")
+            msg.residue_data += rv.data
+    return msg
+
+
+def cipher_vector_to_proto(ciphers: CipherVector) -> common_pb2.CipherVector:
+    width = ciphers.key.cipher_width
+    return common_pb2.CipherVector(key_fingerprint=ciphers.key.fingerprint, width=width, data=_pack(ciphers.values, width))
+
+
+def cipher_vector_from_proto(msg: common_pb2.CipherVector, key: PublicKey, what: str) -> CipherVector:
+    step = StepMessage(cipher_fp=msg.key_fingerprint, cipher_width=msg.width, cipher_data=bytearray(msg.data))
+    return step.ciphers(key, what)
+
+
+_CONFIG_FIELDS = list(JobConfig.model_fields)
+
+
+def config_to_proto(config: JobConfig) -> common_pb2.TrainingConfig:
+    return common_pb2.TrainingConfig(**config.model_dump())
+
+
+def config_from_proto(msg: common_pb2.TrainingConfig) -> JobConfig:
+    """Unset fields take JobConfig's defaults; bad values name the field."""
+    return job_config(**{name: getattr(msg, name) for name in _CONFIG_FIELDS if msg.HasField(name)})
+
+
+def rows_array(rows: Sequence[int], n_rows: int, what: str) -> np.ndarray:
+    arr = np.asarray(rows, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= n_rows):
+        raise InvalidArgument(f"{what}.rows: expected positions in [0, {n_rows})")
+    if len(np.unique(arr)) != arr.size:
+        raise InvalidArgument(f"{what}.rows: positions must be unique")
+    return arr

@@ -1,0 +1,1 @@
+"""The three vfl services: active (label holder), passive (feature holder), assistant (relay)."""

@@ -1,0 +1,304 @@
+"""A's side: key exchange, job set-up, the training loop (one call per step
+of PROTOCOL.md), the stored model and prediction. Plain domain code: the
+servicer in `servicer.py` only decodes and encodes."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import serde
+from common.crypto.backend import HEBackend, PrivateKey, PublicKey, target_fingerprint
+from common.data import PartyData, Scaler, check_ids
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, VflError
+from common.jobconfig import JobConfig
+from common.models import ModelStore, check_job_id
+from common.protocol import steps
+from common.protocol.batching import Batch, batch_schedule, check_batch_size, min_batch_size
+from common.protocol.reference import initial_weights, with_intercept
+from services.active.peer import PassiveClient
+
+log = logging.getLogger("vfl.active")
+
+MAX_PREDICT_IDS = 100_000
+
+
+class State(Enum):
+    RUNNING = 1
+    SUCCEEDED = 2
+    FAILED = 3
+
+
+@dataclass
+class Event:
+    state: State
+    iteration: int
+    total: int
+    epoch: int
+    loss: float | None
+    message: str = ""
+
+
+@dataclass
+class TrainingJob:
+    """One job's progress, observable by status calls and watchers."""
+
+    job_id: str
+    config: JobConfig
+    total: int
+    started: float = field(default_factory=time.time)
+    state: State = State.RUNNING
+    iteration: int = 0
+    epoch: int = 0
+    loss: float | None = None
+    error: str = ""
+    events: list[Event] = field(default_factory=list)
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def publish(self, message: str = "") -> None:
+        with self.cond:
+            self.events.append(Event(self.state, self.iteration, self.total, self.epoch, self.loss, message))
+            self.cond.notify_all()
+
+    def watch(self, timeout_s: float = 3600.0) -> Iterator[Event]:
+        """Every event so far, then new ones until the job ends."""
+        seen = 0
+        while True:
+            with self.cond:
+                while seen >= len(self.events):
+                    if not self.cond.wait(timeout_s):
+                        return
+                batch = self.events[seen:]
+                seen = len(self.events)
+            for ev in batch:
+                yield ev
+                if ev.state != State.RUNNING:
+                    return
+
+
+@dataclass
+class _Session:
+    """What one job's loop needs besides the job record."""
+
+    job: TrainingJob
+    passive_key: PublicKey
+    target_fp: bytes
+    x: np.ndarray  # [X_A standardised, 1] on the training rows
+    y: np.ndarray
+    scaler: Scaler
+    w: np.ndarray  # w_A with the intercept last
+    batches: list[Batch]
+    p_passive: int
+    train_ids: list[str]
+
+
+class ActiveParty:
+    def __init__(
+        self, data: PartyData, key: PrivateKey, backend: HEBackend, data_dir: Path, peer: PassiveClient, min_peer_bits: int
+    ) -> None:
+        if data.labels is None:
+            raise InvalidArgument("active party data: expected a label column")
+        self.data = data
+        self.labels: np.ndarray = data.labels
+        self.key = key
+        self.backend = backend
+        self.models = ModelStore(data_dir)
+        self.peer = peer
+        self.min_peer_bits = min_peer_bits
+        self._jobs: dict[str, TrainingJob] = {}
+        self._lock = threading.Lock()
+
+    # --- client API -----------------------------------------------------
+
+    def start_training(self, job_id: str, config: JobConfig, train_ids: list[str]) -> TrainingJob:
+        """Key exchange and job set-up run here, so their errors reach the
+        caller; the iterations run in a background thread."""
+        job_id = check_job_id(job_id) if job_id else f"job-{uuid.uuid4().hex[:12]}"
+        ids = train_ids or list(self.data.ids)
+        check_ids(ids, "train_ids")
+        positions = self.data.positions(ids, "train_ids")
+        p_a = self.data.n_features
+        with self._lock:
+            if job_id in self._jobs or self.models.exists(job_id):
+                raise AlreadyExists(f"job_id: job {job_id!r} already exists")
+            # Reserve the id before the slow set-up.
+            self._jobs[job_id] = TrainingJob(job_id, config, total=0)
+        try:
+            passive_key, target_fp = self._exchange_keys()
+            p_b = self.peer.setup_job(job_id, config, target_fp, p_a, ids)
+            check_batch_size(config.batch_size, p_a, p_b, config.allow_small_batch)
+            floor = min_batch_size(p_a, p_b, config.allow_small_batch)
+            batches = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor)
+        except BaseException:
+            with self._lock:
+                self._jobs.pop(job_id, None)
+            raise
+        raw = self.data.features[positions]
+        scaler = Scaler.fit(raw, config.standardize)
+        job = TrainingJob(job_id, config, total=len(batches))
+        session = _Session(
+            job=job,
+            passive_key=passive_key,
+            target_fp=target_fp,
+            x=with_intercept(scaler.transform(raw)),
+            y=self.labels[positions],
+            scaler=scaler,
+            w=initial_weights(config.seed, "active", p_a + 1, config.init_scale),
+            batches=batches,
+            p_passive=p_b,
+            train_ids=ids,
+        )
+        with self._lock:
+            self._jobs[job_id] = job
+        job.publish("started")
+        log.info("event=job_started job=%s rows=%d iterations=%d p_a=%d p_b=%d", job_id, len(ids), len(batches), p_a, p_b)
+        threading.Thread(target=self._run, args=(session,), name=f"job-{job_id}", daemon=True).start()
+        return job
+
+    def job(self, job_id: str) -> TrainingJob:
+        job = self._jobs.get(job_id)
+        if job is None or job.total == 0:
+            raise NotFound(f"job_id: no job {job_id[:64]!r}")
+        return job
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return [self.models.load(m) for m in self.models.list_ids()]
+
+    # --- the training loop ----------------------------------------------
+
+    def _exchange_keys(self) -> tuple[PublicKey, bytes]:
+        passive_key, their_fp = self.peer.exchange_keys(self.key.public, self.min_peer_bits)
+        target_fp = target_fingerprint(self.key.public, passive_key)
+        if their_fp != target_fp:
+            raise FailedPrecondition("target_fingerprint: the passive party computed a different target key")
+        return passive_key, target_fp
+
+    def _run(self, s: _Session) -> None:
+        job = s.job
+        try:
+            prev_loss: float | None = None
+            for t, batch in enumerate(s.batches):
+                loss = self._train_iteration(s, t, batch)
+                job.iteration, job.epoch = t + 1, batch.epoch
+                message = ""
+                if loss is not None:
+                    job.loss = loss
+                    if job.config.tol > 0 and prev_loss is not None and abs(loss - prev_loss) < job.config.tol:
+                        message = f"early stop: loss change {abs(loss - prev_loss):.3g} < tol {job.config.tol:g}"
+                    prev_loss = loss
+                log.info("event=iteration job=%s iteration=%d epoch=%d loss=%s", job.job_id, t + 1, batch.epoch, loss)
+                if message:
+                    job.publish(message)
+                    break
+                job.publish()
+            header = serde.step_header(job.job_id, job.iteration, s.target_fp)
+            self.peer.finish_job(header, aborted=False)
+            self._store_model(s)
+            job.state = State.SUCCEEDED
+            job.publish(f"model {job.job_id} stored")
+            log.info("event=job_succeeded job=%s iterations=%d elapsed_s=%.2f", job.job_id, job.iteration, time.time() - job.started)
+        except Exception as exc:  # noqa: BLE001 - the job fails, the service stays up
+            job.error = str(exc) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
+            log.warning("event=job_failed job=%s iteration=%d error=%r", job.job_id, job.iteration, job.error)
+            if not isinstance(exc, VflError):
+                log.exception("event=job_internal_error job=%s", job.job_id)
+            try:
+                self.peer.finish_job(serde.step_header(job.job_id, job.iteration, s.target_fp), aborted=True)
+            except VflError:
+                pass
+            job.state = State.FAILED
+            job.publish(job.error)
+
+    def _train_iteration(self, s: _Session, t: int, batch: Batch) -> float | None:
+        """One iteration of PROTOCOL.md on batch S; returns the batch loss when checked."""
+        header = serde.step_header(s.job.job_id, t, s.target_fp)
+        x, y = s.x[batch.rows], s.y[batch.rows]
+        u_a = x @ s.w
+        a = steps.active_residual_share(x, s.w, y)
+        # Steps 1-2: send [[a_S]]_A, receive [[b_S]]_B.
+        a_enc = steps.first_encrypted_data(self.backend, self.key.public, a)
+        reply = self.peer.exchange_residual_shares(header, batch.rows.tolist(), a_enc)
+        b_enc = reply.ciphers(s.passive_key, "[[b_S]]_B")
+        b_enc.require_length(len(batch.rows), "[[b_S]]_B")
+        # Step 3: [[X_A^T b + R_A]]_B.
+        steps.check_capacity(x, s.passive_key)
+        grad_a = steps.masked_encrypted_gradient(self.backend, steps.fixed_transpose(x), b_enc)
+        # Step 4: B decrypts ours; we decrypt B's.
+        reply = self.peer.exchange_masked_gradients(header, grad_a.ciphers)
+        z_a = reply.residues(s.passive_key, "z_A")
+        grad_b = reply.ciphers(self.key.public, "[[h_B + R_B]]_A")
+        z_b = steps.decrypt_masked_gradient(self.backend, self.key, grad_b, s.p_passive)
+        loss = None
+        every = s.job.config.loss_every
+        if every and ((t + 1) % every == 0 or t + 1 == len(s.batches)):
+            share = self.peer.loss_share(header, self.key.public)
+            loss = steps.active_loss(u_a, y, share, self.backend, self.key)
+        self.peer.apply_gradient(header, self.key.public, z_b)
+        # Step 5: remove R_A, add X_A^T a, update w_A.
+        cross = steps.unmask_gradient(z_a, grad_a.mask, s.passive_key, steps.cross_gradient_bound(x))
+        penalised = np.r_[np.ones(len(s.w) - 1), 0.0]
+        grad = steps.gradient_from_shares(x, a, cross, s.w, s.job.config.l2, penalised)
+        s.w = steps.sgd_update(s.w, grad, s.job.config.learning_rate)
+        return loss
+
+    def _store_model(self, s: _Session) -> None:
+        job = s.job
+        self.models.save(
+            job.job_id,
+            {
+                "model_id": job.job_id,
+                "role": "active",
+                "created_unix": time.time(),
+                "config": job.config.model_dump(),
+                "target_fingerprint": s.target_fp.hex(),
+                "passive_key_n": f"{s.passive_key.n:x}",
+                "feature_names": self.data.feature_names,
+                "weights": s.w[:-1].tolist(),
+                "intercept": float(s.w[-1]),
+                "scaler": s.scaler.to_dict(),
+                "active_features": self.data.n_features,
+                "passive_features": s.p_passive,
+                "train_rows": len(s.train_ids),
+                "iterations": job.iteration,
+                "final_loss": job.loss,
+                "elapsed_s": time.time() - job.started,
+            },
+        )
+
+    # --- prediction -----------------------------------------------------
+
+    def predict(self, model_id: str, ids: list[str]) -> np.ndarray:
+        """P(y=1) for ids: send [[u_A]]_A, receive [[u_A + u_B]]_A, decrypt."""
+        shard = self.models.load(check_job_id(model_id, "model_id"))
+        check_ids(ids, "ids")
+        if len(ids) > MAX_PREDICT_IDS:
+            raise InvalidArgument(f"ids: at most {MAX_PREDICT_IDS} per call, got {len(ids)}")
+        raw = self.data.features[self.data.positions(ids, "ids")]
+        x = Scaler.from_dict(shard["scaler"]).transform(raw)
+        u_a = x @ np.asarray(shard["weights"]) + float(shard["intercept"])
+        passive_key = PublicKey(int(shard["passive_key_n"], 16))
+        target_fp = target_fingerprint(self.key.public, passive_key)
+        if target_fp.hex() != shard["target_fingerprint"]:
+            raise FailedPrecondition("model_id: the model was trained under another key of this party")
+        enc = steps.third_encrypted_data(self.backend, self.key.public, u_a)
+        reply = self.peer.predict_scores(serde.step_header(model_id, 0, target_fp), ids, enc)
+        scores = reply.ciphers(self.key.public, "[[u_A + u_B]]_A")
+        probs = steps.decrypt_prediction(self.backend, self.key, scores, len(ids))
+        if not np.all(np.isfinite(probs)):
+            raise FailedPrecondition("prediction: the decrypted scores are not finite")
+        return probs
+
+
+def final_loss(shard: dict[str, Any]) -> float | None:
+    value = shard.get("final_loss")
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)

@@ -1,0 +1,108 @@
+"""A's client of the passive party's PartyService (directly or through the
+assistant, which is just another address). Encodes requests, decodes
+replies, and maps gRPC failures to domain errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from common import serde
+from common.crypto.backend import CipherVector, PublicKey
+from common.errors import PeerError, Unavailable
+from common.jobconfig import JobConfig
+from common.rpc import TranscriptRecorder, open_channel
+from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
+
+T = TypeVar("T")
+_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class PassiveClient:
+    def __init__(self, address: str, timeout_s: float, recorder: TranscriptRecorder | None = None) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = open_channel(address)
+        self._stub = party_pb2_grpc.PartyServiceStub(self._channel)
+        self._rec = recorder
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in _DOWN:
+                raise Unavailable(f"passive party at {self.address}: {method} failed ({code.name}): {exc.details()}") from None
+            raise PeerError(code, f"passive party refused {method}: {exc.details()}") from None
+
+    def _received(self, method: str, replies: Any) -> Any:
+        """Record what A receives (tests only), passing replies through."""
+        if self._rec is None:
+            return replies
+        if isinstance(replies, Iterator) or hasattr(replies, "__next__"):
+            return list(self._rec.wrap(method, "reply", replies))
+        self._rec.record(method, "reply", replies)
+        return replies
+
+    def _stream(self, method: str, rpc: Any, chunks: Iterator[common_pb2.StepChunk]) -> serde.StepMessage:
+        return self._call(
+            method,
+            lambda: serde.from_chunks(self._received(method, rpc(chunks, timeout=self.timeout_s)), method),
+        )
+
+    def exchange_keys(self, key: PublicKey, min_bits: int) -> tuple[PublicKey, bytes]:
+        req = party_pb2.KeyExchangeRequest(active_key=serde.public_key_to_proto(key))
+        reply = self._call("ExchangeKeys", lambda: self._received("ExchangeKeys", self._stub.ExchangeKeys(req, timeout=self.timeout_s)))
+        return serde.public_key_from_proto(reply.passive_key, "passive_key", min_bits), reply.target_fingerprint
+
+    def setup_job(self, job_id: str, config: JobConfig, target_fp: bytes, active_features: int, ids: Sequence[str]) -> int:
+        spec = party_pb2.JobSpec(
+            job_id=job_id,
+            config=serde.config_to_proto(config),
+            n_rows=len(ids),
+            target_fingerprint=target_fp,
+            active_features=active_features,
+        )
+
+        def chunks() -> Iterator[party_pb2.SetupJobChunk]:
+            yield party_pb2.SetupJobChunk(spec=spec)
+            for s in range(0, len(ids), serde.MAX_IDS_PER_CHUNK):
+                yield party_pb2.SetupJobChunk(ids=ids[s : s + serde.MAX_IDS_PER_CHUNK])
+
+        reply = self._call("SetupJob", lambda: self._received("SetupJob", self._stub.SetupJob(chunks(), timeout=self.timeout_s)))
+        return int(reply.passive_features)
+
+    def exchange_residual_shares(self, header: common_pb2.StepHeader, rows: Sequence[int], a_enc: CipherVector) -> serde.StepMessage:
+        return self._stream(
+            "ExchangeResidualShares", self._stub.ExchangeResidualShares, serde.to_chunks(header, rows=rows, ciphers=a_enc)
+        )
+
+    def exchange_masked_gradients(self, header: common_pb2.StepHeader, grad_a: CipherVector) -> serde.StepMessage:
+        return self._stream("ExchangeMaskedGradients", self._stub.ExchangeMaskedGradients, serde.to_chunks(header, ciphers=grad_a))
+
+    def apply_gradient(self, header: common_pb2.StepHeader, key: PublicKey, z_b: Sequence[int]) -> float:
+        chunks = serde.to_chunks(header, residues=(key, z_b))
+        reply = self._call(
+            "ApplyGradient", lambda: self._received("ApplyGradient", self._stub.ApplyGradient(chunks, timeout=self.timeout_s))
+        )
+        return float(reply.update_sq_norm)
+
+    def loss_share(self, header: common_pb2.StepHeader, key: PublicKey) -> CipherVector:
+        req = party_pb2.LossShareRequest(header=header)
+        reply = self._call(
+            "ComputeLossShare", lambda: self._received("ComputeLossShare", self._stub.ComputeLossShare(req, timeout=self.timeout_s))
+        )
+        return serde.cipher_vector_from_proto(reply.share, key, "loss share")
+
+    def finish_job(self, header: common_pb2.StepHeader, aborted: bool) -> bool:
+        req = party_pb2.FinishJobRequest(header=header, aborted=aborted)
+        reply = self._call("FinishJob", lambda: self._received("FinishJob", self._stub.FinishJob(req, timeout=self.timeout_s)))
+        return bool(reply.stored)
+
+    def predict_scores(self, header: common_pb2.StepHeader, ids: Sequence[str], u_a_enc: CipherVector) -> serde.StepMessage:
+        return self._stream("PredictScores", self._stub.PredictScores, serde.to_chunks(header, ids=ids, ciphers=u_a_enc))

@@ -1,0 +1,1 @@
+"""The assistant C: relays every A<->B message; holds no key, stores nothing."""

@@ -1,0 +1,237 @@
+"""B's half of every step, as plain domain code (no gRPC).
+
+A job is a small state machine: for iteration t B accepts, in order, the
+residual shares (steps 1-2), the masked gradients (steps 3-4) and the
+unmasked gradient (step 5), each once. Decryption for A happens only in the
+masked-gradient step, once per iteration, for a vector of exactly p_A + 1
+ciphertexts under sk_B: B is a decryption oracle for nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
+from common.data import PartyData, Scaler
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from common.jobconfig import JobConfig
+from common.models import ModelStore, check_job_id
+from common.protocol import steps
+from common.protocol.batching import check_batch_size, min_batch_size
+from common.protocol.reference import initial_weights
+from common.serde import StepMessage, rows_array
+
+log = logging.getLogger("vfl.passive")
+
+
+class Phase(Enum):
+    SHARES = "residual shares"
+    GRADIENTS = "masked gradients"
+    APPLY = "apply gradient"
+
+
+@dataclass
+class PassiveJob:
+    job_id: str
+    config: JobConfig
+    target_fp: bytes
+    active_key: PublicKey
+    active_features: int
+    x: np.ndarray  # standardised training rows, in the job's id order
+    scaler: Scaler
+    w: np.ndarray
+    iteration: int = 0
+    phase: Phase = Phase.SHARES
+    # Per-iteration state, cleared at the end of each iteration.
+    rows: np.ndarray | None = None
+    a_enc: CipherVector | None = None
+    u: np.ndarray | None = None
+    b: np.ndarray | None = None
+    own_gradient: Future[steps.MaskedGradient] | None = None
+    loss_sent: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def expect(self, iteration: int, phase: Phase) -> None:
+        if iteration != self.iteration or phase != self.phase:
+            raise FailedPrecondition(
+                f"header.iteration: job {self.job_id!r} expects {self.phase.value} of iteration "
+                f"{self.iteration}, got {phase.value} of iteration {iteration}"
+            )
+
+
+class PassiveParty:
+    def __init__(self, data: PartyData, key: PrivateKey, backend: HEBackend, data_dir: Path) -> None:
+        self.data = data
+        self.key = key
+        self.backend = backend
+        self.models = ModelStore(data_dir)
+        self._targets: dict[bytes, PublicKey] = {}
+        self._jobs: dict[str, PassiveJob] = {}
+        self._lock = threading.Lock()
+        # Overlaps B's X_B^T [[a]] with A's X_A^T [[b]] (both step 3).
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="passive-step3")
+
+    # --- key exchange and set-up ------------------------------------------
+
+    def exchange_keys(self, active_key: PublicKey) -> bytes:
+        if active_key.fingerprint == self.key.public.fingerprint:
+            raise InvalidArgument("active_key: is this party's own key")
+        fp = target_fingerprint(active_key, self.key.public)
+        with self._lock:
+            self._targets[fp] = active_key
+        log.info("event=keys_exchanged target=%s", fp.hex()[:16])
+        return fp
+
+    def _job(self, job_id: str, target_fp: bytes) -> PassiveJob:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"header.job_id: no running job {job_id[:64]!r} at the passive party")
+        if target_fp != job.target_fp:
+            raise FailedPrecondition("header.target_fingerprint: not the target key of this job")
+        return job
+
+    def setup_job(
+        self, job_id: str, config: JobConfig, target_fp: bytes, active_features: int, n_rows: int, ids: list[str]
+    ) -> int:
+        check_job_id(job_id)
+        active_key = self._targets.get(target_fp)
+        if active_key is None:
+            raise FailedPrecondition("spec.target_fingerprint: unknown target key; call ExchangeKeys first")
+        if len(ids) != n_rows:
+            raise InvalidArgument(f"ids: spec.n_rows says {n_rows}, got {len(ids)} ids")
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("ids: must be unique")
+        if active_features < 1:
+            raise InvalidArgument("spec.active_features: expected at least 1")
+        check_batch_size(config.batch_size, active_features, self.data.n_features, config.allow_small_batch)
+        with self._lock:
+            if job_id in self._jobs or self.models.exists(job_id):
+                raise AlreadyExists(f"spec.job_id: job {job_id!r} already exists at the passive party")
+        positions = self.data.positions(ids, "ids")
+        raw = self.data.features[positions]
+        scaler = Scaler.fit(raw, config.standardize)
+        x = scaler.transform(raw)
+        w = initial_weights(config.seed, "passive", self.data.n_features, config.init_scale)
+        job = PassiveJob(job_id, config, target_fp, active_key, active_features, x, scaler, w)
+        with self._lock:
+            self._jobs[job_id] = job
+        log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
+        return self.data.n_features
+
+    # --- training steps ---------------------------------------------------
+
+    def residual_shares(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> CipherVector:
+        """Steps 1-2: take [[a_S]]_A, answer [[b_S]]_B, and start step 3."""
+        job = self._job(job_id, target_fp)
+        with job.lock:
+            job.expect(iteration, Phase.SHARES)
+            rows = rows_array(msg.rows, job.x.shape[0], "rows")
+            floor = min_batch_size(job.active_features, job.x.shape[1], job.config.allow_small_batch)
+            if rows.size < floor:
+                raise InvalidArgument(f"rows: a batch of {rows.size} rows is under the job's minimum of {floor}")
+            a_enc = msg.ciphers(job.active_key, "ciphertexts")
+            a_enc.require_length(rows.size, "ciphertexts")
+            x = job.x[rows]
+            u = x @ job.w
+            b = u / 4.0
+            b_enc = steps.first_intermediate_share(self.backend, self.key.public, b)
+            steps.check_capacity(x, job.active_key)
+            x_fixed_t = steps.fixed_transpose(x)
+            job.own_gradient = self._pool.submit(steps.masked_encrypted_gradient, self.backend, x_fixed_t, a_enc)
+            job.rows, job.a_enc, job.u, job.b, job.loss_sent = rows, a_enc, u, b, False
+            job.phase = Phase.GRADIENTS
+            return b_enc
+
+    def masked_gradients(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> tuple[list[int], CipherVector]:
+        """Steps 3-4: decrypt A's masked gradient, answer z_A and B's own."""
+        job = self._job(job_id, target_fp)
+        with job.lock:
+            job.expect(iteration, Phase.GRADIENTS)
+            grad_a = msg.ciphers(self.key.public, "ciphertexts")
+            z_a = steps.decrypt_masked_gradient(self.backend, self.key, grad_a, job.active_features + 1)
+            assert job.own_gradient is not None
+            own = job.own_gradient.result()
+            job.phase = Phase.APPLY
+            return z_a, own.ciphers
+
+    def apply_gradient(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> float:
+        """Step 5: remove R_B, add X_B^T b, update w_B."""
+        job = self._job(job_id, target_fp)
+        with job.lock:
+            job.expect(iteration, Phase.APPLY)
+            assert job.own_gradient is not None and job.rows is not None and job.b is not None
+            z_b = msg.residues(job.active_key, "residues")
+            if len(z_b) != job.x.shape[1]:
+                raise InvalidArgument(f"residues: expected {job.x.shape[1]} values, got {len(z_b)}")
+            x = job.x[job.rows]
+            own = job.own_gradient.result()
+            cross = steps.unmask_gradient(z_b, own.mask, job.active_key, steps.cross_gradient_bound(x))
+            grad = steps.gradient_from_shares(x, job.b, cross, job.w, job.config.l2, np.ones_like(job.w))
+            new_w = steps.sgd_update(job.w, grad, job.config.learning_rate)
+            update = float(np.sum((new_w - job.w) ** 2))
+            job.w = new_w
+            job.iteration += 1
+            job.phase = Phase.SHARES
+            job.own_gradient = job.a_enc = job.u = job.b = job.rows = None
+            return update
+
+    def loss_share(self, job_id: str, iteration: int, target_fp: bytes) -> CipherVector:
+        job = self._job(job_id, target_fp)
+        with job.lock:
+            if job.iteration != iteration or job.phase == Phase.SHARES or job.loss_sent:
+                raise FailedPrecondition(
+                    f"header.iteration: loss share of iteration {iteration} not available (once per iteration, after its shares)"
+                )
+            assert job.a_enc is not None and job.u is not None
+            job.loss_sent = True
+            return steps.passive_loss_share(self.backend, job.a_enc, job.u)
+
+    def finish_job(self, job_id: str, target_fp: bytes, aborted: bool) -> bool:
+        job = self._job(job_id, target_fp)
+        with self._lock:
+            self._jobs.pop(job_id, None)
+        if aborted:
+            log.info("event=job_aborted job=%s iteration=%d", job_id, job.iteration)
+            return False
+        self.models.save(
+            job_id,
+            {
+                "model_id": job_id,
+                "role": "passive",
+                "created_unix": time.time(),
+                "config": job.config.model_dump(),
+                "target_fingerprint": job.target_fp.hex(),
+                "active_key_n": f"{job.active_key.n:x}",
+                "feature_names": self.data.feature_names,
+                "weights": job.w.tolist(),
+                "scaler": job.scaler.to_dict(),
+                "iterations": job.iteration,
+            },
+        )
+        log.info("event=model_stored job=%s iterations=%d", job_id, job.iteration)
+        return True
+
+    # --- prediction -------------------------------------------------------
+
+    def predict(self, model_id: str, target_fp: bytes, ids: list[str], msg: StepMessage) -> CipherVector:
+        """Prediction: [[u_A]]_A + [[u_B]]_A, re-randomised."""
+        shard = self.models.load(check_job_id(model_id, "header.job_id"))
+        if bytes.fromhex(shard["target_fingerprint"]) != target_fp:
+            raise FailedPrecondition("header.target_fingerprint: not the target key this model was trained under")
+        active_key = PublicKey(int(shard["active_key_n"], 16))
+        if not ids:
+            raise InvalidArgument("ids: expected at least one id")
+        u_a_enc = msg.ciphers(active_key, "ciphertexts")
+        u_a_enc.require_length(len(ids), "ciphertexts")
+        raw = self.data.features[self.data.positions(ids, "ids")]
+        x = Scaler.from_dict(shard["scaler"]).transform(raw)
+        u_b = x @ np.asarray(shard["weights"])
+        return steps.target_prediction_data(self.backend, u_a_enc, u_b)

@@ -1,0 +1,81 @@
+"""PartyService at B: decode, call one PassiveParty method, encode."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from common import serde
+from common.crypto.keystore import MIN_KEY_BITS, MIN_TEST_KEY_BITS
+from common.errors import InvalidArgument
+from common.rpc import rpc_method
+from services.passive.party import PassiveParty
+from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
+
+
+class PartyServicer(party_pb2_grpc.PartyServiceServicer):
+    def __init__(self, party: PassiveParty, test_mode: bool) -> None:
+        self.party = party
+        self.min_peer_bits = MIN_TEST_KEY_BITS if test_mode else MIN_KEY_BITS
+
+    @rpc_method
+    def ExchangeKeys(self, request: party_pb2.KeyExchangeRequest, context: grpc.ServicerContext) -> party_pb2.KeyExchangeReply:
+        active = serde.public_key_from_proto(request.active_key, "active_key", self.min_peer_bits)
+        fp = self.party.exchange_keys(active)
+        return party_pb2.KeyExchangeReply(passive_key=serde.public_key_to_proto(self.party.key.public), target_fingerprint=fp)
+
+    @rpc_method
+    def SetupJob(self, request_iterator: Iterator[party_pb2.SetupJobChunk], context: grpc.ServicerContext) -> party_pb2.SetupJobReply:
+        spec = None
+        ids: list[str] = []
+        for i, chunk in enumerate(request_iterator):
+            if chunk.HasField("spec"):
+                if i != 0:
+                    raise InvalidArgument("spec: only allowed on the first chunk")
+                spec = chunk.spec
+            ids.extend(chunk.ids)
+        if spec is None:
+            raise InvalidArgument("spec: the first chunk must carry the job spec")
+        config = serde.config_from_proto(spec.config)
+        p_b = self.party.setup_job(spec.job_id, config, spec.target_fingerprint, spec.active_features, spec.n_rows, ids)
+        return party_pb2.SetupJobReply(passive_features=p_b)
+
+    @rpc_method
+    def ExchangeResidualShares(self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext) -> Iterator[common_pb2.StepChunk]:
+        msg = serde.from_chunks(request_iterator, "ExchangeResidualShares")
+        h = msg.require_header("ExchangeResidualShares")
+        b_enc = self.party.residual_shares(h.job_id, h.iteration, h.target_fingerprint, msg)
+        yield from serde.to_chunks(h, ciphers=b_enc)
+
+    @rpc_method
+    def ExchangeMaskedGradients(self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext) -> Iterator[common_pb2.StepChunk]:
+        msg = serde.from_chunks(request_iterator, "ExchangeMaskedGradients")
+        h = msg.require_header("ExchangeMaskedGradients")
+        z_a, grad_b = self.party.masked_gradients(h.job_id, h.iteration, h.target_fingerprint, msg)
+        yield from serde.to_chunks(h, ciphers=grad_b, residues=(self.party.key.public, z_a))
+
+    @rpc_method
+    def ApplyGradient(self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext) -> party_pb2.ApplyGradientReply:
+        msg = serde.from_chunks(request_iterator, "ApplyGradient")
+        h = msg.require_header("ApplyGradient")
+        norm = self.party.apply_gradient(h.job_id, h.iteration, h.target_fingerprint, msg)
+        return party_pb2.ApplyGradientReply(header=h, update_sq_norm=norm)
+
+    @rpc_method
+    def ComputeLossShare(self, request: party_pb2.LossShareRequest, context: grpc.ServicerContext) -> party_pb2.LossShareReply:
+        h = request.header
+        share = self.party.loss_share(h.job_id, h.iteration, h.target_fingerprint)
+        return party_pb2.LossShareReply(header=h, share=serde.cipher_vector_to_proto(share))
+
+    @rpc_method
+    def FinishJob(self, request: party_pb2.FinishJobRequest, context: grpc.ServicerContext) -> party_pb2.FinishJobReply:
+        h = request.header
+        return party_pb2.FinishJobReply(stored=self.party.finish_job(h.job_id, h.target_fingerprint, request.aborted))
+
+    @rpc_method
+    def PredictScores(self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext) -> Iterator[common_pb2.StepChunk]:
+        msg = serde.from_chunks(request_iterator, "PredictScores")
+        h = msg.require_header("PredictScores")
+        scores = self.party.predict(h.job_id, h.target_fingerprint, msg.ids, msg)
+        yield from serde.to_chunks(h, ciphers=scores)
