@@ -32,8 +32,11 @@ def train_plain(
     batches: Sequence[Batch],
     learning_rate: float,
     l2: float,
+    trace: list[dict[str, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mini-batch SGD on the Taylor loss; w_active includes the intercept last."""
+    """Mini-batch SGD on the Taylor loss; w_active includes the intercept last.
+    If `trace` is given, each iteration's secrets are appended to it (tests
+    check that no party ever receives them)."""
     xa = with_intercept(x_active)
     pen_a = np.r_[np.ones(x_active.shape[1]), 0.0]
     pen_b = np.ones(x_passive.shape[1])
@@ -41,8 +44,11 @@ def train_plain(
         s = batch.rows
         a = active_residual_share(xa[s], w_active, y[s])
         b = passive_residual_share(x_passive[s], w_passive)
-        g_a = gradient_from_shares(xa[s], a, xa[s].T @ b, w_active, l2, pen_a)
-        g_b = gradient_from_shares(x_passive[s], b, x_passive[s].T @ a, w_passive, l2, pen_b)
+        h_a, h_b = xa[s].T @ b, x_passive[s].T @ a
+        if trace is not None:
+            trace.append({"a": a, "b": b, "h_active": h_a, "h_passive": h_b, "w_active": w_active, "w_passive": w_passive})
+        g_a = gradient_from_shares(xa[s], a, h_a, w_active, l2, pen_a)
+        g_b = gradient_from_shares(x_passive[s], b, h_b, w_passive, l2, pen_b)
         w_active = sgd_update(w_active, g_a, learning_rate)
         w_passive = sgd_update(w_passive, g_b, learning_rate)
     return w_active, w_passive

@@ -1,0 +1,66 @@
+"""Shared fixtures: a local federation (each party its own process, real gRPC
+over loopback, real Paillier keys) and the bundled breast split."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli.client import VflClient
+from cli.federation import LocalFederation
+from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
+from common.crypto.backend import PrivateKey, PublicKey
+
+TEST_KEY_BITS = 512  # test mode only; one end-to-end test runs 2048-bit keys
+
+
+@dataclass
+class BreastSplit:
+    train_ids: list[str]
+    test_ids: list[str]
+    labels: dict[str, float]
+
+
+@pytest.fixture(scope="session")
+def breast() -> BreastSplit:
+    train, test, labels = split_ids(BUNDLED_ACTIVE, "id", "y", 0.2, 42)
+    return BreastSplit(train, test, labels)
+
+
+def make_federation(workdir: Path, **kwargs: object) -> LocalFederation:
+    opts: dict = {"key_bits": TEST_KEY_BITS, "assistant": True}
+    opts.update(kwargs)
+    return LocalFederation(workdir, BUNDLED_ACTIVE, BUNDLED_PASSIVE, **opts)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    """A, B and C with test-size keys, shared by the tests of one module."""
+    with make_federation(tmp_path_factory.mktemp("fed")) as fed:
+        yield fed
+
+
+@pytest.fixture()
+def client(federation: LocalFederation) -> Iterator[VflClient]:
+    with VflClient(federation.active_address, timeout_s=120) as c:
+        c.wait_ready(30)
+        yield c
+
+
+def read_shard(fed: LocalFederation, party: str, model_id: str) -> dict:
+    return json.loads((fed.workdir / party / "data" / "models" / f"{model_id}.json").read_text())
+
+
+def read_private_key(fed: LocalFederation, party: str) -> PrivateKey:
+    """For tests that check what a party *could* decrypt from what it received."""
+    stored = json.loads((fed.workdir / party / "data" / "keys" / "paillier_private.json").read_text())
+    return PrivateKey(PublicKey(int(stored["n"], 16)), int(stored["p"], 16), int(stored["q"], 16))
+
+
+def model_arrays(shard: dict) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(shard["scaler"][k]) for k in ("mean", "scale")) + (np.asarray(shard["weights"]),)

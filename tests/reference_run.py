@@ -1,0 +1,49 @@
+"""The plain-numpy run that a federated job must reproduce: same data
+preparation (each party standardises its own training columns), same initial
+weights, same batches."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
+from common.data import Scaler, load_party_csv
+from common.jobconfig import JobConfig
+from common.protocol.batching import batch_schedule, min_batch_size
+from common.protocol.reference import initial_weights, train_plain, with_intercept
+from common.protocol.steps import sigmoid
+
+
+class ReferenceRun:
+    def __init__(self, config: JobConfig, train_ids: list[str]) -> None:
+        self.active = load_party_csv(BUNDLED_ACTIVE, "id", "y")
+        self.passive = load_party_csv(BUNDLED_PASSIVE, "id")
+        pos_a = self.active.positions(train_ids, "ids")
+        pos_b = self.passive.positions(train_ids, "ids")
+        self.scaler_a = Scaler.fit(self.active.features[pos_a], config.standardize)
+        self.scaler_b = Scaler.fit(self.passive.features[pos_b], config.standardize)
+        xa = self.scaler_a.transform(self.active.features[pos_a])
+        xb = self.scaler_b.transform(self.passive.features[pos_b])
+        y = self.active.labels[pos_a]
+        p_a, p_b = xa.shape[1], xb.shape[1]
+        self.batches = batch_schedule(
+            len(train_ids), config.batch_size, config.epochs, config.seed, min_batch_size(p_a, p_b, config.allow_small_batch)
+        )
+        self.trace: list[dict[str, np.ndarray]] = []
+        self.x_active, self.x_passive, self.y = xa, xb, y
+        self.w_active, self.w_passive = train_plain(
+            xa,
+            xb,
+            y,
+            initial_weights(config.seed, "active", p_a + 1, config.init_scale),
+            initial_weights(config.seed, "passive", p_b, config.init_scale),
+            self.batches,
+            config.learning_rate,
+            config.l2,
+            self.trace,
+        )
+
+    def predict(self, ids: list[str]) -> np.ndarray:
+        xa = with_intercept(self.scaler_a.transform(self.active.features[self.active.positions(ids, "ids")]))
+        xb = self.scaler_b.transform(self.passive.features[self.passive.positions(ids, "ids")])
+        return sigmoid(xa @ self.w_active + xb @ self.w_passive)
