@@ -1,0 +1,222 @@
+"""Privacy: record every message the assistant and each party receives in a
+real run (each party its own process, real gRPC, real Paillier), then check
+that none of it is a plaintext its receiver should not see: features,
+labels, weights, unmasked gradients or scores of the other side.
+
+What a receiver *could* read is tested directly: every ciphertext under the
+receiver's own key is decrypted with its private key (read from its data
+directory) and must be either a value it is entitled to, or masked uniformly
+modulo n.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import message_factory
+
+from cli.client import VflClient
+from common.crypto import get_backend
+from common.crypto.backend import CipherVector, PublicKey
+from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
+from common.jobconfig import JobConfig
+from tests.conftest import make_federation, read_private_key
+from tests.reference_run import ReferenceRun
+from vfl.v1 import client_pb2, party_pb2
+
+CONFIG = JobConfig(epochs=1, batch_size=64, seed=11, loss_every=2)
+PARTY_SERVICE = party_pb2.DESCRIPTOR.services_by_name["PartyService"]
+GRADIENT_SCALE = 2.0 ** (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
+
+
+def message_class(method: str, direction: str):
+    desc = PARTY_SERVICE.methods_by_name[method.rsplit("/", 1)[-1]]
+    return message_factory.GetMessageClass(desc.input_type if direction == "request" else desc.output_type)
+
+
+def load_transcript(path: Path) -> list[tuple[str, str, object]]:
+    out = []
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        msg = message_class(rec["method"], rec["direction"]).FromString(base64.b64decode(rec["payload"]))
+        out.append((rec["method"].rsplit("/", 1)[-1], rec["direction"], msg))
+    return out
+
+
+def walk(msg, found: dict[str, list]) -> None:
+    """Collect every double, ciphertext vector and residue vector in a message."""
+    name = msg.DESCRIPTOR.name
+    if name == "CipherVector":
+        found["ciphers"].append(msg)
+        return
+    if name == "ResidueVector":
+        found["residues"].append(msg)
+        return
+    for field, value in msg.ListFields():
+        values = value if field.is_repeated else [value]
+        for v in values:
+            if field.type == field.TYPE_MESSAGE:
+                walk(v, found)
+            elif field.type in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
+                found["doubles"].append((name, field.name, v))
+
+
+def ints(vec, width_attr="width") -> list[int]:
+    w = getattr(vec, width_attr)
+    return [int.from_bytes(vec.data[i : i + w], "big") for i in range(0, len(vec.data), w)]
+
+
+def looks_masked(residues: list[int], n: int) -> bool:
+    """Uniform mod n: no value is small. A real gradient at scale 2^52 is
+    below 2^100; a uniform residue is below n/2^40 with probability 2^-40."""
+    return all(abs(v) > n >> 40 for v in signed(residues, n))
+
+
+def matches_any(values: np.ndarray, secrets: list[np.ndarray], tol: float) -> bool:
+    pool = np.concatenate([s.ravel() for s in secrets])
+    return any(np.min(np.abs(pool - v)) < tol for v in values)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, breast):
+    workdir = tmp_path_factory.mktemp("transcript")
+    with make_federation(workdir, transcripts=True) as fed:
+        with VflClient(fed.active_address) as c:
+            c.wait_ready(30)
+            c.start_training(CONFIG, breast.train_ids, "transcript")
+            assert c.wait("transcript").state == client_pb2.JOB_STATE_SUCCEEDED
+            c.predict("transcript", breast.test_ids)
+        keys = {p: read_private_key(fed, p) for p in ("active", "passive")}
+    ref = ReferenceRun(CONFIG, breast.train_ids)
+    transcripts = {p: load_transcript(workdir / f"{p}.transcript.jsonl") for p in ("active", "passive", "assistant")}
+    return workdir, keys, ref, transcripts
+
+
+def allowed_doubles() -> set[float]:
+    return {float(v) for v in CONFIG.model_dump().values() if isinstance(v, float)}
+
+
+def test_every_party_and_the_assistant_received_the_steps(run):
+    _, _, ref, transcripts = run
+    n_iter = len(ref.batches)
+    for party, direction in (("passive", "request"), ("assistant", "request"), ("active", "reply")):
+        methods = [m for m, d, _ in transcripts[party] if d == direction]
+        assert methods.count("ExchangeResidualShares") >= n_iter, party
+        assert methods.count("ApplyGradient") == n_iter, party
+        assert "PredictScores" in methods, party
+
+
+def test_no_plaintext_reals_travel(run):
+    """The only reals on the wire: the public job config and each party's own
+    update norm. Features, labels, weights and scores never go in clear."""
+    _, _, _, transcripts = run
+    allowed = allowed_doubles()
+    for party, records in transcripts.items():
+        for method, _, msg in records:
+            found: dict[str, list] = defaultdict(list)
+            walk(msg, found)
+            for owner, name, value in found["doubles"]:
+                if (owner, name) == ("ApplyGradientReply", "update_sq_norm"):
+                    continue
+                assert value in allowed, f"{party} received a real {owner}.{name} in {method}"
+
+
+def test_passive_party_can_decrypt_only_masked_gradients(run):
+    """B decrypts [[h_A + R_A]]_B each iteration: the values it sees are
+    uniform mod n_B, never A's cross gradient X_A^T b; everything else it
+    receives is under pk_A, which it cannot decrypt."""
+    _, keys, ref, transcripts = run
+    sk_b, pk_a = keys["passive"], keys["active"].public
+    backend = get_backend("phe")
+    h_active = [t["h_active"] for t in ref.trace]
+    decrypted = 0
+    for method, _, msg in transcripts["passive"]:
+        found: dict[str, list] = defaultdict(list)
+        walk(msg, found)
+        for vec in found["ciphers"]:
+            if vec.key_fingerprint == pk_a.fingerprint:
+                continue
+            assert vec.key_fingerprint == sk_b.public.fingerprint, "a ciphertext under an unknown key"
+            assert method == "ExchangeMaskedGradients"
+            plain = backend.decrypt(sk_b, CipherVector(sk_b.public, tuple(ints(vec))))
+            assert looks_masked(plain, sk_b.public.n)
+            values = np.array(signed(plain, sk_b.public.n), dtype=float) / GRADIENT_SCALE
+            assert not matches_any(values, h_active, 1e-3)
+            decrypted += len(plain)
+        for vec in found["residues"]:
+            # z_B = h_B + R_B mod n_A: B's own masked gradient, masked by B itself.
+            assert vec.key_fingerprint == pk_a.fingerprint
+    assert decrypted == len(ref.batches) * (ref.x_active.shape[1] + 1)
+
+
+def test_active_party_can_decrypt_only_what_it_may(run):
+    """A decrypts [[h_B + R_B]]_A (masked), the loss share (a scalar) and the
+    prediction scores u_A + u_B (revealed by design); never B's gradient,
+    weights or per-sample scores during training."""
+    _, keys, ref, transcripts = run
+    sk_a, pk_b = keys["active"], keys["passive"].public
+    backend = get_backend("phe")
+    h_passive = [t["h_passive"] for t in ref.trace]
+    secrets = [ref.w_passive, *[t["w_passive"] for t in ref.trace], *[t["b"] for t in ref.trace]]
+    for method, _, msg in transcripts["active"]:
+        found: dict[str, list] = defaultdict(list)
+        walk(msg, found)
+        for vec in found["ciphers"]:
+            if vec.key_fingerprint == pk_b.fingerprint:
+                assert method == "ExchangeResidualShares"  # [[b_S]]_B: A holds no sk_B
+                continue
+            assert vec.key_fingerprint == sk_a.public.fingerprint
+            plain = backend.decrypt(sk_a, CipherVector(sk_a.public, tuple(ints(vec))))
+            if method == "ExchangeMaskedGradients":
+                assert looks_masked(plain, sk_a.public.n)
+                values = np.array(signed(plain, sk_a.public.n), dtype=float) / GRADIENT_SCALE
+                assert not matches_any(values, h_passive, 1e-3)
+            elif method == "ComputeLossShare":
+                assert len(plain) == 1
+            else:
+                assert method == "PredictScores"
+            if method != "ExchangeMaskedGradients":
+                values = np.array(signed(plain, sk_a.public.n), dtype=float) / 2.0**RESIDUAL_SCALE_BITS
+                assert not matches_any(values, secrets, 1e-7)
+        for vec in found["residues"]:
+            # z_A = h_A + R_A mod n_B: A's own masked gradient.
+            assert vec.key_fingerprint == pk_b.fingerprint
+            assert looks_masked(ints(vec), pk_b.n)
+
+
+def test_assistant_sees_only_ciphertexts_and_masked_values(run):
+    """C holds no key; every vector it relays is under pk_A or pk_B, and every
+    plaintext residue it relays is masked uniformly modulo n."""
+    workdir, keys, ref, transcripts = run
+    assert not (workdir / "assistant" / "data" / "keys").exists()
+    fps = {keys["active"].public.fingerprint: keys["active"].public, keys["passive"].public.fingerprint: keys["passive"].public}
+    h_all = [t["h_active"] for t in ref.trace] + [t["h_passive"] for t in ref.trace]
+    residues_seen = 0
+    for method, _, msg in transcripts["assistant"]:
+        found: dict[str, list] = defaultdict(list)
+        walk(msg, found)
+        for vec in found["ciphers"]:
+            assert vec.key_fingerprint in fps
+        for vec in found["residues"]:
+            key: PublicKey = fps[vec.key_fingerprint]
+            values = ints(vec)
+            assert looks_masked(values, key.n)
+            assert not matches_any(np.array(signed(values, key.n), dtype=float) / GRADIENT_SCALE, h_all, 1e-3)
+            residues_seen += len(values)
+    p_a, p_b = ref.x_active.shape[1] + 1, ref.x_passive.shape[1]
+    assert residues_seen == len(ref.batches) * (p_a + p_b)
+
+
+def test_the_checks_would_catch_an_unmasked_gradient(run):
+    """The detector is not vacuous: an unmasked gradient fails it."""
+    _, keys, ref, _ = run
+    n = keys["passive"].public.n
+    h = ref.trace[0]["h_active"]
+    encoded = [int(round(v * GRADIENT_SCALE)) % n for v in h]
+    assert not looks_masked(encoded, n)
+    assert matches_any(np.array(signed(encoded, n), dtype=float) / GRADIENT_SCALE, [h], 1e-3)
