@@ -34,7 +34,9 @@ class VflClient:
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
 
-    def start_training(self, config: JobConfig, train_ids: Sequence[str] = (), job_id: str = "") -> client_pb2.JobStatus:
+    def start_training(
+        self, config: JobConfig, train_ids: Sequence[str] = (), job_id: str = ""
+    ) -> client_pb2.JobStatus:
         req = client_pb2.StartTrainingRequest(job_id=job_id, config=config_to_proto(config), train_ids=list(train_ids))
         return self.stub.StartTraining(req, timeout=self.timeout_s)
 

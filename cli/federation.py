@@ -49,7 +49,9 @@ def start_service(
     root = Path(__file__).resolve().parent.parent
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), full_env.get("PYTHONPATH", "")]))
     log = log_path.open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", module], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=root
+    )
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if port_file.exists() and port_file.read_text().strip():
@@ -100,7 +102,12 @@ class LocalFederation:
             module = "services.assistant"
         else:
             upstream = self.services["assistant" if self.assistant else "passive"].address
-            env = self._env("active", VFL_DATA_CSV=str(self.active_csv), VFL_PEER_ADDRESS=upstream, VFL_LABEL_COLUMN=self.label_column)
+            env = self._env(
+                "active",
+                VFL_DATA_CSV=str(self.active_csv),
+                VFL_PEER_ADDRESS=upstream,
+                VFL_LABEL_COLUMN=self.label_column,
+            )
             module = "services.active"
         old = self.services.get(name)
         if old is not None:

@@ -50,7 +50,9 @@ def _fail(exc: grpc.RpcError) -> typer.Exit:
     return typer.Exit(1)
 
 
-def train_with_progress(client: VflClient, config: JobConfig, train_ids: list[str], job_id: str = "") -> client_pb2.JobStatus:
+def train_with_progress(
+    client: VflClient, config: JobConfig, train_ids: list[str], job_id: str = ""
+) -> client_pb2.JobStatus:
     """Start a job and show a progress bar fed by the watch stream."""
     status = client.start_training(config, train_ids, job_id)
     with Progress(
@@ -76,7 +78,9 @@ def train_with_progress(client: VflClient, config: JobConfig, train_ids: list[st
     return final
 
 
-def split_ids(labels_csv: Path, id_column: str, label_column: str, test_size: float, split_seed: int) -> tuple[list[str], list[str], dict[str, float]]:
+def split_ids(
+    labels_csv: Path, id_column: str, label_column: str, test_size: float, split_seed: int
+) -> tuple[list[str], list[str], dict[str, float]]:
     """scikit-learn's train_test_split over the label holder's rows (in file order)."""
     from sklearn.model_selection import train_test_split
 
@@ -86,7 +90,9 @@ def split_ids(labels_csv: Path, id_column: str, label_column: str, test_size: fl
     return list(train), list(test), dict(zip(data.ids, data.labels.tolist(), strict=True))
 
 
-def evaluate_and_report(client: VflClient, model_id: str, test_ids: list[str], labels: dict[str, float], started: float) -> float:
+def evaluate_and_report(
+    client: VflClient, model_id: str, test_ids: list[str], labels: dict[str, float], started: float
+) -> float:
     """Predict the held-out ids, print AUC, confusion matrix and time; return the AUC."""
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
@@ -129,15 +135,28 @@ def demo(
     train_ids, test_ids, labels = split_ids(active_csv, id_column, label_column, test_size, split_seed)
     with tempfile.TemporaryDirectory(prefix="vfl-demo-") as tmp:
         root = workdir or Path(tmp)
-        console.print(f"starting the federation ({key_bits}-bit keys, assistant {'on' if assistant else 'off'}) in {root}")
-        fed = LocalFederation(root, active_csv, passive_csv, key_bits=key_bits, assistant=assistant, label_column=label_column, id_column=id_column)
+        console.print(
+            f"starting the federation ({key_bits}-bit keys, assistant {'on' if assistant else 'off'}) in {root}"
+        )
+        fed = LocalFederation(
+            root,
+            active_csv,
+            passive_csv,
+            key_bits=key_bits,
+            assistant=assistant,
+            label_column=label_column,
+            id_column=id_column,
+        )
         with fed:
             console.print("  " + "  ".join(f"{n}={s.address}" for n, s in fed.services.items()))
             with VflClient(fed.active_address) as client:
                 client.wait_ready()
                 try:
                     final = train_with_progress(client, config, train_ids)
-                    console.print(f"trained {final.job_id}: {final.iteration} iterations, loss {final.loss:.5f}, {final.elapsed_s:.1f} s")
+                    console.print(
+                        f"trained {final.job_id}: {final.iteration} iterations, "
+                        f"loss {final.loss:.5f}, {final.elapsed_s:.1f} s"
+                    )
                     evaluate_and_report(client, final.job_id, test_ids, labels, started)
                 except grpc.RpcError as exc:
                     raise _fail(exc) from None
@@ -146,7 +165,9 @@ def demo(
 @app.command("demo-client")
 def demo_client(
     address: Address = "localhost:50051",
-    labels_csv: Annotated[Path, typer.Option(help="the label holder's CSV (for the split and the AUC)")] = BUNDLED_ACTIVE,
+    labels_csv: Annotated[
+        Path, typer.Option(help="the label holder's CSV (for the split and the AUC)")
+    ] = BUNDLED_ACTIVE,
     label_column: Annotated[str, typer.Option()] = "y",
     id_column: Annotated[str, typer.Option()] = "id",
     epochs: Epochs = 5,
@@ -178,7 +199,9 @@ def train(
     l2: L2 = 0.01,
     seed: Seed = 42,
     job_id: Annotated[str, typer.Option(help="job id (generated if empty)")] = "",
-    ids_csv: Annotated[Path | None, typer.Option(help="CSV whose id column lists the training rows (default: all)")] = None,
+    ids_csv: Annotated[
+        Path | None, typer.Option(help="CSV whose id column lists the training rows (default: all)")
+    ] = None,
     id_column: Annotated[str, typer.Option()] = "id",
 ) -> None:
     """Train a model with running services; shows progress and the final status."""
@@ -201,7 +224,10 @@ def status(job_id: str, address: Address = "localhost:50051") -> None:
         except grpc.RpcError as exc:
             raise _fail(exc) from None
     loss = f"{st.loss:.5f}" if st.HasField("loss") else "-"
-    console.print(f"{st.job_id}: {STATE_NAMES[st.state]}  iteration {st.iteration}/{st.total_iterations}  epoch {st.epoch}  loss {loss}  {st.elapsed_s:.1f} s {st.error}")
+    console.print(
+        f"{st.job_id}: {STATE_NAMES[st.state]}  iteration {st.iteration}/{st.total_iterations}  "
+        f"epoch {st.epoch}  loss {loss}  {st.elapsed_s:.1f} s {st.error}"
+    )
 
 
 @app.command()
@@ -237,7 +263,14 @@ def models(address: Address = "localhost:50051") -> None:
             raise _fail(exc) from None
     table = Table("model", "rows", "p_A", "p_B", "iterations", "final loss")
     for m in infos:
-        table.add_row(m.model_id, str(m.train_rows), str(m.active_features), str(m.passive_features), str(m.iterations), f"{m.final_loss:.5f}" if m.HasField("final_loss") else "-")
+        table.add_row(
+            m.model_id,
+            str(m.train_rows),
+            str(m.active_features),
+            str(m.passive_features),
+            str(m.iterations),
+            f"{m.final_loss:.5f}" if m.HasField("final_loss") else "-",
+        )
     console.print(table)
 
 

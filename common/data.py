@@ -26,15 +26,13 @@ class PartyData:
 
     @property
     def n_features(self) -> int:
-        return self.features.shape[1]
+        return int(self.features.shape[1])
 
     def positions(self, ids: list[str], what: str) -> np.ndarray:
         """Row positions of `ids`; refuses with the count of missing ids."""
         missing = [i for i in ids if i not in self._index]
         if missing:
-            raise FailedPrecondition(
-                f"{what}: {len(missing)} of {len(ids)} ids are not in this party's data"
-            )
+            raise FailedPrecondition(f"{what}: {len(missing)} of {len(ids)} ids are not in this party's data")
         return np.fromiter((self._index[i] for i in ids), dtype=np.int64, count=len(ids))
 
 
@@ -106,7 +104,7 @@ class Scaler:
             raise FailedPrecondition(
                 f"features: the model expects {self.mean.shape[0]} features, the data has {x.shape[1]}"
             )
-        return (x - self.mean) / self.scale
+        return np.asarray((x - self.mean) / self.scale, dtype=np.float64)
 
     def to_dict(self) -> dict[str, list[float]]:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}

@@ -148,7 +148,7 @@ class TranscriptRecorder:
             yield m
 
 
-class RecordingInterceptor(grpc.ServerInterceptor):
+class RecordingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Records the requests a server receives (see TranscriptRecorder)."""
 
     def __init__(self, recorder: TranscriptRecorder) -> None:

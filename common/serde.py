@@ -22,7 +22,9 @@ MAX_ID_LENGTH = 256
 
 
 def public_key_to_proto(key: PublicKey) -> common_pb2.PublicKey:
-    return common_pb2.PublicKey(scheme=key.scheme, n=key.n.to_bytes(key.residue_width, "big"), fingerprint=key.fingerprint)
+    return common_pb2.PublicKey(
+        scheme=key.scheme, n=key.n.to_bytes(key.residue_width, "big"), fingerprint=key.fingerprint
+    )
 
 
 def public_key_from_proto(msg: common_pb2.PublicKey, what: str, min_bits: int) -> PublicKey:
@@ -125,7 +127,9 @@ def to_chunks(
         width = key.residue_width
         per = max(1, CHUNK_BYTES // width)
         for s in range(0, max(len(values), 1), per):
-            rv = common_pb2.ResidueVector(key_fingerprint=key.fingerprint, width=width, data=_pack(values[s : s + per], width))
+            rv = common_pb2.ResidueVector(
+                key_fingerprint=key.fingerprint, width=width, data=_pack(values[s : s + per], width)
+            )
             parts.append(common_pb2.StepChunk(residues=rv))
     if not parts:
         parts.append(common_pb2.StepChunk())
@@ -170,7 +174,9 @@ def from_chunks(chunks: Iterable[common_pb2.StepChunk], what: str, max_bytes: in
 
 def cipher_vector_to_proto(ciphers: CipherVector) -> common_pb2.CipherVector:
     width = ciphers.key.cipher_width
-    return common_pb2.CipherVector(key_fingerprint=ciphers.key.fingerprint, width=width, data=_pack(ciphers.values, width))
+    return common_pb2.CipherVector(
+        key_fingerprint=ciphers.key.fingerprint, width=width, data=_pack(ciphers.values, width)
+    )
 
 
 def cipher_vector_from_proto(msg: common_pb2.CipherVector, key: PublicKey, what: str) -> CipherVector:
@@ -187,7 +193,8 @@ def config_to_proto(config: JobConfig) -> common_pb2.TrainingConfig:
 
 def config_from_proto(msg: common_pb2.TrainingConfig) -> JobConfig:
     """Unset fields take JobConfig's defaults; bad values name the field."""
-    return job_config(**{name: getattr(msg, name) for name in _CONFIG_FIELDS if msg.HasField(name)})
+    present = {name: getattr(msg, name) for name in _CONFIG_FIELDS if msg.HasField(name)}  # type: ignore[arg-type]
+    return job_config(**present)
 
 
 def rows_array(rows: Sequence[int], n_rows: int, what: str) -> np.ndarray:

@@ -27,7 +27,11 @@ class ReferenceRun:
         y = self.active.labels[pos_a]
         p_a, p_b = xa.shape[1], xb.shape[1]
         self.batches = batch_schedule(
-            len(train_ids), config.batch_size, config.epochs, config.seed, min_batch_size(p_a, p_b, config.allow_small_batch)
+            len(train_ids),
+            config.batch_size,
+            config.epochs,
+            config.seed,
+            min_batch_size(p_a, p_b, config.allow_small_batch),
         )
         self.trace: list[dict[str, np.ndarray]] = []
         self.x_active, self.x_passive, self.y = xa, xb, y

@@ -62,8 +62,18 @@ def test_auc_is_within_0005_of_scikit_learn(client, breast):
     y_test = np.array([breast.labels[i] for i in breast.test_ids])
     auc = roc_auc_score(y_test, probs)
     ref = ReferenceRun(JobConfig(), breast.train_ids)
-    x_train = np.hstack([ref.active.features[ref.active.positions(breast.train_ids, "")], ref.passive.features[ref.passive.positions(breast.train_ids, "")]])
-    x_test = np.hstack([ref.active.features[ref.active.positions(breast.test_ids, "")], ref.passive.features[ref.passive.positions(breast.test_ids, "")]])
+    x_train = np.hstack(
+        [
+            ref.active.features[ref.active.positions(breast.train_ids, "")],
+            ref.passive.features[ref.passive.positions(breast.train_ids, "")],
+        ]
+    )
+    x_test = np.hstack(
+        [
+            ref.active.features[ref.active.positions(breast.test_ids, "")],
+            ref.passive.features[ref.passive.positions(breast.test_ids, "")],
+        ]
+    )
     y_train = np.array([breast.labels[i] for i in breast.train_ids])
     sk_auc = roc_auc_score(y_test, LogisticRegression(max_iter=1000).fit(x_train, y_train).decision_function(x_test))
     assert auc >= 0.99

@@ -156,7 +156,14 @@ def test_plain_reference_learns(batch):
     y = (x @ rng.normal(size=6) + 0.3 * rng.normal(size=400) > 0).astype(float)
     sched = batch_schedule(400, 64, 5, seed=0, min_batch=18)
     wa, wb = train_plain(
-        x[:, :3], x[:, 3:], y, initial_weights(0, "active", 4, 0.01), initial_weights(0, "passive", 3, 0.01), sched, 0.3, 0.0
+        x[:, :3],
+        x[:, 3:],
+        y,
+        initial_weights(0, "active", 4, 0.01),
+        initial_weights(0, "passive", 3, 0.01),
+        sched,
+        0.3,
+        0.0,
     )
     acc = np.mean(((with_intercept(x[:, :3]) @ wa + x[:, 3:] @ wb) > 0) == y)
     assert acc > 0.85

@@ -194,10 +194,13 @@ def test_assistant_sees_only_ciphertexts_and_masked_values(run):
     plaintext residue it relays is masked uniformly modulo n."""
     workdir, keys, ref, transcripts = run
     assert not (workdir / "assistant" / "data" / "keys").exists()
-    fps = {keys["active"].public.fingerprint: keys["active"].public, keys["passive"].public.fingerprint: keys["passive"].public}
+    fps = {
+        keys["active"].public.fingerprint: keys["active"].public,
+        keys["passive"].public.fingerprint: keys["passive"].public,
+    }
     h_all = [t["h_active"] for t in ref.trace] + [t["h_passive"] for t in ref.trace]
     residues_seen = 0
-    for method, _, msg in transcripts["assistant"]:
+    for _, _, msg in transcripts["assistant"]:
         found: dict[str, list] = defaultdict(list)
         walk(msg, found)
         for vec in found["ciphers"]:

@@ -28,9 +28,7 @@ def check_key_bits(bits: int, test_mode: bool) -> None:
         raise ConfigError(f"VFL_KEY_BITS: expected at least {floor}, got {bits}{hint}")
 
 
-def load_or_create_keypair(
-    data_dir: Path, backend: HEBackend, bits: int, test_mode: bool
-) -> PrivateKey:
+def load_or_create_keypair(data_dir: Path, backend: HEBackend, bits: int, test_mode: bool) -> PrivateKey:
     check_key_bits(bits, test_mode)
     path = data_dir / KEY_FILE
     if path.exists():
@@ -40,9 +38,7 @@ def load_or_create_keypair(
         stored = json.loads(path.read_text())
         key = PrivateKey(PublicKey(int(stored["n"], 16)), int(stored["p"], 16), int(stored["q"], 16))
         if key.public.bits != bits:
-            raise ConfigError(
-                f"VFL_KEY_BITS: the stored key in {path} is {key.public.bits}-bit, configured {bits}"
-            )
+            raise ConfigError(f"VFL_KEY_BITS: the stored key in {path} is {key.public.bits}-bit, configured {bits}")
         log.info("event=key_loaded fingerprint=%s bits=%d", key.public.fingerprint.hex()[:16], bits)
         return key
     ensure_private_dir(path.parent)

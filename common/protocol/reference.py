@@ -46,7 +46,9 @@ def train_plain(
         b = passive_residual_share(x_passive[s], w_passive)
         h_a, h_b = xa[s].T @ b, x_passive[s].T @ a
         if trace is not None:
-            trace.append({"a": a, "b": b, "h_active": h_a, "h_passive": h_b, "w_active": w_active, "w_passive": w_passive})
+            trace.append(
+                {"a": a, "b": b, "h_active": h_a, "h_passive": h_b, "w_active": w_active, "w_passive": w_passive}
+            )
         g_a = gradient_from_shares(xa[s], a, h_a, w_active, l2, pen_a)
         g_b = gradient_from_shares(x_passive[s], b, h_b, w_passive, l2, pen_b)
         w_active = sgd_update(w_active, g_a, learning_rate)

@@ -41,12 +41,12 @@ def sigmoid(u: np.ndarray) -> np.ndarray:
 
 def active_residual_share(x_active: np.ndarray, w_active: np.ndarray, y: np.ndarray) -> np.ndarray:
     """A's part of the Taylor residual, a = u_A/4 + 1/2 - y (intercept in w_active)."""
-    return (x_active @ w_active) / 4.0 + 0.5 - y
+    return np.asarray((x_active @ w_active) / 4.0 + 0.5 - y, dtype=np.float64)
 
 
 def passive_residual_share(x_passive: np.ndarray, w_passive: np.ndarray) -> np.ndarray:
     """B's part of the Taylor residual, b = u_B/4."""
-    return (x_passive @ w_passive) / 4.0
+    return np.asarray((x_passive @ w_passive) / 4.0, dtype=np.float64)
 
 
 def encrypt_share(backend: HEBackend, key: PublicKey, share: np.ndarray) -> CipherVector:
@@ -104,9 +104,7 @@ def random_mask(key: PublicKey, length: int) -> tuple[int, ...]:
     return tuple(secrets.randbelow(key.n) for _ in range(length))
 
 
-def masked_encrypted_gradient(
-    backend: HEBackend, x_fixed_t: np.ndarray, peer_share: CipherVector
-) -> MaskedGradient:
+def masked_encrypted_gradient(backend: HEBackend, x_fixed_t: np.ndarray, peer_share: CipherVector) -> MaskedGradient:
     """Step 3 (both): [[X^T s_peer + R]]_peer. R is added as a fresh encryption,
     never as a plaintext shift: the peer reads a ciphertext's randomness on
     decryption, and that of X^T [[s]] alone would reveal X."""
@@ -150,7 +148,7 @@ def gradient_from_shares(
     """Step 5b (both): (X^T own_share + X^T peer_share) / m + l2 * w on the
     penalised coordinates (the intercept is not penalised)."""
     m = x.shape[0]
-    return (x.T @ own_share + cross) / m + l2 * w * penalised
+    return np.asarray((x.T @ own_share + cross) / m + l2 * w * penalised, dtype=np.float64)
 
 
 def sgd_update(w: np.ndarray, gradient: np.ndarray, learning_rate: float) -> np.ndarray:
@@ -168,7 +166,12 @@ def passive_loss_share(backend: HEBackend, a_enc: CipherVector, u_passive: np.nd
     key = a_enc.key
     u_fixed = to_fixed(u_passive.reshape(1, -1), RESIDUAL_SCALE_BITS, SHARE_BOUND)
     cross = backend.matvec(u_fixed, a_enc)
-    own = encode(np.array([float(np.sum(u_passive**2)) / 8.0 * 2.0**RESIDUAL_SCALE_BITS]), RESIDUAL_SCALE_BITS, key.n, float(2**100))
+    own = encode(
+        np.array([float(np.sum(u_passive**2)) / 8.0 * 2.0**RESIDUAL_SCALE_BITS]),
+        RESIDUAL_SCALE_BITS,
+        key.n,
+        float(2**100),
+    )
     return backend.add(cross, backend.encrypt(key, own))
 
 

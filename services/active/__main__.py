@@ -30,10 +30,14 @@ def main() -> None:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if settings.test_mode:
-        logging.getLogger("vfl").warning("event=test_mode key_bits=%d: small keys allowed, not for real data", settings.key_bits)
+        logging.getLogger("vfl").warning(
+            "event=test_mode key_bits=%d: small keys allowed, not for real data", settings.key_bits
+        )
     recorder = TranscriptRecorder(settings.transcript_path, "active") if settings.transcript_path else None
     peer = PassiveClient(settings.peer_address, settings.peer_timeout_s, recorder)
-    party = ActiveParty(data, key, backend, settings.data_dir, peer, MIN_TEST_KEY_BITS if settings.test_mode else MIN_KEY_BITS)
+    party = ActiveParty(
+        data, key, backend, settings.data_dir, peer, MIN_TEST_KEY_BITS if settings.test_mode else MIN_KEY_BITS
+    )
     server, port = create_server(
         lambda s: client_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(party), s),
         [SERVICE_NAME],

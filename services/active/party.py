@@ -104,7 +104,13 @@ class _Session:
 
 class ActiveParty:
     def __init__(
-        self, data: PartyData, key: PrivateKey, backend: HEBackend, data_dir: Path, peer: PassiveClient, min_peer_bits: int
+        self,
+        data: PartyData,
+        key: PrivateKey,
+        backend: HEBackend,
+        data_dir: Path,
+        peer: PassiveClient,
+        min_peer_bits: int,
     ) -> None:
         if data.labels is None:
             raise InvalidArgument("active party data: expected a label column")
@@ -161,7 +167,9 @@ class ActiveParty:
         with self._lock:
             self._jobs[job_id] = job
         job.publish("started")
-        log.info("event=job_started job=%s rows=%d iterations=%d p_a=%d p_b=%d", job_id, len(ids), len(batches), p_a, p_b)
+        log.info(
+            "event=job_started job=%s rows=%d iterations=%d p_a=%d p_b=%d", job_id, len(ids), len(batches), p_a, p_b
+        )
         threading.Thread(target=self._run, args=(session,), name=f"job-{job_id}", daemon=True).start()
         return job
 
@@ -206,7 +214,12 @@ class ActiveParty:
             self._store_model(s)
             job.state = State.SUCCEEDED
             job.publish(f"model {job.job_id} stored")
-            log.info("event=job_succeeded job=%s iterations=%d elapsed_s=%.2f", job.job_id, job.iteration, time.time() - job.started)
+            log.info(
+                "event=job_succeeded job=%s iterations=%d elapsed_s=%.2f",
+                job.job_id,
+                job.iteration,
+                time.time() - job.started,
+            )
         except Exception as exc:  # noqa: BLE001 - the job fails, the service stays up
             job.error = str(exc) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
             log.warning("event=job_failed job=%s iteration=%d error=%r", job.job_id, job.iteration, job.error)

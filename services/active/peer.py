@@ -37,7 +37,9 @@ class PassiveClient:
         except grpc.RpcError as exc:
             code = exc.code()
             if code in _DOWN:
-                raise Unavailable(f"passive party at {self.address}: {method} failed ({code.name}): {exc.details()}") from None
+                raise Unavailable(
+                    f"passive party at {self.address}: {method} failed ({code.name}): {exc.details()}"
+                ) from None
             raise PeerError(code, f"passive party refused {method}: {exc.details()}") from None
 
     def _received(self, method: str, replies: Any) -> Any:
@@ -57,10 +59,14 @@ class PassiveClient:
 
     def exchange_keys(self, key: PublicKey, min_bits: int) -> tuple[PublicKey, bytes]:
         req = party_pb2.KeyExchangeRequest(active_key=serde.public_key_to_proto(key))
-        reply = self._call("ExchangeKeys", lambda: self._received("ExchangeKeys", self._stub.ExchangeKeys(req, timeout=self.timeout_s)))
+        reply = self._call(
+            "ExchangeKeys", lambda: self._received("ExchangeKeys", self._stub.ExchangeKeys(req, timeout=self.timeout_s))
+        )
         return serde.public_key_from_proto(reply.passive_key, "passive_key", min_bits), reply.target_fingerprint
 
-    def setup_job(self, job_id: str, config: JobConfig, target_fp: bytes, active_features: int, ids: Sequence[str]) -> int:
+    def setup_job(
+        self, job_id: str, config: JobConfig, target_fp: bytes, active_features: int, ids: Sequence[str]
+    ) -> int:
         spec = party_pb2.JobSpec(
             job_id=job_id,
             config=serde.config_to_proto(config),
@@ -74,35 +80,51 @@ class PassiveClient:
             for s in range(0, len(ids), serde.MAX_IDS_PER_CHUNK):
                 yield party_pb2.SetupJobChunk(ids=ids[s : s + serde.MAX_IDS_PER_CHUNK])
 
-        reply = self._call("SetupJob", lambda: self._received("SetupJob", self._stub.SetupJob(chunks(), timeout=self.timeout_s)))
+        reply = self._call(
+            "SetupJob", lambda: self._received("SetupJob", self._stub.SetupJob(chunks(), timeout=self.timeout_s))
+        )
         return int(reply.passive_features)
 
-    def exchange_residual_shares(self, header: common_pb2.StepHeader, rows: Sequence[int], a_enc: CipherVector) -> serde.StepMessage:
+    def exchange_residual_shares(
+        self, header: common_pb2.StepHeader, rows: Sequence[int], a_enc: CipherVector
+    ) -> serde.StepMessage:
         return self._stream(
-            "ExchangeResidualShares", self._stub.ExchangeResidualShares, serde.to_chunks(header, rows=rows, ciphers=a_enc)
+            "ExchangeResidualShares",
+            self._stub.ExchangeResidualShares,
+            serde.to_chunks(header, rows=rows, ciphers=a_enc),
         )
 
     def exchange_masked_gradients(self, header: common_pb2.StepHeader, grad_a: CipherVector) -> serde.StepMessage:
-        return self._stream("ExchangeMaskedGradients", self._stub.ExchangeMaskedGradients, serde.to_chunks(header, ciphers=grad_a))
+        return self._stream(
+            "ExchangeMaskedGradients", self._stub.ExchangeMaskedGradients, serde.to_chunks(header, ciphers=grad_a)
+        )
 
     def apply_gradient(self, header: common_pb2.StepHeader, key: PublicKey, z_b: Sequence[int]) -> float:
         chunks = serde.to_chunks(header, residues=(key, z_b))
         reply = self._call(
-            "ApplyGradient", lambda: self._received("ApplyGradient", self._stub.ApplyGradient(chunks, timeout=self.timeout_s))
+            "ApplyGradient",
+            lambda: self._received("ApplyGradient", self._stub.ApplyGradient(chunks, timeout=self.timeout_s)),
         )
         return float(reply.update_sq_norm)
 
     def loss_share(self, header: common_pb2.StepHeader, key: PublicKey) -> CipherVector:
         req = party_pb2.LossShareRequest(header=header)
         reply = self._call(
-            "ComputeLossShare", lambda: self._received("ComputeLossShare", self._stub.ComputeLossShare(req, timeout=self.timeout_s))
+            "ComputeLossShare",
+            lambda: self._received("ComputeLossShare", self._stub.ComputeLossShare(req, timeout=self.timeout_s)),
         )
         return serde.cipher_vector_from_proto(reply.share, key, "loss share")
 
     def finish_job(self, header: common_pb2.StepHeader, aborted: bool) -> bool:
         req = party_pb2.FinishJobRequest(header=header, aborted=aborted)
-        reply = self._call("FinishJob", lambda: self._received("FinishJob", self._stub.FinishJob(req, timeout=self.timeout_s)))
+        reply = self._call(
+            "FinishJob", lambda: self._received("FinishJob", self._stub.FinishJob(req, timeout=self.timeout_s))
+        )
         return bool(reply.stored)
 
-    def predict_scores(self, header: common_pb2.StepHeader, ids: Sequence[str], u_a_enc: CipherVector) -> serde.StepMessage:
-        return self._stream("PredictScores", self._stub.PredictScores, serde.to_chunks(header, ids=ids, ciphers=u_a_enc))
+    def predict_scores(
+        self, header: common_pb2.StepHeader, ids: Sequence[str], u_a_enc: CipherVector
+    ) -> serde.StepMessage:
+        return self._stream(
+            "PredictScores", self._stub.PredictScores, serde.to_chunks(header, ids=ids, ciphers=u_a_enc)
+        )

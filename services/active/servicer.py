@@ -38,7 +38,12 @@ def _status(job: TrainingJob) -> client_pb2.JobStatus:
 
 def _event(job_id: str, ev: Event) -> client_pb2.JobEvent:
     msg = client_pb2.JobEvent(
-        job_id=job_id, state=_STATES[ev.state], iteration=ev.iteration, total_iterations=ev.total, epoch=ev.epoch, message=ev.message
+        job_id=job_id,
+        state=_STATES[ev.state],
+        iteration=ev.iteration,
+        total_iterations=ev.total,
+        epoch=ev.epoch,
+        message=ev.message,
     )
     if ev.loss is not None:
         msg.loss = ev.loss
@@ -67,17 +72,23 @@ class TrainingServicer(client_pb2_grpc.TrainingServiceServicer):
         self.party = party
 
     @rpc_method
-    def StartTraining(self, request: client_pb2.StartTrainingRequest, context: grpc.ServicerContext) -> client_pb2.JobStatus:
+    def StartTraining(
+        self, request: client_pb2.StartTrainingRequest, context: grpc.ServicerContext
+    ) -> client_pb2.JobStatus:
         config = serde.config_from_proto(request.config)
         job = self.party.start_training(request.job_id, config, list(request.train_ids))
         return _status(job)
 
     @rpc_method
-    def GetJobStatus(self, request: client_pb2.GetJobStatusRequest, context: grpc.ServicerContext) -> client_pb2.JobStatus:
+    def GetJobStatus(
+        self, request: client_pb2.GetJobStatusRequest, context: grpc.ServicerContext
+    ) -> client_pb2.JobStatus:
         return _status(self.party.job(request.job_id))
 
     @rpc_method
-    def WatchJob(self, request: client_pb2.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[client_pb2.JobEvent]:
+    def WatchJob(
+        self, request: client_pb2.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[client_pb2.JobEvent]:
         job = self.party.job(request.job_id)
         for ev in job.watch():
             if not context.is_active():
@@ -91,5 +102,7 @@ class TrainingServicer(client_pb2_grpc.TrainingServiceServicer):
         return client_pb2.PredictReply(ids=ids, probabilities=probs.tolist())
 
     @rpc_method
-    def ListModels(self, request: client_pb2.ListModelsRequest, context: grpc.ServicerContext) -> client_pb2.ListModelsReply:
+    def ListModels(
+        self, request: client_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> client_pb2.ListModelsReply:
         return client_pb2.ListModelsReply(models=[_model_info(s) for s in self.party.list_models()])

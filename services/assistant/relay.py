@@ -72,7 +72,9 @@ class RelayHandler(grpc.GenericRpcHandler):
             self._count(method)
             req = rec(method, "request", request) if cs else next(iter(rec(method, "request", iter([request]))))
             if ss:
-                return self._relay(method, context, lambda: list(rec(method, "reply", upstream(req, timeout=self._deadline(context)))))
+                return self._relay(
+                    method, context, lambda: list(rec(method, "reply", upstream(req, timeout=self._deadline(context))))
+                )
             reply = self._relay(method, context, lambda: upstream(req, timeout=self._deadline(context)))
             return next(iter(rec(method, "reply", iter([reply]))))
 

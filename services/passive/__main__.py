@@ -29,7 +29,9 @@ def main() -> None:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if settings.test_mode:
-        logging.getLogger("vfl").warning("event=test_mode key_bits=%d: small keys allowed, not for real data", settings.key_bits)
+        logging.getLogger("vfl").warning(
+            "event=test_mode key_bits=%d: small keys allowed, not for real data", settings.key_bits
+        )
     party = PassiveParty(data, key, backend, settings.data_dir)
     interceptors = []
     if settings.transcript_path is not None:

@@ -150,7 +150,9 @@ class PassiveParty:
             job.phase = Phase.GRADIENTS
             return b_enc
 
-    def masked_gradients(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> tuple[list[int], CipherVector]:
+    def masked_gradients(
+        self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage
+    ) -> tuple[list[int], CipherVector]:
         """Steps 3-4: decrypt A's masked gradient, answer z_A and B's own."""
         job = self._job(job_id, target_fp)
         with job.lock:
@@ -188,7 +190,8 @@ class PassiveParty:
         with job.lock:
             if job.iteration != iteration or job.phase == Phase.SHARES or job.loss_sent:
                 raise FailedPrecondition(
-                    f"header.iteration: loss share of iteration {iteration} not available (once per iteration, after its shares)"
+                    f"header.iteration: the loss share of iteration {iteration} is available once, "
+                    "after that iteration's residual shares"
                 )
             assert job.a_enc is not None and job.u is not None
             job.loss_sent = True

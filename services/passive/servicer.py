@@ -20,13 +20,19 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         self.min_peer_bits = MIN_TEST_KEY_BITS if test_mode else MIN_KEY_BITS
 
     @rpc_method
-    def ExchangeKeys(self, request: party_pb2.KeyExchangeRequest, context: grpc.ServicerContext) -> party_pb2.KeyExchangeReply:
+    def ExchangeKeys(
+        self, request: party_pb2.KeyExchangeRequest, context: grpc.ServicerContext
+    ) -> party_pb2.KeyExchangeReply:
         active = serde.public_key_from_proto(request.active_key, "active_key", self.min_peer_bits)
         fp = self.party.exchange_keys(active)
-        return party_pb2.KeyExchangeReply(passive_key=serde.public_key_to_proto(self.party.key.public), target_fingerprint=fp)
+        return party_pb2.KeyExchangeReply(
+            passive_key=serde.public_key_to_proto(self.party.key.public), target_fingerprint=fp
+        )
 
     @rpc_method
-    def SetupJob(self, request_iterator: Iterator[party_pb2.SetupJobChunk], context: grpc.ServicerContext) -> party_pb2.SetupJobReply:
+    def SetupJob(
+        self, request_iterator: Iterator[party_pb2.SetupJobChunk], context: grpc.ServicerContext
+    ) -> party_pb2.SetupJobReply:
         spec = None
         ids: list[str] = []
         for i, chunk in enumerate(request_iterator):
@@ -42,28 +48,36 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         return party_pb2.SetupJobReply(passive_features=p_b)
 
     @rpc_method
-    def ExchangeResidualShares(self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext) -> Iterator[common_pb2.StepChunk]:
+    def ExchangeResidualShares(
+        self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.StepChunk]:
         msg = serde.from_chunks(request_iterator, "ExchangeResidualShares")
         h = msg.require_header("ExchangeResidualShares")
         b_enc = self.party.residual_shares(h.job_id, h.iteration, h.target_fingerprint, msg)
         yield from serde.to_chunks(h, ciphers=b_enc)
 
     @rpc_method
-    def ExchangeMaskedGradients(self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext) -> Iterator[common_pb2.StepChunk]:
+    def ExchangeMaskedGradients(
+        self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.StepChunk]:
         msg = serde.from_chunks(request_iterator, "ExchangeMaskedGradients")
         h = msg.require_header("ExchangeMaskedGradients")
         z_a, grad_b = self.party.masked_gradients(h.job_id, h.iteration, h.target_fingerprint, msg)
         yield from serde.to_chunks(h, ciphers=grad_b, residues=(self.party.key.public, z_a))
 
     @rpc_method
-    def ApplyGradient(self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext) -> party_pb2.ApplyGradientReply:
+    def ApplyGradient(
+        self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext
+    ) -> party_pb2.ApplyGradientReply:
         msg = serde.from_chunks(request_iterator, "ApplyGradient")
         h = msg.require_header("ApplyGradient")
         norm = self.party.apply_gradient(h.job_id, h.iteration, h.target_fingerprint, msg)
         return party_pb2.ApplyGradientReply(header=h, update_sq_norm=norm)
 
     @rpc_method
-    def ComputeLossShare(self, request: party_pb2.LossShareRequest, context: grpc.ServicerContext) -> party_pb2.LossShareReply:
+    def ComputeLossShare(
+        self, request: party_pb2.LossShareRequest, context: grpc.ServicerContext
+    ) -> party_pb2.LossShareReply:
         h = request.header
         share = self.party.loss_share(h.job_id, h.iteration, h.target_fingerprint)
         return party_pb2.LossShareReply(header=h, share=serde.cipher_vector_to_proto(share))
@@ -74,7 +88,9 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         return party_pb2.FinishJobReply(stored=self.party.finish_job(h.job_id, h.target_fingerprint, request.aborted))
 
     @rpc_method
-    def PredictScores(self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext) -> Iterator[common_pb2.StepChunk]:
+    def PredictScores(
+        self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.StepChunk]:
         msg = serde.from_chunks(request_iterator, "PredictScores")
         h = msg.require_header("PredictScores")
         scores = self.party.predict(h.job_id, h.target_fingerprint, msg.ids, msg)
