@@ -40,7 +40,9 @@ typecheck: $(STAMP) ## mypy on common/
 	$(VENV)/bin/mypy common
 
 test: $(STAMP) ## unit, protocol and end-to-end tests (real gRPC, real Paillier)
-	$(PY) -m pytest -q tests
+	@# pytest exits 5 when it collects nothing: that is a failure here, not a pass.
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
 
 demo: $(STAMP) ## local federation: train on the bundled breast data, predict the held-out 20 %, print the AUC
 	$(VENV)/bin/vfl demo

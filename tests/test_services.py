@@ -1,0 +1,160 @@
+"""Service behaviour a user relies on: health and reflection for other
+systems' clients, start-up validation, keys kept owner-only and reused, and
+the CLI against any pair of CSVs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from cli.federation import LocalFederation, start_service
+from tests.conftest import TEST_KEY_BITS, read_private_key
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_service_reports_health_and_serves_reflection(federation):
+    expected = {
+        "active": "vfl.v1.TrainingService",
+        "passive": "vfl.v1.PartyService",
+        "assistant": "vfl.v1.PartyService",
+    }
+    for name, service in expected.items():
+        with grpc.insecure_channel(federation.services[name].address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for svc in ("", service):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, (name, svc)
+            db = ProtoReflectionDescriptorDatabase(ch)
+            assert service in db.get_services(), name
+            # A client with no generated code can find every RPC and message.
+            methods = {m.name for m in db.FindFileContainingSymbol(service).service[0].method}
+            assert "Predict" in methods or "ExchangeMaskedGradients" in methods
+
+
+def test_keys_are_owner_only_and_reused_after_restart(federation):
+    for party in ("active", "passive"):
+        key_file = federation.workdir / party / "data" / "keys" / "paillier_private.json"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
+        assert read_private_key(federation, party).public.bits == TEST_KEY_BITS
+    before = read_private_key(federation, "passive").public.fingerprint
+    federation.services["passive"].stop()
+    federation.start("passive")
+    assert read_private_key(federation, "passive").public.fingerprint == before
+
+
+def run_service(module: str, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(
+        [sys.executable, "-m", module], env=full, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"VFL_PORT": "99999"}, "config error: VFL_PORT:"),
+        ({"VFL_KEY_BITS": "1024"}, "VFL_KEY_BITS: expected at least 2048"),
+        ({"VFL_DATA_CSV": "/nonexistent.csv"}, "VFL_DATA_CSV: no such file"),
+        ({"VFL_LOG_LEVEL": "LOUD"}, "config error: VFL_LOG_LEVEL:"),
+    ],
+)
+def test_bad_configuration_stops_with_one_clear_line(tmp_path, env, expected):
+    base = {"VFL_DATA_CSV": str(ROOT / "data" / "breast_hetero_host.csv"), "VFL_DATA_DIR": str(tmp_path / "d")}
+    result = run_service("services.passive", {**base, **env}, tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("config error")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_active_party_requires_its_peer_address(tmp_path):
+    env = {"VFL_DATA_CSV": str(ROOT / "data" / "breast_hetero_guest.csv"), "VFL_DATA_DIR": str(tmp_path / "d")}
+    result = run_service("services.active", env, tmp_path)
+    assert result.returncode == 2
+    assert "VFL_PEER_ADDRESS" in result.stderr
+
+
+def test_private_key_with_open_permissions_is_refused(tmp_path):
+    env = {
+        "VFL_DATA_CSV": str(ROOT / "data" / "breast_hetero_host.csv"),
+        "VFL_DATA_DIR": str(tmp_path / "d"),
+        "VFL_KEY_BITS": "512",
+        "VFL_TEST_MODE": "true",
+    }
+    svc = start_service("passive", "services.passive", env, tmp_path)
+    svc.stop()
+    key_file = tmp_path / "d" / "keys" / "paillier_private.json"
+    key_file.chmod(0o644)
+    result = run_service("services.passive", env, tmp_path)
+    assert result.returncode == 2 and "owner-only" in result.stderr
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_cli_trains_any_pair_of_csvs(tmp_path):
+    """Other column names, another label name, 3 + 5 features, ids in a
+    different order at each party: `vfl demo` joins on the id and learns."""
+    rng = np.random.default_rng(5)
+    n = 400
+    units = np.array([1, 10, 100, 1, 1, 5, 1, 1])  # unstandardised columns
+    x = rng.normal(size=(n, 8)) * units
+    y = ((x / units) @ rng.normal(size=8) + 0.2 * rng.normal(size=n) > 0).astype(int)
+    ids = [f"c{i:05d}" for i in range(n)]
+    a_rows = [[ids[i], int(y[i]), *np.round(x[i, :3], 5)] for i in range(n)]
+    b_order = rng.permutation(n)
+    b_rows = [[ids[i], *np.round(x[i, 3:], 5)] for i in b_order]
+    active = write_csv(tmp_path / "bank.csv", ["customer", "defaulted", "f1", "f2", "f3"], a_rows)
+    passive = write_csv(tmp_path / "insurer.csv", ["customer", "g1", "g2", "g3", "g4", "g5"], b_rows)
+    cmd = [sys.executable, "-m", "cli.main", "demo", "--active-csv", str(active), "--passive-csv", str(passive)]
+    cmd += ["--label-column", "defaulted", "--id-column", "customer", "--key-bits", "512", "--batch-size", "20"]
+    cmd += ["--epochs", "3", "--no-assistant", "--workdir", str(tmp_path / "run")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("AUC ")
+    assert float(last.split()[1]) > 0.9
+
+
+def test_cli_train_status_predict_models_against_running_services(tmp_path, breast):
+    with LocalFederation(
+        tmp_path, ROOT / "data" / "breast_hetero_guest.csv", ROOT / "data" / "breast_hetero_host.csv", key_bits=512
+    ) as fed:
+        ids_csv = write_csv(tmp_path / "train.csv", ["id"], [[i] for i in breast.train_ids])
+        test_csv = write_csv(tmp_path / "test.csv", ["id"], [[i] for i in breast.test_ids[:15]])
+        base = [sys.executable, "-m", "cli.main"]
+        addr = ["--address", fed.active_address]
+
+        def vfl(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*base, *args, *addr], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+        r = vfl("train", "--epochs", "1", "--job-id", "cli-job", "--ids-csv", str(ids_csv))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "model cli-job" in r.stdout
+        r = vfl("status", "cli-job")
+        assert "succeeded" in r.stdout and "iteration 7/7" in r.stdout
+        r = vfl("predict", "cli-job", "--ids-csv", str(test_csv), "--out", str(tmp_path / "p.csv"))
+        assert r.returncode == 0, r.stderr
+        lines = (tmp_path / "p.csv").read_text().splitlines()
+        assert lines[0] == "id,probability" and len(lines) == 16
+        assert all(0.0 <= float(line.split(",")[1]) <= 1.0 for line in lines[1:])
+        r = vfl("models")
+        assert "cli-job" in r.stdout
+        r = vfl("status", "no-such-job")
+        assert r.returncode == 1 and "NOT_FOUND" in r.stdout
