@@ -57,7 +57,7 @@ S = TypeVar("S", bound=ServiceSettings)
 def load_settings(cls: type[S]) -> S:
     """Settings from the environment, or exit 2 with one line per bad option."""
     try:
-        return cls()  # type: ignore[call-arg]  # values come from the environment
+        return cls()
     except ValidationError as exc:
         for err in exc.errors():
             name = "VFL_" + "_".join(str(p) for p in err["loc"]).upper()
