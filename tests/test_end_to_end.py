@@ -131,3 +131,17 @@ def test_2048_bit_keys_end_to_end(tmp_path, breast):
     np.testing.assert_allclose(probs, ref.predict(breast.test_ids), rtol=0, atol=1e-6)
     y_test = np.array([breast.labels[i] for i in breast.test_ids])
     assert roc_auc_score(y_test, probs) > 0.98
+
+
+def test_early_stopping_on_loss_change_and_watch_stream(client, breast):
+    config = JobConfig(epochs=20, seed=5, tol=0.5, loss_every=1)
+    client.start_training(config, breast.train_ids, "early-stop")
+    events = list(client.watch("early-stop"))
+    final = client.status("early-stop")
+    assert final.state == client_pb2.JOB_STATE_SUCCEEDED
+    # The loss barely moves after the first iterations: a huge tol stops at the second check.
+    assert final.iteration == 2 < final.total_iterations == 140
+    assert any("early stop" in e.message for e in events)
+    iterations = [e.iteration for e in events if e.HasField("loss")]
+    assert iterations == sorted(iterations) and iterations[-1] == 2
+    assert events[-1].state == client_pb2.JOB_STATE_SUCCEEDED
