@@ -51,46 +51,55 @@ class RelayHandler(grpc.GenericRpcHandler):
             log.info("event=relay_error method=%s code=%s", method, code.name)
             context.abort(code, details or "")
 
-    def _recorded(self, method: str, direction: str, items: Iterator[bytes]) -> Iterator[bytes]:
-        return self._rec.wrap(method, direction, items) if self._rec else items
+    def _record(self, method: str, direction: str, message: bytes) -> bytes:
+        if self._rec is not None:
+            self._rec.record(method, direction, message)
+        return message
+
+    def _record_all(self, method: str, direction: str, messages: Iterator[bytes]) -> Iterator[bytes]:
+        for m in messages:
+            yield self._record(method, direction, m)
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method
         desc = self._methods.get(method)
         if desc is None:
             return None
-        cs, ss = desc.client_streaming, desc.server_streaming
-        upstream = {
-            (False, False): self._channel.unary_unary,
-            (True, False): self._channel.stream_unary,
-            (False, True): self._channel.unary_stream,
-            (True, True): self._channel.stream_stream,
-        }[(cs, ss)](method)
-        rec = self._recorded
+        client_streaming, server_streaming = desc.client_streaming, desc.server_streaming
+        kind = (client_streaming, server_streaming)
+        upstream = _UPSTREAM_CALL[kind](self._channel, method)
 
         def forward(request: Any, context: grpc.ServicerContext) -> Any:
             self._count(method)
-            req = rec(method, "request", request) if cs else next(iter(rec(method, "request", iter([request]))))
-            if ss:
-                return self._relay(
-                    method, context, lambda: list(rec(method, "reply", upstream(req, timeout=self._deadline(context))))
-                )
-            reply = self._relay(method, context, lambda: upstream(req, timeout=self._deadline(context)))
-            return next(iter(rec(method, "reply", iter([reply]))))
+            if client_streaming:
+                request = self._record_all(method, "request", request)
+            else:
+                request = self._record(method, "request", request)
 
-        if ss:
+            def call() -> Any:
+                reply = upstream(request, timeout=self._deadline(context))
+                if server_streaming:
+                    return list(self._record_all(method, "reply", reply))
+                return self._record(method, "reply", reply)
 
-            def forward_stream(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
-                yield from forward(request, context)
+            return self._relay(method, context, call)
 
-            handler = forward_stream
-        else:
-            handler = forward
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(cs, ss)]
+        def forward_stream(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+            yield from forward(request, context)
+
         # No (de)serialisers: C handles opaque bytes.
-        return make(handler)
+        return _HANDLER[kind](forward_stream if server_streaming else forward)
+
+
+_UPSTREAM_CALL: dict[tuple[bool, bool], Callable[[grpc.Channel, str], Any]] = {
+    (False, False): lambda ch, m: ch.unary_unary(m),
+    (True, False): lambda ch, m: ch.stream_unary(m),
+    (False, True): lambda ch, m: ch.unary_stream(m),
+    (True, True): lambda ch, m: ch.stream_stream(m),
+}
+_HANDLER: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
