@@ -112,6 +112,28 @@ def evaluate_and_report(
     return auc
 
 
+def train_and_evaluate(
+    address: str,
+    config: JobConfig,
+    train_ids: list[str],
+    test_ids: list[str],
+    labels: dict[str, float],
+    started: float,
+    wait_s: float,
+) -> float:
+    """The demo job: train on train_ids, predict test_ids, report; returns the AUC."""
+    with VflClient(address) as client:
+        client.wait_ready(wait_s)
+        try:
+            final = train_with_progress(client, config, train_ids)
+            console.print(
+                f"trained {final.job_id}: {final.iteration} iterations, loss {final.loss:.5f}, {final.elapsed_s:.1f} s"
+            )
+            return evaluate_and_report(client, final.job_id, test_ids, labels, started)
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+
+
 @app.command()
 def demo(
     active_csv: Annotated[Path, typer.Option(help="label holder's CSV")] = BUNDLED_ACTIVE,
@@ -149,17 +171,7 @@ def demo(
         )
         with fed:
             console.print("  " + "  ".join(f"{n}={s.address}" for n, s in fed.services.items()))
-            with VflClient(fed.active_address) as client:
-                client.wait_ready()
-                try:
-                    final = train_with_progress(client, config, train_ids)
-                    console.print(
-                        f"trained {final.job_id}: {final.iteration} iterations, "
-                        f"loss {final.loss:.5f}, {final.elapsed_s:.1f} s"
-                    )
-                    evaluate_and_report(client, final.job_id, test_ids, labels, started)
-                except grpc.RpcError as exc:
-                    raise _fail(exc) from None
+            train_and_evaluate(fed.active_address, config, train_ids, test_ids, labels, started, wait_s=60.0)
 
 
 @app.command("demo-client")
@@ -181,13 +193,7 @@ def demo_client(
     started = time.time()
     config = _config(epochs, batch_size, learning_rate, l2, seed)
     train_ids, test_ids, labels = split_ids(labels_csv, id_column, label_column, 0.2, 42)
-    with VflClient(address) as client:
-        client.wait_ready(wait_s)
-        try:
-            final = train_with_progress(client, config, train_ids)
-            evaluate_and_report(client, final.job_id, test_ids, labels, started)
-        except grpc.RpcError as exc:
-            raise _fail(exc) from None
+    train_and_evaluate(address, config, train_ids, test_ids, labels, started, wait_s)
 
 
 @app.command()

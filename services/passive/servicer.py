@@ -7,7 +7,6 @@ from collections.abc import Iterator
 import grpc
 
 from common import serde
-from common.crypto.keystore import MIN_KEY_BITS, MIN_TEST_KEY_BITS
 from common.errors import InvalidArgument
 from common.rpc import rpc_method
 from services.passive.party import PassiveParty
@@ -15,9 +14,9 @@ from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
 
 
 class PartyServicer(party_pb2_grpc.PartyServiceServicer):
-    def __init__(self, party: PassiveParty, test_mode: bool) -> None:
+    def __init__(self, party: PassiveParty, min_peer_bits: int) -> None:
         self.party = party
-        self.min_peer_bits = MIN_TEST_KEY_BITS if test_mode else MIN_KEY_BITS
+        self.min_peer_bits = min_peer_bits
 
     @rpc_method
     def ExchangeKeys(
