@@ -33,9 +33,14 @@ def breast() -> BreastSplit:
 
 
 def make_federation(workdir: Path, **kwargs: object) -> LocalFederation:
-    opts: dict = {"key_bits": TEST_KEY_BITS, "assistant": True}
+    opts: dict = {
+        "active_csv": BUNDLED_ACTIVE,
+        "passive_csv": BUNDLED_PASSIVE,
+        "key_bits": TEST_KEY_BITS,
+        "assistant": True,
+    }
     opts.update(kwargs)
-    return LocalFederation(workdir, BUNDLED_ACTIVE, BUNDLED_PASSIVE, **opts)
+    return LocalFederation(workdir, **opts)
 
 
 @pytest.fixture(scope="module")

@@ -139,13 +139,18 @@ class ActiveParty:
                 raise AlreadyExists(f"job_id: job {job_id!r} already exists")
             # Reserve the id before the slow set-up.
             self._jobs[job_id] = TrainingJob(job_id, config, total=0)
+        passive_set_up = False
         try:
             passive_key, target_fp = self._exchange_keys()
             p_b = self.peer.setup_job(job_id, config, target_fp, p_a, ids)
+            passive_set_up = True
             check_batch_size(config.batch_size, p_a, p_b, config.allow_small_batch)
             floor = min_batch_size(p_a, p_b, config.allow_small_batch)
             batches = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor)
         except BaseException:
+            if passive_set_up:
+                # B holds the job: release it so that the id can be used again.
+                self._abort_at_passive(job_id, target_fp)
             with self._lock:
                 self._jobs.pop(job_id, None)
             raise
@@ -191,6 +196,13 @@ class ActiveParty:
             raise FailedPrecondition("target_fingerprint: the passive party computed a different target key")
         return passive_key, target_fp
 
+    def _abort_at_passive(self, job_id: str, target_fp: bytes, iteration: int = 0) -> None:
+        """Best effort: B drops the job's state and stores nothing."""
+        try:
+            self.peer.finish_job(serde.step_header(job_id, iteration, target_fp), aborted=True)
+        except VflError as exc:
+            log.warning("event=abort_not_delivered job=%s error=%r", job_id, str(exc))
+
     def _run(self, s: _Session) -> None:
         job = s.job
         try:
@@ -225,10 +237,7 @@ class ActiveParty:
             log.warning("event=job_failed job=%s iteration=%d error=%r", job.job_id, job.iteration, job.error)
             if not isinstance(exc, VflError):
                 log.exception("event=job_internal_error job=%s", job.job_id)
-            try:
-                self.peer.finish_job(serde.step_header(job.job_id, job.iteration, s.target_fp), aborted=True)
-            except VflError:
-                pass
+            self._abort_at_passive(job.job_id, s.target_fp, job.iteration)
             job.state = State.FAILED
             job.publish(job.error)
 

@@ -112,6 +112,9 @@ class PassiveParty:
         if active_features < 1:
             raise InvalidArgument("spec.active_features: expected at least 1")
         check_batch_size(config.batch_size, active_features, self.data.n_features, config.allow_small_batch)
+        floor = min_batch_size(active_features, self.data.n_features, config.allow_small_batch)
+        if n_rows < floor:
+            raise InvalidArgument(f"spec.n_rows: expected at least {floor} training rows, got {n_rows}")
         with self._lock:
             if job_id in self._jobs or self.models.exists(job_id):
                 raise AlreadyExists(f"spec.job_id: job {job_id!r} already exists at the passive party")
