@@ -30,19 +30,28 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     DESCRIPTOR: _descriptor.EnumDescriptor
     JOB_STATE_UNSPECIFIED: _JobState.ValueType  # 0
     JOB_STATE_RUNNING: _JobState.ValueType  # 1
+    """Set up with the passive party; iterations in progress."""
     JOB_STATE_SUCCEEDED: _JobState.ValueType  # 2
+    """Finished; both parties stored their model shards under the job id."""
     JOB_STATE_FAILED: _JobState.ValueType  # 3
+    """Stopped on an error (see JobStatus.error); no model stored."""
 
-class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper): ...
+class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
+    """Life cycle of a training job."""
 
 JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
 JOB_STATE_RUNNING: JobState.ValueType  # 1
+"""Set up with the passive party; iterations in progress."""
 JOB_STATE_SUCCEEDED: JobState.ValueType  # 2
+"""Finished; both parties stored their model shards under the job id."""
 JOB_STATE_FAILED: JobState.ValueType  # 3
+"""Stopped on an error (see JobStatus.error); no model stored."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 @_typing.final
 class StartTrainingRequest(_message.Message):
+    """Sent by a client to A."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
@@ -51,7 +60,9 @@ class StartTrainingRequest(_message.Message):
     job_id: _builtins.str
     """Optional job id (1-64 characters of [A-Za-z0-9_.-]); generated if empty."""
     @_builtins.property
-    def config(self) -> _common_pb2.TrainingConfig: ...
+    def config(self) -> _common_pb2.TrainingConfig:
+        """Hyper-parameters; unset fields take the defaults in common.proto."""
+
     @_builtins.property
     def train_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of the training rows; empty = every id in A's data."""
@@ -73,10 +84,13 @@ Global___StartTrainingRequest: _TypeAlias = StartTrainingRequest  # noqa: Y015
 
 @_typing.final
 class GetJobStatusRequest(_message.Message):
+    """Sent by a client to A."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """The job id StartTraining returned."""
     def __init__(
         self,
         *,
@@ -92,10 +106,13 @@ Global___GetJobStatusRequest: _TypeAlias = GetJobStatusRequest  # noqa: Y015
 
 @_typing.final
 class WatchJobRequest(_message.Message):
+    """Sent by a client to A."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """The job id StartTraining returned."""
     def __init__(
         self,
         *,
@@ -111,6 +128,8 @@ Global___WatchJobRequest: _TypeAlias = WatchJobRequest  # noqa: Y015
 
 @_typing.final
 class JobStatus(_message.Message):
+    """A job's status, sent by A."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
@@ -122,7 +141,9 @@ class JobStatus(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     ELAPSED_S_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """The job id (also the model id once it succeeded)."""
     state: Global___JobState.ValueType
+    """Where the job is in its life cycle."""
     iteration: _builtins.int
     """Iterations done so far, and planned in all."""
     total_iterations: _builtins.int
@@ -158,6 +179,8 @@ Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
 
 @_typing.final
 class JobEvent(_message.Message):
+    """One progress event of WatchJob, sent by A after each iteration and at the end."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
@@ -168,11 +191,16 @@ class JobEvent(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """The job id."""
     state: Global___JobState.ValueType
+    """RUNNING until the last event, which has the final state."""
     iteration: _builtins.int
+    """Iterations done so far, and planned in all."""
     total_iterations: _builtins.int
     epoch: _builtins.int
+    """Zero-based epoch of the last iteration done."""
     loss: _builtins.float
+    """Taylor loss of the batch, when this iteration checked it."""
     message: _builtins.str
     """Free text for a person ("early stop: loss change 3e-7 < tol")."""
     def __init__(
@@ -198,6 +226,8 @@ Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
 
 @_typing.final
 class PredictRequest(_message.Message):
+    """Sent by a client to A."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
@@ -224,6 +254,8 @@ Global___PredictRequest: _TypeAlias = PredictRequest  # noqa: Y015
 
 @_typing.final
 class PredictReply(_message.Message):
+    """Sent by A."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IDS_FIELD_NUMBER: _builtins.int
@@ -252,6 +284,8 @@ Global___PredictReply: _TypeAlias = PredictReply  # noqa: Y015
 
 @_typing.final
 class ListModelsRequest(_message.Message):
+    """Sent by a client to A; no fields."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -267,6 +301,8 @@ Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
+    """A stored model, as A knows it (never B's weights)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
@@ -279,17 +315,23 @@ class ModelInfo(_message.Message):
     ITERATIONS_FIELD_NUMBER: _builtins.int
     FINAL_LOSS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
+    """The model id (the job id of the job that trained it)."""
     created_unix: _builtins.float
     """Unix time the model was stored, seconds."""
     target_fingerprint: _builtins.bytes
     """Target-key fingerprint the model was trained under (32 bytes)."""
     active_features: _builtins.int
+    """Feature counts p_A and p_B."""
     passive_features: _builtins.int
     train_rows: _builtins.int
+    """Training rows and iterations run."""
     iterations: _builtins.int
     final_loss: _builtins.float
+    """Taylor loss of the last checked batch."""
     @_builtins.property
-    def config(self) -> _common_pb2.TrainingConfig: ...
+    def config(self) -> _common_pb2.TrainingConfig:
+        """The hyper-parameters it was trained with."""
+
     def __init__(
         self,
         *,
@@ -315,11 +357,15 @@ Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
 @_typing.final
 class ListModelsReply(_message.Message):
+    """Sent by A."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]: ...
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """Stored models, sorted by id."""
+
     def __init__(
         self,
         *,

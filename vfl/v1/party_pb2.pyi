@@ -31,7 +31,9 @@ class KeyExchangeRequest(_message.Message):
 
     ACTIVE_KEY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def active_key(self) -> _common_pb2.PublicKey: ...
+    def active_key(self) -> _common_pb2.PublicKey:
+        """pk_A, A's Paillier public key (at least 2048 bits outside test mode)."""
+
     def __init__(
         self,
         *,
@@ -56,7 +58,9 @@ class KeyExchangeReply(_message.Message):
     target_fingerprint: _builtins.bytes
     """Target-key fingerprint as B computed it (32 bytes)."""
     @_builtins.property
-    def passive_key(self) -> _common_pb2.PublicKey: ...
+    def passive_key(self) -> _common_pb2.PublicKey:
+        """pk_B, B's Paillier public key."""
+
     def __init__(
         self,
         *,
@@ -91,7 +95,11 @@ class JobSpec(_message.Message):
     active_features: _builtins.int
     """A's feature count p_A (for B's batch-size guard)."""
     @_builtins.property
-    def config(self) -> _common_pb2.TrainingConfig: ...
+    def config(self) -> _common_pb2.TrainingConfig:
+        """The job's hyper-parameters (B uses seed, init_scale, l2, learning_rate,
+        standardize, batch_size and allow_small_batch).
+        """
+
     def __init__(
         self,
         *,
@@ -172,7 +180,9 @@ class ApplyGradientReply(_message.Message):
     update_sq_norm: _builtins.float
     """Squared norm of B's own weight update (for the weight-change stopping rule)."""
     @_builtins.property
-    def header(self) -> _common_pb2.StepHeader: ...
+    def header(self) -> _common_pb2.StepHeader:
+        """The request's header, echoed."""
+
     def __init__(
         self,
         *,
@@ -195,7 +205,9 @@ class LossShareRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def header(self) -> _common_pb2.StepHeader: ...
+    def header(self) -> _common_pb2.StepHeader:
+        """Job, iteration (the current one, after its residual shares) and target key."""
+
     def __init__(
         self,
         *,
@@ -218,7 +230,9 @@ class LossShareReply(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     SHARE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def header(self) -> _common_pb2.StepHeader: ...
+    def header(self) -> _common_pb2.StepHeader:
+        """The request's header, echoed."""
+
     @_builtins.property
     def share(self) -> _common_pb2.CipherVector:
         """One ciphertext under pk_A."""
@@ -248,7 +262,9 @@ class FinishJobRequest(_message.Message):
     aborted: _builtins.bool
     """True if A stopped the job on an error: B discards its state, stores nothing."""
     @_builtins.property
-    def header(self) -> _common_pb2.StepHeader: ...
+    def header(self) -> _common_pb2.StepHeader:
+        """Job, iterations done, and target key."""
+
     def __init__(
         self,
         *,
