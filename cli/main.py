@@ -26,8 +26,19 @@ app = typer.Typer(help="Vertical federated logistic regression under a two-party
 console = Console()
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_ACTIVE = ROOT / "data" / "breast_hetero_guest.csv"
-BUNDLED_PASSIVE = ROOT / "data" / "breast_hetero_host.csv"
+
+
+def bundled_data_dir() -> Path:
+    """The bundled breast split: beside the code in a checkout, or in ./data
+    where the package is installed (the container's /app)."""
+    for candidate in (ROOT / "data", Path.cwd() / "data"):
+        if (candidate / "breast_hetero_guest.csv").is_file():
+            return candidate
+    return ROOT / "data"
+
+
+BUNDLED_ACTIVE = bundled_data_dir() / "breast_hetero_guest.csv"
+BUNDLED_PASSIVE = bundled_data_dir() / "breast_hetero_host.csv"
 
 Address = Annotated[str, typer.Option("--address", "-a", envvar="VFL_ACTIVE_ADDRESS", help="active party host:port")]
 Epochs = Annotated[int, typer.Option(help="passes over the training rows")]

@@ -183,6 +183,7 @@ class PassiveParty:
             new_w = steps.sgd_update(job.w, grad, job.config.learning_rate)
             update = float(np.sum((new_w - job.w) ** 2))
             job.w = new_w
+            log.info("event=iteration_applied job=%s iteration=%d", job_id, iteration + 1)
             job.iteration += 1
             job.phase = Phase.SHARES
             job.own_gradient = job.a_enc = job.u = job.b = job.rows = None

@@ -1,0 +1,47 @@
+# One image for all three vfl services; the command picks the role:
+#   python -m services.passive | python -m services.assistant | python -m services.active (default)
+#   vfl demo-client --address active:50051 --labels-csv /app/data/breast_hetero_guest.csv
+# Configuration is by VFL_* environment variables (see common/settings.py and docker-compose.yml).
+# Plain `docker build` (no BuildKit features), so it builds with the legacy builder too.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+WORKDIR /app
+
+# Dependencies first, in their own layer: it depends only on these two files, so editing the
+# code does not reinstall them. The runtime dependencies come from pyproject.toml and every
+# version (transitive ones included) from requirements.lock, used as constraints; installing
+# the lock with -r would also put the dev tools (mypy, ruff, pytest, grpcio-tools) in the image.
+COPY pyproject.toml requirements.lock ./
+RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/runtime.txt \
+ && pip install -r /tmp/runtime.txt -c requirements.lock \
+ && rm /tmp/runtime.txt
+
+# The code and the bundled data (/app/data). --no-deps: everything it needs is installed above;
+# `pip check` fails the build if the lock and pyproject.toml ever disagree.
+COPY . .
+RUN pip install --no-deps . \
+ && pip check \
+ && rm -rf build ./*.egg-info
+
+# Unprivileged user; /var/lib/vfl is its private data dir (keys, models). A named volume mounted
+# there starts as a copy of this directory, so it keeps this owner and mode.
+RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/vfl --shell /usr/sbin/nologin vfl \
+ && mkdir -p /var/lib/vfl \
+ && chown vfl:vfl /var/lib/vfl \
+ && chmod 700 /var/lib/vfl
+USER vfl
+
+# Container defaults: listen on all interfaces, keep state in the data dir.
+ENV VFL_HOST=0.0.0.0 \
+    VFL_DATA_DIR=/var/lib/vfl
+VOLUME ["/var/lib/vfl"]
+# active, passive, assistant
+EXPOSE 50051 50052 50053
+
+CMD ["python", "-m", "services.active"]

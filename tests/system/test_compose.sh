@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# System test of the docker-compose federation: build the image, run passive + assistant +
+# active + the one-shot demo client, and pass only if the demo's held-out AUC is >= MIN_AUC.
+# The stack (containers, network, the parties' volumes) is always taken down.
+#
+#   bash tests/system/test_compose.sh          (or: make test-compose)
+#
+# Environment: MIN_AUC (0.99), TIMEOUT_S (900, for `up`), VFL_KEY_BITS (2048),
+# VFL_ACTIVE_HOST_PORT (default: a free port, so a local run on 50051 does not clash).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+MIN_AUC=${MIN_AUC:-0.99}
+TIMEOUT_S=${TIMEOUT_S:-900}
+# A project name of its own: its containers, network and volumes cannot clash with `make up`
+# or with another run of this test.
+PROJECT="vflsystest$$"
+LOG_DIR="$(mktemp -d)"
+
+if [ -z "${VFL_ACTIVE_HOST_PORT:-}" ]; then
+  VFL_ACTIVE_HOST_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+export VFL_ACTIVE_HOST_PORT
+
+COMPOSE=(docker-compose --project-directory "$ROOT" -f "$ROOT/docker-compose.yml" -p "$PROJECT")
+compose() { "${COMPOSE[@]}" "$@"; }
+log() { printf '[test_compose %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+cleanup() {
+  local rc=$?
+  if [ "$rc" -ne 0 ]; then
+    log "FAILED (exit $rc); last service logs:"
+    compose logs --no-color --tail=40 >&2 2>/dev/null || true
+  fi
+  log "docker-compose down -v"
+  compose down -v --remove-orphans >/dev/null 2>&1 || true
+  rm -rf "$LOG_DIR"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+command -v docker-compose >/dev/null || { log "docker-compose not found"; exit 1; }
+docker info >/dev/null 2>&1 || { log "docker engine not reachable (docker info failed)"; exit 1; }
+
+t0=$SECONDS
+log "building the image (project $PROJECT)"
+compose build >"$LOG_DIR/build.log" 2>&1 || { tail -n 40 "$LOG_DIR/build.log" >&2; exit 1; }
+build_s=$((SECONDS - t0))
+log "built in ${build_s} s"
+
+t1=$SECONDS
+log "docker-compose up (passive, assistant, active, demo); active published on 127.0.0.1:$VFL_ACTIVE_HOST_PORT"
+# --exit-code-from demo implies --abort-on-container-exit: the demo's exit ends the run, and
+# a service that dies first ends it too (with a non-zero code).
+set +e
+timeout "$TIMEOUT_S" "${COMPOSE[@]}" up --no-build --no-color --abort-on-container-exit --exit-code-from demo >"$LOG_DIR/up.log" 2>&1
+up_rc=$?
+set -e
+run_s=$((SECONDS - t1))
+
+# The demo's own output (without the other services' logs), less compose's "demo_1 | " prefix
+# and its "Attaching to" line; the last line is "AUC 0.xxxx".
+compose logs --no-color demo | sed -nE 's/^[^|]*\| ?//p' >"$LOG_DIR/demo.log"
+echo "---- demo output ----"
+cat "$LOG_DIR/demo.log"
+echo "---------------------"
+
+if [ "$up_rc" -ne 0 ]; then
+  [ "$up_rc" -eq 124 ] && log "timed out after ${TIMEOUT_S} s"
+  tail -n 60 "$LOG_DIR/up.log" >&2
+  log "docker-compose up exited $up_rc"
+  exit 1
+fi
+
+auc=$(grep -oE 'AUC [0-9]+\.[0-9]+' "$LOG_DIR/demo.log" | tail -n 1 | cut -d' ' -f2 || true)
+if [ -z "$auc" ]; then
+  log "no 'AUC x.xxxx' line in the demo output"
+  exit 1
+fi
+
+echo "AUC $auc (min $MIN_AUC)"
+echo "image build ${build_s} s, federation run ${run_s} s, total $((SECONDS - t0)) s"
+if ! python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) >= float(sys.argv[2]) else 1)' "$auc" "$MIN_AUC"; then
+  log "AUC $auc is below $MIN_AUC"
+  exit 1
+fi
+echo "test_compose: PASS"
