@@ -167,3 +167,21 @@ def test_plain_reference_learns(batch):
     )
     acc = np.mean(((with_intercept(x[:, :3]) @ wa + x[:, 3:] @ wb) > 0) == y)
     assert acc > 0.85
+
+
+def test_backend_vector_operations_are_exact(backend, keys):
+    """encrypt/add/matvec/decrypt/rerandomise on signed integers, against Python ints."""
+    sk, _ = keys
+    n = sk.public.n
+    rng = np.random.default_rng(1)
+    v = [int(x) for x in rng.integers(-(2**40), 2**40, size=6)]
+    m = rng.integers(-(2**20), 2**20, size=(3, 6)).astype(object)
+    enc = backend.encrypt(sk.public, [x % n for x in v])
+    prod = backend.matvec(m, enc)
+    got = [x - n if x > n // 2 else x for x in backend.decrypt(sk, prod)]
+    assert got == [sum(int(m[i, j]) * v[j] for j in range(6)) for i in range(3)]
+    twice = backend.add(enc, enc)
+    assert [x - n if x > n // 2 else x for x in backend.decrypt(sk, twice)] == [2 * x for x in v]
+    fresh = backend.rerandomise(enc)
+    assert set(fresh.values).isdisjoint(enc.values)
+    assert backend.decrypt(sk, fresh) == backend.decrypt(sk, enc)
