@@ -62,6 +62,7 @@ class TrainingJob:
     epoch: int = 0
     loss: float | None = None
     error: str = ""
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, batch loss)
     events: list[Event] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -213,6 +214,7 @@ class ActiveParty:
                 message = ""
                 if loss is not None:
                     job.loss = loss
+                    job.losses.append((t + 1, loss))
                     if job.config.tol > 0 and prev_loss is not None and abs(loss - prev_loss) < job.config.tol:
                         message = f"early stop: loss change {abs(loss - prev_loss):.3g} < tol {job.config.tol:g}"
                     prev_loss = loss
@@ -291,9 +293,12 @@ class ActiveParty:
                 "active_features": self.data.n_features,
                 "passive_features": s.p_passive,
                 "train_rows": len(s.train_ids),
-                "iterations": job.iteration,
-                "final_loss": job.loss,
-                "elapsed_s": time.time() - job.started,
+                "metrics": {
+                    "iterations": job.iteration,
+                    "final_loss": job.loss,
+                    "loss_history": job.losses,
+                    "elapsed_s": time.time() - job.started,
+                },
             },
         )
 
@@ -322,5 +327,5 @@ class ActiveParty:
 
 
 def final_loss(shard: dict[str, Any]) -> float | None:
-    value = shard.get("final_loss")
+    value = shard["metrics"].get("final_loss")
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)

@@ -59,7 +59,7 @@ def _model_info(shard: dict[str, Any]) -> client_pb2.ModelInfo:
         active_features=shard["active_features"],
         passive_features=shard["passive_features"],
         train_rows=shard["train_rows"],
-        iterations=shard["iterations"],
+        iterations=shard["metrics"]["iterations"],
     )
     loss = final_loss(shard)
     if loss is not None:

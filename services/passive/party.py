@@ -57,6 +57,7 @@ class PassiveJob:
     b: np.ndarray | None = None
     own_gradient: Future[steps.MaskedGradient] | None = None
     loss_sent: bool = False
+    last_update_sq_norm: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def expect(self, iteration: int, phase: Phase) -> None:
@@ -182,6 +183,7 @@ class PassiveParty:
             grad = steps.gradient_from_shares(x, job.b, cross, job.w, job.config.l2, np.ones_like(job.w))
             new_w = steps.sgd_update(job.w, grad, job.config.learning_rate)
             update = float(np.sum((new_w - job.w) ** 2))
+            job.last_update_sq_norm = update
             job.w = new_w
             log.info("event=iteration_applied job=%s iteration=%d", job_id, iteration + 1)
             job.iteration += 1
@@ -220,7 +222,7 @@ class PassiveParty:
                 "feature_names": self.data.feature_names,
                 "weights": job.w.tolist(),
                 "scaler": job.scaler.to_dict(),
-                "iterations": job.iteration,
+                "metrics": {"iterations": job.iteration, "last_update_sq_norm": job.last_update_sq_norm},
             },
         )
         log.info("event=model_stored job=%s iterations=%d", job_id, job.iteration)
