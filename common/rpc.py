@@ -9,6 +9,7 @@ import functools
 import inspect
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -22,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.errors import VflError
+from common.storage import atomic_write_text
 
 log = logging.getLogger("vfl.rpc")
 
@@ -195,10 +197,6 @@ class RecordingInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
 def serve_forever(server: grpc.Server, port: int, port_file: Path | None, service: str, grace_s: float = 5.0) -> None:
     """Start, announce the port, and on SIGTERM/SIGINT drain in-flight calls."""
-    import signal
-
-    from common.storage import atomic_write_text
-
     server.start()
     if port_file is not None:
         atomic_write_text(port_file, str(port), mode=0o644)

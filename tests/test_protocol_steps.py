@@ -56,8 +56,8 @@ def test_one_iteration_matches_numpy(backend, keys, batch):
     a_enc = steps.first_encrypted_data(backend, sk_a.public, a)
     b_enc = steps.first_intermediate_share(backend, sk_b.public, b)
     # Step 3.
-    grad_a = steps.masked_encrypted_gradient(backend, steps.fixed_transpose(xa), b_enc)
-    grad_b = steps.masked_encrypted_gradient(backend, steps.fixed_transpose(xb), a_enc)
+    grad_a = steps.masked_encrypted_gradient(backend, xa, b_enc)
+    grad_b = steps.masked_encrypted_gradient(backend, xb, a_enc)
     assert grad_a.ciphers.key == sk_b.public and grad_b.ciphers.key == sk_a.public
     # Step 4: each decrypts the other's masked vector.
     z_a = steps.decrypt_masked_gradient(backend, sk_b, grad_a.ciphers, xa.shape[1])

@@ -104,11 +104,13 @@ def random_mask(key: PublicKey, length: int) -> tuple[int, ...]:
     return tuple(secrets.randbelow(key.n) for _ in range(length))
 
 
-def masked_encrypted_gradient(backend: HEBackend, x_fixed_t: np.ndarray, peer_share: CipherVector) -> MaskedGradient:
-    """Step 3 (both): [[X^T s_peer + R]]_peer. R is added as a fresh encryption,
-    never as a plaintext shift: the peer reads a ciphertext's randomness on
-    decryption, and that of X^T [[s]] alone would reveal X."""
-    product = backend.matvec(x_fixed_t, peer_share)
+def masked_encrypted_gradient(backend: HEBackend, x: np.ndarray, peer_share: CipherVector) -> MaskedGradient:
+    """Step 3 (both): [[X^T s_peer + R]]_peer for the batch's rows x. R is added
+    as a fresh encryption, never as a plaintext shift: the peer reads a
+    ciphertext's randomness on decryption, and that of X^T [[s]] alone would
+    reveal X."""
+    check_capacity(x, peer_share.key)
+    product = backend.matvec(fixed_transpose(x), peer_share)
     mask = random_mask(peer_share.key, len(product))
     return MaskedGradient(backend.add(product, backend.encrypt(peer_share.key, mask)), mask)
 
@@ -120,10 +122,10 @@ def decrypt_masked_gradient(
     backend: HEBackend, key: PrivateKey, ciphers: CipherVector, expected_length: int
 ) -> list[int]:
     """Step 4 (both): decrypt the peer's masked gradient, z = h + R mod n.
-    Only a vector of the expected length under this party's own key."""
+    Only a vector of the expected length under this party's own key (each
+    ciphertext was range-checked where serde decoded it)."""
     ciphers.require_key(key.public, "masked gradient")
     ciphers.require_length(expected_length, "masked gradient")
-    backend.check_ciphertexts(ciphers)
     return backend.decrypt(key, ciphers)
 
 
@@ -166,12 +168,7 @@ def passive_loss_share(backend: HEBackend, a_enc: CipherVector, u_passive: np.nd
     key = a_enc.key
     u_fixed = to_fixed(u_passive.reshape(1, -1), RESIDUAL_SCALE_BITS, SHARE_BOUND)
     cross = backend.matvec(u_fixed, a_enc)
-    own = encode(
-        np.array([float(np.sum(u_passive**2)) / 8.0 * 2.0**RESIDUAL_SCALE_BITS]),
-        RESIDUAL_SCALE_BITS,
-        key.n,
-        float(2**100),
-    )
+    own = encode(np.array([float(np.sum(u_passive**2)) / 8.0]), LOSS_SCALE_BITS, key.n, SHARE_BOUND**2)
     return backend.add(cross, backend.encrypt(key, own))
 
 
@@ -179,7 +176,6 @@ def active_loss(u_active: np.ndarray, y: np.ndarray, share: CipherVector, backen
     """A: the batch's Taylor loss from its own terms and B's decrypted share."""
     share.require_key(key.public, "loss share")
     share.require_length(1, "loss share")
-    backend.check_ciphertexts(share)
     cross = signed(backend.decrypt(key, share), key.public.n)[0] / float(1 << LOSS_SCALE_BITS)
     m = len(y)
     y_pm = 2.0 * y - 1.0
@@ -205,6 +201,5 @@ def decrypt_prediction(backend: HEBackend, key: PrivateKey, scores: CipherVector
     """Prediction (A): decrypt u_A + u_B and apply the sigmoid."""
     scores.require_key(key.public, "prediction scores")
     scores.require_length(expected_length, "prediction scores")
-    backend.check_ciphertexts(scores)
     u = decode(backend.decrypt(key, scores), RESIDUAL_SCALE_BITS, key.public.n)
     return sigmoid(u)

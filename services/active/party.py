@@ -123,6 +123,7 @@ class ActiveParty:
         self.peer = peer
         self.min_peer_bits = min_peer_bits
         self._jobs: dict[str, TrainingJob] = {}
+        self._reserved: set[str] = set()  # ids of jobs still in set-up
         self._lock = threading.Lock()
 
     # --- client API -----------------------------------------------------
@@ -136,10 +137,10 @@ class ActiveParty:
         positions = self.data.positions(ids, "train_ids")
         p_a = self.data.n_features
         with self._lock:
-            if job_id in self._jobs or self.models.exists(job_id):
+            if job_id in self._jobs or job_id in self._reserved or self.models.exists(job_id):
                 raise AlreadyExists(f"job_id: job {job_id!r} already exists")
             # Reserve the id before the slow set-up.
-            self._jobs[job_id] = TrainingJob(job_id, config, total=0)
+            self._reserved.add(job_id)
         passive_set_up = False
         try:
             passive_key, target_fp = self._exchange_keys()
@@ -153,7 +154,7 @@ class ActiveParty:
                 # B holds the job: release it so that the id can be used again.
                 self._abort_at_passive(job_id, target_fp)
             with self._lock:
-                self._jobs.pop(job_id, None)
+                self._reserved.discard(job_id)
             raise
         raw = self.data.features[positions]
         scaler = Scaler.fit(raw, config.standardize)
@@ -171,6 +172,7 @@ class ActiveParty:
             train_ids=ids,
         )
         with self._lock:
+            self._reserved.discard(job_id)
             self._jobs[job_id] = job
         job.publish("started")
         log.info(
@@ -181,7 +183,7 @@ class ActiveParty:
 
     def job(self, job_id: str) -> TrainingJob:
         job = self._jobs.get(job_id)
-        if job is None or job.total == 0:
+        if job is None:
             raise NotFound(f"job_id: no job {job_id[:64]!r}")
         return job
 
@@ -255,8 +257,7 @@ class ActiveParty:
         b_enc = reply.ciphers(s.passive_key, "[[b_S]]_B")
         b_enc.require_length(len(batch.rows), "[[b_S]]_B")
         # Step 3: [[X_A^T b + R_A]]_B.
-        steps.check_capacity(x, s.passive_key)
-        grad_a = steps.masked_encrypted_gradient(self.backend, steps.fixed_transpose(x), b_enc)
+        grad_a = steps.masked_encrypted_gradient(self.backend, x, b_enc)
         # Step 4: B decrypts ours; we decrypt B's.
         reply = self.peer.exchange_masked_gradients(header, grad_a.ciphers)
         z_a = reply.residues(s.passive_key, "z_A")

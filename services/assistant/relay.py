@@ -9,7 +9,6 @@ UNAVAILABLE with C's address in the message.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,12 +29,6 @@ class RelayHandler(grpc.GenericRpcHandler):
         self._channel = open_channel(upstream)
         self._rec = recorder
         self._methods = {f"/{PARTY_SERVICE.full_name}/{m.name}": m for m in PARTY_SERVICE.methods}
-        self.forwarded: dict[str, int] = {}  # routing metrics only
-        self._lock = threading.Lock()
-
-    def _count(self, method: str) -> None:
-        with self._lock:
-            self.forwarded[method] = self.forwarded.get(method, 0) + 1
 
     def _deadline(self, context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -57,8 +50,7 @@ class RelayHandler(grpc.GenericRpcHandler):
         return message
 
     def _record_all(self, method: str, direction: str, messages: Iterator[bytes]) -> Iterator[bytes]:
-        for m in messages:
-            yield self._record(method, direction, m)
+        return messages if self._rec is None else self._rec.wrap(method, direction, messages)
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         method = details.method
@@ -70,7 +62,6 @@ class RelayHandler(grpc.GenericRpcHandler):
         upstream = _UPSTREAM_CALL[kind](self._channel, method)
 
         def forward(request: Any, context: grpc.ServicerContext) -> Any:
-            self._count(method)
             if client_streaming:
                 request = self._record_all(method, "request", request)
             else:

@@ -147,9 +147,7 @@ class PassiveParty:
             u = x @ job.w
             b = u / 4.0
             b_enc = steps.first_intermediate_share(self.backend, self.key.public, b)
-            steps.check_capacity(x, job.active_key)
-            x_fixed_t = steps.fixed_transpose(x)
-            job.own_gradient = self._pool.submit(steps.masked_encrypted_gradient, self.backend, x_fixed_t, a_enc)
+            job.own_gradient = self._pool.submit(steps.masked_encrypted_gradient, self.backend, x, a_enc)
             job.rows, job.a_enc, job.u, job.b, job.loss_sent = rows, a_enc, u, b, False
             job.phase = Phase.GRADIENTS
             return b_enc
@@ -162,9 +160,10 @@ class PassiveParty:
         with job.lock:
             job.expect(iteration, Phase.GRADIENTS)
             grad_a = msg.ciphers(self.key.public, "ciphertexts")
-            z_a = steps.decrypt_masked_gradient(self.backend, self.key, grad_a, job.active_features + 1)
             assert job.own_gradient is not None
+            # B's own product first: if it failed, nothing is decrypted for A.
             own = job.own_gradient.result()
+            z_a = steps.decrypt_masked_gradient(self.backend, self.key, grad_a, job.active_features + 1)
             job.phase = Phase.APPLY
             return z_a, own.ciphers
 
