@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.crypto.backend import CipherVector, PublicKey
+from common.crypto.backend import SCHEME_OU, SCHEMES, CipherVector, PublicKey
 from common.errors import FailedPrecondition, InvalidArgument
 from common.jobconfig import JobConfig, job_config
 from vfl.v1 import common_pb2
@@ -22,20 +22,29 @@ MAX_ID_LENGTH = 256
 
 
 def public_key_to_proto(key: PublicKey) -> common_pb2.PublicKey:
-    return common_pb2.PublicKey(
-        scheme=key.scheme, n=key.n.to_bytes(key.residue_width, "big"), fingerprint=key.fingerprint
-    )
+    w = key.residue_width
+    msg = common_pb2.PublicKey(scheme=key.scheme, n=key.n.to_bytes(w, "big"), fingerprint=key.fingerprint)
+    if key.scheme == SCHEME_OU:
+        msg.g, msg.h = key.g.to_bytes(w, "big"), key.h.to_bytes(w, "big")
+    return msg
 
 
 def public_key_from_proto(msg: common_pb2.PublicKey, what: str, min_bits: int) -> PublicKey:
-    if msg.scheme != "paillier":
-        raise InvalidArgument(f"{what}.scheme: expected 'paillier', got {msg.scheme[:32]!r}")
+    if msg.scheme not in SCHEMES:
+        raise InvalidArgument(f"{what}.scheme: expected one of {', '.join(SCHEMES)}, got {msg.scheme[:32]!r}")
     n = int.from_bytes(msg.n, "big")
     if n.bit_length() < min_bits or n % 2 == 0:
         raise InvalidArgument(f"{what}.n: expected an odd modulus of at least {min_bits} bits")
-    key = PublicKey(n)
+    if msg.scheme == SCHEME_OU:
+        g, h = int.from_bytes(msg.g, "big"), int.from_bytes(msg.h, "big")
+        for name, v in (("g", g), ("h", h)):
+            if not 1 < v < n:
+                raise InvalidArgument(f"{what}.{name}: expected an integer in (1, n)")
+        key = PublicKey(n, SCHEME_OU, g, h)
+    else:
+        key = PublicKey(n)
     if msg.fingerprint != key.fingerprint:
-        raise InvalidArgument(f"{what}.fingerprint: does not match SHA-256 of the modulus")
+        raise InvalidArgument(f"{what}.fingerprint: does not match SHA-256 of the key")
     return key
 
 
@@ -79,9 +88,11 @@ class StepMessage:
         if self.cipher_width != key.cipher_width:
             raise InvalidArgument(f"{what}: ciphertext width {self.cipher_width}, expected {key.cipher_width}")
         values = _unpack(bytes(self.cipher_data), self.cipher_width, what)
-        n_square = key.n_square
-        if any(not 0 < c < n_square for c in values):
-            raise InvalidArgument(f"{what}: expected ciphertexts in [1, n^2), got one outside")
+        modulus = key.cipher_modulus
+        if any(not 0 < c < modulus for c in values):
+            raise InvalidArgument(
+                f"{what}: expected ciphertexts in [1, {'n^2' if modulus != key.n else 'n'}), got one outside"
+            )
         return CipherVector(key, tuple(values))
 
     def residues(self, key: PublicKey, what: str) -> list[int]:

@@ -13,6 +13,8 @@ from typing import Literal, TypeVar
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.crypto.backend import DEFAULT_BACKEND
+
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VFL_", extra="ignore")
@@ -33,7 +35,9 @@ class PartySettings(ServiceSettings):
     id_column: str = Field("id", min_length=1, description="name of the id column")
     key_bits: int = Field(2048, ge=128, le=8192, description="Paillier modulus size in bits")
     test_mode: bool = Field(False, description="allow keys under 2048 bits (tests only)")
-    backend: str = Field("phe", description="crypto backend")
+    backend: str = Field(
+        DEFAULT_BACKEND, description="crypto backend: ou (default), paillier (both gmpy2), phe (reference)"
+    )
 
 
 class PassiveSettings(PartySettings):

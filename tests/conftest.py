@@ -14,9 +14,12 @@ import pytest
 from cli.client import VflClient
 from cli.federation import LocalFederation
 from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
-from common.crypto.backend import PrivateKey, PublicKey
+from common.crypto.backend import PrivateKey
+from common.crypto.keystore import key_path
+from common.crypto.keystore import read_private_key as read_key_file
 
-TEST_KEY_BITS = 512  # test mode only; one end-to-end test runs 2048-bit keys
+# Test mode only (OU needs at least 768 bits); one end-to-end test runs 2048-bit keys.
+TEST_KEY_BITS = 1024
 
 
 @dataclass
@@ -63,8 +66,7 @@ def read_shard(fed: LocalFederation, party: str, model_id: str) -> dict:
 
 def read_private_key(fed: LocalFederation, party: str) -> PrivateKey:
     """For tests that check what a party *could* decrypt from what it received."""
-    stored = json.loads((fed.workdir / party / "data" / "keys" / "paillier_private.json").read_text())
-    return PrivateKey(PublicKey(int(stored["n"], 16)), int(stored["p"], 16), int(stored["q"], 16))
+    return read_key_file(key_path(fed.workdir / party / "data"))
 
 
 def model_arrays(shard: dict) -> tuple[np.ndarray, ...]:

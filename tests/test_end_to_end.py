@@ -10,6 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from cli.client import VflClient
+from common.crypto.backend import PublicKey
 from common.jobconfig import JobConfig
 from tests.conftest import make_federation, read_shard
 from tests.reference_run import ReferenceRun
@@ -125,7 +126,7 @@ def test_2048_bit_keys_end_to_end(tmp_path, breast):
             train(c, config, breast.train_ids, "big-keys")
             probs = c.predict("big-keys", breast.test_ids)
         shard = read_shard(fed, "active", "big-keys")
-    assert int(shard["passive_key_n"], 16).bit_length() == 2048
+    assert PublicKey.from_dict(shard["passive_key"]).bits == 2048
     ref = ReferenceRun(config, breast.train_ids)
     assert relative_error(np.r_[shard["weights"], shard["intercept"]], ref.w_active) < 1e-4
     np.testing.assert_allclose(probs, ref.predict(breast.test_ids), rtol=0, atol=1e-6)

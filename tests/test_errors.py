@@ -176,12 +176,12 @@ class DirectParty:
     def __init__(self, address: str) -> None:
         self.channel = open_channel(address)
         self.stub = party_pb2_grpc.PartyServiceStub(self.channel)
-        self.backend = get_backend("phe")
+        self.backend = get_backend("ou")
 
     def exchange_keys(self, key: PublicKey) -> tuple[PublicKey, bytes]:
         req = party_pb2.KeyExchangeRequest(active_key=serde.public_key_to_proto(key))
         reply = self.stub.ExchangeKeys(req, timeout=30)
-        return PublicKey(int.from_bytes(reply.passive_key.n, "big")), reply.target_fingerprint
+        return serde.public_key_from_proto(reply.passive_key, "passive_key", 256), reply.target_fingerprint
 
     def setup_job(self, job_id: str, target_fp: bytes, ids: list[str]) -> int:
         spec = party_pb2.JobSpec(
@@ -243,7 +243,7 @@ def passive_ids() -> list[str]:
 @pytest.fixture(scope="module")
 def keys() -> tuple[PrivateKey, PrivateKey]:
     """Two key pairs of a would-be active party."""
-    backend = get_backend("phe")
+    backend = get_backend("ou")
     return backend.generate_keypair(TEST_KEY_BITS), backend.generate_keypair(TEST_KEY_BITS)
 
 
@@ -410,6 +410,20 @@ def test_ciphertexts_under_another_key_refused(direct_job: DirectJob, keys: tupl
     assert len(reply.ciphers(job.passive_key, "[[b_S]]_B")) == len(job.rows)
 
 
+def test_decryptor_returns_only_what_a_masked_gradient_can_be(direct_job: DirectJob) -> None:
+    """OU's plaintext modulus p is B's secret, and a crafted [[-1]]_B decrypts
+    to p - 1 (and so factors n). B decrypts for A only values a masked gradient
+    can take, and refuses the rest without returning anything."""
+    job = direct_job
+    assert job.passive_key.scheme == "ou"
+    job.party.shares(job.header(), job.rows, job.first_share())
+    crafted = job.party.backend.encrypt(job.passive_key, [job.passive_key.n - 1] * (P_ACTIVE + 1))
+    details = assert_refused(
+        lambda: job.party.gradients(job.header(), crafted), Code.OUT_OF_RANGE, "masked gradient", "refused"
+    )
+    assert f"{job.passive_key.n - 1:x}"[:12] not in details
+
+
 def test_steps_out_of_order_and_second_decryption_refused(direct_job: DirectJob) -> None:
     job = direct_job
     # Masked gradients (B decrypts) before the residual shares of the iteration.
@@ -526,7 +540,7 @@ def test_refusals_do_not_echo_secret_values(direct_job: DirectJob) -> None:
     )
     assert f"{even:x}" not in details
 
-    too_big = job.active_key.public.n_square + 5
+    too_big = job.active_key.public.cipher_modulus + 5
     chunk = common_pb2.StepChunk(
         header=job.header(),
         rows=job.rows,

@@ -44,7 +44,7 @@ def test_every_service_reports_health_and_serves_reflection(federation):
 
 def test_keys_are_owner_only_and_reused_after_restart(federation):
     for party in ("active", "passive"):
-        key_file = federation.workdir / party / "data" / "keys" / "paillier_private.json"
+        key_file = federation.workdir / party / "data" / "keys" / "private_key.json"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         assert stat.S_IMODE(key_file.parent.stat().st_mode) == 0o700
         assert read_private_key(federation, party).public.bits == TEST_KEY_BITS
@@ -89,12 +89,12 @@ def test_private_key_with_open_permissions_is_refused(tmp_path):
     env = {
         "VFL_DATA_CSV": str(ROOT / "data" / "breast_hetero_host.csv"),
         "VFL_DATA_DIR": str(tmp_path / "d"),
-        "VFL_KEY_BITS": "512",
+        "VFL_KEY_BITS": "1024",
         "VFL_TEST_MODE": "true",
     }
     svc = start_service("passive", "services.passive", env, tmp_path)
     svc.stop()
-    key_file = tmp_path / "d" / "keys" / "paillier_private.json"
+    key_file = tmp_path / "d" / "keys" / "private_key.json"
     key_file.chmod(0o644)
     result = run_service("services.passive", env, tmp_path)
     assert result.returncode == 2 and "owner-only" in result.stderr
@@ -123,7 +123,7 @@ def test_cli_trains_any_pair_of_csvs(tmp_path):
     active = write_csv(tmp_path / "bank.csv", ["customer", "defaulted", "f1", "f2", "f3"], a_rows)
     passive = write_csv(tmp_path / "insurer.csv", ["customer", "g1", "g2", "g3", "g4", "g5"], b_rows)
     cmd = [sys.executable, "-m", "cli.main", "demo", "--active-csv", str(active), "--passive-csv", str(passive)]
-    cmd += ["--label-column", "defaulted", "--id-column", "customer", "--key-bits", "512", "--batch-size", "20"]
+    cmd += ["--label-column", "defaulted", "--id-column", "customer", "--key-bits", "1024", "--batch-size", "20"]
     cmd += ["--epochs", "3", "--no-assistant", "--workdir", str(tmp_path / "run")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -134,7 +134,7 @@ def test_cli_trains_any_pair_of_csvs(tmp_path):
 
 def test_cli_train_status_predict_models_against_running_services(tmp_path, breast):
     with LocalFederation(
-        tmp_path, ROOT / "data" / "breast_hetero_guest.csv", ROOT / "data" / "breast_hetero_host.csv", key_bits=512
+        tmp_path, ROOT / "data" / "breast_hetero_guest.csv", ROOT / "data" / "breast_hetero_host.csv", key_bits=1024
     ) as fed:
         ids_csv = write_csv(tmp_path / "train.csv", ["id"], [[i] for i in breast.train_ids])
         test_csv = write_csv(tmp_path / "test.csv", ["id"], [[i] for i in breast.test_ids[:15]])

@@ -5,8 +5,8 @@ labels, weights, unmasked gradients or scores of the other side.
 
 What a receiver *could* read is tested directly: every ciphertext under the
 receiver's own key is decrypted with its private key (read from its data
-directory) and must be either a value it is entitled to, or masked uniformly
-modulo n.
+directory) and must be either a value it is entitled to, or masked (uniform
+modulo n for Paillier; 128 + 80 random bits over any hidden value for OU).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from common.crypto import get_backend
 from common.crypto.backend import CipherVector, PublicKey
 from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
 from common.jobconfig import JobConfig
+from common.protocol.steps import HIDDEN_VALUE_BITS
 from tests.conftest import make_federation, read_private_key
 from tests.reference_run import ReferenceRun
 from vfl.v1 import client_pb2, party_pb2
@@ -71,10 +72,15 @@ def ints(vec, width_attr="width") -> list[int]:
     return [int.from_bytes(vec.data[i : i + w], "big") for i in range(0, len(vec.data), w)]
 
 
-def looks_masked(residues: list[int], n: int) -> bool:
-    """Uniform mod n: no value is small. A real gradient at scale 2^52 is
-    below 2^100; a uniform residue is below n/2^40 with probability 2^-40."""
-    return all(abs(v) > n >> 40 for v in signed(residues, n))
+def looks_masked(residues: list[int], key: PublicKey) -> bool:
+    """No value is small. A real gradient at scale 2^52 is below 2^100.
+    Paillier: a uniform residue mod n is below n/2^40 with probability 2^-40.
+    OU: a mask of HIDDEN + 80 random bits is below 2^(HIDDEN + 40) with
+    probability 2^-40, and no masked value reaches 2^(HIDDEN + 82)."""
+    if key.mask_modulus_public:
+        return all(abs(v) > key.n >> 40 for v in signed(residues, key.n))
+    low, high = 1 << (HIDDEN_VALUE_BITS + 40), 1 << key.masked_value_bits(HIDDEN_VALUE_BITS)
+    return all(low < v < high for v in residues)
 
 
 def matches_any(values: np.ndarray, secrets: list[np.ndarray], tol: float) -> bool:
@@ -132,7 +138,7 @@ def test_passive_party_can_decrypt_only_masked_gradients(run):
     receives is under pk_A, which it cannot decrypt."""
     _, keys, ref, transcripts = run
     sk_b, pk_a = keys["passive"], keys["active"].public
-    backend = get_backend("phe")
+    backend = get_backend("ou")  # computes on both schemes
     h_active = [t["h_active"] for t in ref.trace]
     decrypted = 0
     for method, _, msg in transcripts["passive"]:
@@ -144,8 +150,8 @@ def test_passive_party_can_decrypt_only_masked_gradients(run):
             assert vec.key_fingerprint == sk_b.public.fingerprint, "a ciphertext under an unknown key"
             assert method == "ExchangeMaskedGradients"
             plain = backend.decrypt(sk_b, CipherVector(sk_b.public, tuple(ints(vec))))
-            assert looks_masked(plain, sk_b.public.n)
-            values = np.array(signed(plain, sk_b.public.n), dtype=float) / GRADIENT_SCALE
+            assert looks_masked(plain, sk_b.public)
+            values = np.array(signed(plain, sk_b.plaintext_modulus), dtype=float) / GRADIENT_SCALE
             assert not matches_any(values, h_active, 1e-3)
             decrypted += len(plain)
         for vec in found["residues"]:
@@ -160,7 +166,7 @@ def test_active_party_can_decrypt_only_what_it_may(run):
     weights or per-sample scores during training."""
     _, keys, ref, transcripts = run
     sk_a, pk_b = keys["active"], keys["passive"].public
-    backend = get_backend("phe")
+    backend = get_backend("ou")  # computes on both schemes
     h_passive = [t["h_passive"] for t in ref.trace]
     secrets = [ref.w_passive, *[t["w_passive"] for t in ref.trace], *[t["b"] for t in ref.trace]]
     for method, _, msg in transcripts["active"]:
@@ -173,20 +179,20 @@ def test_active_party_can_decrypt_only_what_it_may(run):
             assert vec.key_fingerprint == sk_a.public.fingerprint
             plain = backend.decrypt(sk_a, CipherVector(sk_a.public, tuple(ints(vec))))
             if method == "ExchangeMaskedGradients":
-                assert looks_masked(plain, sk_a.public.n)
-                values = np.array(signed(plain, sk_a.public.n), dtype=float) / GRADIENT_SCALE
+                assert looks_masked(plain, sk_a.public)
+                values = np.array(signed(plain, sk_a.plaintext_modulus), dtype=float) / GRADIENT_SCALE
                 assert not matches_any(values, h_passive, 1e-3)
             elif method == "ComputeLossShare":
                 assert len(plain) == 1
             else:
                 assert method == "PredictScores"
             if method != "ExchangeMaskedGradients":
-                values = np.array(signed(plain, sk_a.public.n), dtype=float) / 2.0**RESIDUAL_SCALE_BITS
+                values = np.array(signed(plain, sk_a.plaintext_modulus), dtype=float) / 2.0**RESIDUAL_SCALE_BITS
                 assert not matches_any(values, secrets, 1e-7)
         for vec in found["residues"]:
             # z_A = h_A + R_A mod n_B: A's own masked gradient.
             assert vec.key_fingerprint == pk_b.fingerprint
-            assert looks_masked(ints(vec), pk_b.n)
+            assert looks_masked(ints(vec), pk_b)
 
 
 def test_assistant_sees_only_ciphertexts_and_masked_values(run):
@@ -208,8 +214,8 @@ def test_assistant_sees_only_ciphertexts_and_masked_values(run):
         for vec in found["residues"]:
             key: PublicKey = fps[vec.key_fingerprint]
             values = ints(vec)
-            assert looks_masked(values, key.n)
-            assert not matches_any(np.array(signed(values, key.n), dtype=float) / GRADIENT_SCALE, h_all, 1e-3)
+            assert looks_masked(values, key)
+            assert not matches_any(np.array(values, dtype=float) / GRADIENT_SCALE, h_all, 1e-3)
             residues_seen += len(values)
     p_a, p_b = ref.x_active.shape[1] + 1, ref.x_passive.shape[1]
     assert residues_seen == len(ref.batches) * (p_a + p_b)
@@ -218,8 +224,9 @@ def test_assistant_sees_only_ciphertexts_and_masked_values(run):
 def test_the_checks_would_catch_an_unmasked_gradient(run):
     """The detector is not vacuous: an unmasked gradient fails it."""
     _, keys, ref, _ = run
-    n = keys["passive"].public.n
+    key = keys["passive"]
     h = ref.trace[0]["h_active"]
-    encoded = [int(round(v * GRADIENT_SCALE)) % n for v in h]
-    assert not looks_masked(encoded, n)
-    assert matches_any(np.array(signed(encoded, n), dtype=float) / GRADIENT_SCALE, [h], 1e-3)
+    encoded = [int(round(v * GRADIENT_SCALE)) % key.plaintext_modulus for v in h]
+    assert not looks_masked(encoded, key.public)
+    decoded = np.array(signed(encoded, key.plaintext_modulus), dtype=float) / GRADIENT_SCALE
+    assert matches_any(decoded, [h], 1e-3)

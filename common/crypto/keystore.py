@@ -10,7 +10,7 @@ import json
 import logging
 from pathlib import Path
 
-from common.crypto.backend import HEBackend, PrivateKey, PublicKey
+from common.crypto.backend import SCHEME_OU, SCHEME_PAILLIER, HEBackend, PrivateKey
 from common.errors import ConfigError
 from common.storage import atomic_write_text, ensure_private_dir
 
@@ -18,35 +18,54 @@ log = logging.getLogger(__name__)
 
 MIN_KEY_BITS = 2048
 MIN_TEST_KEY_BITS = 256
-KEY_FILE = "keys/paillier_private.json"
+# OU's plaintext space is a third of the modulus; masked 128-bit values need 768 bits.
+MIN_TEST_KEY_BITS_OU = 768
+KEY_FILE = "keys/private_key.json"
+LEGACY_KEY_FILE = "keys/paillier_private.json"  # written by v0.1 (Paillier only)
 
 
-def check_key_bits(bits: int, test_mode: bool) -> None:
-    floor = MIN_TEST_KEY_BITS if test_mode else MIN_KEY_BITS
+def key_path(data_dir: Path) -> Path:
+    legacy = data_dir / LEGACY_KEY_FILE
+    return legacy if legacy.exists() and not (data_dir / KEY_FILE).exists() else data_dir / KEY_FILE
+
+
+def read_private_key(path: Path) -> PrivateKey:
+    """The stored key pair; refused if anyone but the owner can read it."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(f"{path}: private key file must be owner-only (mode 600), is {mode:o}")
+    return PrivateKey.from_dict(json.loads(path.read_text()))
+
+
+def check_key_bits(bits: int, test_mode: bool, scheme: str = SCHEME_PAILLIER) -> None:
+    floor = MIN_KEY_BITS
+    if test_mode:
+        floor = MIN_TEST_KEY_BITS_OU if scheme == SCHEME_OU else MIN_TEST_KEY_BITS
     if bits < floor:
         hint = "" if test_mode else " (smaller keys need VFL_TEST_MODE=true)"
         raise ConfigError(f"VFL_KEY_BITS: expected at least {floor}, got {bits}{hint}")
 
 
 def load_or_create_keypair(data_dir: Path, backend: HEBackend, bits: int, test_mode: bool) -> PrivateKey:
-    check_key_bits(bits, test_mode)
-    path = data_dir / KEY_FILE
+    check_key_bits(bits, test_mode, backend.own_scheme)
+    path = key_path(data_dir)
     if path.exists():
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise ConfigError(f"{path}: private key file must be owner-only (mode 600), is {mode:o}")
-        stored = json.loads(path.read_text())
-        key = PrivateKey(PublicKey(int(stored["n"], 16)), int(stored["p"], 16), int(stored["q"], 16))
+        key = read_private_key(path)
+        if key.public.scheme != backend.own_scheme:
+            raise ConfigError(
+                f"VFL_BACKEND: the stored key in {path} is a {key.public.scheme!r} key, backend {backend.name!r} "
+                f"uses {backend.own_scheme!r} keys; models trained with the stored key need it"
+            )
         if key.public.bits != bits:
             raise ConfigError(f"VFL_KEY_BITS: the stored key in {path} is {key.public.bits}-bit, configured {bits}")
         log.info("event=key_loaded fingerprint=%s bits=%d", key.public.fingerprint.hex()[:16], bits)
         return key
     ensure_private_dir(path.parent)
     key = backend.generate_keypair(bits)
-    body = json.dumps({"scheme": key.public.scheme, "n": f"{key.public.n:x}", "p": f"{key.p:x}", "q": f"{key.q:x}"})
+    body = json.dumps(key.to_dict())
     atomic_write_text(path, body, mode=0o600)
     log.info("event=key_generated fingerprint=%s bits=%d", key.public.fingerprint.hex()[:16], bits)
     return key
 
 
-__all__ = ["MIN_KEY_BITS", "check_key_bits", "load_or_create_keypair"]
+__all__ = ["MIN_KEY_BITS", "check_key_bits", "key_path", "load_or_create_keypair", "read_private_key"]

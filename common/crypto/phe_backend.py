@@ -1,6 +1,6 @@
 """Paillier through python-paillier (phe), with gmpy2 arithmetic when present.
 
-The first backend: phe generates keys, encrypts (fresh randomness from the OS
+The reference backend, Paillier only: phe generates keys, encrypts (fresh randomness from the OS
 CSPRNG) and decrypts (CRT). The matrix-vector product is a product of powers
 of ciphertexts; negative coefficients use the ciphertext's inverse, so no
 exponent is near n.
@@ -33,7 +33,10 @@ class PheBackend(HEBackend):
         public, private = phe.generate_paillier_keypair(n_length=bits)
         return PrivateKey(PublicKey(public.n), private.p, private.q)
 
-    def encrypt(self, key: PublicKey, plaintexts: Sequence[int]) -> CipherVector:
+    def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding_bits: int = 0) -> CipherVector:
+        # phe draws r uniform in Z_n^*, which hides any randomness it is
+        # multiplied into: hiding_bits needs nothing more.
+        self.require_scheme(key, "encrypt")
         public = _phe_public(key)
         for i, m in enumerate(plaintexts):
             if not 0 <= m < key.n:
@@ -42,6 +45,7 @@ class PheBackend(HEBackend):
 
     def decrypt(self, key: PrivateKey, ciphers: CipherVector) -> list[int]:
         ciphers.require_key(key.public, "decrypt")
+        self.require_scheme(key.public, "decrypt")
         private = self._phe_private.get(key.public.fingerprint)
         if private is None:
             private = phe.PaillierPrivateKey(_phe_public(key.public), key.p, key.q)
@@ -49,12 +53,14 @@ class PheBackend(HEBackend):
         return [private.raw_decrypt(c) for c in ciphers.values]
 
     def add(self, a: CipherVector, b: CipherVector) -> CipherVector:
+        self.require_scheme(a.key, "add")
         b.require_key(a.key, "add")
         a.require_length(len(b), "add")
         n_square = a.key.n_square
         return CipherVector(a.key, tuple(mulmod(x, y, n_square) for x, y in zip(a.values, b.values, strict=True)))
 
     def matvec(self, matrix: np.ndarray, ciphers: CipherVector) -> CipherVector:
+        self.require_scheme(ciphers.key, "matvec")
         rows, cols = matrix.shape
         ciphers.require_length(cols, "matvec")
         n_square = ciphers.key.n_square

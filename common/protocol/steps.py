@@ -10,12 +10,19 @@ the share is a = u_A/4 + 1/2 - y; for B, X is X_B and the share is b = u_B/4.
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
 
-from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey
+from common.crypto.backend import (
+    CipherVector,
+    HEBackend,
+    PrivateKey,
+    PublicKey,
+    check_masked_plaintexts,
+    random_mask,
+    unmask,
+)
 from common.crypto.fixedpoint import (
     FEATURE_SCALE_BITS,
     RESIDUAL_SCALE_BITS,
@@ -30,6 +37,10 @@ from common.errors import OutOfRange
 # fixed-point encoding accepts; it bounds every homomorphic sum below.
 SHARE_BOUND = float(2**20)
 FEATURE_BOUND = float(2**30)
+# Every value hidden by a mask (the cross gradient X^T s at scale 2^52) is
+# below 2^HIDDEN_VALUE_BITS in magnitude: checked by the party that masks it,
+# and, where the plaintext modulus is secret (OU), by the party that decrypts.
+HIDDEN_VALUE_BITS = 128
 
 
 def sigmoid(u: np.ndarray) -> np.ndarray:
@@ -90,29 +101,39 @@ def cross_gradient_bound(x: np.ndarray) -> float:
 
 
 def check_capacity(x: np.ndarray, key: PublicKey) -> None:
-    """Refuse a product that could wrap around n/2 instead of returning a wrong number."""
+    """Refuse a product that could wrap around instead of returning a wrong number."""
+    if key.masked_value_bits(HIDDEN_VALUE_BITS) > key.plaintext_bits:
+        raise OutOfRange(f"batch: a masked gradient does not fit the plaintext space of the {key.bits}-bit key")
     bound = cross_gradient_bound(x) * 2.0 ** (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
-    if bound > 0 and math.log2(bound) + 2 >= key.n.bit_length() - 1:
+    limit = min(HIDDEN_VALUE_BITS, key.plaintext_bits)
+    if bound > 0 and math.log2(bound) + 1 >= limit:
         raise OutOfRange(
-            f"batch: X^T s could reach 2^{math.log2(bound):.0f}, beyond the {key.bits}-bit key's "
-            "plaintext space; use a larger key or smaller batches"
+            f"batch: X^T s could reach 2^{math.log2(bound):.0f}, beyond the 2^{limit} that the {key.bits}-bit "
+            "key's plaintext space and the masking allow; use smaller batches or features"
         )
 
 
-def random_mask(key: PublicKey, length: int) -> tuple[int, ...]:
-    """R uniform modulo n (perfect hiding), from the OS CSPRNG."""
-    return tuple(secrets.randbelow(key.n) for _ in range(length))
+def product_hiding_bits(fixed: np.ndarray) -> int:
+    """Bits by which X^T [[s]] multiplies the randomness exponents of [[s]]:
+    the largest |coefficient| times the number of terms."""
+    if fixed.size == 0:
+        return 1
+    largest = max(abs(int(v)) for v in fixed.ravel())
+    return max(1, largest.bit_length() + int(fixed.shape[1]).bit_length())
 
 
 def masked_encrypted_gradient(backend: HEBackend, x: np.ndarray, peer_share: CipherVector) -> MaskedGradient:
     """Step 3 (both): [[X^T s_peer + R]]_peer for the batch's rows x. R is added
-    as a fresh encryption, never as a plaintext shift: the peer reads a
-    ciphertext's randomness on decryption, and that of X^T [[s]] alone would
-    reveal X."""
+    as a fresh encryption, never as a plaintext shift: the peer reads (or, with
+    short-exponent randomness, may compute) a ciphertext's randomness on
+    decryption, and that of X^T [[s]] alone would reveal X; the fresh
+    encryption's randomness is drawn wide enough to hide it."""
     check_capacity(x, peer_share.key)
-    product = backend.matvec(fixed_transpose(x), peer_share)
-    mask = random_mask(peer_share.key, len(product))
-    return MaskedGradient(backend.add(product, backend.encrypt(peer_share.key, mask)), mask)
+    fixed = fixed_transpose(x)
+    product = backend.matvec(fixed, peer_share)
+    mask = random_mask(peer_share.key, len(product), HIDDEN_VALUE_BITS)
+    fresh = backend.encrypt(peer_share.key, mask, hiding_bits=product_hiding_bits(fixed))
+    return MaskedGradient(backend.add(product, fresh), mask)
 
 
 # --- step 4 ------------------------------------------------------------------
@@ -123,22 +144,25 @@ def decrypt_masked_gradient(
 ) -> list[int]:
     """Step 4 (both): decrypt the peer's masked gradient, z = h + R mod n.
     Only a vector of the expected length under this party's own key (each
-    ciphertext was range-checked where serde decoded it)."""
+    ciphertext was range-checked where serde decoded it), and only values a
+    masked gradient can be."""
     ciphers.require_key(key.public, "masked gradient")
     ciphers.require_length(expected_length, "masked gradient")
-    return backend.decrypt(key, ciphers)
+    z = backend.decrypt(key, ciphers)
+    check_masked_plaintexts(key, z, HIDDEN_VALUE_BITS, "masked gradient")
+    return z
 
 
 # --- step 5 ------------------------------------------------------------------
 
 
 def unmask_gradient(z: list[int], mask: tuple[int, ...], key: PublicKey, bound: float) -> np.ndarray:
-    """Step 5a (both): "decrypt with the random vector": h = z - R mod n, then
+    """Step 5a (both): "decrypt with the random vector": h = z - R, then
     decode; a value beyond what any valid share allows is refused."""
     if len(z) != len(mask):
         raise OutOfRange(f"decrypted gradient: expected {len(mask)} values, got {len(z)}")
-    n = key.n
-    h = decode([(zi - ri) % n for zi, ri in zip(z, mask, strict=True)], FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS, n)
+    denom = float(1 << (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS))
+    h = np.array([v / denom for v in unmask(key, z, mask)], dtype=np.float64)
     if h.size and float(np.max(np.abs(h))) > bound * (1 + 1e-9) + 1.0:
         raise OutOfRange("decrypted gradient: a value is outside the range a valid share allows")
     return h
@@ -164,19 +188,20 @@ LOSS_SCALE_BITS = 2 * RESIDUAL_SCALE_BITS
 
 def passive_loss_share(backend: HEBackend, a_enc: CipherVector, u_passive: np.ndarray) -> CipherVector:
     """B: [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, at scale 2^LOSS_SCALE_BITS.
-    Adding a fresh encryption re-randomises the result."""
+    The fresh encryption re-randomises the result (wide enough to hide the
+    randomness of the product, as in step 3)."""
     key = a_enc.key
     u_fixed = to_fixed(u_passive.reshape(1, -1), RESIDUAL_SCALE_BITS, SHARE_BOUND)
     cross = backend.matvec(u_fixed, a_enc)
     own = encode(np.array([float(np.sum(u_passive**2)) / 8.0]), LOSS_SCALE_BITS, key.n, SHARE_BOUND**2)
-    return backend.add(cross, backend.encrypt(key, own))
+    return backend.add(cross, backend.encrypt(key, own, hiding_bits=product_hiding_bits(u_fixed)))
 
 
 def active_loss(u_active: np.ndarray, y: np.ndarray, share: CipherVector, backend: HEBackend, key: PrivateKey) -> float:
     """A: the batch's Taylor loss from its own terms and B's decrypted share."""
     share.require_key(key.public, "loss share")
     share.require_length(1, "loss share")
-    cross = signed(backend.decrypt(key, share), key.public.n)[0] / float(1 << LOSS_SCALE_BITS)
+    cross = signed(backend.decrypt(key, share), key.plaintext_modulus)[0] / float(1 << LOSS_SCALE_BITS)
     m = len(y)
     y_pm = 2.0 * y - 1.0
     return math.log(2.0) + (-float(np.sum(y_pm * u_active)) / 2.0 + float(np.sum(u_active**2)) / 8.0 + cross) / m
@@ -201,5 +226,5 @@ def decrypt_prediction(backend: HEBackend, key: PrivateKey, scores: CipherVector
     """Prediction (A): decrypt u_A + u_B and apply the sigmoid."""
     scores.require_key(key.public, "prediction scores")
     scores.require_length(expected_length, "prediction scores")
-    u = decode(backend.decrypt(key, scores), RESIDUAL_SCALE_BITS, key.public.n)
+    u = decode(backend.decrypt(key, scores), RESIDUAL_SCALE_BITS, key.plaintext_modulus)
     return sigmoid(u)

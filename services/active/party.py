@@ -194,6 +194,7 @@ class ActiveParty:
 
     def _exchange_keys(self) -> tuple[PublicKey, bytes]:
         passive_key, their_fp = self.peer.exchange_keys(self.key.public, self.min_peer_bits)
+        self.backend.require_scheme(passive_key, "passive_key")
         target_fp = target_fingerprint(self.key.public, passive_key)
         if their_fp != target_fp:
             raise FailedPrecondition("target_fingerprint: the passive party computed a different target key")
@@ -286,7 +287,7 @@ class ActiveParty:
                 "created_unix": time.time(),
                 "config": job.config.model_dump(),
                 "target_fingerprint": s.target_fp.hex(),
-                "passive_key_n": f"{s.passive_key.n:x}",
+                "passive_key": s.passive_key.to_dict(),
                 "feature_names": self.data.feature_names,
                 "weights": s.w[:-1].tolist(),
                 "intercept": float(s.w[-1]),
@@ -314,7 +315,7 @@ class ActiveParty:
         raw = self.data.features[self.data.positions(ids, "ids")]
         x = Scaler.from_dict(shard["scaler"]).transform(raw)
         u_a = x @ np.asarray(shard["weights"]) + float(shard["intercept"])
-        passive_key = PublicKey(int(shard["passive_key_n"], 16))
+        passive_key = PublicKey.from_dict(shard["passive_key"])
         target_fp = target_fingerprint(self.key.public, passive_key)
         if target_fp.hex() != shard["target_fingerprint"]:
             raise FailedPrecondition("model_id: the model was trained under another key of this party")

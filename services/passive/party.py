@@ -85,6 +85,7 @@ class PassiveParty:
     def exchange_keys(self, active_key: PublicKey) -> bytes:
         if active_key.fingerprint == self.key.public.fingerprint:
             raise InvalidArgument("active_key: is this party's own key")
+        self.backend.require_scheme(active_key, "active_key")
         fp = target_fingerprint(active_key, self.key.public)
         with self._lock:
             self._targets[fp] = active_key
@@ -217,7 +218,7 @@ class PassiveParty:
                 "created_unix": time.time(),
                 "config": job.config.model_dump(),
                 "target_fingerprint": job.target_fp.hex(),
-                "active_key_n": f"{job.active_key.n:x}",
+                "active_key": job.active_key.to_dict(),
                 "feature_names": self.data.feature_names,
                 "weights": job.w.tolist(),
                 "scaler": job.scaler.to_dict(),
@@ -234,7 +235,7 @@ class PassiveParty:
         shard = self.models.load(check_job_id(model_id, "header.job_id"))
         if bytes.fromhex(shard["target_fingerprint"]) != target_fp:
             raise FailedPrecondition("header.target_fingerprint: not the target key this model was trained under")
-        active_key = PublicKey(int(shard["active_key_n"], 16))
+        active_key = PublicKey.from_dict(shard["active_key"])
         if not ids:
             raise InvalidArgument("ids: expected at least one id")
         u_a_enc = msg.ciphers(active_key, "ciphertexts")

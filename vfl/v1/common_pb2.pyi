@@ -29,29 +29,41 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class PublicKey(_message.Message):
-    """A Paillier public key. Sent by its owner during key exchange."""
+    """An additively homomorphic public key. Sent by its owner during key exchange."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SCHEME_FIELD_NUMBER: _builtins.int
     N_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
+    G_FIELD_NUMBER: _builtins.int
+    H_FIELD_NUMBER: _builtins.int
     scheme: _builtins.str
-    """Scheme name, "paillier" in v1."""
+    """Scheme name: "paillier" (ciphertexts mod n^2) or "ou" (Okamoto-Uchiyama,
+    n = p^2 q, ciphertexts mod n).
+    """
     n: _builtins.bytes
     """Modulus n, unsigned big-endian."""
     fingerprint: _builtins.bytes
-    """SHA-256 over the canonical encoding ("vfl-paillier-v1" || n), 32 bytes."""
+    """SHA-256 over the canonical encoding: "vfl-paillier-v1" || n, or
+    "vfl-ou-v1" || n || g || h, each integer at the byte width of n. 32 bytes.
+    """
+    g: _builtins.bytes
+    """OU only: the message base G, unsigned big-endian, in [1, n)."""
+    h: _builtins.bytes
+    """OU only: the randomness base H, unsigned big-endian, in [1, n)."""
     def __init__(
         self,
         *,
         scheme: _builtins.str = ...,
         n: _builtins.bytes = ...,
         fingerprint: _builtins.bytes = ...,
+        g: _builtins.bytes = ...,
+        h: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "n", b"n", "scheme", b"scheme"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "g", b"g", "h", b"h", "n", b"n", "scheme", b"scheme"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -69,9 +81,9 @@ class CipherVector(_message.Message):
     key_fingerprint: _builtins.bytes
     """Fingerprint of the public key the ciphertexts are under (32 bytes)."""
     width: _builtins.int
-    """Bytes per ciphertext: the byte length of n^2."""
+    """Bytes per ciphertext: the byte length of n^2 (Paillier) or n (OU)."""
     data: _builtins.bytes
-    """Concatenated ciphertexts, each `width` bytes, unsigned big-endian, each in [1, n^2)."""
+    """Concatenated ciphertexts, each `width` bytes, unsigned big-endian, each in [1, n^2) (Paillier) or [1, n) (OU)."""
     def __init__(
         self,
         *,
@@ -89,8 +101,10 @@ Global___CipherVector: _TypeAlias = CipherVector  # noqa: Y015
 
 @_typing.final
 class ResidueVector(_message.Message):
-    """A vector of plaintext residues modulo the n of one public key. Used only
-    for values masked uniformly modulo n by their owner, never for raw values.
+    """A vector of decrypted masked values under one public key: residues modulo
+    n (Paillier, masks uniform mod n) or integers below 2^(bound + 81) (OU,
+    masks of bound + 80 bits). Used only for values masked by their owner,
+    never for raw values.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -99,7 +113,7 @@ class ResidueVector(_message.Message):
     WIDTH_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     key_fingerprint: _builtins.bytes
-    """Fingerprint of the key whose modulus n the residues are taken modulo."""
+    """Fingerprint of the key the values were decrypted with."""
     width: _builtins.int
     """Bytes per residue: the byte length of n."""
     data: _builtins.bytes
