@@ -10,6 +10,7 @@ from common.crypto import HEBackend, PrivateKey, get_backend
 from common.crypto.keystore import MIN_KEY_BITS, MIN_TEST_KEY_BITS, load_or_create_keypair
 from common.data import PartyData, load_party_csv
 from common.errors import ConfigError, InvalidArgument
+from common.metrics import TimedBackend
 from common.settings import PartySettings
 
 
@@ -24,7 +25,7 @@ class PartyResources:
 def load_party(settings: PartySettings, label_column: str | None = None) -> PartyResources:
     """Everything a party loads at start; a problem exits 2 with one line."""
     try:
-        backend = get_backend(settings.backend)
+        backend = TimedBackend(get_backend(settings.backend))
         data = load_party_csv(settings.data_csv, settings.id_column, label_column)
         key = load_or_create_keypair(settings.data_dir, backend, settings.key_bits, settings.test_mode)
     except (ConfigError, InvalidArgument, OSError) as exc:

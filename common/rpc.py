@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.errors import VflError
+from common.metrics import CLOCK
 from common.storage import atomic_write_text
 
 log = logging.getLogger("vfl.rpc")
@@ -107,7 +108,8 @@ def rpc_method(fn: F) -> F:
         @functools.wraps(fn)
         def gen_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
-                yield from fn(self, request, context)
+                with CLOCK.phase("handler"):
+                    yield from fn(self, request, context)
             except Exception as exc:  # noqa: BLE001 - mapped to a status below
                 _abort(context, exc, fn.__name__)
 
@@ -116,7 +118,8 @@ def rpc_method(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return fn(self, request, context)
+            with CLOCK.phase("handler"):
+                return fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped to a status below
             _abort(context, exc, fn.__name__)
 

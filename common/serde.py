@@ -14,6 +14,7 @@ import numpy as np
 from common.crypto.backend import SCHEME_OU, SCHEMES, CipherVector, PublicKey
 from common.errors import FailedPrecondition, InvalidArgument
 from common.jobconfig import JobConfig, job_config
+from common.metrics import CLOCK
 from vfl.v1 import common_pb2
 
 CHUNK_BYTES = 1 << 20
@@ -79,6 +80,10 @@ class StepMessage:
 
     def ciphers(self, key: PublicKey, what: str) -> CipherVector:
         """The ciphertexts, refused unless under `key` with the key's width."""
+        with CLOCK.phase("serialise"):
+            return self._ciphers(key, what)
+
+    def _ciphers(self, key: PublicKey, what: str) -> CipherVector:
         if self.cipher_fp is None:
             raise InvalidArgument(f"{what}: expected ciphertexts, got none")
         if self.cipher_fp != key.fingerprint:
@@ -96,6 +101,10 @@ class StepMessage:
         return CipherVector(key, tuple(values))
 
     def residues(self, key: PublicKey, what: str) -> list[int]:
+        with CLOCK.phase("serialise"):
+            return self._residues(key, what)
+
+    def _residues(self, key: PublicKey, what: str) -> list[int]:
         if self.residue_fp is None:
             raise InvalidArgument(f"{what}: expected residues, got none")
         if self.residue_fp != key.fingerprint:
@@ -120,6 +129,19 @@ def to_chunks(
     residues: tuple[PublicKey, Sequence[int]] | None = None,
 ) -> Iterator[common_pb2.StepChunk]:
     """Split a step message into StepChunks of bounded size (at least one)."""
+    with CLOCK.phase("serialise"):
+        parts = _build_chunks(header, rows, ids, ciphers, residues)
+        CLOCK.add_bytes_sent(sum(p.ByteSize() for p in parts))
+    yield from parts
+
+
+def _build_chunks(
+    header: common_pb2.StepHeader | None,
+    rows: Sequence[int],
+    ids: Sequence[str],
+    ciphers: CipherVector | None,
+    residues: tuple[PublicKey, Sequence[int]] | None,
+) -> list[common_pb2.StepChunk]:
     parts: list[common_pb2.StepChunk] = []
     rows_list = [int(r) for r in rows]
     step = MAX_IDS_PER_CHUNK
@@ -146,7 +168,7 @@ def to_chunks(
         parts.append(common_pb2.StepChunk())
     if header is not None:
         parts[0].header.CopyFrom(header)
-    yield from parts
+    return parts
 
 
 def from_chunks(chunks: Iterable[common_pb2.StepChunk], what: str, max_bytes: int = 1 << 31) -> StepMessage:

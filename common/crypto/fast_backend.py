@@ -42,9 +42,13 @@ from common.crypto.backend import (
     register_backend,
 )
 from common.crypto.multiexp import FixedBaseTable, matvec_powers
+from common.crypto.pool import FILLER, RandomnessPool
 from common.errors import InvalidArgument
 
 RANDOM_BITS = 256
+# Encryptions asked to hide up to this many bits of product randomness take
+# their randomness from a pool of exponents of RANDOM_BITS + 128 + 80 bits.
+POOLED_HIDING_BITS = 128
 PRIMALITY_ROUNDS = 40
 
 
@@ -113,17 +117,39 @@ def generate_ou(bits: int) -> PrivateKey:
     return PrivateKey(public, int(p), int(q), int(t))
 
 
+class _Randomness:
+    """h^r from pools: standard exponents of RANDOM_BITS, and wide ones for
+    encryptions that must hide a product's randomness (see module docstring)."""
+
+    def __init__(self, table: FixedBaseTable) -> None:
+        self.table = table
+        self.standard = RandomnessPool(table.pow, RANDOM_BITS)
+        self.wide = RandomnessPool(table.pow, RANDOM_BITS + POOLED_HIDING_BITS + MASK_STATISTICAL_BITS, 256)
+        FILLER.register(self.standard)
+        FILLER.register(self.wide)
+
+    def demand(self, n: int, hiding_bits: int) -> None:
+        (self.wide if hiding_bits else self.standard).demand(n)
+
+    def take(self, hiding_bits: int) -> mpz:
+        if hiding_bits == 0:
+            return self.standard.take()
+        if hiding_bits <= POOLED_HIDING_BITS:
+            return self.wide.take()
+        return self.table.pow(secrets.randbits(RANDOM_BITS + hiding_bits + MASK_STATISTICAL_BITS))
+
+
 class _PaillierPublicOps:
     def __init__(self, key: PublicKey) -> None:
         self.n = mpz(key.n)
         self.modulus = self.n * self.n
         x = _random_unit(self.n)
         h_s = gmpy2.powmod((-(x * x)) % self.n, self.n, self.modulus)
-        self.randomness = FixedBaseTable(h_s, self.modulus)
+        self.randomness = _Randomness(FixedBaseTable(h_s, self.modulus))
 
-    def encrypt(self, m: int, random_bits: int) -> mpz:
+    def encrypt(self, m: int, hiding_bits: int) -> mpz:
         # g = n + 1, so g^m = 1 + m n mod n^2: no exponentiation.
-        return (1 + m * self.n) * self.randomness.pow(secrets.randbits(random_bits)) % self.modulus
+        return (1 + m * self.n) * self.randomness.take(hiding_bits) % self.modulus
 
 
 class _OUPublicOps:
@@ -133,12 +159,12 @@ class _OUPublicOps:
         self.limit = 1 << key.plaintext_bits
         self.g = FixedBaseTable(key.g, self.n)
         self.g_inv = FixedBaseTable(gmpy2.invert(mpz(key.g), self.n), self.n)
-        self.randomness = FixedBaseTable(key.h, self.n)
+        self.randomness = _Randomness(FixedBaseTable(key.h, self.n))
 
-    def encrypt(self, m: int, random_bits: int) -> mpz:
+    def encrypt(self, m: int, hiding_bits: int) -> mpz:
         # Residues above n/2 encode negatives (n - |v|): G^-|v| via G's inverse.
         gm = self.g_inv.pow(self.n - m) if m > self.half else self.g.pow(m)
-        return gm * self.randomness.pow(secrets.randbits(random_bits)) % self.n
+        return gm * self.randomness.take(hiding_bits) % self.n
 
     def check_plaintext(self, i: int, m: int) -> None:
         if min(m, self.n - m) >= self.limit:
@@ -213,8 +239,8 @@ class _FastBackend(HEBackend):
                 raise InvalidArgument(f"plaintext {i}: expected a residue in [0, n)")
             if isinstance(ops, _OUPublicOps):
                 ops.check_plaintext(i, m)
-        random_bits = RANDOM_BITS + (hiding_bits + MASK_STATISTICAL_BITS if hiding_bits else 0)
-        return CipherVector(key, tuple(int(ops.encrypt(m, random_bits)) for m in plaintexts))
+        ops.randomness.demand(len(plaintexts), hiding_bits)
+        return CipherVector(key, tuple(int(ops.encrypt(m, hiding_bits)) for m in plaintexts))
 
     def decrypt(self, key: PrivateKey, ciphers: CipherVector) -> list[int]:
         ciphers.require_key(key.public, "decrypt")

@@ -10,6 +10,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -17,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from common import serde
+from common import metrics, serde
 from common.crypto.backend import HEBackend, PrivateKey, PublicKey, target_fingerprint
+from common.crypto.pool import GATE
 from common.data import PartyData, Scaler, check_ids
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, VflError
 from common.jobconfig import JobConfig
+from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
 from common.protocol import steps
 from common.protocol.batching import Batch, batch_schedule, check_batch_size, min_batch_size
@@ -101,6 +105,7 @@ class _Session:
     batches: list[Batch]
     p_passive: int
     train_ids: list[str]
+    clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
 
 
 class ActiveParty:
@@ -121,6 +126,8 @@ class ActiveParty:
         self.backend = backend
         self.models = ModelStore(data_dir)
         self.peer = peer
+        # Calls to B that overlap A's own work (loss share, B's step 5).
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="active-io")
         self.min_peer_bits = min_peer_bits
         self._jobs: dict[str, TrainingJob] = {}
         self._reserved: set[str] = set()  # ids of jobs still in set-up
@@ -209,10 +216,11 @@ class ActiveParty:
 
     def _run(self, s: _Session) -> None:
         job = s.job
+        pending: Future[float] | None = None
         try:
             prev_loss: float | None = None
             for t, batch in enumerate(s.batches):
-                loss = self._train_iteration(s, t, batch)
+                loss, pending = self._train_iteration(s, t, batch, pending)
                 job.iteration, job.epoch = t + 1, batch.epoch
                 message = ""
                 if loss is not None:
@@ -226,6 +234,8 @@ class ActiveParty:
                     job.publish(message)
                     break
                 job.publish()
+            if pending is not None:
+                pending.result()
             header = serde.step_header(job.job_id, job.iteration, s.target_fp)
             self.peer.finish_job(header, aborted=False)
             self._store_model(s)
@@ -242,21 +252,34 @@ class ActiveParty:
             log.warning("event=job_failed job=%s iteration=%d error=%r", job.job_id, job.iteration, job.error)
             if not isinstance(exc, VflError):
                 log.exception("event=job_internal_error job=%s", job.job_id)
+            if pending is not None:
+                futures.wait([pending])  # B finishes the last step before it hears of the abort
             self._abort_at_passive(job.job_id, s.target_fp, job.iteration)
             job.state = State.FAILED
             job.publish(job.error)
 
-    def _train_iteration(self, s: _Session, t: int, batch: Batch) -> float | None:
-        """One iteration of PROTOCOL.md on batch S; returns the batch loss when checked."""
+    @GATE.working
+    def _train_iteration(
+        self, s: _Session, t: int, batch: Batch, previous_apply: Future[float] | None
+    ) -> tuple[float | None, Future[float]]:
+        """One iteration of PROTOCOL.md on batch S. Returns the batch loss when
+        checked, and B's step 5 still in flight: it overlaps A's own step 5 and
+        the next iteration's encryption, and completes before the next step 1."""
         header = serde.step_header(s.job.job_id, t, s.target_fp)
         x, y = s.x[batch.rows], s.y[batch.rows]
         u_a = x @ s.w
         a = steps.active_residual_share(x, s.w, y)
         # Steps 1-2: send [[a_S]]_A, receive [[b_S]]_B.
         a_enc = steps.first_encrypted_data(self.backend, self.key.public, a)
+        if previous_apply is not None:
+            previous_apply.result()
         reply = self.peer.exchange_residual_shares(header, batch.rows.tolist(), a_enc)
         b_enc = reply.ciphers(s.passive_key, "[[b_S]]_B")
         b_enc.require_length(len(batch.rows), "[[b_S]]_B")
+        every = s.job.config.loss_every
+        want_loss = bool(every) and ((t + 1) % every == 0 or t + 1 == len(s.batches))
+        # B computes the loss share beside its step 3; fetch it while A computes.
+        loss_share = self._io.submit(self.peer.loss_share, header, self.key.public) if want_loss else None
         # Step 3: [[X_A^T b + R_A]]_B.
         grad_a = steps.masked_encrypted_gradient(self.backend, x, b_enc)
         # Step 4: B decrypts ours; we decrypt B's.
@@ -265,17 +288,15 @@ class ActiveParty:
         grad_b = reply.ciphers(self.key.public, "[[h_B + R_B]]_A")
         z_b = steps.decrypt_masked_gradient(self.backend, self.key, grad_b, s.p_passive)
         loss = None
-        every = s.job.config.loss_every
-        if every and ((t + 1) % every == 0 or t + 1 == len(s.batches)):
-            share = self.peer.loss_share(header, self.key.public)
-            loss = steps.active_loss(u_a, y, share, self.backend, self.key)
-        self.peer.apply_gradient(header, self.key.public, z_b)
-        # Step 5: remove R_A, add X_A^T a, update w_A.
+        if loss_share is not None:
+            loss = steps.active_loss(u_a, y, loss_share.result(), self.backend, self.key)
+        # Step 5 at B (in flight) and at A: remove R_A, add X_A^T a, update w_A.
+        apply = self._io.submit(self.peer.apply_gradient, header, self.key.public, z_b)
         cross = steps.unmask_gradient(z_a, grad_a.mask, s.passive_key, steps.cross_gradient_bound(x))
         penalised = np.r_[np.ones(len(s.w) - 1), 0.0]
         grad = steps.gradient_from_shares(x, a, cross, s.w, s.job.config.l2, penalised)
         s.w = steps.sgd_update(s.w, grad, s.job.config.learning_rate)
-        return loss
+        return loss, apply
 
     def _store_model(self, s: _Session) -> None:
         job = s.job
@@ -300,6 +321,7 @@ class ActiveParty:
                     "final_loss": job.loss,
                     "loss_history": job.losses,
                     "elapsed_s": time.time() - job.started,
+                    **metrics.since(s.clock_start),
                 },
             },
         )

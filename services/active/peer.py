@@ -11,8 +11,10 @@ import grpc
 
 from common import serde
 from common.crypto.backend import CipherVector, PublicKey
+from common.crypto.pool import GATE
 from common.errors import PeerError, Unavailable
 from common.jobconfig import JobConfig
+from common.metrics import CLOCK
 from common.rpc import TranscriptRecorder, open_channel
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
 
@@ -33,7 +35,8 @@ class PassiveClient:
 
     def _call(self, method: str, fn: Callable[[], T]) -> T:
         try:
-            return fn()
+            with CLOCK.phase("rpc_wait"), GATE.idle():
+                return fn()
         except grpc.RpcError as exc:
             code = exc.code()
             if code in _DOWN:

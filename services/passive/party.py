@@ -16,13 +16,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from common import metrics
 from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
+from common.crypto.pool import GATE
 from common.data import PartyData, Scaler
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from common.jobconfig import JobConfig
+from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
 from common.protocol import steps
 from common.protocol.batching import check_batch_size, min_batch_size
@@ -57,8 +61,10 @@ class PassiveJob:
     b: np.ndarray | None = None
     own_gradient: Future[steps.MaskedGradient] | None = None
     loss_sent: bool = False
+    loss: Future[CipherVector] | None = None
     last_update_sq_norm: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
 
     def expect(self, iteration: int, phase: Phase) -> None:
         if iteration != self.iteration or phase != self.phase:
@@ -133,6 +139,7 @@ class PassiveParty:
 
     # --- training steps ---------------------------------------------------
 
+    @GATE.working
     def residual_shares(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> CipherVector:
         """Steps 1-2: take [[a_S]]_A, answer [[b_S]]_B, and start step 3."""
         job = self._job(job_id, target_fp)
@@ -148,11 +155,18 @@ class PassiveParty:
             u = x @ job.w
             b = u / 4.0
             b_enc = steps.first_intermediate_share(self.backend, self.key.public, b)
-            job.own_gradient = self._pool.submit(steps.masked_encrypted_gradient, self.backend, x, a_enc)
+            job.own_gradient = self._pool.submit(GATE.working(steps.masked_encrypted_gradient), self.backend, x, a_enc)
+            every = job.config.loss_every
+            # A asks for the loss share on these iterations (and on the last):
+            # compute it after B's own product, before A asks.
+            job.loss = None
+            if every and (iteration + 1) % every == 0:
+                job.loss = self._pool.submit(self._loss_after_gradient, job.own_gradient, a_enc, u)
             job.rows, job.a_enc, job.u, job.b, job.loss_sent = rows, a_enc, u, b, False
             job.phase = Phase.GRADIENTS
             return b_enc
 
+    @GATE.working
     def masked_gradients(
         self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage
     ) -> tuple[list[int], CipherVector]:
@@ -168,6 +182,7 @@ class PassiveParty:
             job.phase = Phase.APPLY
             return z_a, own.ciphers
 
+    @GATE.working
     def apply_gradient(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> float:
         """Step 5: remove R_B, add X_B^T b, update w_B."""
         job = self._job(job_id, target_fp)
@@ -188,9 +203,10 @@ class PassiveParty:
             log.info("event=iteration_applied job=%s iteration=%d", job_id, iteration + 1)
             job.iteration += 1
             job.phase = Phase.SHARES
-            job.own_gradient = job.a_enc = job.u = job.b = job.rows = None
+            job.own_gradient = job.a_enc = job.u = job.b = job.rows = job.loss = None
             return update
 
+    @GATE.working
     def loss_share(self, job_id: str, iteration: int, target_fp: bytes) -> CipherVector:
         job = self._job(job_id, target_fp)
         with job.lock:
@@ -201,7 +217,16 @@ class PassiveParty:
                 )
             assert job.a_enc is not None and job.u is not None
             job.loss_sent = True
-            return steps.passive_loss_share(self.backend, job.a_enc, job.u)
+            pending, a_enc, u = job.loss, job.a_enc, job.u
+        # Outside the lock: A's step 4 may run meanwhile.
+        return pending.result() if pending is not None else steps.passive_loss_share(self.backend, a_enc, u)
+
+    @GATE.working
+    def _loss_after_gradient(
+        self, own_gradient: Future[steps.MaskedGradient], a_enc: CipherVector, u: np.ndarray
+    ) -> CipherVector:
+        own_gradient.result()
+        return steps.passive_loss_share(self.backend, a_enc, u)
 
     def finish_job(self, job_id: str, target_fp: bytes, aborted: bool) -> bool:
         job = self._job(job_id, target_fp)
@@ -222,7 +247,11 @@ class PassiveParty:
                 "feature_names": self.data.feature_names,
                 "weights": job.w.tolist(),
                 "scaler": job.scaler.to_dict(),
-                "metrics": {"iterations": job.iteration, "last_update_sq_norm": job.last_update_sq_norm},
+                "metrics": {
+                    "iterations": job.iteration,
+                    "last_update_sq_norm": job.last_update_sq_norm,
+                    **metrics.since(job.clock_start),
+                },
             },
         )
         log.info("event=model_stored job=%s iterations=%d", job_id, job.iteration)
@@ -230,6 +259,7 @@ class PassiveParty:
 
     # --- prediction -------------------------------------------------------
 
+    @GATE.working
     def predict(self, model_id: str, target_fp: bytes, ids: list[str], msg: StepMessage) -> CipherVector:
         """Prediction: [[u_A]]_A + [[u_B]]_A, re-randomised."""
         shard = self.models.load(check_job_id(model_id, "header.job_id"))
