@@ -77,6 +77,9 @@ class TimedBackend(HEBackend):
     def generate_keypair(self, bits: int) -> PrivateKey:
         return self.inner.generate_keypair(bits)
 
+    def prepare(self, key: PublicKey | PrivateKey) -> None:
+        self.inner.prepare(key)
+
     def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding_bits: int = 0) -> CipherVector:
         with CLOCK.phase("mask" if hiding_bits else "encrypt"):
             return self.inner.encrypt(key, plaintexts, hiding_bits)

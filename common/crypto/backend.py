@@ -244,6 +244,11 @@ class HEBackend(ABC):
     @abstractmethod
     def generate_keypair(self, bits: int) -> PrivateKey: ...
 
+    def prepare(self, key: PublicKey | PrivateKey) -> None:
+        """Precompute what operations under this key need (tables, pools),
+        ahead of the first job. Optional."""
+        return None
+
     @abstractmethod
     def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding_bits: int = 0) -> CipherVector:
         """Fresh encryptions of residues in [0, n). `hiding_bits` > 0 asks for

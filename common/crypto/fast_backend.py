@@ -228,6 +228,17 @@ class _FastBackend(HEBackend):
             self._private[key.public.fingerprint] = ops
         return ops
 
+    def prepare(self, key: PublicKey | PrivateKey) -> None:
+        if isinstance(key, PrivateKey):
+            self._private_ops(key)
+            key = key.public
+        ops = self._public_ops(key)
+        # Residuals, masks and randomness exponents: grow the tables now.
+        ops.randomness.table.pow((1 << (RANDOM_BITS + POOLED_HIDING_BITS + MASK_STATISTICAL_BITS)) - 1)
+        if isinstance(ops, _OUPublicOps):
+            for table in (ops.g, ops.g_inv):
+                table.pow((1 << 224) - 1)
+
     def generate_keypair(self, bits: int) -> PrivateKey:
         return generate_paillier(bits) if self.own_scheme == SCHEME_PAILLIER else generate_ou(bits)
 

@@ -62,6 +62,7 @@ class PassiveJob:
     own_gradient: Future[steps.MaskedGradient] | None = None
     loss_sent: bool = False
     loss: Future[CipherVector] | None = None
+    step4_sent: threading.Event = field(default_factory=threading.Event)
     last_update_sq_norm: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
@@ -92,6 +93,7 @@ class PassiveParty:
         if active_key.fingerprint == self.key.public.fingerprint:
             raise InvalidArgument("active_key: is this party's own key")
         self.backend.require_scheme(active_key, "active_key")
+        self.backend.prepare(active_key)
         fp = target_fingerprint(active_key, self.key.public)
         with self._lock:
             self._targets[fp] = active_key
@@ -160,8 +162,9 @@ class PassiveParty:
             # A asks for the loss share on these iterations (and on the last):
             # compute it after B's own product, before A asks.
             job.loss = None
+            job.step4_sent.clear()
             if every and (iteration + 1) % every == 0:
-                job.loss = self._pool.submit(self._loss_after_gradient, job.own_gradient, a_enc, u)
+                job.loss = self._pool.submit(self._loss_after_step4, job.step4_sent, a_enc, u)
             job.rows, job.a_enc, job.u, job.b, job.loss_sent = rows, a_enc, u, b, False
             job.phase = Phase.GRADIENTS
             return b_enc
@@ -180,6 +183,7 @@ class PassiveParty:
             own = job.own_gradient.result()
             z_a = steps.decrypt_masked_gradient(self.backend, self.key, grad_a, job.active_features + 1)
             job.phase = Phase.APPLY
+            job.step4_sent.set()
             return z_a, own.ciphers
 
     @GATE.working
@@ -221,17 +225,18 @@ class PassiveParty:
         # Outside the lock: A's step 4 may run meanwhile.
         return pending.result() if pending is not None else steps.passive_loss_share(self.backend, a_enc, u)
 
-    @GATE.working
-    def _loss_after_gradient(
-        self, own_gradient: Future[steps.MaskedGradient], a_enc: CipherVector, u: np.ndarray
-    ) -> CipherVector:
-        own_gradient.result()
-        return steps.passive_loss_share(self.backend, a_enc, u)
+    def _loss_after_step4(self, step4_sent: threading.Event, a_enc: CipherVector, u: np.ndarray) -> CipherVector:
+        # After B's answer to step 4, while A decrypts: off the critical path
+        # and not competing with step 4 for the GIL.
+        step4_sent.wait(timeout=600)
+        with GATE.busy():
+            return steps.passive_loss_share(self.backend, a_enc, u)
 
     def finish_job(self, job_id: str, target_fp: bytes, aborted: bool) -> bool:
         job = self._job(job_id, target_fp)
         with self._lock:
             self._jobs.pop(job_id, None)
+        job.step4_sent.set()  # release a loss share still waiting for step 4
         if aborted:
             log.info("event=job_aborted job=%s iteration=%d", job_id, job.iteration)
             return False
