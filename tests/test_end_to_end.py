@@ -146,3 +146,18 @@ def test_early_stopping_on_loss_change_and_watch_stream(client, breast):
     iterations = [e.iteration for e in events if e.HasField("loss")]
     assert iterations == sorted(iterations) and iterations[-1] == 2
     assert events[-1].state == client_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_max_iterations_stops_the_job_and_shards_carry_job_metrics(federation, client, breast):
+    status = train(client, JobConfig(epochs=5, max_iterations=3, loss_every=2), breast.train_ids, "max-iter")
+    assert status.iteration == 3
+    active, passive = read_shard(federation, "active", "max-iter"), read_shard(federation, "passive", "max-iter")
+    assert active["metrics"]["iterations"] == passive["metrics"]["iterations"] == 3
+    # Where the time and bytes went, per party (what `make bench` reports).
+    assert {"encrypt", "matvec", "mask", "decrypt", "serialise", "rpc_wait"} <= set(active["metrics"]["phases_s"])
+    assert {"encrypt", "matvec", "mask", "decrypt", "serialise", "handler"} <= set(passive["metrics"]["phases_s"])
+    for shard in (active, passive):
+        assert all(v >= 0 for v in shard["metrics"]["phases_s"].values())
+        # 3 iterations of 64 ciphertexts of 1024 bits (OU test keys) at least.
+        assert shard["metrics"]["bytes_sent"] > 3 * 64 * 128
+        assert shard["metrics"]["peak_rss_bytes"] > 10 * 2**20

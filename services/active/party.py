@@ -156,6 +156,8 @@ class ActiveParty:
             check_batch_size(config.batch_size, p_a, p_b, config.allow_small_batch)
             floor = min_batch_size(p_a, p_b, config.allow_small_batch)
             batches = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor)
+            if config.max_iterations:
+                batches = batches[: config.max_iterations]
         except BaseException:
             if passive_set_up:
                 # B holds the job: release it so that the id can be used again.

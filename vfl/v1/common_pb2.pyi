@@ -237,6 +237,7 @@ class TrainingConfig(_message.Message):
     STANDARDIZE_FIELD_NUMBER: _builtins.int
     INIT_SCALE_FIELD_NUMBER: _builtins.int
     ALLOW_SMALL_BATCH_FIELD_NUMBER: _builtins.int
+    MAX_ITERATIONS_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Step size of mini-batch SGD. Default 0.15. Must be > 0."""
     batch_size: _builtins.int
@@ -267,6 +268,10 @@ class TrainingConfig(_message.Message):
     """Allow batch sizes below 3 * max(p_A, p_B) (never <= max(p_A, p_B)).
     Default false.
     """
+    max_iterations: _builtins.int
+    """Stop after this many iterations (0 = no limit, the epochs decide).
+    Default 0.
+    """
     def __init__(
         self,
         *,
@@ -280,10 +285,11 @@ class TrainingConfig(_message.Message):
         standardize: _builtins.bool | None = ...,
         init_scale: _builtins.float | None = ...,
         allow_small_batch: _builtins.bool | None = ...,
+        max_iterations: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_small_batch: _TypeAlias = _typing.Literal["allow_small_batch"]  # noqa: Y015
     _WhichOneofArgType__allow_small_batch: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch"]  # noqa: Y015
@@ -299,6 +305,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__loss_every: _TypeAlias = _typing.Literal["loss_every"]  # noqa: Y015
     _WhichOneofArgType__loss_every: _TypeAlias = _typing.Literal["_loss_every", b"_loss_every"]  # noqa: Y015
+    _WhichOneofReturnType__max_iterations: _TypeAlias = _typing.Literal["max_iterations"]  # noqa: Y015
+    _WhichOneofArgType__max_iterations: _TypeAlias = _typing.Literal["_max_iterations", b"_max_iterations"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__standardize: _TypeAlias = _typing.Literal["standardize"]  # noqa: Y015
@@ -319,6 +327,8 @@ class TrainingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss_every) -> _WhichOneofReturnType__loss_every | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_iterations) -> _WhichOneofReturnType__max_iterations | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
