@@ -80,6 +80,9 @@ class TimedBackend(HEBackend):
     def prepare(self, key: PublicKey | PrivateKey) -> None:
         self.inner.prepare(key)
 
+    def set_workers(self, workers: int) -> None:
+        self.inner.set_workers(workers)
+
     def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding_bits: int = 0) -> CipherVector:
         with CLOCK.phase("mask" if hiding_bits else "encrypt"):
             return self.inner.encrypt(key, plaintexts, hiding_bits)

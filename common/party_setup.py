@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ def load_party(settings: PartySettings, label_column: str | None = None) -> Part
     except (ConfigError, InvalidArgument, OSError) as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    backend.set_workers(settings.crypto_workers or os.cpu_count() or 1)
     backend.prepare(key)
     # Shorter GIL hand-offs: a step handler waits less for a thread in the
     # middle of a long computation (B's own product, the randomness pool).

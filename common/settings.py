@@ -33,10 +33,13 @@ class ServiceSettings(BaseSettings):
 class PartySettings(ServiceSettings):
     data_csv: Path = Field(..., description="this party's CSV: an id column and numeric features")
     id_column: str = Field("id", min_length=1, description="name of the id column")
-    key_bits: int = Field(2048, ge=128, le=8192, description="Paillier modulus size in bits")
+    key_bits: int = Field(2048, ge=128, le=8192, description="modulus size of this party's key in bits")
     test_mode: bool = Field(False, description="allow keys under 2048 bits (tests only)")
     backend: str = Field(
         DEFAULT_BACKEND, description="crypto backend: ou (default), paillier (both gmpy2), phe (reference)"
+    )
+    crypto_workers: int = Field(
+        0, ge=0, le=256, description="processes for large X^T [[v]] products (0 = one per core, 1 = in-process)"
     )
 
 

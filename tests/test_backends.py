@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from common.crypto import get_backend
 from common.crypto.backend import SCHEME_OU, CipherVector, PrivateKey
 from common.crypto.fixedpoint import signed
-from common.crypto.multiexp import FixedBaseTable, _bucket, _generic, _straus, matvec_powers
+from common.crypto.multiexp import FixedBaseTable, ParallelMatvec, _bucket, _generic, _straus, matvec_powers
 from common.errors import InvalidArgument
 
 PHE = get_backend("phe")
@@ -151,3 +151,16 @@ def test_matvec_takes_coefficients_beyond_int64() -> None:
 def test_fixed_base_table_is_powmod(e: int) -> None:
     table = FixedBaseTable(7, MODULUS, window=6)
     assert table.pow(e) == gmpy2.powmod(7, e, MODULUS)
+
+
+def test_parallel_matvec_splits_rows_across_processes_and_agrees() -> None:
+    rng = np.random.default_rng(5)
+    bases = [gmpy2.mpz(int(b)) for b in rng.integers(2, 2**62, size=30)]
+    m = rng.integers(-(2**30), 2**30, size=(5, 30), dtype=np.int64)
+    parallel = ParallelMatvec(2, min_cost=0)
+    try:
+        assert parallel(bases, m, MODULUS) == matvec_powers(bases, m, MODULUS)
+        assert parallel._pool is not None  # it really used the pool
+    finally:
+        if parallel._pool is not None:
+            parallel._pool.shutdown()

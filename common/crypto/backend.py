@@ -244,6 +244,10 @@ class HEBackend(ABC):
     @abstractmethod
     def generate_keypair(self, bits: int) -> PrivateKey: ...
 
+    def set_workers(self, workers: int) -> None:
+        """Processes for large products. Optional; ignored by default."""
+        return None
+
     def prepare(self, key: PublicKey | PrivateKey) -> None:
         """Precompute what operations under this key need (tables, pools),
         ahead of the first job. Optional."""

@@ -41,7 +41,7 @@ from common.crypto.backend import (
     PublicKey,
     register_backend,
 )
-from common.crypto.multiexp import FixedBaseTable, matvec_powers
+from common.crypto.multiexp import FixedBaseTable, ParallelMatvec
 from common.crypto.pool import FILLER, RandomnessPool
 from common.errors import InvalidArgument
 
@@ -209,6 +209,11 @@ class _FastBackend(HEBackend):
         self._public: dict[bytes, _PaillierPublicOps | _OUPublicOps] = {}
         self._private: dict[bytes, _PaillierPrivateOps | _OUPrivateOps] = {}
         self._lock = threading.Lock()
+        self._matvec = ParallelMatvec(1)
+
+    def set_workers(self, workers: int) -> None:
+        """Processes for large products (1 = in-process); see ParallelMatvec."""
+        self._matvec = ParallelMatvec(workers)
 
     def _public_ops(self, key: PublicKey) -> _PaillierPublicOps | _OUPublicOps:
         ops = self._public.get(key.fingerprint)
@@ -268,7 +273,7 @@ class _FastBackend(HEBackend):
         self.require_scheme(ciphers.key, "matvec")
         rows, cols = matrix.shape
         ciphers.require_length(cols, "matvec")
-        out = matvec_powers(ciphers.values, matrix, ciphers.key.cipher_modulus)
+        out = self._matvec(ciphers.values, matrix, ciphers.key.cipher_modulus)
         return CipherVector(ciphers.key, tuple(int(c) for c in out))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import gmpy2
 import numpy as np
@@ -218,3 +219,41 @@ def matvec_powers(bases: Sequence[int], matrix: np.ndarray, modulus: int) -> lis
     if plan.algorithm == "straus":
         return _straus(bs, absm, negm, bits, plan.window, m)
     return _bucket(bs, absm, negm, bits, plan.window, m)
+
+
+class ParallelMatvec:
+    """Large products split by rows across a process pool sized to the cores.
+
+    Worth it only when the product is large (seconds, not milliseconds) and
+    the party has cores to spare; small products stay in-process, where they
+    cost no pickling. Workers are spawned, not forked, so that they inherit
+    no gRPC state.
+    """
+
+    def __init__(self, workers: int, min_cost: float = 2e5) -> None:
+        self.workers = workers
+        self.min_cost = min_cost
+        self._pool: Any = None
+        self._lock = threading.Lock()
+
+    def _executor(self) -> Any:
+        with self._lock:
+            if self._pool is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def __call__(self, bases: Sequence[int], matrix: np.ndarray, modulus: int) -> list[mpz]:
+        mat = np.asarray(matrix)
+        rows = mat.shape[0] if mat.ndim == 2 else 0
+        if self.workers <= 1 or rows < 2 or mat.dtype == object:
+            return matvec_powers(bases, matrix, modulus)
+        bits = [int(v).bit_length() for v in np.abs(mat.astype(np.int64)).max(axis=1)] if mat.shape[1] else []
+        if plan_matvec(len(bases), bits).cost < self.min_cost:
+            return matvec_powers(bases, matrix, modulus)
+        plain = [int(b) for b in bases]
+        parts = np.array_split(np.arange(rows), min(self.workers, rows))
+        jobs = [self._executor().submit(matvec_powers, plain, mat[idx], modulus) for idx in parts if idx.size]
+        return [c for job in jobs for c in job.result()]
