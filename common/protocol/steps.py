@@ -37,7 +37,7 @@ from common.errors import OutOfRange
 # fixed-point encoding accepts; it bounds every homomorphic sum below.
 SHARE_BOUND = float(2**20)
 FEATURE_BOUND = float(2**30)
-# Every value hidden by a mask (the cross gradient X^T s at scale 2^52) is
+# Every value hidden by a mask (the cross gradient X^T s at scale 2^48) is
 # below 2^HIDDEN_VALUE_BITS in magnitude: checked by the party that masks it,
 # and, where the plaintext modulus is secret (OU), by the party that decrypts.
 HIDDEN_VALUE_BITS = 128
