@@ -29,7 +29,7 @@ from common.jobconfig import JobConfig
 from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
 from common.protocol import steps
-from common.protocol.batching import check_batch_size, min_batch_size
+from common.protocol.batching import batch_schedule, check_batch_size, min_batch_size
 from common.protocol.reference import initial_weights
 from common.serde import StepMessage, rows_array
 
@@ -63,6 +63,8 @@ class PassiveJob:
     loss_sent: bool = False
     loss: Future[CipherVector] | None = None
     step4_sent: threading.Event = field(default_factory=threading.Event)
+    expected_rows: list[np.ndarray] = field(default_factory=list)
+    next_share: Future[tuple[int, np.ndarray, CipherVector] | None] | None = None
     last_update_sq_norm: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
@@ -134,6 +136,11 @@ class PassiveParty:
         x = scaler.transform(raw)
         w = initial_weights(config.seed, "passive", self.data.n_features, config.init_scale)
         job = PassiveJob(job_id, config, target_fp, active_key, active_features, x, scaler, w)
+        # A sends each batch's rows; B expands the same seeded schedule only to
+        # guess the next batch and encrypt its share ahead (see _prepare_share).
+        schedule = batch_schedule(n_rows, config.batch_size, config.epochs, config.seed, floor)
+        job.expected_rows = [b.rows for b in schedule]
+        job.next_share = self._pool.submit(self._encrypt_share, job, 0)
         with self._lock:
             self._jobs[job_id] = job
         log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
@@ -154,9 +161,7 @@ class PassiveParty:
             a_enc = msg.ciphers(job.active_key, "ciphertexts")
             a_enc.require_length(rows.size, "ciphertexts")
             x = job.x[rows]
-            u = x @ job.w
-            b = u / 4.0
-            b_enc = steps.first_intermediate_share(self.backend, self.key.public, b)
+            u, b, b_enc = self._share_for(job, iteration, rows)
             job.own_gradient = self._pool.submit(GATE.working(steps.masked_encrypted_gradient), self.backend, x, a_enc)
             every = job.config.loss_every
             # A asks for the loss share on these iterations (and on the last):
@@ -168,6 +173,29 @@ class PassiveParty:
             job.rows, job.a_enc, job.u, job.b, job.loss_sent = rows, a_enc, u, b, False
             job.phase = Phase.GRADIENTS
             return b_enc
+
+    def _encrypt_share(self, job: PassiveJob, iteration: int) -> tuple[int, np.ndarray, CipherVector] | None:
+        """Step 2 ahead of time: B's share for the batch it expects next, under
+        the weights it has now (they change only at step 5)."""
+        if iteration >= len(job.expected_rows):
+            return None
+        rows = job.expected_rows[iteration]
+        with GATE.busy():
+            b = job.x[rows] @ job.w / 4.0
+            return iteration, rows, steps.first_intermediate_share(self.backend, self.key.public, b)
+
+    def _share_for(
+        self, job: PassiveJob, iteration: int, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, CipherVector]:
+        """u_B, b and [[b_S]]_B for the rows A sent: the share encrypted ahead
+        if A sent the expected rows, else encrypted now."""
+        u = job.x[rows] @ job.w
+        b = u / 4.0
+        ahead = job.next_share.result() if job.next_share is not None else None
+        job.next_share = None
+        if ahead is not None and ahead[0] == iteration and np.array_equal(ahead[1], rows):
+            return u, b, ahead[2]
+        return u, b, steps.first_intermediate_share(self.backend, self.key.public, b)
 
     @GATE.working
     def masked_gradients(
@@ -207,6 +235,7 @@ class PassiveParty:
             log.info("event=iteration_applied job=%s iteration=%d", job_id, iteration + 1)
             job.iteration += 1
             job.phase = Phase.SHARES
+            job.next_share = self._pool.submit(self._encrypt_share, job, job.iteration)
             job.own_gradient = job.a_enc = job.u = job.b = job.rows = job.loss = None
             return update
 
