@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint typecheck test test-compose demo up down clean
+.PHONY: help install proto proto-check lint typecheck test test-compose demo bench up down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -40,13 +40,20 @@ lint: $(STAMP) ## ruff
 typecheck: $(STAMP) ## mypy on common/
 	$(VENV)/bin/mypy common
 
-test: $(STAMP) ## unit, protocol and end-to-end tests (real gRPC, real Paillier)
+test: $(STAMP) ## unit, protocol and end-to-end tests (real gRPC, real OU and Paillier keys)
 	@# pytest exits 5 when it collects nothing: that is a failure here, not a pass.
 	@$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
 
 demo: $(STAMP) ## local federation: train on the bundled breast data, predict the held-out 20 %, print the AUC
 	$(VENV)/bin/vfl demo
+
+# make bench BENCH=primitives|breast|synthetic|sweep runs one workload; BENCH_ARGS passes more options
+# (e.g. BENCH_ARGS="--backends ou,phe" or "--quick").
+BENCH ?= all
+BENCH_ARGS ?=
+bench: $(STAMP) ## benchmarks on the real federation (2048-bit keys) -> BENCHMARKS.md, benchmarks/results.json
+	$(PY) -m benchmarks.bench --bench $(BENCH) $(BENCH_ARGS)
 
 test-compose: ## docker-compose: build, run the demo federation, check its AUC
 	bash tests/system/test_compose.sh
