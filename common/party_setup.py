@@ -36,7 +36,7 @@ def load_party(settings: PartySettings, label_column: str | None = None) -> Part
     backend.prepare(key)
     # Shorter GIL hand-offs: a step handler waits less for a thread in the
     # middle of a long computation (B's own product, the randomness pool).
-    sys.setswitchinterval(0.001)
+    sys.setswitchinterval(0.0002)
     if settings.test_mode:
         logging.getLogger("vfl").warning(
             "event=test_mode key_bits=%d: small keys allowed, not for real data", settings.key_bits

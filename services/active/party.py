@@ -204,7 +204,9 @@ class ActiveParty:
     def _exchange_keys(self) -> tuple[PublicKey, bytes]:
         passive_key, their_fp = self.peer.exchange_keys(self.key.public, self.min_peer_bits)
         self.backend.require_scheme(passive_key, "passive_key")
-        self.backend.prepare(passive_key)
+        # Tables for the peer's key grow on first use anyway; growing them in
+        # the background keeps key exchange off the job's critical path.
+        self._io.submit(self.backend.prepare, passive_key)
         target_fp = target_fingerprint(self.key.public, passive_key)
         if their_fp != target_fp:
             raise FailedPrecondition("target_fingerprint: the passive party computed a different target key")

@@ -87,7 +87,12 @@ class PassiveParty:
         self._jobs: dict[str, PassiveJob] = {}
         self._lock = threading.Lock()
         # Overlaps B's X_B^T [[a]] with A's X_A^T [[b]] (both step 3).
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="passive-step3")
+        # One thread each, so that no task waits behind another: B's own
+        # step-3 product, the next batch's share, and the loss share (which
+        # waits for step 4).
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passive-step3")
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passive-ahead")
+        self._loss = ThreadPoolExecutor(max_workers=4, thread_name_prefix="passive-loss")
 
     # --- key exchange and set-up ------------------------------------------
 
@@ -95,7 +100,9 @@ class PassiveParty:
         if active_key.fingerprint == self.key.public.fingerprint:
             raise InvalidArgument("active_key: is this party's own key")
         self.backend.require_scheme(active_key, "active_key")
-        self.backend.prepare(active_key)
+        # Tables for the peer's key grow on first use anyway; growing them in
+        # the background keeps key exchange off the job's critical path.
+        self._ahead.submit(self.backend.prepare, active_key)
         fp = target_fingerprint(active_key, self.key.public)
         with self._lock:
             self._targets[fp] = active_key
@@ -140,7 +147,7 @@ class PassiveParty:
         # guess the next batch and encrypt its share ahead (see _prepare_share).
         schedule = batch_schedule(n_rows, config.batch_size, config.epochs, config.seed, floor)
         job.expected_rows = [b.rows for b in schedule]
-        job.next_share = self._pool.submit(self._encrypt_share, job, 0)
+        job.next_share = self._ahead.submit(self._encrypt_share, job, 0)
         with self._lock:
             self._jobs[job_id] = job
         log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
@@ -169,7 +176,7 @@ class PassiveParty:
             job.loss = None
             job.step4_sent.clear()
             if every and (iteration + 1) % every == 0:
-                job.loss = self._pool.submit(self._loss_after_step4, job.step4_sent, a_enc, u)
+                job.loss = self._loss.submit(self._loss_after_step4, job.step4_sent, a_enc, u)
             job.rows, job.a_enc, job.u, job.b, job.loss_sent = rows, a_enc, u, b, False
             job.phase = Phase.GRADIENTS
             return b_enc
@@ -235,7 +242,7 @@ class PassiveParty:
             log.info("event=iteration_applied job=%s iteration=%d", job_id, iteration + 1)
             job.iteration += 1
             job.phase = Phase.SHARES
-            job.next_share = self._pool.submit(self._encrypt_share, job, job.iteration)
+            job.next_share = self._ahead.submit(self._encrypt_share, job, job.iteration)
             job.own_gradient = job.a_enc = job.u = job.b = job.rows = job.loss = None
             return update
 
