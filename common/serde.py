@@ -171,6 +171,25 @@ def _build_chunks(
     return parts
 
 
+def single_chunk(parts: Sequence[common_pb2.StepChunk]) -> common_pb2.StepChunk | None:
+    """The parts of a step message merged into one StepChunk, or None if that
+    would exceed CHUNK_BYTES or a vector spans several chunks."""
+    if sum(p.ByteSize() for p in parts) > CHUNK_BYTES:
+        return None
+    if sum(p.HasField("ciphertexts") for p in parts) > 1 or sum(p.HasField("residues") for p in parts) > 1:
+        return None
+    one = common_pb2.StepChunk()
+    for part in parts:
+        one.MergeFrom(part)
+    return one
+
+
+def fits_one_chunk(count: int, width: int) -> bool:
+    """Whether `count` values of `width` bytes leave room for a header and rows
+    in one chunk (a reply's size, judged before the call)."""
+    return count * width <= CHUNK_BYTES // 2
+
+
 def from_chunks(chunks: Iterable[common_pb2.StepChunk], what: str, max_bytes: int = 1 << 31) -> StepMessage:
     """Reassemble a step stream, checking that each vector keeps one key and width."""
     msg = StepMessage()

@@ -124,3 +124,19 @@ def test_config_round_trip(config):
 
 def test_unset_config_fields_take_defaults():
     assert serde.config_from_proto(common_pb2.TrainingConfig()) == JobConfig()
+
+
+def test_single_chunk_merges_a_small_step_and_refuses_a_large_one():
+    header = serde.step_header("job", 3, b"\1" * 32)
+    enc = BACKEND.encrypt(KEY.public, [1, 2, 3])
+    parts = list(serde.to_chunks(header, rows=[4, 5, 6], ciphers=enc))
+    assert len(parts) == 2  # rows and ciphertexts travel in separate chunks when streamed
+    one = serde.single_chunk(parts)
+    assert one is not None
+    msg = serde.from_chunks([one], "one")
+    assert msg.rows == [4, 5, 6] and msg.header == header
+    assert msg.ciphers(KEY.public, "c").values == enc.values
+    many = serde.CHUNK_BYTES // KEY.public.cipher_width + 1
+    big = list(serde.to_chunks(header, ciphers=BACKEND.encrypt(KEY.public, [0] * many)))
+    assert serde.single_chunk(big) is None
+    assert serde.fits_one_chunk(10, 256) and not serde.fits_one_chunk(serde.CHUNK_BYTES, 1)

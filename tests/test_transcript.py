@@ -45,7 +45,8 @@ def load_transcript(path: Path) -> list[tuple[str, str, object]]:
     for line in path.read_text().splitlines():
         rec = json.loads(line)
         msg = message_class(rec["method"], rec["direction"]).FromString(base64.b64decode(rec["payload"]))
-        out.append((rec["method"].rsplit("/", 1)[-1], rec["direction"], msg))
+        # A step's unary twin carries the same messages: count them as the step.
+        out.append((rec["method"].rsplit("/", 1)[-1].removesuffix("Unary"), rec["direction"], msg))
     return out
 
 

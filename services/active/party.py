@@ -278,7 +278,7 @@ class ActiveParty:
         a_enc = steps.first_encrypted_data(self.backend, self.key.public, a)
         if previous_apply is not None:
             previous_apply.result()
-        reply = self.peer.exchange_residual_shares(header, batch.rows.tolist(), a_enc)
+        reply = self.peer.exchange_residual_shares(header, batch.rows.tolist(), a_enc, s.passive_key.cipher_width)
         b_enc = reply.ciphers(s.passive_key, "[[b_S]]_B")
         b_enc.require_length(len(batch.rows), "[[b_S]]_B")
         every = s.job.config.loss_every
@@ -288,7 +288,10 @@ class ActiveParty:
         # Step 3: [[X_A^T b + R_A]]_B.
         grad_a = steps.masked_encrypted_gradient(self.backend, x, b_enc)
         # Step 4: B decrypts ours; we decrypt B's.
-        reply = self.peer.exchange_masked_gradients(header, grad_a.ciphers)
+        width = max(s.passive_key.residue_width, self.key.public.cipher_width)
+        reply = self.peer.exchange_masked_gradients(
+            header, grad_a.ciphers, max(len(grad_a.ciphers), s.p_passive), width
+        )
         z_a = reply.residues(s.passive_key, "z_A")
         grad_b = reply.ciphers(self.key.public, "[[h_B + R_B]]_A")
         z_b = steps.decrypt_masked_gradient(self.backend, self.key, grad_b, s.p_passive)

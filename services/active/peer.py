@@ -88,26 +88,45 @@ class PassiveClient:
         )
         return int(reply.passive_features)
 
-    def exchange_residual_shares(
-        self, header: common_pb2.StepHeader, rows: Sequence[int], a_enc: CipherVector
-    ) -> serde.StepMessage:
-        return self._stream(
-            "ExchangeResidualShares",
-            self._stub.ExchangeResidualShares,
-            serde.to_chunks(header, rows=rows, ciphers=a_enc),
+    def _step(self, method: str, parts: list[common_pb2.StepChunk], reply_fits: bool) -> serde.StepMessage:
+        """A step exchange: unary when both directions fit one message, else streamed."""
+        one = serde.single_chunk(parts) if reply_fits else None
+        if one is None:
+            return self._stream(method, getattr(self._stub, method), iter(parts))
+        unary = getattr(self._stub, method + "Unary")
+        name = method + "Unary"
+        return self._call(
+            name, lambda: serde.from_chunks([self._received(name, unary(one, timeout=self.timeout_s))], name)
         )
 
-    def exchange_masked_gradients(self, header: common_pb2.StepHeader, grad_a: CipherVector) -> serde.StepMessage:
-        return self._stream(
-            "ExchangeMaskedGradients", self._stub.ExchangeMaskedGradients, serde.to_chunks(header, ciphers=grad_a)
-        )
+    def exchange_residual_shares(
+        self, header: common_pb2.StepHeader, rows: Sequence[int], a_enc: CipherVector, reply_width: int
+    ) -> serde.StepMessage:
+        parts = list(serde.to_chunks(header, rows=rows, ciphers=a_enc))
+        return self._step("ExchangeResidualShares", parts, serde.fits_one_chunk(len(rows), reply_width))
+
+    def exchange_masked_gradients(
+        self, header: common_pb2.StepHeader, grad_a: CipherVector, reply_count: int, reply_width: int
+    ) -> serde.StepMessage:
+        parts = list(serde.to_chunks(header, ciphers=grad_a))
+        # The reply holds B's masked gradient and z_A: at most two vectors of reply_count.
+        return self._step("ExchangeMaskedGradients", parts, serde.fits_one_chunk(2 * reply_count, reply_width))
 
     def apply_gradient(self, header: common_pb2.StepHeader, key: PublicKey, z_b: Sequence[int]) -> float:
-        chunks = serde.to_chunks(header, residues=(key, z_b))
-        reply = self._call(
-            "ApplyGradient",
-            lambda: self._received("ApplyGradient", self._stub.ApplyGradient(chunks, timeout=self.timeout_s)),
-        )
+        parts = list(serde.to_chunks(header, residues=(key, z_b)))
+        one = serde.single_chunk(parts)
+        if one is None:
+            reply = self._call(
+                "ApplyGradient",
+                lambda: self._received("ApplyGradient", self._stub.ApplyGradient(iter(parts), timeout=self.timeout_s)),
+            )
+        else:
+            reply = self._call(
+                "ApplyGradientUnary",
+                lambda: self._received(
+                    "ApplyGradientUnary", self._stub.ApplyGradientUnary(one, timeout=self.timeout_s)
+                ),
+            )
         return float(reply.update_sq_norm)
 
     def loss_share(self, header: common_pb2.StepHeader, key: PublicKey) -> CipherVector:

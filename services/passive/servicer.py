@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import grpc
 
@@ -46,32 +46,68 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         p_b = self.party.setup_job(spec.job_id, config, spec.target_fingerprint, spec.active_features, spec.n_rows, ids)
         return party_pb2.SetupJobReply(passive_features=p_b)
 
+    # Steps 1-5: each streaming RPC and its unary twin share one implementation.
+
+    def _residual_shares(self, chunks: Iterable[common_pb2.StepChunk]) -> list[common_pb2.StepChunk]:
+        msg = serde.from_chunks(chunks, "ExchangeResidualShares")
+        h = msg.require_header("ExchangeResidualShares")
+        b_enc = self.party.residual_shares(h.job_id, h.iteration, h.target_fingerprint, msg)
+        return list(serde.to_chunks(h, ciphers=b_enc))
+
+    def _masked_gradients(self, chunks: Iterable[common_pb2.StepChunk]) -> list[common_pb2.StepChunk]:
+        msg = serde.from_chunks(chunks, "ExchangeMaskedGradients")
+        h = msg.require_header("ExchangeMaskedGradients")
+        z_a, grad_b = self.party.masked_gradients(h.job_id, h.iteration, h.target_fingerprint, msg)
+        return list(serde.to_chunks(h, ciphers=grad_b, residues=(self.party.key.public, z_a)))
+
+    def _apply_gradient(self, chunks: Iterable[common_pb2.StepChunk]) -> party_pb2.ApplyGradientReply:
+        msg = serde.from_chunks(chunks, "ApplyGradient")
+        h = msg.require_header("ApplyGradient")
+        norm = self.party.apply_gradient(h.job_id, h.iteration, h.target_fingerprint, msg)
+        return party_pb2.ApplyGradientReply(header=h, update_sq_norm=norm)
+
+    @staticmethod
+    def _one(parts: list[common_pb2.StepChunk], method: str) -> common_pb2.StepChunk:
+        one = serde.single_chunk(parts)
+        if one is None:
+            raise InvalidArgument(f"{method}: the reply does not fit one message; use the streaming RPC")
+        return one
+
     @rpc_method
     def ExchangeResidualShares(
         self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext
     ) -> Iterator[common_pb2.StepChunk]:
-        msg = serde.from_chunks(request_iterator, "ExchangeResidualShares")
-        h = msg.require_header("ExchangeResidualShares")
-        b_enc = self.party.residual_shares(h.job_id, h.iteration, h.target_fingerprint, msg)
-        yield from serde.to_chunks(h, ciphers=b_enc)
+        yield from self._residual_shares(request_iterator)
+
+    @rpc_method
+    def ExchangeResidualSharesUnary(
+        self, request: common_pb2.StepChunk, context: grpc.ServicerContext
+    ) -> common_pb2.StepChunk:
+        return self._one(self._residual_shares([request]), "ExchangeResidualSharesUnary")
 
     @rpc_method
     def ExchangeMaskedGradients(
         self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext
     ) -> Iterator[common_pb2.StepChunk]:
-        msg = serde.from_chunks(request_iterator, "ExchangeMaskedGradients")
-        h = msg.require_header("ExchangeMaskedGradients")
-        z_a, grad_b = self.party.masked_gradients(h.job_id, h.iteration, h.target_fingerprint, msg)
-        yield from serde.to_chunks(h, ciphers=grad_b, residues=(self.party.key.public, z_a))
+        yield from self._masked_gradients(request_iterator)
+
+    @rpc_method
+    def ExchangeMaskedGradientsUnary(
+        self, request: common_pb2.StepChunk, context: grpc.ServicerContext
+    ) -> common_pb2.StepChunk:
+        return self._one(self._masked_gradients([request]), "ExchangeMaskedGradientsUnary")
 
     @rpc_method
     def ApplyGradient(
         self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext
     ) -> party_pb2.ApplyGradientReply:
-        msg = serde.from_chunks(request_iterator, "ApplyGradient")
-        h = msg.require_header("ApplyGradient")
-        norm = self.party.apply_gradient(h.job_id, h.iteration, h.target_fingerprint, msg)
-        return party_pb2.ApplyGradientReply(header=h, update_sq_norm=norm)
+        return self._apply_gradient(request_iterator)
+
+    @rpc_method
+    def ApplyGradientUnary(
+        self, request: common_pb2.StepChunk, context: grpc.ServicerContext
+    ) -> party_pb2.ApplyGradientReply:
+        return self._apply_gradient([request])
 
     @rpc_method
     def ComputeLossShare(

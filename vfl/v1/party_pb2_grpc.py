@@ -60,6 +60,21 @@ class PartyServiceStub:
                 request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
                 response_deserializer=vfl_dot_v1_dot_party__pb2.ApplyGradientReply.FromString,
                 _registered_method=True)
+        self.ExchangeResidualSharesUnary = channel.unary_unary(
+                '/vfl.v1.PartyService/ExchangeResidualSharesUnary',
+                request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                _registered_method=True)
+        self.ExchangeMaskedGradientsUnary = channel.unary_unary(
+                '/vfl.v1.PartyService/ExchangeMaskedGradientsUnary',
+                request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                _registered_method=True)
+        self.ApplyGradientUnary = channel.unary_unary(
+                '/vfl.v1.PartyService/ApplyGradientUnary',
+                request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_party__pb2.ApplyGradientReply.FromString,
+                _registered_method=True)
         self.ComputeLossShare = channel.unary_unary(
                 '/vfl.v1.PartyService/ComputeLossShare',
                 request_serializer=vfl_dot_v1_dot_party__pb2.LossShareRequest.SerializeToString,
@@ -123,6 +138,29 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExchangeResidualSharesUnary(self, request, context):
+        """The three steps above for messages that fit one StepChunk of at most
+        1 MiB (CHUNK_BYTES) each way: the same request and reply in one message,
+        which spares the per-stream threads of the gRPC runtimes. A uses them
+        whenever both directions fit; B refuses (INVALID_ARGUMENT) a reply that
+        would not fit, and the streaming RPC is then the one to use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeMaskedGradientsUnary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyGradientUnary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ComputeLossShare(self, request, context):
         """Loss check for the current batch: B answers
         [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
@@ -172,6 +210,21 @@ def add_PartyServiceServicer_to_server(servicer, server):
             ),
             'ApplyGradient': grpc.stream_unary_rpc_method_handler(
                     servicer.ApplyGradient,
+                    request_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                    response_serializer=vfl_dot_v1_dot_party__pb2.ApplyGradientReply.SerializeToString,
+            ),
+            'ExchangeResidualSharesUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeResidualSharesUnary,
+                    request_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                    response_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            ),
+            'ExchangeMaskedGradientsUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeMaskedGradientsUnary,
+                    request_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                    response_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            ),
+            'ApplyGradientUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyGradientUnary,
                     request_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
                     response_serializer=vfl_dot_v1_dot_party__pb2.ApplyGradientReply.SerializeToString,
             ),
@@ -324,6 +377,87 @@ class PartyService:
             request_iterator,
             target,
             '/vfl.v1.PartyService/ApplyGradient',
+            vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            vfl_dot_v1_dot_party__pb2.ApplyGradientReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeResidualSharesUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.PartyService/ExchangeResidualSharesUnary',
+            vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeMaskedGradientsUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.PartyService/ExchangeMaskedGradientsUnary',
+            vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyGradientUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.PartyService/ApplyGradientUnary',
             vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
             vfl_dot_v1_dot_party__pb2.ApplyGradientReply.FromString,
             options,

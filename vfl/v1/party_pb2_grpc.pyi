@@ -59,6 +59,15 @@ class PartyServiceStub:
     """Step 4 (end) and 5. A -> B: header and residues = z_B = h_B + R_B mod n_A
     (decrypted by A). B removes R_B and updates w_B.
     """
+    ExchangeResidualSharesUnary: _grpc.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]
+    """The three steps above for messages that fit one StepChunk of at most
+    1 MiB (CHUNK_BYTES) each way: the same request and reply in one message,
+    which spares the per-stream threads of the gRPC runtimes. A uses them
+    whenever both directions fit; B refuses (INVALID_ARGUMENT) a reply that
+    would not fit, and the streaming RPC is then the one to use.
+    """
+    ExchangeMaskedGradientsUnary: _grpc.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]
+    ApplyGradientUnary: _grpc.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _party_pb2.ApplyGradientReply]
     ComputeLossShare: _grpc.UnaryUnaryMultiCallable[_party_pb2.LossShareRequest, _party_pb2.LossShareReply]
     """Loss check for the current batch: B answers
     [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
@@ -97,6 +106,15 @@ class PartyServiceAsyncStub(PartyServiceStub):
     """Step 4 (end) and 5. A -> B: header and residues = z_B = h_B + R_B mod n_A
     (decrypted by A). B removes R_B and updates w_B.
     """
+    ExchangeResidualSharesUnary: _aio.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]  # type: ignore[assignment]
+    """The three steps above for messages that fit one StepChunk of at most
+    1 MiB (CHUNK_BYTES) each way: the same request and reply in one message,
+    which spares the per-stream threads of the gRPC runtimes. A uses them
+    whenever both directions fit; B refuses (INVALID_ARGUMENT) a reply that
+    would not fit, and the streaming RPC is then the one to use.
+    """
+    ExchangeMaskedGradientsUnary: _aio.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]  # type: ignore[assignment]
+    ApplyGradientUnary: _aio.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _party_pb2.ApplyGradientReply]  # type: ignore[assignment]
     ComputeLossShare: _aio.UnaryUnaryMultiCallable[_party_pb2.LossShareRequest, _party_pb2.LossShareReply]  # type: ignore[assignment]
     """Loss check for the current batch: B answers
     [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
@@ -162,6 +180,33 @@ class PartyServiceServicer(metaclass=_abc_1.ABCMeta):
         """Step 4 (end) and 5. A -> B: header and residues = z_B = h_B + R_B mod n_A
         (decrypted by A). B removes R_B and updates w_B.
         """
+
+    @_abc_1.abstractmethod
+    def ExchangeResidualSharesUnary(
+        self,
+        request: _common_pb2.StepChunk,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.StepChunk, _abc.Awaitable[_common_pb2.StepChunk]]:
+        """The three steps above for messages that fit one StepChunk of at most
+        1 MiB (CHUNK_BYTES) each way: the same request and reply in one message,
+        which spares the per-stream threads of the gRPC runtimes. A uses them
+        whenever both directions fit; B refuses (INVALID_ARGUMENT) a reply that
+        would not fit, and the streaming RPC is then the one to use.
+        """
+
+    @_abc_1.abstractmethod
+    def ExchangeMaskedGradientsUnary(
+        self,
+        request: _common_pb2.StepChunk,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.StepChunk, _abc.Awaitable[_common_pb2.StepChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def ApplyGradientUnary(
+        self,
+        request: _common_pb2.StepChunk,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.ApplyGradientReply, _abc.Awaitable[_party_pb2.ApplyGradientReply]]: ...
 
     @_abc_1.abstractmethod
     def ComputeLossShare(
