@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,38 +42,43 @@ def load_party_csv(path: Path, id_column: str = "id", label_column: str | None =
     number of numeric feature columns (every other column)."""
     if not path.is_file():
         raise ConfigError(f"VFL_DATA_CSV: no such file {path}")
+    # Streamed row by row into a flat float array: peak memory is the data
+    # itself (8 bytes a value), not a list of strings per row.
+    ids: list[str] = []
+    values = array("d")
+    label_values = array("d")
     with path.open(newline="") as fh:
         reader = csv.reader(fh)
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise ConfigError(f"{path}: empty file, expected a header row") from None
-        rows = [r for r in reader if r]
-    if id_column not in header:
-        raise ConfigError(f"{path}: id column {id_column!r} not in header {header}")
-    if label_column is not None and label_column not in header:
-        raise ConfigError(f"{path}: label column {label_column!r} not in header {header}")
-    id_idx = header.index(id_column)
-    label_idx = header.index(label_column) if label_column is not None else None
-    feat_idx = [i for i in range(len(header)) if i not in (id_idx, label_idx)]
-    if not feat_idx:
-        raise ConfigError(f"{path}: no feature columns besides {id_column!r}")
-    ids: list[str] = []
-    feats = np.empty((len(rows), len(feat_idx)))
-    labels = np.empty(len(rows))
-    for r, row in enumerate(rows):
-        if len(row) != len(header):
-            raise ConfigError(f"{path}: line {r + 2} has {len(row)} fields, header has {len(header)}")
-        ids.append(row[id_idx].strip())
-        try:
-            feats[r] = [float(row[i]) for i in feat_idx]
-        except ValueError:
-            raise ConfigError(f"{path}: line {r + 2} has a non-numeric feature value") from None
-        if label_idx is not None:
-            value = row[label_idx].strip()
-            if value not in ("0", "1", "0.0", "1.0"):
-                raise ConfigError(f"{path}: line {r + 2}: label must be 0 or 1")
-            labels[r] = float(value)
+        if id_column not in header:
+            raise ConfigError(f"{path}: id column {id_column!r} not in header {header}")
+        if label_column is not None and label_column not in header:
+            raise ConfigError(f"{path}: label column {label_column!r} not in header {header}")
+        id_idx = header.index(id_column)
+        label_idx = header.index(label_column) if label_column is not None else None
+        feat_idx = [i for i in range(len(header)) if i not in (id_idx, label_idx)]
+        if not feat_idx:
+            raise ConfigError(f"{path}: no feature columns besides {id_column!r}")
+        for line, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ConfigError(f"{path}: line {line} has {len(row)} fields, header has {len(header)}")
+            ids.append(row[id_idx].strip())
+            try:
+                values.extend(float(row[i]) for i in feat_idx)
+            except ValueError:
+                raise ConfigError(f"{path}: line {line} has a non-numeric feature value") from None
+            if label_idx is not None:
+                value = row[label_idx].strip()
+                if value not in ("0", "1", "0.0", "1.0"):
+                    raise ConfigError(f"{path}: line {line}: label must be 0 or 1")
+                label_values.append(float(value))
+    feats = np.frombuffer(values, dtype=np.float64).reshape(len(ids), len(feat_idx)).copy()
+    labels = np.frombuffer(label_values, dtype=np.float64).copy() if label_idx is not None else np.empty(0)
     if not np.all(np.isfinite(feats)):
         raise ConfigError(f"{path}: feature values must be finite (no NaN or infinity)")
     if len(set(ids)) != len(ids):
