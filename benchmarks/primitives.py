@@ -128,6 +128,47 @@ def _uniform_encrypt_rate(backend: HEBackend, key: PublicKey, min_s: float) -> f
     return round(calls * VECTOR / seconds, 1)
 
 
+LARGE_ROWS, LARGE_VECTOR = 40, 1024
+
+
+def measure_process_pool(name: str, bits: int, min_s: float) -> dict[str, Any]:
+    """A large product (40 x 1024, a batch of 1024 rows and 40 features) in
+    the process and split across a process pool of one worker per core
+    (`common.crypto.multiexp.ParallelMatvec`), both checked against M v."""
+    import os
+
+    from common.crypto.multiexp import ParallelMatvec, matvec_powers
+
+    backend = get_backend(name)
+    key = backend.generate_keypair(bits)
+    rng = np.random.default_rng(2)
+    v = rng.integers(-PLAIN_BOUND, PLAIN_BOUND, size=LARGE_VECTOR, dtype=np.int64)
+    m = rng.integers(-(2**19), 2**19, size=(LARGE_ROWS, LARGE_VECTOR), dtype=np.int64)
+    cv = backend.encrypt(key.public, [int(x) % key.public.n for x in v])
+    modulus = key.public.cipher_modulus
+    workers = os.cpu_count() or 1
+    pool = ParallelMatvec(workers, min_cost=0)
+    try:
+        pool._executor()  # spawn the workers before timing
+        for fn in (matvec_powers, pool):
+            out = [int(c) for c in fn(cv.values, m, modulus)]
+            got = signed(backend.decrypt(key, type(cv)(key.public, tuple(out))), key.plaintext_modulus)
+            if got != _expected(m, v):
+                raise AssertionError(f"{name}: large product differs from M v")
+        serial = _timed(lambda: matvec_powers(cv.values, m, modulus), min_s)
+        pooled = _timed(lambda: pool(cv.values, m, modulus), min_s)
+    finally:
+        if pool._pool is not None:
+            pool._pool.shutdown()
+    serial_ms, pooled_ms = 1000 * serial[1] / serial[0], 1000 * pooled[1] / pooled[0]
+    return {
+        "large_matvec_shape": f"{LARGE_ROWS}x{LARGE_VECTOR}",
+        "large_matvec_serial_ms": round(serial_ms, 1),
+        "large_matvec_pool_ms": round(pooled_ms, 1),
+        "pool_workers": workers,
+    }
+
+
 def heu_available() -> str | None:
     """None when `import heu` works, else why not."""
     try:

@@ -253,6 +253,16 @@ def _primitives_section(records: list[Record]) -> list[str]:
                 + ", ".join(f"`{r['backend']}` {r['encrypt_uniform_per_s']:,.0f} / s" for r in uniform)
                 + ".",
             ]
+    for r in runs:
+        if r.get("large_matvec_pool_ms"):
+            lines += [
+                "",
+                f"A large product, {r['large_matvec_shape']} (`{r['backend']}`): "
+                f"{r['large_matvec_serial_ms']:,.1f} ms in the process, {r['large_matvec_pool_ms']:,.1f} ms split "
+                f"across a process pool of {r['pool_workers']} workers "
+                f"({r['large_matvec_serial_ms'] / r['large_matvec_pool_ms']:.2f}x; "
+                "`common.crypto.multiexp.ParallelMatvec`, used by the services for products this large).",
+            ]
     if any(r.get("randomness_pool_paused") for r in runs):
         lines += [
             "",

@@ -266,6 +266,10 @@ def primitive_rates(ctx: Context) -> list[dict[str, Any]]:
     min_s = 0.2 if ctx.quick else 2.0
     bits = ctx.key_bits
     records = [_primitive(b, functools.partial(primitives.measure_backend, b, bits, min_s), bits) for b in ctx.backends]
+    for rec in records:
+        if rec["backend"] == "ou" and "matvec_ms" in rec:
+            say("-> primitives [ou, process pool]")
+            rec.update(primitives.measure_process_pool("ou", bits, min_s))
     missing = primitives.heu_available()
     if missing is None:
         for name, schema in primitives.HEU_SCHEMAS.items():

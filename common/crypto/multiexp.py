@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -242,7 +243,12 @@ class ParallelMatvec:
                 import multiprocessing
                 from concurrent.futures import ProcessPoolExecutor
 
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                # Start every worker now: the pool spawns them on demand, and a
+                # worker spawned mid-product costs more than it saves.
+                for f in [pool.submit(time.sleep, 0.05) for _ in range(self.workers)]:
+                    f.result()
+                self._pool = pool
             return self._pool
 
     def __call__(self, bases: Sequence[int], matrix: np.ndarray, modulus: int) -> list[mpz]:
