@@ -20,7 +20,27 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PARTY_ORDER = ("active", "assistant", "passive")
 SHORT = {"active": "A", "assistant": "C", "passive": "B"}
-PHASE_ORDER = ("encrypt", "matvec", "mask", "decrypt", "serialise", "network")
+PHASE_ORDER = (
+    "encrypt",
+    "matvec",
+    "mask",
+    "decrypt",
+    "serialise",
+    "network",
+    "rpc_wait",
+    "rpc_background",
+    "handler_steps",
+    "handler",
+)
+
+
+def _with_network(phases: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """A's network estimate: its wait inside the step calls minus B's time in
+    those handlers (what is left is the wire and the assistant's relay)."""
+    a, b = phases.get("active"), phases.get("passive")
+    if not a or not b or "rpc_wait" not in a or "handler_steps" not in b:
+        return phases
+    return {**phases, "active": {**a, "network": max(0.0, a["rpc_wait"] - b["handler_steps"])}}
 
 
 @dataclass(frozen=True)
@@ -158,12 +178,13 @@ def _phase_table(runs: list[Record]) -> list[str]:
         return [
             "Phase split: not recorded — the services' model shards carry no `metrics.phases_s` for these runs.",
         ]
-    names = {k for r in with_phases for p in r["phases"].values() for k in p}
+    names = {k for r in with_phases for p in _with_network(r["phases"]).values() for k in p}
     columns = [p for p in PHASE_ORDER if p in names] + sorted(names - set(PHASE_ORDER))
     rows = []
     for r in with_phases:
+        derived = _with_network(r["phases"])
         for party in PARTY_ORDER:
-            phases = r["phases"].get(party)
+            phases = derived.get(party)
             if phases is None:
                 continue
             elapsed = r.get("shard_elapsed_s", {}).get(party)
@@ -173,7 +194,8 @@ def _phase_table(runs: list[Record]) -> list[str]:
     return [
         "Phase split per party, in seconds, as each party recorded it in its model shard (`common/metrics.py` "
         "defines the phases; they can overlap, e.g. time waiting on the peer contains the peer's work, so "
-        "they need not add up to the elapsed time):",
+        "they need not add up to the elapsed time). *network* is derived: A's rpc_wait (inside the step "
+        "calls) minus B's handler_steps (inside those handlers), i.e. the wire, gRPC and the assistant's relay:",
         "",
         *_table(["backend", "party", *columns, "party's elapsed s"], rows),
     ]

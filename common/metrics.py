@@ -3,9 +3,12 @@ and for `make bench`.
 
 One clock per process (each party is its own process). Phases: encrypt,
 matvec (X^T [[v]]), mask (fresh mask encryptions and homomorphic adds),
-decrypt, serialise (packing and unpacking vectors), rpc_wait (A: time inside
-calls to B, which includes B's work and the network) and handler (B: time
-inside PartyService handlers). Time in a phase is summed over threads, so
+decrypt, serialise (packing and unpacking vectors), rpc_wait (A: time its
+training loop spends inside the step calls to B, which includes B's work and
+the network), rpc_background (A: calls that overlap its own work: B's step 5
+and the loss share), handler (B: time inside any PartyService handler) and
+handler_steps (B: inside the step 1-2 and 3-4 handlers, so that A's rpc_wait
+minus B's handler_steps estimates the network and the assistant's relay). Time in a phase is summed over threads, so
 overlapped work can add up to more than the wall time.
 """
 

@@ -8,6 +8,7 @@ import grpc
 
 from common import serde
 from common.errors import InvalidArgument
+from common.metrics import CLOCK
 from common.rpc import rpc_method
 from services.passive.party import PassiveParty
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
@@ -49,12 +50,20 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
     # Steps 1-5: each streaming RPC and its unary twin share one implementation.
 
     def _residual_shares(self, chunks: Iterable[common_pb2.StepChunk]) -> list[common_pb2.StepChunk]:
+        with CLOCK.phase("handler_steps"):
+            return self._residual_shares_timed(chunks)
+
+    def _residual_shares_timed(self, chunks: Iterable[common_pb2.StepChunk]) -> list[common_pb2.StepChunk]:
         msg = serde.from_chunks(chunks, "ExchangeResidualShares")
         h = msg.require_header("ExchangeResidualShares")
         b_enc = self.party.residual_shares(h.job_id, h.iteration, h.target_fingerprint, msg)
         return list(serde.to_chunks(h, ciphers=b_enc))
 
     def _masked_gradients(self, chunks: Iterable[common_pb2.StepChunk]) -> list[common_pb2.StepChunk]:
+        with CLOCK.phase("handler_steps"):
+            return self._masked_gradients_timed(chunks)
+
+    def _masked_gradients_timed(self, chunks: Iterable[common_pb2.StepChunk]) -> list[common_pb2.StepChunk]:
         msg = serde.from_chunks(chunks, "ExchangeMaskedGradients")
         h = msg.require_header("ExchangeMaskedGradients")
         z_a, grad_b = self.party.masked_gradients(h.job_id, h.iteration, h.target_fingerprint, msg)
