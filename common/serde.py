@@ -6,6 +6,7 @@ nears gRPC's size limit, whatever the batch.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +73,21 @@ class StepMessage:
     residue_fp: bytes | None = None
     residue_width: int = 0
     residue_data: bytearray = field(default_factory=bytearray)
+
+    def digest(self) -> bytes:
+        """SHA-256 of everything the message carries: a retried step is
+        recognised by it, and answered by replay rather than recomputed."""
+        h = hashlib.sha256()
+        if self.header is not None:
+            h.update(self.header.SerializeToString(deterministic=True))
+        h.update(np.asarray(self.rows, dtype=np.int64).tobytes())
+        h.update("\0".join(self.ids).encode())
+        for fp, width, data in (
+            (self.cipher_fp, self.cipher_width, self.cipher_data),
+            (self.residue_fp, self.residue_width, self.residue_data),
+        ):
+            h.update(b"|" + (fp or b"") + width.to_bytes(4, "big") + bytes(data))
+        return h.digest()
 
     def require_header(self, what: str) -> common_pb2.StepHeader:
         if self.header is None:

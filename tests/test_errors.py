@@ -434,9 +434,14 @@ def test_steps_out_of_order_and_second_decryption_refused(direct_job: DirectJob)
         "expects residual shares of iteration 0",
     )
     job.party.shares(job.header(), job.rows, job.first_share())
-    reply = job.party.gradients(job.header(), job.masked_gradient())
+    grad = job.masked_gradient()
+    reply = job.party.gradients(job.header(), grad)
     assert reply.residues(job.passive_key, "z_A") == [7] * (P_ACTIVE + 1)
-    # B decrypts once per iteration: a second request for iteration 0 is refused.
+    # A retry of the very same request (a lost reply) is answered by replay:
+    # the same bytes, not a second decryption with fresh randomness.
+    again = job.party.gradients(job.header(), grad)
+    assert again.residue_data == reply.residue_data and again.cipher_data == reply.cipher_data
+    # B decrypts once per iteration: a different second request for iteration 0 is refused.
     assert_refused(
         lambda: job.party.gradients(job.header(), job.masked_gradient()),
         Code.FAILED_PRECONDITION,
@@ -571,3 +576,21 @@ def test_refusals_do_not_echo_secret_values(direct_job: DirectJob) -> None:
         lambda: party.stub.ApplyGradient(iter([first]), timeout=30), Code.INVALID_ARGUMENT, "residues", "[0, n)"
     )
     assert f"{n + 3:x}" not in details
+
+
+def test_an_iteration_restarts_once_then_refuses(direct_job: DirectJob) -> None:
+    """A that lost its state mid-iteration may start it again with a new
+    request, once per iteration: each restart lets A have one more vector of
+    the batch decrypted, which the batch-size guard bounds."""
+    job = direct_job
+    job.party.shares(job.header(), job.rows, job.first_share())
+    job.party.gradients(job.header(), job.masked_gradient())
+    job.party.shares(job.header(), job.rows, job.first_share())  # restart: allowed
+    state = job.party.stub.GetJobState(party_pb2.JobStateRequest(header=job.header()), timeout=30)
+    assert (state.iteration, state.phase) == (0, party_pb2.JOB_PHASE_GRADIENTS)
+    job.party.gradients(job.header(), job.masked_gradient())
+    assert_refused(
+        lambda: job.party.shares(job.header(), job.rows, job.first_share()),
+        Code.FAILED_PRECONDITION,
+        "already started",
+    )

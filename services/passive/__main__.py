@@ -19,6 +19,7 @@ def main() -> None:
     setup_logging(settings.log_level, "passive")
     res = load_party(settings)
     party = PassiveParty(res.data, res.key, res.backend, settings.data_dir)
+    party.restore_jobs()  # jobs that were running when this process stopped
     servicer = PartyServicer(party, res.min_peer_bits)
     interceptors = []
     if settings.transcript_path is not None:

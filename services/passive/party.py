@@ -12,19 +12,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from common import metrics
+from common.checkpoint import JobCheckpoints
 from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
 from common.crypto.pool import GATE
 from common.data import PartyData, Scaler
-from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, VflError
 from common.jobconfig import JobConfig
 from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
@@ -34,6 +36,9 @@ from common.protocol.reference import initial_weights
 from common.serde import StepMessage, rows_array
 
 log = logging.getLogger("vfl.passive")
+
+# Restarts of an iteration that B allows per job (see _restart_iteration).
+MAX_RESTARTS = 3
 
 
 class Phase(Enum):
@@ -66,8 +71,21 @@ class PassiveJob:
     expected_rows: list[np.ndarray] = field(default_factory=list)
     next_share: Future[tuple[int, np.ndarray, CipherVector] | None] | None = None
     last_update_sq_norm: float | None = None
+    # Replay of retried steps: this iteration's answers by request digest, and
+    # the last step 5 (kept across B's restart in the checkpoint).
+    answered: dict[str, tuple[bytes, Any]] = field(default_factory=dict)
+    last_apply: tuple[int, bytes, float] | None = None
+    restarts: int = 0
+    restarted_at: int = -1
     lock: threading.Lock = field(default_factory=threading.Lock)
     clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
+
+    def replay(self, iteration: int, step: str, digest: bytes) -> Any | None:
+        """The answer already given to this very request in this iteration."""
+        if iteration == self.iteration and step in self.answered and self.answered[step][0] == digest:
+            log.info("event=step_replayed job=%s iteration=%d step=%s", self.job_id, iteration, step)
+            return self.answered[step][1]
+        return None
 
     def expect(self, iteration: int, phase: Phase) -> None:
         if iteration != self.iteration or phase != self.phase:
@@ -83,6 +101,7 @@ class PassiveParty:
         self.key = key
         self.backend = backend
         self.models = ModelStore(data_dir)
+        self.checkpoints = JobCheckpoints(data_dir)
         self._targets: dict[bytes, PublicKey] = {}
         self._jobs: dict[str, PassiveJob] = {}
         self._lock = threading.Lock()
@@ -137,6 +156,34 @@ class PassiveParty:
         with self._lock:
             if job_id in self._jobs or self.models.exists(job_id):
                 raise AlreadyExists(f"spec.job_id: job {job_id!r} already exists at the passive party")
+        job = self._build_job(job_id, config, target_fp, active_key, active_features, ids)
+        self.checkpoints.save_setup(
+            job_id,
+            {
+                "job_id": job_id,
+                "config": config.model_dump(),
+                "target_fingerprint": target_fp.hex(),
+                "active_key": active_key.to_dict(),
+                "active_features": active_features,
+                "ids": ids,
+            },
+        )
+        self._save_state(job)
+        job.next_share = self._ahead.submit(self._encrypt_share, job, 0)
+        with self._lock:
+            self._jobs[job_id] = job
+        log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
+        return self.data.n_features
+
+    def _build_job(
+        self,
+        job_id: str,
+        config: JobConfig,
+        target_fp: bytes,
+        active_key: PublicKey,
+        active_features: int,
+        ids: list[str],
+    ) -> PassiveJob:
         positions = self.data.positions(ids, "ids")
         raw = self.data.features[positions]
         scaler = Scaler.fit(raw, config.standardize)
@@ -144,14 +191,64 @@ class PassiveParty:
         w = initial_weights(config.seed, "passive", self.data.n_features, config.init_scale)
         job = PassiveJob(job_id, config, target_fp, active_key, active_features, x, scaler, w)
         # A sends each batch's rows; B expands the same seeded schedule only to
-        # guess the next batch and encrypt its share ahead (see _prepare_share).
-        schedule = batch_schedule(n_rows, config.batch_size, config.epochs, config.seed, floor)
+        # guess the next batch and encrypt its share ahead (see _share_for).
+        floor = min_batch_size(active_features, self.data.n_features, config.allow_small_batch)
+        schedule = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor)
         job.expected_rows = [b.rows for b in schedule]
-        job.next_share = self._ahead.submit(self._encrypt_share, job, 0)
-        with self._lock:
-            self._jobs[job_id] = job
-        log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
-        return self.data.n_features
+        return job
+
+    def _save_state(self, job: PassiveJob) -> None:
+        last = job.last_apply
+        self.checkpoints.save_state(
+            job.job_id,
+            {
+                "iteration": job.iteration,
+                "w": job.w.tolist(),
+                "last_update_sq_norm": job.last_update_sq_norm,
+                "last_apply": None if last is None else [last[0], last[1].hex(), last[2]],
+                "restarts": job.restarts,
+            },
+        )
+
+    def restore_jobs(self) -> int:
+        """Resume the jobs that were running when this process stopped: each
+        at the start of its checkpointed iteration (A re-sends that
+        iteration's steps). Returns how many."""
+        restored = 0
+        for setup, state in self.checkpoints.load_all():
+            try:
+                active_key = PublicKey.from_dict(setup["active_key"])
+                target_fp = bytes.fromhex(setup["target_fingerprint"])
+                job = self._build_job(
+                    setup["job_id"],
+                    JobConfig.model_validate(setup["config"]),
+                    target_fp,
+                    active_key,
+                    int(setup["active_features"]),
+                    list(setup["ids"]),
+                )
+                job.iteration = int(state["iteration"])
+                job.w = np.asarray(state["w"], dtype=np.float64)
+                job.last_update_sq_norm = state["last_update_sq_norm"]
+                if state["last_apply"] is not None:
+                    t, digest, norm = state["last_apply"]
+                    job.last_apply = (int(t), bytes.fromhex(digest), float(norm))
+                job.restarts = int(state["restarts"])
+            except (KeyError, ValueError, VflError) as exc:
+                log.warning("event=job_not_restored job=%s error=%s", setup.get("job_id"), exc)
+                continue
+            job.next_share = self._ahead.submit(self._encrypt_share, job, job.iteration)
+            with self._lock:
+                self._targets[target_fp] = active_key
+                self._jobs[job.job_id] = job
+            restored += 1
+            log.info("event=job_restored job=%s iteration=%d", job.job_id, job.iteration)
+        return restored
+
+    def job_state(self, job_id: str, target_fp: bytes) -> tuple[int, Phase]:
+        job = self._job(job_id, target_fp)
+        with job.lock:
+            return job.iteration, job.phase
 
     # --- training steps ---------------------------------------------------
 
@@ -160,6 +257,12 @@ class PassiveParty:
         """Steps 1-2: take [[a_S]]_A, answer [[b_S]]_B, and start step 3."""
         job = self._job(job_id, target_fp)
         with job.lock:
+            digest = msg.digest()
+            replayed = job.replay(iteration, "shares", digest)
+            if replayed is not None:
+                return cast(CipherVector, replayed)
+            if iteration == job.iteration and job.phase != Phase.SHARES:
+                self._restart_iteration(job)
             job.expect(iteration, Phase.SHARES)
             rows = rows_array(msg.rows, job.x.shape[0], "rows")
             floor = min_batch_size(job.active_features, job.x.shape[1], job.config.allow_small_batch)
@@ -179,7 +282,30 @@ class PassiveParty:
                 job.loss = self._loss.submit(self._loss_after_step4, job.step4_sent, a_enc, u)
             job.rows, job.a_enc, job.u, job.b, job.loss_sent = rows, a_enc, u, b, False
             job.phase = Phase.GRADIENTS
+            job.answered = {"shares": (digest, b_enc)}
             return b_enc
+
+    def _restart_iteration(self, job: PassiveJob) -> None:
+        """A starts the current iteration again with a new request (it lost its
+        state, or B's answer, in a failure). Allowed once per iteration and
+        MAX_RESTARTS times per job: each restart lets A have one more vector
+        of this batch decrypted, and the batch-size guard assumes at most two."""
+        if job.restarted_at == job.iteration or job.restarts >= MAX_RESTARTS:
+            raise FailedPrecondition(
+                f"header.iteration: iteration {job.iteration} of job {job.job_id!r} was already started; "
+                f"B restarts an iteration once, and at most {MAX_RESTARTS} times per job"
+            )
+        if job.own_gradient is not None:
+            futures.wait([job.own_gradient])
+        job.step4_sent.set()
+        job.restarts += 1
+        job.restarted_at = job.iteration
+        job.phase = Phase.SHARES
+        job.answered = {}
+        job.own_gradient = job.a_enc = job.u = job.b = job.rows = job.loss = None
+        log.warning(
+            "event=iteration_restarted job=%s iteration=%d restarts=%d", job.job_id, job.iteration, job.restarts
+        )
 
     def _encrypt_share(self, job: PassiveJob, iteration: int) -> tuple[int, np.ndarray, CipherVector] | None:
         """Step 2 ahead of time: B's share for the batch it expects next, under
@@ -211,6 +337,10 @@ class PassiveParty:
         """Steps 3-4: decrypt A's masked gradient, answer z_A and B's own."""
         job = self._job(job_id, target_fp)
         with job.lock:
+            digest = msg.digest()
+            replayed = job.replay(iteration, "gradients", digest)
+            if replayed is not None:
+                return cast(tuple[list[int], CipherVector], replayed)
             job.expect(iteration, Phase.GRADIENTS)
             grad_a = msg.ciphers(self.key.public, "ciphertexts")
             assert job.own_gradient is not None
@@ -219,6 +349,7 @@ class PassiveParty:
             z_a = steps.decrypt_masked_gradient(self.backend, self.key, grad_a, job.active_features + 1)
             job.phase = Phase.APPLY
             job.step4_sent.set()
+            job.answered["gradients"] = (digest, (z_a, own.ciphers))
             return z_a, own.ciphers
 
     @GATE.working
@@ -226,6 +357,10 @@ class PassiveParty:
         """Step 5: remove R_B, add X_B^T b, update w_B."""
         job = self._job(job_id, target_fp)
         with job.lock:
+            digest = msg.digest()
+            if job.last_apply is not None and job.last_apply[:2] == (iteration, digest):
+                log.info("event=step_replayed job=%s iteration=%d step=apply", job_id, iteration)
+                return job.last_apply[2]
             job.expect(iteration, Phase.APPLY)
             assert job.own_gradient is not None and job.rows is not None and job.b is not None
             z_b = msg.residues(job.active_key, "residues")
@@ -242,6 +377,9 @@ class PassiveParty:
             log.info("event=iteration_applied job=%s iteration=%d", job_id, iteration + 1)
             job.iteration += 1
             job.phase = Phase.SHARES
+            job.last_apply = (iteration, digest, update)
+            job.answered = {}
+            self._save_state(job)
             job.next_share = self._ahead.submit(self._encrypt_share, job, job.iteration)
             job.own_gradient = job.a_enc = job.u = job.b = job.rows = job.loss = None
             return update
@@ -250,16 +388,23 @@ class PassiveParty:
     def loss_share(self, job_id: str, iteration: int, target_fp: bytes) -> CipherVector:
         job = self._job(job_id, target_fp)
         with job.lock:
-            if job.iteration != iteration or job.phase == Phase.SHARES or job.loss_sent:
-                raise FailedPrecondition(
-                    f"header.iteration: the loss share of iteration {iteration} is available once, "
-                    "after that iteration's residual shares"
-                )
-            assert job.a_enc is not None and job.u is not None
-            job.loss_sent = True
-            pending, a_enc, u = job.loss, job.a_enc, job.u
+            if job.iteration == iteration and "loss" in job.answered:
+                # A retry: the same ciphertext again, never a second computation.
+                pending = job.answered["loss"][1]
+            else:
+                if job.iteration != iteration or job.phase == Phase.SHARES:
+                    raise FailedPrecondition(
+                        f"header.iteration: the loss share of iteration {iteration} is available "
+                        "after that iteration's residual shares"
+                    )
+                assert job.a_enc is not None and job.u is not None
+                job.loss_sent = True
+                if job.loss is None:
+                    job.loss = self._loss.submit(steps.passive_loss_share, self.backend, job.a_enc, job.u)
+                pending = job.loss
+                job.answered["loss"] = (b"", pending)
         # Outside the lock: A's step 4 may run meanwhile.
-        return pending.result() if pending is not None else steps.passive_loss_share(self.backend, a_enc, u)
+        return cast(CipherVector, pending.result())
 
     def _loss_after_step4(self, step4_sent: threading.Event, a_enc: CipherVector, u: np.ndarray) -> CipherVector:
         # After B's answer to step 4, while A decrypts: off the critical path
@@ -269,10 +414,13 @@ class PassiveParty:
             return steps.passive_loss_share(self.backend, a_enc, u)
 
     def finish_job(self, job_id: str, target_fp: bytes, aborted: bool) -> bool:
+        if job_id not in self._jobs and not aborted and self.models.exists(job_id):
+            return True  # a retried FinishJob: the shard is already stored
         job = self._job(job_id, target_fp)
         with self._lock:
             self._jobs.pop(job_id, None)
         job.step4_sent.set()  # release a loss share still waiting for step 4
+        self.checkpoints.remove(job_id)
         if aborted:
             log.info("event=job_aborted job=%s iteration=%d", job_id, job.iteration)
             return False

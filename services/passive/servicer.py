@@ -10,7 +10,7 @@ from common import serde
 from common.errors import InvalidArgument
 from common.metrics import CLOCK
 from common.rpc import rpc_method
-from services.passive.party import PassiveParty
+from services.passive.party import PassiveParty, Phase
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
 
 
@@ -127,6 +127,12 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         return party_pb2.LossShareReply(header=h, share=serde.cipher_vector_to_proto(share))
 
     @rpc_method
+    def GetJobState(self, request: party_pb2.JobStateRequest, context: grpc.ServicerContext) -> party_pb2.JobStateReply:
+        h = request.header
+        iteration, phase = self.party.job_state(h.job_id, h.target_fingerprint)
+        return party_pb2.JobStateReply(header=h, iteration=iteration, phase=_PHASES[phase])
+
+    @rpc_method
     def FinishJob(self, request: party_pb2.FinishJobRequest, context: grpc.ServicerContext) -> party_pb2.FinishJobReply:
         h = request.header
         return party_pb2.FinishJobReply(stored=self.party.finish_job(h.job_id, h.target_fingerprint, request.aborted))
@@ -139,3 +145,10 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         h = msg.require_header("PredictScores")
         scores = self.party.predict(h.job_id, h.target_fingerprint, msg.ids, msg)
         yield from serde.to_chunks(h, ciphers=scores)
+
+
+_PHASES = {
+    Phase.SHARES: party_pb2.JOB_PHASE_SHARES,
+    Phase.GRADIENTS: party_pb2.JOB_PHASE_GRADIENTS,
+    Phase.APPLY: party_pb2.JOB_PHASE_APPLY,
+}

@@ -11,6 +11,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from vfl.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -22,6 +23,32 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _JobPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_PHASE_UNSPECIFIED: _JobPhase.ValueType  # 0
+    JOB_PHASE_SHARES: _JobPhase.ValueType  # 1
+    """Steps 1-2 (ExchangeResidualShares) of `iteration`."""
+    JOB_PHASE_GRADIENTS: _JobPhase.ValueType  # 2
+    """Steps 3-4 (ExchangeMaskedGradients) of `iteration`."""
+    JOB_PHASE_APPLY: _JobPhase.ValueType  # 3
+    """Step 5 (ApplyGradient) of `iteration`."""
+
+class JobPhase(_JobPhase, metaclass=_JobPhaseEnumTypeWrapper):
+    """The step B expects next."""
+
+JOB_PHASE_UNSPECIFIED: JobPhase.ValueType  # 0
+JOB_PHASE_SHARES: JobPhase.ValueType  # 1
+"""Steps 1-2 (ExchangeResidualShares) of `iteration`."""
+JOB_PHASE_GRADIENTS: JobPhase.ValueType  # 2
+"""Steps 3-4 (ExchangeMaskedGradients) of `iteration`."""
+JOB_PHASE_APPLY: JobPhase.ValueType  # 3
+"""Step 5 (ApplyGradient) of `iteration`."""
+Global___JobPhase: _TypeAlias = JobPhase  # noqa: Y015
 
 @_typing.final
 class KeyExchangeRequest(_message.Message):
@@ -300,3 +327,59 @@ class FinishJobReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FinishJobReply: _TypeAlias = FinishJobReply  # noqa: Y015
+
+@_typing.final
+class JobStateRequest(_message.Message):
+    """Sent by A."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> _common_pb2.StepHeader:
+        """Job id and target fingerprint; the iteration is ignored."""
+
+    def __init__(
+        self,
+        *,
+        header: _common_pb2.StepHeader | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobStateRequest: _TypeAlias = JobStateRequest  # noqa: Y015
+
+@_typing.final
+class JobStateReply(_message.Message):
+    """Sent by B."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    ITERATION_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    iteration: _builtins.int
+    """The iteration B is in: every earlier iteration is applied to w_B."""
+    phase: Global___JobPhase.ValueType
+    """The step of `iteration` B expects next."""
+    @_builtins.property
+    def header(self) -> _common_pb2.StepHeader:
+        """Echo of the request header."""
+
+    def __init__(
+        self,
+        *,
+        header: _common_pb2.StepHeader | None = ...,
+        iteration: _builtins.int = ...,
+        phase: Global___JobPhase.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "iteration", b"iteration", "phase", b"phase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobStateReply: _TypeAlias = JobStateReply  # noqa: Y015

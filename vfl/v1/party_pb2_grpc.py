@@ -80,6 +80,11 @@ class PartyServiceStub:
                 request_serializer=vfl_dot_v1_dot_party__pb2.LossShareRequest.SerializeToString,
                 response_deserializer=vfl_dot_v1_dot_party__pb2.LossShareReply.FromString,
                 _registered_method=True)
+        self.GetJobState = channel.unary_unary(
+                '/vfl.v1.PartyService/GetJobState',
+                request_serializer=vfl_dot_v1_dot_party__pb2.JobStateRequest.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_party__pb2.JobStateReply.FromString,
+                _registered_method=True)
         self.FinishJob = channel.unary_unary(
                 '/vfl.v1.PartyService/FinishJob',
                 request_serializer=vfl_dot_v1_dot_party__pb2.FinishJobRequest.SerializeToString,
@@ -169,6 +174,15 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobState(self, request, context):
+        """Where B is in a job: the iteration and the step it expects next. A asks
+        after a failed call (or after its own restart) to resume the job from
+        the right step; B answers from its checkpoint after a restart of its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FinishJob(self, request, context):
         """End of training: B stores its model shard under the job id.
         """
@@ -232,6 +246,11 @@ def add_PartyServiceServicer_to_server(servicer, server):
                     servicer.ComputeLossShare,
                     request_deserializer=vfl_dot_v1_dot_party__pb2.LossShareRequest.FromString,
                     response_serializer=vfl_dot_v1_dot_party__pb2.LossShareReply.SerializeToString,
+            ),
+            'GetJobState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobState,
+                    request_deserializer=vfl_dot_v1_dot_party__pb2.JobStateRequest.FromString,
+                    response_serializer=vfl_dot_v1_dot_party__pb2.JobStateReply.SerializeToString,
             ),
             'FinishJob': grpc.unary_unary_rpc_method_handler(
                     servicer.FinishJob,
@@ -487,6 +506,33 @@ class PartyService:
             '/vfl.v1.PartyService/ComputeLossShare',
             vfl_dot_v1_dot_party__pb2.LossShareRequest.SerializeToString,
             vfl_dot_v1_dot_party__pb2.LossShareReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.PartyService/GetJobState',
+            vfl_dot_v1_dot_party__pb2.JobStateRequest.SerializeToString,
+            vfl_dot_v1_dot_party__pb2.JobStateReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -72,6 +72,11 @@ class PartyServiceStub:
     """Loss check for the current batch: B answers
     [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
     """
+    GetJobState: _grpc.UnaryUnaryMultiCallable[_party_pb2.JobStateRequest, _party_pb2.JobStateReply]
+    """Where B is in a job: the iteration and the step it expects next. A asks
+    after a failed call (or after its own restart) to resume the job from
+    the right step; B answers from its checkpoint after a restart of its own.
+    """
     FinishJob: _grpc.UnaryUnaryMultiCallable[_party_pb2.FinishJobRequest, _party_pb2.FinishJobReply]
     """End of training: B stores its model shard under the job id."""
     PredictScores: _grpc.StreamStreamMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]
@@ -118,6 +123,11 @@ class PartyServiceAsyncStub(PartyServiceStub):
     ComputeLossShare: _aio.UnaryUnaryMultiCallable[_party_pb2.LossShareRequest, _party_pb2.LossShareReply]  # type: ignore[assignment]
     """Loss check for the current batch: B answers
     [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
+    """
+    GetJobState: _aio.UnaryUnaryMultiCallable[_party_pb2.JobStateRequest, _party_pb2.JobStateReply]  # type: ignore[assignment]
+    """Where B is in a job: the iteration and the step it expects next. A asks
+    after a failed call (or after its own restart) to resume the job from
+    the right step; B answers from its checkpoint after a restart of its own.
     """
     FinishJob: _aio.UnaryUnaryMultiCallable[_party_pb2.FinishJobRequest, _party_pb2.FinishJobReply]  # type: ignore[assignment]
     """End of training: B stores its model shard under the job id."""
@@ -216,6 +226,17 @@ class PartyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_party_pb2.LossShareReply, _abc.Awaitable[_party_pb2.LossShareReply]]:
         """Loss check for the current batch: B answers
         [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
+        """
+
+    @_abc_1.abstractmethod
+    def GetJobState(
+        self,
+        request: _party_pb2.JobStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.JobStateReply, _abc.Awaitable[_party_pb2.JobStateReply]]:
+        """Where B is in a job: the iteration and the step it expects next. A asks
+        after a failed call (or after its own restart) to resume the job from
+        the right step; B answers from its checkpoint after a restart of its own.
         """
 
     @_abc_1.abstractmethod
