@@ -21,6 +21,9 @@ class JobConfig(BaseModel):
     init_scale: float = Field(0.01, gt=0, le=10, description="std of the random initial weights")
     allow_small_batch: bool = Field(False, description="allow batches under 3 * max(p_A, p_B)")
     max_iterations: int = Field(0, ge=0, le=2**32 - 1, description="stop after this many iterations (0 = no limit)")
+    dp_noise_std: float = Field(
+        0.0, ge=0, le=1e3, description="std of Gaussian noise on each party's gradient (0 = off)"
+    )
 
 
 def job_config(**fields: object) -> JobConfig:

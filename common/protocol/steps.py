@@ -10,6 +10,7 @@ the share is a = u_A/4 + 1/2 - y; for B, X is X_B and the share is b = u_B/4.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,6 +176,15 @@ def gradient_from_shares(
     penalised coordinates (the intercept is not penalised)."""
     m = x.shape[0]
     return np.asarray((x.T @ own_share + cross) / m + l2 * w * penalised, dtype=np.float64)
+
+
+def dp_gaussian_noise(gradient: np.ndarray, std: float) -> np.ndarray:
+    """Step 5c (both, optional): the party's own gradient plus N(0, std^2)
+    noise from the OS CSPRNG (never from the job seed, which the peer knows)."""
+    if std <= 0:
+        return gradient
+    rng = np.random.default_rng(secrets.randbits(128))
+    return np.asarray(gradient + rng.normal(0.0, std, size=gradient.shape), dtype=np.float64)
 
 
 def sgd_update(w: np.ndarray, gradient: np.ndarray, learning_rate: float) -> np.ndarray:

@@ -22,6 +22,7 @@ def main() -> None:
     recorder = TranscriptRecorder(settings.transcript_path, "active") if settings.transcript_path else None
     peer = PassiveClient(settings.peer_address, settings.peer_timeout_s, recorder)
     party = ActiveParty(res.data, res.key, res.backend, settings.data_dir, peer, res.min_peer_bits)
+    party.resume_jobs()  # jobs that were running when this process stopped
     server, port = create_server(
         lambda s: client_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(party), s),
         [SERVICE_NAME],

@@ -4,6 +4,7 @@ servicer in `servicer.py` only decodes and encodes."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -20,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from common import metrics, serde
-from common.crypto.backend import HEBackend, PrivateKey, PublicKey, target_fingerprint
+from common.checkpoint import JobCheckpoints
+from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
 from common.crypto.pool import GATE
 from common.data import PartyData, Scaler, check_ids
-from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, VflError
+from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable, VflError
 from common.jobconfig import JobConfig
 from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
@@ -31,6 +33,7 @@ from common.protocol import steps
 from common.protocol.batching import Batch, batch_schedule, check_batch_size, min_batch_size
 from common.protocol.reference import initial_weights, with_intercept
 from services.active.peer import PassiveClient
+from vfl.v1 import party_pb2
 
 log = logging.getLogger("vfl.active")
 
@@ -106,6 +109,15 @@ class _Session:
     p_passive: int
     train_ids: list[str]
     clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
+    # Resumption: the iteration to run next, w before the last own update, and
+    # B's step 5 of the previous iteration while it is not confirmed.
+    next_iteration: int = 0
+    prev_w: np.ndarray | None = None
+    pending_z_b: list[int] | None = None
+    # The requests of the current iteration, re-sent as they were on a retry
+    # (B replays its answer instead of computing with fresh randomness).
+    sent_shares: tuple[int, CipherVector] | None = None
+    sent_gradient: tuple[int, bytes, steps.MaskedGradient] | None = None
 
 
 class ActiveParty:
@@ -117,6 +129,7 @@ class ActiveParty:
         data_dir: Path,
         peer: PassiveClient,
         min_peer_bits: int,
+        recovery_s: float = 120.0,
     ) -> None:
         if data.labels is None:
             raise InvalidArgument("active party data: expected a label column")
@@ -129,6 +142,8 @@ class ActiveParty:
         # Calls to B that overlap A's own work (loss share, B's step 5).
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="active-io")
         self.min_peer_bits = min_peer_bits
+        self.checkpoints = JobCheckpoints(data_dir)
+        self.recovery_s = recovery_s
         self._jobs: dict[str, TrainingJob] = {}
         self._reserved: set[str] = set()  # ids of jobs still in set-up
         self._lock = threading.Lock()
@@ -180,6 +195,19 @@ class ActiveParty:
             p_passive=p_b,
             train_ids=ids,
         )
+        self.checkpoints.save_setup(
+            job_id,
+            {
+                "job_id": job_id,
+                "config": config.model_dump(),
+                "train_ids": ids,
+                "target_fingerprint": target_fp.hex(),
+                "passive_key": passive_key.to_dict(),
+                "p_passive": p_b,
+                "started": job.started,
+            },
+        )
+        self._save_state(session)
         with self._lock:
             self._reserved.discard(job_id)
             self._jobs[job_id] = job
@@ -189,6 +217,81 @@ class ActiveParty:
         )
         threading.Thread(target=self._run, args=(session,), name=f"job-{job_id}", daemon=True).start()
         return job
+
+    def resume_jobs(self) -> int:
+        """Pick up the jobs that were running when this process stopped, each
+        from its last checkpoint; they continue in the background once B
+        answers. Returns how many."""
+        resumed = 0
+        for setup, state in self.checkpoints.load_all():
+            try:
+                session = self._session_from_checkpoint(setup, state)
+            except (KeyError, ValueError, VflError) as exc:
+                log.warning("event=job_not_resumed job=%s error=%s", setup.get("job_id"), exc)
+                continue
+            with self._lock:
+                self._jobs[session.job.job_id] = session.job
+            session.job.publish("resumed after a restart")
+            threading.Thread(
+                target=self._resume, args=(session,), name=f"job-{session.job.job_id}", daemon=True
+            ).start()
+            resumed += 1
+        return resumed
+
+    def _session_from_checkpoint(self, setup: dict[str, Any], state: dict[str, Any]) -> _Session:
+        config = JobConfig.model_validate(setup["config"])
+        ids = list(setup["train_ids"])
+        positions = self.data.positions(ids, "train_ids")
+        p_a, p_b = self.data.n_features, int(setup["p_passive"])
+        floor = min_batch_size(p_a, p_b, config.allow_small_batch)
+        batches = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor)
+        if config.max_iterations:
+            batches = batches[: config.max_iterations]
+        raw = self.data.features[positions]
+        scaler = Scaler.fit(raw, config.standardize)
+        job = TrainingJob(setup["job_id"], config, total=len(batches), started=float(setup["started"]))
+        job.iteration = int(state["next_iteration"])
+        job.epoch, job.loss = int(state["epoch"]), state["loss"]
+        job.losses = [(int(i), float(v)) for i, v in state["losses"]]
+        return _Session(
+            job=job,
+            passive_key=PublicKey.from_dict(setup["passive_key"]),
+            target_fp=bytes.fromhex(setup["target_fingerprint"]),
+            x=with_intercept(scaler.transform(raw)),
+            y=self.labels[positions],
+            scaler=scaler,
+            w=np.asarray(state["w"], dtype=np.float64),
+            batches=batches,
+            p_passive=p_b,
+            train_ids=ids,
+            next_iteration=job.iteration,
+            prev_w=None if state["prev_w"] is None else np.asarray(state["prev_w"], dtype=np.float64),
+            pending_z_b=None if state["pending_z_b"] is None else [int(v, 16) for v in state["pending_z_b"]],
+        )
+
+    def _resume(self, s: _Session) -> None:
+        job = s.job
+        try:
+            deadline = time.monotonic() + self.recovery_s
+            while True:
+                try:
+                    _, target_fp = self._exchange_keys()
+                    break
+                except Unavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            if target_fp != s.target_fp:
+                raise FailedPrecondition(f"job {job.job_id}: the target key changed since the job started")
+            self._recover(s, Unavailable("this party restarted"))
+        except Exception as exc:  # noqa: BLE001 - the job fails, the service stays up
+            job.error = str(exc) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
+            log.warning("event=job_failed job=%s error=%r", job.job_id, job.error)
+            self.checkpoints.remove(job.job_id)
+            job.state = State.FAILED
+            job.publish(job.error)
+            return
+        self._run(s)
 
     def job(self, job_id: str) -> TrainingJob:
         job = self._jobs.get(job_id)
@@ -219,13 +322,37 @@ class ActiveParty:
         except VflError as exc:
             log.warning("event=abort_not_delivered job=%s error=%r", job_id, str(exc))
 
+    def _save_state(self, s: _Session) -> None:
+        """Written before B's step 5 is sent: whatever happens next, A can
+        resume either with B's update confirmed or by re-sending it."""
+        job = s.job
+        self.checkpoints.save_state(
+            job.job_id,
+            {
+                "next_iteration": s.next_iteration,
+                "w": s.w.tolist(),
+                "prev_w": None if s.prev_w is None else s.prev_w.tolist(),
+                "pending_z_b": None if s.pending_z_b is None else [f"{v:x}" for v in s.pending_z_b],
+                "epoch": job.epoch,
+                "loss": job.loss,
+                "losses": job.losses,
+            },
+        )
+
     def _run(self, s: _Session) -> None:
         job = s.job
         pending: Future[float] | None = None
         try:
-            prev_loss: float | None = None
-            for t, batch in enumerate(s.batches):
-                loss, pending = self._train_iteration(s, t, batch, pending)
+            prev_loss: float | None = job.losses[-1][1] if job.losses else None
+            while s.next_iteration < len(s.batches):
+                t = s.next_iteration
+                batch = s.batches[t]
+                try:
+                    loss, pending = self._train_iteration(s, t, batch, pending)
+                except Unavailable as exc:
+                    pending = None
+                    self._recover(s, exc)
+                    continue
                 job.iteration, job.epoch = t + 1, batch.epoch
                 message = ""
                 if loss is not None:
@@ -239,11 +366,21 @@ class ActiveParty:
                     job.publish(message)
                     break
                 job.publish()
-            if pending is not None:
-                pending.result()
-            header = serde.step_header(job.job_id, job.iteration, s.target_fp)
-            self.peer.finish_job(header, aborted=False)
+            while True:
+                try:
+                    if pending is not None:
+                        pending.result()
+                        pending, s.pending_z_b = None, None
+                    elif s.pending_z_b is not None:
+                        self._resend_apply(s)
+                    header = serde.step_header(job.job_id, job.iteration, s.target_fp)
+                    self.peer.finish_job(header, aborted=False)
+                    break
+                except Unavailable as exc:
+                    pending = None
+                    self._recover(s, exc)
             self._store_model(s)
+            self.checkpoints.remove(job.job_id)
             job.state = State.SUCCEEDED
             job.publish(f"model {job.job_id} stored")
             log.info(
@@ -260,8 +397,52 @@ class ActiveParty:
             if pending is not None:
                 futures.wait([pending])  # B finishes the last step before it hears of the abort
             self._abort_at_passive(job.job_id, s.target_fp, job.iteration)
+            self.checkpoints.remove(job.job_id)
             job.state = State.FAILED
             job.publish(job.error)
+
+    def _resend_apply(self, s: _Session) -> None:
+        """B's step 5 of the previous iteration, re-sent byte for byte."""
+        assert s.pending_z_b is not None
+        t = s.next_iteration - 1
+        self.peer.apply_gradient(serde.step_header(s.job.job_id, t, s.target_fp), self.key.public, s.pending_z_b)
+        s.pending_z_b = None
+
+    def _recover(self, s: _Session, cause: Exception) -> None:
+        """B (or the assistant) failed mid-iteration: wait for it to answer
+        again, ask where the job stands at B, and line A up with it. Gives up
+        (the job fails) after recovery_s seconds without an answer."""
+        job = s.job
+        log.warning("event=peer_lost job=%s iteration=%d error=%r", job.job_id, s.next_iteration, str(cause))
+        header = serde.step_header(job.job_id, s.next_iteration, s.target_fp)
+        deadline = time.monotonic() + self.recovery_s
+        delay = 0.1
+        while True:
+            try:
+                b_iteration, b_phase = self.peer.job_state(header)
+                break
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"job {job.job_id}: the passive party did not come back within {self.recovery_s:.0f} s"
+                    ) from None
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+        t = s.next_iteration
+        if s.pending_z_b is not None:
+            # A has applied iteration t-1; B's step 5 of it is not confirmed.
+            if b_iteration == t:
+                s.pending_z_b = None  # B applied it; only the reply was lost
+            elif b_iteration == t - 1 and b_phase == party_pb2.JOB_PHASE_APPLY:
+                self._resend_apply(s)
+            elif b_iteration == t - 1 and s.prev_w is not None:
+                # B lost that iteration's state (it restarted): both redo it.
+                s.w, s.prev_w, s.pending_z_b, s.next_iteration = s.prev_w, None, None, t - 1
+            else:
+                raise FailedPrecondition(f"job {job.job_id}: B is at iteration {b_iteration}, A at {t}")
+        elif b_iteration != t:
+            raise FailedPrecondition(f"job {job.job_id}: B is at iteration {b_iteration}, A at {t}")
+        log.info("event=job_resumed job=%s iteration=%d", job.job_id, s.next_iteration)
 
     @GATE.working
     def _train_iteration(
@@ -274,10 +455,16 @@ class ActiveParty:
         x, y = s.x[batch.rows], s.y[batch.rows]
         u_a = x @ s.w
         a = steps.active_residual_share(x, s.w, y)
-        # Steps 1-2: send [[a_S]]_A, receive [[b_S]]_B.
-        a_enc = steps.first_encrypted_data(self.backend, self.key.public, a)
+        # Steps 1-2: send [[a_S]]_A, receive [[b_S]]_B. A retried iteration
+        # re-sends the same ciphertexts, which B answers by replay.
+        if s.sent_shares is not None and s.sent_shares[0] == t:
+            a_enc = s.sent_shares[1]
+        else:
+            a_enc = steps.first_encrypted_data(self.backend, self.key.public, a)
+            s.sent_shares = (t, a_enc)
         if previous_apply is not None:
             previous_apply.result()
+            s.pending_z_b = None
         reply = self.peer.exchange_residual_shares(header, batch.rows.tolist(), a_enc, s.passive_key.cipher_width)
         b_enc = reply.ciphers(s.passive_key, "[[b_S]]_B")
         b_enc.require_length(len(batch.rows), "[[b_S]]_B")
@@ -285,8 +472,13 @@ class ActiveParty:
         want_loss = bool(every) and ((t + 1) % every == 0 or t + 1 == len(s.batches))
         # B computes the loss share beside its step 3; fetch it while A computes.
         loss_share = self._io.submit(self.peer.loss_share, header, self.key.public) if want_loss else None
-        # Step 3: [[X_A^T b + R_A]]_B.
-        grad_a = steps.masked_encrypted_gradient(self.backend, x, b_enc)
+        # Step 3: [[X_A^T b + R_A]]_B (the same one again if B replayed [[b_S]]_B).
+        b_digest = hashlib.sha256(b"".join(v.to_bytes(b_enc.key.cipher_width, "big") for v in b_enc.values)).digest()
+        if s.sent_gradient is not None and s.sent_gradient[:2] == (t, b_digest):
+            grad_a = s.sent_gradient[2]
+        else:
+            grad_a = steps.masked_encrypted_gradient(self.backend, x, b_enc)
+            s.sent_gradient = (t, b_digest, grad_a)
         # Step 4: B decrypts ours; we decrypt B's.
         width = max(s.passive_key.residue_width, self.key.public.cipher_width)
         reply = self.peer.exchange_masked_gradients(
@@ -298,12 +490,17 @@ class ActiveParty:
         loss = None
         if loss_share is not None:
             loss = steps.active_loss(u_a, y, loss_share.result(), self.backend, self.key)
-        # Step 5 at B (in flight) and at A: remove R_A, add X_A^T a, update w_A.
-        apply = self._io.submit(self.peer.apply_gradient, header, self.key.public, z_b)
+        # Step 5 at A: remove R_A, add X_A^T a, update w_A; checkpoint; then
+        # B's step 5, in flight while A starts the next iteration.
         cross = steps.unmask_gradient(z_a, grad_a.mask, s.passive_key, steps.cross_gradient_bound(x))
         penalised = np.r_[np.ones(len(s.w) - 1), 0.0]
         grad = steps.gradient_from_shares(x, a, cross, s.w, s.job.config.l2, penalised)
-        s.w = steps.sgd_update(s.w, grad, s.job.config.learning_rate)
+        grad = steps.dp_gaussian_noise(grad, s.job.config.dp_noise_std)
+        s.prev_w, s.w = s.w, steps.sgd_update(s.w, grad, s.job.config.learning_rate)
+        s.next_iteration, s.pending_z_b = t + 1, z_b
+        s.sent_shares = s.sent_gradient = None
+        self._save_state(s)
+        apply = self._io.submit(self.peer.apply_gradient, header, self.key.public, z_b)
         return loss, apply
 
     def _store_model(self, s: _Session) -> None:
@@ -329,6 +526,7 @@ class ActiveParty:
                     "final_loss": job.loss,
                     "loss_history": job.losses,
                     "elapsed_s": time.time() - job.started,
+                    "dp_noise_std": job.config.dp_noise_std,
                     **metrics.since(s.clock_start),
                 },
             },

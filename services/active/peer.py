@@ -140,6 +140,14 @@ class PassiveClient:
         )
         return serde.cipher_vector_from_proto(reply.share, key, "loss share")
 
+    def job_state(self, header: common_pb2.StepHeader) -> tuple[int, int]:
+        """(iteration, JobPhase) of the job at B."""
+        req = party_pb2.JobStateRequest(header=header)
+        reply = self._call(
+            "GetJobState", lambda: self._received("GetJobState", self._stub.GetJobState(req, timeout=self.timeout_s))
+        )
+        return int(reply.iteration), int(reply.phase)
+
     def finish_job(self, header: common_pb2.StepHeader, aborted: bool) -> bool:
         req = party_pb2.FinishJobRequest(header=header, aborted=aborted)
         reply = self._call(

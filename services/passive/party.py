@@ -370,6 +370,7 @@ class PassiveParty:
             own = job.own_gradient.result()
             cross = steps.unmask_gradient(z_b, own.mask, job.active_key, steps.cross_gradient_bound(x))
             grad = steps.gradient_from_shares(x, job.b, cross, job.w, job.config.l2, np.ones_like(job.w))
+            grad = steps.dp_gaussian_noise(grad, job.config.dp_noise_std)
             new_w = steps.sgd_update(job.w, grad, job.config.learning_rate)
             update = float(np.sum((new_w - job.w) ** 2))
             job.last_update_sq_norm = update
@@ -439,6 +440,7 @@ class PassiveParty:
                 "metrics": {
                     "iterations": job.iteration,
                     "last_update_sq_norm": job.last_update_sq_norm,
+                    "dp_noise_std": job.config.dp_noise_std,
                     **metrics.since(job.clock_start),
                 },
             },

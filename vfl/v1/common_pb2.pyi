@@ -238,6 +238,7 @@ class TrainingConfig(_message.Message):
     INIT_SCALE_FIELD_NUMBER: _builtins.int
     ALLOW_SMALL_BATCH_FIELD_NUMBER: _builtins.int
     MAX_ITERATIONS_FIELD_NUMBER: _builtins.int
+    DP_NOISE_STD_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Step size of mini-batch SGD. Default 0.15. Must be > 0."""
     batch_size: _builtins.int
@@ -272,6 +273,12 @@ class TrainingConfig(_message.Message):
     """Stop after this many iterations (0 = no limit, the epochs decide).
     Default 0.
     """
+    dp_noise_std: _builtins.float
+    """Differential privacy: each party adds Gaussian noise of this standard
+    deviation to its own plaintext gradient before its update (the known
+    defence against gradient-based label and feature inference). Default 0
+    (off). Reported in both model shards.
+    """
     def __init__(
         self,
         *,
@@ -286,15 +293,18 @@ class TrainingConfig(_message.Message):
         init_scale: _builtins.float | None = ...,
         allow_small_batch: _builtins.bool | None = ...,
         max_iterations: _builtins.int | None = ...,
+        dp_noise_std: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_dp_noise_std", b"_dp_noise_std", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "dp_noise_std", b"dp_noise_std", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_dp_noise_std", b"_dp_noise_std", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "dp_noise_std", b"dp_noise_std", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_small_batch: _TypeAlias = _typing.Literal["allow_small_batch"]  # noqa: Y015
     _WhichOneofArgType__allow_small_batch: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch"]  # noqa: Y015
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__dp_noise_std: _TypeAlias = _typing.Literal["dp_noise_std"]  # noqa: Y015
+    _WhichOneofArgType__dp_noise_std: _TypeAlias = _typing.Literal["_dp_noise_std", b"_dp_noise_std"]  # noqa: Y015
     _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
     _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
     _WhichOneofReturnType__init_scale: _TypeAlias = _typing.Literal["init_scale"]  # noqa: Y015
@@ -317,6 +327,8 @@ class TrainingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__allow_small_batch) -> _WhichOneofReturnType__allow_small_batch | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_noise_std) -> _WhichOneofReturnType__dp_noise_std | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
     @_typing.overload
