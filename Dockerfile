@@ -1,7 +1,9 @@
 # One image for all three vfl services; the command picks the role:
 #   python -m services.passive | python -m services.assistant | python -m services.active (default)
-#   vfl demo-client --address active:50051 --labels-csv /app/data/breast_hetero_guest.csv
-# Configuration is by VFL_* environment variables (see common/settings.py and docker-compose.yml).
+#   vfl demo-client --address active:50051 --labels-csv /app/data/breast_hetero_guest.csv --tls-dir /certs
+#   vfl certs --out /certs
+# Configuration is by VFL_* environment variables (see common/settings.py and docker-compose.yml);
+# a service needs its TLS files (VFL_TLS_DIR=/certs) or VFL_INSECURE=true.
 # Plain `docker build` (no BuildKit features), so it builds with the legacy builder too.
 FROM python:3.11-slim
 
@@ -29,12 +31,13 @@ RUN pip install --no-deps . \
  && pip check \
  && rm -rf build ./*.egg-info
 
-# Unprivileged user; /var/lib/vfl is its private data dir (keys, models). A named volume mounted
-# there starts as a copy of this directory, so it keeps this owner and mode.
+# Unprivileged user; /var/lib/vfl is its private data dir (keys, models), /certs the TLS files
+# (`vfl certs --out /certs`). A named volume mounted there starts as a copy of this directory,
+# so it keeps this owner and mode.
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/vfl --shell /usr/sbin/nologin vfl \
- && mkdir -p /var/lib/vfl \
- && chown vfl:vfl /var/lib/vfl \
- && chmod 700 /var/lib/vfl
+ && mkdir -p /var/lib/vfl /certs \
+ && chown vfl:vfl /var/lib/vfl /certs \
+ && chmod 700 /var/lib/vfl /certs
 USER vfl
 
 # Container defaults: listen on all interfaces, keep state in the data dir.

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto proto-check lint typecheck test test-compose demo bench up down clean
+.PHONY: help install proto proto-check lint typecheck test test-compose test-system demo certs bench up down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -42,13 +42,17 @@ typecheck: $(STAMP) ## mypy on common/
 
 test: $(STAMP) ## unit, protocol and end-to-end tests (real gRPC, real OU and Paillier keys)
 	@# pytest exits 5 when it collects nothing: that is a failure here, not a pass.
-	@$(PY) -m pytest -q tests; rc=$$?; \
+	@# tests/system (root, network namespaces) is make test-system's.
+	@$(PY) -m pytest -q tests --ignore=tests/system; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
 
 demo: $(STAMP) ## local federation: train on the bundled breast data, predict the held-out 20 %, print the AUC
 	$(VENV)/bin/vfl demo
 
-# make bench BENCH=primitives|breast|synthetic|sweep runs one workload; BENCH_ARGS passes more options
+certs: $(STAMP) ## CA + certificate and key for active, passive, assistant, client in ./certs (NAMES=a,b: more clients)
+	$(VENV)/bin/vfl certs --out certs $(if $(NAMES),--names $(NAMES))
+
+# make bench BENCH=primitives|breast|synthetic|sweep|load runs one workload; BENCH_ARGS passes more options
 # (e.g. BENCH_ARGS="--backends ou,phe" or "--quick").
 BENCH ?= all
 BENCH_ARGS ?=
@@ -57,6 +61,11 @@ bench: $(STAMP) ## benchmarks on the real federation (2048-bit keys) -> BENCHMAR
 
 test-compose: ## docker-compose: build, run the demo federation, check its AUC
 	bash tests/system/test_compose.sh
+
+test-system: $(STAMP) ## system tests: the federation across network namespaces, with netem (as root; skipped otherwise)
+	@# Skipped tests exit 0; collecting nothing (exit 5) is a failure.
+	@$(PY) -m pytest -q -rs tests/system; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-system: pytest collected no tests"; exit 1; fi; exit $$rc
 
 up: ## docker-compose up (demo federation)
 	docker-compose up --build

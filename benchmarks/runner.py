@@ -200,8 +200,14 @@ def run(spec: RunSpec, max_iterations_unsupported: str | None) -> dict[str, Any]
     job = prepare_job(spec, max_iterations_unsupported)
     with tempfile.TemporaryDirectory(prefix=f"vfl-bench-{spec.workload}-{spec.backend}-") as tmp:
         workdir = Path(tmp)
+        # Plaintext, as the recorded results were measured (tls=True would add mutual TLS).
         fed = LocalFederation(
-            workdir, spec.active_csv, spec.passive_csv, key_bits=spec.key_bits, extra_env={"VFL_BACKEND": spec.backend}
+            workdir,
+            spec.active_csv,
+            spec.passive_csv,
+            key_bits=spec.key_bits,
+            extra_env={"VFL_BACKEND": spec.backend},
+            tls=False,
         )
         t0 = time.perf_counter()
         try:

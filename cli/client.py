@@ -11,14 +11,28 @@ import numpy as np
 from common.jobconfig import JobConfig
 from common.rpc import open_channel
 from common.serde import config_to_proto
+from common.tls import TlsConfig, TlsFiles
 from vfl.v1 import client_pb2, client_pb2_grpc
 
 STATE_NAMES = {v: k.removeprefix("JOB_STATE_").lower() for k, v in client_pb2.JobState.items()}
 
 
 class VflClient:
-    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
-        self._channel = open_channel(address)
+    """`tls`: the CA and this client's certificate and key (mutual TLS; the
+    active party authorises the certificate's identity); None for a
+    plaintext connection to a service run with VFL_INSECURE=true.
+    `server_name`: the name the server's certificate must carry, if not the
+    host of `address`."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 600.0,
+        tls: TlsFiles | TlsConfig | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        config = TlsConfig.load(tls) if isinstance(tls, TlsFiles) else tls
+        self._channel = open_channel(address, config, server_name)
         self.stub = client_pb2_grpc.TrainingServiceStub(self._channel)
         self.timeout_s = timeout_s
 

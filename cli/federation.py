@@ -1,6 +1,7 @@
 """Start the three services as local processes on free ports (used by
 `vfl demo` and by the end-to-end tests): each party in its own process with
-its own data directory, talking real gRPC over loopback."""
+its own data directory, talking real gRPC over loopback, with mutual TLS
+(certificates created once in workdir/certs) unless tls=False."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from common.tls import CLIENT_IDENTITY, TlsFiles, create_certs
 
 
 @dataclass
@@ -77,7 +80,29 @@ class LocalFederation:
     id_column: str = "id"
     extra_env: dict[str, str] = field(default_factory=dict)
     transcripts: bool = False
+    tls: bool = True
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.workdir / "certs"
+
+    def tls_files(self, name: str = CLIENT_IDENTITY) -> TlsFiles | None:
+        """An identity's TLS files (created on first use); None without TLS."""
+        if not self.tls:
+            return None
+        create_certs(self.certs_dir, [name])
+        return TlsFiles.in_dir(self.certs_dir, name)
+
+    def _tls_env(self, name: str) -> dict[str, str]:
+        # Explicit files (and VFL_TLS_DIR blanked) so that VFL_TLS_* or VFL_INSECURE
+        # in the caller's environment cannot change what the services use.
+        files = self.tls_files(name)
+        if files is None:
+            return {"VFL_INSECURE": "true", "VFL_TLS_DIR": "", "VFL_TLS_CA": "", "VFL_TLS_CERT": "", "VFL_TLS_KEY": ""}
+        env = {"VFL_INSECURE": "false", "VFL_TLS_DIR": ""}
+        env.update(VFL_TLS_CA=str(files.ca), VFL_TLS_CERT=str(files.cert), VFL_TLS_KEY=str(files.key))
+        return env
 
     def _env(self, name: str, **more: str) -> dict[str, str]:
         env = {
@@ -85,6 +110,7 @@ class LocalFederation:
             "VFL_KEY_BITS": str(self.key_bits),
             "VFL_TEST_MODE": "true" if self.key_bits < 2048 else "false",
             "VFL_ID_COLUMN": self.id_column,
+            **self._tls_env(name),
             **self.extra_env,
             **more,
         }
@@ -98,14 +124,18 @@ class LocalFederation:
             env = self._env("passive", VFL_DATA_CSV=str(self.passive_csv))
             module = "services.passive"
         elif name == "assistant":
-            env = self._env("assistant", VFL_UPSTREAM_ADDRESS=self.services["passive"].address)
+            # The passive party's certificate must say "passive" (127.0.0.1 alone is in every one).
+            env = self._env(
+                "assistant", VFL_UPSTREAM_ADDRESS=self.services["passive"].address, VFL_PEER_TLS_NAME="passive"
+            )
             module = "services.assistant"
         else:
-            upstream = self.services["assistant" if self.assistant else "passive"].address
+            peer = "assistant" if self.assistant else "passive"
             env = self._env(
                 "active",
                 VFL_DATA_CSV=str(self.active_csv),
-                VFL_PEER_ADDRESS=upstream,
+                VFL_PEER_ADDRESS=self.services[peer].address,
+                VFL_PEER_TLS_NAME=peer,
                 VFL_LABEL_COLUMN=self.label_column,
             )
             module = "services.active"

@@ -20,6 +20,7 @@ from cli.federation import LocalFederation
 from common.data import load_party_csv
 from common.errors import VflError
 from common.jobconfig import JobConfig, job_config
+from common.tls import CLIENT_IDENTITY, DEFAULT_IDENTITIES, TlsConfig, TlsError, TlsFiles, create_certs
 from vfl.v1 import client_pb2
 
 app = typer.Typer(help="Vertical federated logistic regression under a two-party Paillier key.", no_args_is_help=True)
@@ -46,6 +47,22 @@ BatchSize = Annotated[int, typer.Option(help="rows per mini-batch (at least 3 * 
 LearningRate = Annotated[float, typer.Option(help="SGD step size")]
 L2 = Annotated[float, typer.Option(help="L2 penalty")]
 Seed = Annotated[int, typer.Option(help="seed of batch order and initial weights")]
+TlsDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-dir", envvar="VFL_TLS_DIR", help="mutual TLS: directory with ca.pem, NAME.pem and NAME.key (vfl certs)"
+    ),
+]
+TlsName = Annotated[str, typer.Option("--tls-name", help="identity whose certificate to present")]
+TlsServerName = Annotated[
+    str | None, typer.Option("--tls-server-name", help="name the server's certificate must carry (default: the host)")
+]
+Insecure = Annotated[
+    bool,
+    typer.Option(
+        "--insecure", envvar="VFL_INSECURE", help="plaintext, no TLS (only for services run with VFL_INSECURE=true)"
+    ),
+]
 
 
 def _config(epochs: int, batch_size: int, learning_rate: float, l2: float, seed: int) -> JobConfig:
@@ -53,6 +70,26 @@ def _config(epochs: int, batch_size: int, learning_rate: float, l2: float, seed:
         return job_config(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, seed=seed)
     except VflError as exc:
         console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _tls(tls_dir: Path | None, tls_name: str, insecure: bool) -> TlsConfig | None:
+    """The client's TLS material from --tls-dir, None with --insecure; exit 2 without either."""
+    if tls_dir is not None and insecure:
+        console.print("[red]error:[/red] --tls-dir and --insecure: choose one")
+        raise typer.Exit(2)
+    if insecure:
+        return None
+    if tls_dir is None:
+        console.print(
+            "[red]error:[/red] give --tls-dir DIR (the CA and this client's certificate, see `vfl certs`), "
+            "or --insecure for a plaintext connection to services run with VFL_INSECURE=true"
+        )
+        raise typer.Exit(2)
+    try:
+        return TlsConfig.load(TlsFiles.in_dir(tls_dir, tls_name))
+    except TlsError as exc:
+        console.print(f"[red]error:[/red] --tls-dir: {exc}")
         raise typer.Exit(2) from None
 
 
@@ -131,9 +168,11 @@ def train_and_evaluate(
     labels: dict[str, float],
     started: float,
     wait_s: float,
+    tls: TlsFiles | TlsConfig | None = None,
+    server_name: str | None = None,
 ) -> float:
     """The demo job: train on train_ids, predict test_ids, report; returns the AUC."""
-    with VflClient(address) as client:
+    with VflClient(address, tls=tls, server_name=server_name) as client:
         client.wait_ready(wait_s)
         try:
             final = train_with_progress(client, config, train_ids)
@@ -160,16 +199,21 @@ def demo(
     seed: Seed = 42,
     test_size: Annotated[float, typer.Option(help="held-out fraction")] = 0.2,
     split_seed: Annotated[int, typer.Option(help="random_state of the split")] = 42,
-    workdir: Annotated[Path | None, typer.Option(help="keys, models and logs (default: a temporary dir)")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="keys, models, certificates and logs (default: a temporary dir)")
+    ] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="plaintext gRPC instead of mutual TLS")] = False,
 ) -> None:
-    """Start A, B (and C) locally, train, predict the held-out rows, print the AUC, stop."""
+    """Start A, B (and C) locally, train, predict the held-out rows, print the AUC, stop.
+    Every connection uses mutual TLS with certificates made in WORKDIR/certs, unless --insecure."""
     started = time.time()
     config = _config(epochs, batch_size, learning_rate, l2, seed)
     train_ids, test_ids, labels = split_ids(active_csv, id_column, label_column, test_size, split_seed)
     with tempfile.TemporaryDirectory(prefix="vfl-demo-") as tmp:
         root = workdir or Path(tmp)
         console.print(
-            f"starting the federation ({key_bits}-bit keys, assistant {'on' if assistant else 'off'}) in {root}"
+            f"starting the federation ({key_bits}-bit keys, assistant {'on' if assistant else 'off'}, "
+            f"{'PLAINTEXT' if insecure else 'mutual TLS'}) in {root}"
         )
         fed = LocalFederation(
             root,
@@ -179,10 +223,21 @@ def demo(
             assistant=assistant,
             label_column=label_column,
             id_column=id_column,
+            tls=not insecure,
         )
         with fed:
             console.print("  " + "  ".join(f"{n}={s.address}" for n, s in fed.services.items()))
-            train_and_evaluate(fed.active_address, config, train_ids, test_ids, labels, started, wait_s=60.0)
+            train_and_evaluate(
+                fed.active_address,
+                config,
+                train_ids,
+                test_ids,
+                labels,
+                started,
+                wait_s=60.0,
+                tls=fed.tls_files(CLIENT_IDENTITY),
+                server_name="active" if fed.tls else None,
+            )
 
 
 @app.command("demo-client")
@@ -199,12 +254,17 @@ def demo_client(
     l2: L2 = 0.01,
     seed: Seed = 42,
     wait_s: Annotated[float, typer.Option(help="how long to wait for the active party")] = 120.0,
+    tls_dir: TlsDir = None,
+    tls_name: TlsName = CLIENT_IDENTITY,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
 ) -> None:
     """Against running services: train on 80 %, predict the held-out 20 %, print the AUC."""
     started = time.time()
+    tls = _tls(tls_dir, tls_name, insecure)
     config = _config(epochs, batch_size, learning_rate, l2, seed)
     train_ids, test_ids, labels = split_ids(labels_csv, id_column, label_column, 0.2, 42)
-    train_and_evaluate(address, config, train_ids, test_ids, labels, started, wait_s)
+    train_and_evaluate(address, config, train_ids, test_ids, labels, started, wait_s, tls, tls_server_name)
 
 
 @app.command()
@@ -220,11 +280,16 @@ def train(
         Path | None, typer.Option(help="CSV whose id column lists the training rows (default: all)")
     ] = None,
     id_column: Annotated[str, typer.Option()] = "id",
+    tls_dir: TlsDir = None,
+    tls_name: TlsName = CLIENT_IDENTITY,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
 ) -> None:
     """Train a model with running services; shows progress and the final status."""
+    tls = _tls(tls_dir, tls_name, insecure)
     config = _config(epochs, batch_size, learning_rate, l2, seed)
     ids = _read_ids(ids_csv, id_column) if ids_csv else []
-    with VflClient(address) as client:
+    with VflClient(address, tls=tls, server_name=tls_server_name) as client:
         try:
             final = train_with_progress(client, config, ids, job_id)
         except grpc.RpcError as exc:
@@ -233,9 +298,17 @@ def train(
 
 
 @app.command()
-def status(job_id: str, address: Address = "localhost:50051") -> None:
+def status(
+    job_id: str,
+    address: Address = "localhost:50051",
+    tls_dir: TlsDir = None,
+    tls_name: TlsName = CLIENT_IDENTITY,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
+) -> None:
     """Status of a job."""
-    with VflClient(address) as client:
+    tls = _tls(tls_dir, tls_name, insecure)
+    with VflClient(address, tls=tls, server_name=tls_server_name) as client:
         try:
             st = client.status(job_id)
         except grpc.RpcError as exc:
@@ -254,10 +327,15 @@ def predict(
     address: Address = "localhost:50051",
     id_column: Annotated[str, typer.Option()] = "id",
     out: Annotated[Path | None, typer.Option(help="write id,probability here (default: stdout)")] = None,
+    tls_dir: TlsDir = None,
+    tls_name: TlsName = CLIENT_IDENTITY,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
 ) -> None:
     """Score the ids of a CSV with a trained model."""
+    tls = _tls(tls_dir, tls_name, insecure)
     ids = _read_ids(ids_csv, id_column)
-    with VflClient(address) as client:
+    with VflClient(address, tls=tls, server_name=tls_server_name) as client:
         try:
             probs = client.predict(model_id, ids)
         except grpc.RpcError as exc:
@@ -271,9 +349,16 @@ def predict(
 
 
 @app.command()
-def models(address: Address = "localhost:50051") -> None:
+def models(
+    address: Address = "localhost:50051",
+    tls_dir: TlsDir = None,
+    tls_name: TlsName = CLIENT_IDENTITY,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
+) -> None:
     """Models stored at the active party."""
-    with VflClient(address) as client:
+    tls = _tls(tls_dir, tls_name, insecure)
+    with VflClient(address, tls=tls, server_name=tls_server_name) as client:
         try:
             infos = client.list_models()
         except grpc.RpcError as exc:
@@ -289,6 +374,27 @@ def models(address: Address = "localhost:50051") -> None:
             f"{m.final_loss:.5f}" if m.HasField("final_loss") else "-",
         )
     console.print(table)
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="directory to write (mode 700; keys mode 600)")] = Path("certs"),
+    names: Annotated[
+        list[str] | None,
+        typer.Option("--names", help="extra client identities (repeat the option or separate with commas)"),
+    ] = None,
+) -> None:
+    """Create a CA and a certificate and key for each of active, passive,
+    assistant and client (and any --names) in OUT; existing ones are kept."""
+    extra = [n.strip() for item in names or [] for n in item.split(",") if n.strip()]
+    try:
+        created = create_certs(out, extra)
+    except (TlsError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    kept = [n for n in dict.fromkeys([*DEFAULT_IDENTITIES, *extra]) if n not in created]
+    # Plain print: one line, not wrapped to the terminal.
+    print(f"{out}: CA ca.pem; created {', '.join(created) or 'none'}; kept {', '.join(kept) or 'none'}")
 
 
 def _read_ids(path: Path, id_column: str) -> list[str]:

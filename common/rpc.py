@@ -1,6 +1,7 @@
 """gRPC plumbing shared by the services: server construction with health and
-reflection, channel options, the domain-error-to-status mapping, structured
-logging and the (tests only) transcript recorder."""
+reflection, mutual TLS and per-call authorisation, channel options, the
+domain-error-to-status mapping, structured logging and the (tests only)
+transcript recorder."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from common.errors import VflError
 from common.metrics import CLOCK
 from common.storage import atomic_write_text
+from common.tls import SPIFFE_PREFIX, TlsConfig
 
 log = logging.getLogger("vfl.rpc")
 
@@ -65,9 +67,19 @@ def create_server(
     port: int,
     max_workers: int = 16,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    tls: TlsConfig | None = None,
+    allowed: Mapping[str, Collection[str]] | None = None,
 ) -> tuple[grpc.Server, int]:
     """A server with the given servicers, health and reflection, bound but not
-    started. Returns the real port (useful with port 0)."""
+    started. Returns the real port (useful with port 0).
+
+    With `tls`, the port requires a client certificate signed by the CA and
+    each call is authorised by the client's identity: `allowed` maps a
+    service's full name to the identities that may call it (health and
+    reflection: any authenticated client). Without it (VFL_INSECURE=true) the
+    port is plaintext and a warning is logged."""
+    if tls is not None:
+        interceptors = [AuthzInterceptor(allowed or {}), *interceptors]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS, interceptors=list(interceptors)
     )
@@ -77,14 +89,100 @@ def create_server(
     for name in [*service_names, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials())
     if bound == 0:
         raise OSError(f"VFL_PORT: could not bind {host}:{port}")
+    if tls is None:
+        log.warning(
+            "event=insecure_transport VFL_INSECURE=true: PLAINTEXT gRPC, no TLS, no client authentication, "
+            "no authorisation; anyone who can reach %s:%d can call every method. Local tests only.",
+            host,
+            bound,
+        )
+    else:
+        log.info("event=tls identity=%s client_auth=required", tls.identity)
     return server, bound
 
 
-def open_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(address: str, tls: TlsConfig | None = None, server_name: str | None = None) -> grpc.Channel:
+    """A channel to `address`: plaintext, or mutual TLS with our certificate.
+    `server_name` is the name the server's certificate must carry, when it is
+    not the host of the address (e.g. "passive" for 127.0.0.1:port)."""
+    if tls is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    options: list[tuple[str, Any]] = [*CHANNEL_OPTIONS]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(address, tls.channel_credentials(), options=options)
+
+
+# Any authenticated peer may check health and use reflection.
+OPEN_SERVICE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def peer_identity(context: grpc.ServicerContext) -> str | None:
+    """The identity of a TLS client: its certificate's CN (else its
+    spiffe://vfl/<name> SAN), or None without a verified certificate."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return None
+    for cn in auth.get("x509_common_name", []):
+        return bytes(cn).decode(errors="replace")
+    for uri in auth.get("peer_spiffe_id", []):
+        text = bytes(uri).decode(errors="replace")
+        if text.startswith(SPIFFE_PREFIX):
+            return text.removeprefix(SPIFFE_PREFIX)
+    return None
+
+
+class AuthzInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Per-call authorisation by the TLS client's identity: a method of a
+    service in `allowed` only from the identities listed for it, health and
+    reflection from any authenticated client, anything else from nobody.
+    A refused call ends with PERMISSION_DENIED naming the identity and the
+    method, before the handler sees the request."""
+
+    def __init__(self, allowed: Mapping[str, Collection[str]]) -> None:
+        self._allowed = {service: frozenset(ids) for service, ids in allowed.items()}
+
+    def _check(self, method: str, context: grpc.ServicerContext) -> None:
+        identity = peer_identity(context)
+        if identity is None:
+            log.warning("event=rpc_denied method=%s identity=none", method)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: no verified client certificate")
+        if method.startswith(OPEN_SERVICE_PREFIXES):
+            return
+        service = method.split("/")[1] if method.count("/") == 2 else ""
+        if identity in self._allowed.get(service, ()):
+            return
+        log.warning("event=rpc_denied method=%s identity=%s", method, identity)
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"identity {identity!r} may not call {method}")
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method, check = details.method, self._check
+
+        def guarded(fn: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                check(method, context)
+                return fn(request, context)
+
+            return call
+
+        if handler.request_streaming and handler.response_streaming:
+            make, fn = grpc.stream_stream_rpc_method_handler, handler.stream_stream
+        elif handler.request_streaming:
+            make, fn = grpc.stream_unary_rpc_method_handler, handler.stream_unary
+        elif handler.response_streaming:
+            make, fn = grpc.unary_stream_rpc_method_handler, handler.unary_stream
+        else:
+            make, fn = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+        return make(guarded(fn), handler.request_deserializer, handler.response_serializer)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

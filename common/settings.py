@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.crypto.backend import DEFAULT_BACKEND
+from common.tls import TlsConfig, TlsError, TlsFiles, check_identity
 
 
 class ServiceSettings(BaseSettings):
@@ -28,6 +29,64 @@ class ServiceSettings(BaseSettings):
         None, description="tests only: append every message this service receives to this file"
     )
     max_workers: int = Field(16, ge=1, le=256, description="gRPC server threads")
+    tls_dir: Path | None = Field(
+        None, description="directory with ca.pem, <identity>.pem and <identity>.key (see `vfl certs`)"
+    )
+    tls_ca: Path | None = Field(None, description="CA certificate (PEM); overrides VFL_TLS_DIR/ca.pem")
+    tls_cert: Path | None = Field(
+        None, description="this service's certificate (PEM); overrides the one in VFL_TLS_DIR"
+    )
+    tls_key: Path | None = Field(None, description="this service's private key (PEM); overrides the one in VFL_TLS_DIR")
+    insecure: bool = Field(False, description="plaintext gRPC without TLS or authorisation (local tests only)")
+
+    # This service's identity: the name of its files in VFL_TLS_DIR.
+    TLS_IDENTITY: ClassVar[str] = ""
+    _tls: TlsConfig | None = PrivateAttr(None)
+
+    @field_validator("tls_dir", "tls_ca", "tls_cert", "tls_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @property
+    def tls(self) -> TlsConfig | None:
+        """The checked TLS material (set by load_settings), or None with VFL_INSECURE=true."""
+        return self._tls
+
+    def tls_files(self) -> TlsFiles | None:
+        """The TLS files from VFL_TLS_DIR and/or VFL_TLS_CA/CERT/KEY; raises
+        TlsError naming the variable when they are incomplete."""
+        explicit = {"VFL_TLS_CA": self.tls_ca, "VFL_TLS_CERT": self.tls_cert, "VFL_TLS_KEY": self.tls_key}
+        if self.tls_dir is None and not any(explicit.values()):
+            return None
+        if self.tls_dir is not None:
+            base = TlsFiles.in_dir(self.tls_dir, self.TLS_IDENTITY)
+            return TlsFiles(self.tls_ca or base.ca, self.tls_cert or base.cert, self.tls_key or base.key)
+        missing = [name for name, value in explicit.items() if value is None]
+        if missing:
+            raise TlsError(f"{missing[0]}: not set (give VFL_TLS_CA, VFL_TLS_CERT and VFL_TLS_KEY, or VFL_TLS_DIR)")
+        assert self.tls_ca and self.tls_cert and self.tls_key
+        return TlsFiles(self.tls_ca, self.tls_cert, self.tls_key)
+
+    def load_tls(self) -> None:
+        """Check the transport options and load the TLS material; raises
+        TlsError with a message that starts with the variable's name."""
+        files = self.tls_files()
+        if self.insecure:
+            if files is not None:
+                raise TlsError("VFL_INSECURE: true together with TLS files (VFL_TLS_*); set one or the other")
+            return
+        if files is None:
+            raise TlsError(
+                "VFL_TLS_DIR: not set: give the TLS files (VFL_TLS_DIR, or VFL_TLS_CA, VFL_TLS_CERT and "
+                "VFL_TLS_KEY) or set VFL_INSECURE=true to run in plaintext (local tests only)"
+            )
+        try:
+            self._tls = TlsConfig.load(files)
+        except TlsError as exc:
+            explicit = {self.tls_ca: "VFL_TLS_CA", self.tls_cert: "VFL_TLS_CERT", self.tls_key: "VFL_TLS_KEY"}
+            var = explicit.get(exc.path, "VFL_TLS_DIR") if exc.path is not None else "VFL_TLS_DIR"
+            raise TlsError(f"{var}: {exc}", exc.path) from None
 
 
 class PartySettings(ServiceSettings):
@@ -43,30 +102,72 @@ class PartySettings(ServiceSettings):
     )
 
 
+def _identities(value: str) -> str:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ValueError("expected a comma-separated list of at least one identity")
+    for n in names:
+        check_identity(n)
+    return ",".join(names)
+
+
 class PassiveSettings(PartySettings):
-    pass
+    TLS_IDENTITY: ClassVar[str] = "passive"
+    allowed_peers: str = Field(
+        "active,assistant", description="identities (comma-separated) allowed to call PartyService, with TLS"
+    )
+
+    _check_peers = field_validator("allowed_peers")(_identities)
 
 
 class ActiveSettings(PartySettings):
+    TLS_IDENTITY: ClassVar[str] = "active"
     label_column: str = Field("y", min_length=1, description="name of the 0/1 label column")
     peer_address: str = Field(..., description="host:port of the passive party, or of the assistant")
     peer_timeout_s: float = Field(120.0, gt=0, description="deadline of each call to the peer, seconds")
+    peer_tls_name: str | None = Field(
+        None, description="name the peer's certificate must carry (default: the host of VFL_PEER_ADDRESS)"
+    )
+    allowed_clients: str = Field(
+        "client", description="identities (comma-separated) allowed to call TrainingService, with TLS"
+    )
+
+    _check_clients = field_validator("allowed_clients")(_identities)
 
 
 class AssistantSettings(ServiceSettings):
+    TLS_IDENTITY: ClassVar[str] = "assistant"
     upstream_address: str = Field(..., description="host:port of the passive party to relay to")
     peer_timeout_s: float = Field(120.0, gt=0, description="deadline of each relayed call, seconds")
+    peer_tls_name: str | None = Field(
+        None, description="name the passive party's certificate must carry (default: the host of the address)"
+    )
+    allowed_peers: str = Field("active", description="identities (comma-separated) allowed to use the relay, with TLS")
+
+    _check_peers = field_validator("allowed_peers")(_identities)
+
+
+def identities(value: str) -> frozenset[str]:
+    """The names of a comma-separated VFL_ALLOWED_* setting."""
+    return frozenset(value.split(","))
 
 
 S = TypeVar("S", bound=ServiceSettings)
 
 
 def load_settings(cls: type[S]) -> S:
-    """Settings from the environment, or exit 2 with one line per bad option."""
+    """Settings from the environment, or exit 2 with one line per bad option
+    (a missing or unusable TLS configuration is one of them)."""
     try:
-        return cls()
+        settings = cls()
     except ValidationError as exc:
         for err in exc.errors():
             name = "VFL_" + "_".join(str(p) for p in err["loc"]).upper()
             print(f"config error: {name}: {err['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
+    try:
+        settings.load_tls()
+    except TlsError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return settings

@@ -36,14 +36,24 @@ def breast() -> BreastSplit:
 
 
 def make_federation(workdir: Path, **kwargs: object) -> LocalFederation:
+    """Plaintext (VFL_INSECURE=true) unless tls=True: tests/test_tls.py covers mutual TLS."""
     opts: dict = {
         "active_csv": BUNDLED_ACTIVE,
         "passive_csv": BUNDLED_PASSIVE,
         "key_bits": TEST_KEY_BITS,
         "assistant": True,
+        "tls": False,
     }
     opts.update(kwargs)
     return LocalFederation(workdir, **opts)
+
+
+def tls_client(fed: LocalFederation, identity: str = "client", timeout_s: float = 120.0) -> VflClient:
+    """A client of a TLS federation's active party presenting `identity`'s
+    certificate (made by the federation's CA on first use)."""
+    files = fed.tls_files(identity)
+    assert files is not None, "the federation runs without TLS"
+    return VflClient(fed.active_address, timeout_s=timeout_s, tls=files, server_name="active")
 
 
 @pytest.fixture(scope="module")

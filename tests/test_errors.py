@@ -273,7 +273,7 @@ def test_ids_missing_at_passive_party_refused_at_start(tmp_path: Path, breast: B
     short_csv = write_csv_variant(BUNDLED_PASSIVE, tmp_path / "host_short.csv", drop_rows=7)
     dropped = set(load_party_csv(BUNDLED_PASSIVE).ids) - set(load_party_csv(short_csv).ids)
     assert len(dropped) == 7
-    fed = LocalFederation(tmp_path / "fed", BUNDLED_ACTIVE, short_csv, key_bits=TEST_KEY_BITS)
+    fed = LocalFederation(tmp_path / "fed", BUNDLED_ACTIVE, short_csv, key_bits=TEST_KEY_BITS, tls=False)
     with fed, VflClient(fed.active_address, 60) as c:
         c.wait_ready(30)
         details = assert_refused(

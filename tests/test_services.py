@@ -71,7 +71,11 @@ def run_service(module: str, env: dict[str, str], tmp_path: Path) -> subprocess.
     ],
 )
 def test_bad_configuration_stops_with_one_clear_line(tmp_path, env, expected):
-    base = {"VFL_DATA_CSV": str(ROOT / "data" / "breast_hetero_host.csv"), "VFL_DATA_DIR": str(tmp_path / "d")}
+    base = {
+        "VFL_DATA_CSV": str(ROOT / "data" / "breast_hetero_host.csv"),
+        "VFL_DATA_DIR": str(tmp_path / "d"),
+        "VFL_INSECURE": "true",
+    }
     result = run_service("services.passive", {**base, **env}, tmp_path)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("config error")]
@@ -91,6 +95,7 @@ def test_private_key_with_open_permissions_is_refused(tmp_path):
         "VFL_DATA_DIR": str(tmp_path / "d"),
         "VFL_KEY_BITS": "1024",
         "VFL_TEST_MODE": "true",
+        "VFL_INSECURE": "true",
     }
     svc = start_service("passive", "services.passive", env, tmp_path)
     svc.stop()
@@ -139,7 +144,7 @@ def test_cli_train_status_predict_models_against_running_services(tmp_path, brea
         ids_csv = write_csv(tmp_path / "train.csv", ["id"], [[i] for i in breast.train_ids])
         test_csv = write_csv(tmp_path / "test.csv", ["id"], [[i] for i in breast.test_ids[:15]])
         base = [sys.executable, "-m", "cli.main"]
-        addr = ["--address", fed.active_address]
+        addr = ["--address", fed.active_address, "--tls-dir", str(fed.certs_dir)]
 
         def vfl(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([*base, *args, *addr], capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -6,7 +6,7 @@ import logging
 
 from common.party_setup import load_party
 from common.rpc import TranscriptRecorder, create_server, serve_forever, setup_logging
-from common.settings import ActiveSettings, load_settings
+from common.settings import ActiveSettings, identities, load_settings
 from services.active.party import ActiveParty
 from services.active.peer import PassiveClient
 from services.active.servicer import TrainingServicer
@@ -20,7 +20,7 @@ def main() -> None:
     setup_logging(settings.log_level, "active")
     res = load_party(settings, label_column=settings.label_column)
     recorder = TranscriptRecorder(settings.transcript_path, "active") if settings.transcript_path else None
-    peer = PassiveClient(settings.peer_address, settings.peer_timeout_s, recorder)
+    peer = PassiveClient(settings.peer_address, settings.peer_timeout_s, recorder, settings.tls, settings.peer_tls_name)
     party = ActiveParty(res.data, res.key, res.backend, settings.data_dir, peer, res.min_peer_bits)
     party.resume_jobs()  # jobs that were running when this process stopped
     server, port = create_server(
@@ -29,6 +29,8 @@ def main() -> None:
         settings.host,
         settings.port,
         settings.max_workers,
+        tls=settings.tls,
+        allowed={SERVICE_NAME: identities(settings.allowed_clients)},
     )
     logging.getLogger("vfl.active").info(
         "event=loaded rows=%d features=%d key=%s peer=%s",

@@ -16,6 +16,7 @@ from common.errors import PeerError, Unavailable
 from common.jobconfig import JobConfig
 from common.metrics import CLOCK
 from common.rpc import TranscriptRecorder, open_channel
+from common.tls import TlsConfig
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
 
 T = TypeVar("T")
@@ -23,10 +24,17 @@ _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class PassiveClient:
-    def __init__(self, address: str, timeout_s: float, recorder: TranscriptRecorder | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float,
+        recorder: TranscriptRecorder | None = None,
+        tls: TlsConfig | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = open_channel(address)
+        self._channel = open_channel(address, tls, server_name)
         self._stub = party_pb2_grpc.PartyServiceStub(self._channel)
         self._rec = recorder
 

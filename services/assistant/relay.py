@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from common.rpc import TranscriptRecorder, open_channel
+from common.tls import TlsConfig
 from vfl.v1 import party_pb2
 
 log = logging.getLogger("vfl.assistant")
@@ -23,10 +24,17 @@ PARTY_SERVICE = party_pb2.DESCRIPTOR.services_by_name["PartyService"]
 
 
 class RelayHandler(grpc.GenericRpcHandler):
-    def __init__(self, upstream: str, timeout_s: float, recorder: TranscriptRecorder | None = None) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        timeout_s: float,
+        recorder: TranscriptRecorder | None = None,
+        tls: TlsConfig | None = None,
+        server_name: str | None = None,
+    ) -> None:
         self.upstream = upstream
         self.timeout_s = timeout_s
-        self._channel = open_channel(upstream)
+        self._channel = open_channel(upstream, tls, server_name)
         self._rec = recorder
         self._methods = {f"/{PARTY_SERVICE.full_name}/{m.name}": m for m in PARTY_SERVICE.methods}
 

@@ -6,7 +6,7 @@ import logging
 
 from common.party_setup import load_party
 from common.rpc import RecordingInterceptor, TranscriptRecorder, create_server, serve_forever, setup_logging
-from common.settings import PassiveSettings, load_settings
+from common.settings import PassiveSettings, identities, load_settings
 from services.passive.party import PassiveParty
 from services.passive.servicer import PartyServicer
 from vfl.v1 import party_pb2, party_pb2_grpc
@@ -31,6 +31,8 @@ def main() -> None:
         settings.port,
         settings.max_workers,
         interceptors,
+        tls=settings.tls,
+        allowed={SERVICE_NAME: identities(settings.allowed_peers)},
     )
     logging.getLogger("vfl.passive").info(
         "event=loaded rows=%d features=%d key=%s",

@@ -52,9 +52,12 @@ log "built in ${build_s} s"
 t1=$SECONDS
 log "docker-compose up (passive, assistant, active, demo); active published on 127.0.0.1:$VFL_ACTIVE_HOST_PORT"
 # --exit-code-from demo implies --abort-on-container-exit: the demo's exit ends the run, and
-# a service that dies first ends it too (with a non-zero code).
+# a service that dies first ends it too (with a non-zero code). The services are named so that
+# compose attaches to them and not to the one-shot `certs` service (started as their dependency),
+# whose successful exit would otherwise end the run.
 set +e
-timeout "$TIMEOUT_S" "${COMPOSE[@]}" up --no-build --no-color --abort-on-container-exit --exit-code-from demo >"$LOG_DIR/up.log" 2>&1
+timeout "$TIMEOUT_S" "${COMPOSE[@]}" up --no-build --no-color --abort-on-container-exit --exit-code-from demo \
+  passive assistant active demo >"$LOG_DIR/up.log" 2>&1
 up_rc=$?
 set -e
 run_s=$((SECONDS - t1))
