@@ -1,4 +1,4 @@
-"""Benchmark harness: `python -m benchmarks.bench --bench {all,primitives,breast,synthetic,sweep}`.
+"""Benchmark harness: `python -m benchmarks.bench --bench {all,primitives,breast,synthetic,sweep,load}`.
 
 Runs the real federation (three processes, gRPC through the assistant,
 2048-bit keys) per backend, records each run in benchmarks/results.json
@@ -79,8 +79,8 @@ def _stamp(
 
 
 def _skip_records(workload: str, skipped: dict[str, str]) -> list[dict[str, Any]]:
-    # The sweep uses one backend by design: an absent one is not a gap there.
-    if workload == "sweep":
+    # The sweep and the load use one backend by design: an absent one is not a gap there.
+    if workload in ("sweep", "load"):
         return []
     return [{"name": workload, "case": "", "backend": b, "skipped": why} for b, why in skipped.items()]
 

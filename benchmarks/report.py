@@ -369,6 +369,59 @@ def _sweep_section(records: list[Record], plot_link: str | None) -> list[str]:
     return lines + _sweep_caveats(runs) + _problems(records, "sweep") + [""]
 
 
+def _load_section(records: list[Record]) -> list[str]:
+    runs = _measured(records, "load")
+    lines = ["## Prediction under load", ""]
+    if not runs:
+        return lines + (_problems(records, "load") or ["Not run yet."]) + [""]
+    p = runs[0]["params"]
+    lines += [
+        f"The breast model ({p['epochs']} epochs on the {p['train_rows']} training rows of the `vfl demo` split) "
+        f"queried by {p['clients']} concurrent clients for {p['duration_s']:.0f} s: threads of one process, each "
+        f"with its own `VflClient` (its own channel), calling Predict back to back on {p['ids_per_call']} ids "
+        f"drawn at random from the {p['test_ids']} held-out ids (`benchmarks/load.py`). Each call goes A -> C -> B "
+        "and back over gRPC on loopback (plaintext, as above); every reply was checked against a reference "
+        "prediction of the same ids, and an error is a failed call or a differing reply. Latency is per call "
+        "as the client sees it (waiting for one of A's server threads included); throughput is over the load "
+        "window, from the first call to the last reply.",
+        "",
+    ]
+    header = [
+        "backend",
+        "key bits",
+        "clients",
+        "s",
+        "calls",
+        "errors",
+        "predictions / s",
+        "calls / s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "max ms",
+        "peak memory MiB",
+    ]
+    rows = [
+        [
+            f"`{r['backend']}`",
+            str(r["key_bits"]),
+            str(r["params"]["clients"]),
+            _num(r["wall_s"], 1),
+            f"{r['requests']:,}",
+            str(r["errors"]),
+            _num(r["predictions_per_s"], 0),
+            _num(r["calls_per_s"], 1),
+            _num(r["latency_ms"]["p50"], 1),
+            _num(r["latency_ms"]["p95"], 1),
+            _num(r["latency_ms"]["p99"], 1),
+            _num(r["latency_ms"]["max"], 1),
+            _memory(r),
+        ]
+        for r in runs
+    ]
+    return lines + _table(header, rows) + ["", *_problems(records, "load"), ""]
+
+
 def _describe_code(code: dict[str, Any]) -> str:
     changed = code.get("uncommitted_changes") or []
     extra = f" plus uncommitted changes to {', '.join(changed)}" if changed else ""
@@ -378,7 +431,8 @@ def _describe_code(code: dict[str, Any]) -> str:
 def _code_lines(records: list[Record]) -> list[str]:
     """Which code each workload measured (the services run the working tree)."""
     out = []
-    for name in results.ORDER:
+    names = [*results.ORDER, *sorted({str(r.get("name")) for r in records} - set(results.ORDER))]
+    for name in names:
         recs = [r for r in records if r.get("name") == name and r.get("code")]
         if not recs:
             continue
@@ -469,6 +523,9 @@ def render(records: list[Record], quick: bool, plot_link: str | None) -> str:
     lines += _federation_section(records, "synthetic", _synthetic_title(records), _synthetic_blurb(records))
     lines += _primitives_section(records)
     lines += _sweep_section(records, plot_link)
+    while lines and not lines[-1]:  # one blank line between sections
+        lines.pop()
+    lines += ["", *_load_section(records)]
     return "\n".join(lines).rstrip() + "\n"
 
 

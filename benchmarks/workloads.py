@@ -6,6 +6,8 @@ synthetic  30,000 rows x (13 + 10) features, one epoch at batch 1024; the phe
 sweep      the fastest backend, a few iterations per point: batch rows,
            features per party, data-set rows
 primitives encrypt / decrypt / matvec rates per backend, and HEU's if present
+load       the default backend: the breast model queried by 32 concurrent clients for 30 s
+           (benchmarks/load.py)
 """
 
 from __future__ import annotations
@@ -292,9 +294,39 @@ def primitive_rates(ctx: Context) -> list[dict[str, Any]]:
     return records
 
 
+# --- load ----------------------------------------------------------------------
+
+
+def load_workload(ctx: Context) -> list[dict[str, Any]]:
+    """Prediction under load, on the default backend (or the fastest one
+    requested). Any failed or wrong prediction makes the run an error."""
+    from benchmarks import load
+    from common.crypto.backend import DEFAULT_BACKEND
+
+    backend = DEFAULT_BACKEND if DEFAULT_BACKEND in ctx.backends else ctx.fastest
+    mode = load.QUICK if ctx.quick else load.FULL
+    clients, duration = int(mode["clients"]), float(mode["duration_s"])
+    say(f"-> load [{backend}, {ctx.key_bits}-bit]: {clients} clients x {duration:.0f} s")
+    t0 = time.perf_counter()
+    try:
+        rec = load.run_load(key_bits=ctx.key_bits, backend=backend, clients=clients, duration_s=duration)
+    except Exception as exc:
+        print(f"   FAILED after {time.perf_counter() - t0:.1f} s: {exc}", file=sys.stderr, flush=True)
+        return [{"name": "load", "case": "", "backend": backend, "error": str(exc)}]
+    lat = rec["latency_ms"]
+    say(
+        f"   {rec['requests']} calls, {rec['errors']} errors, {rec['predictions_per_s']:.0f} predictions/s, "
+        f"{rec['calls_per_s']:.1f} calls/s, p50/p95/p99 {lat['p50']:.0f}/{lat['p95']:.0f}/{lat['p99']:.0f} ms"
+    )
+    if rec["errors"]:
+        rec["error"] = f"{rec['errors']} of {rec['requests']} calls failed: " + "; ".join(rec["error_samples"])
+    return [rec]
+
+
 WORKLOADS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "primitives": primitive_rates,
     "breast": breast,
     "synthetic": synthetic_workload,
     "sweep": sweep,
+    "load": load_workload,
 }
