@@ -10,11 +10,12 @@ from typing import Any
 from common.errors import InvalidArgument, NotFound
 from common.storage import atomic_write_text
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def check_job_id(job_id: str, what: str = "job_id") -> str:
-    if not _ID_RE.match(job_id) or job_id in (".", ".."):
+    # fullmatch: "$" would also accept a trailing newline.
+    if not _ID_RE.fullmatch(job_id) or job_id in (".", ".."):
         raise InvalidArgument(f"{what}: expected 1-64 characters of [A-Za-z0-9_.-], got {job_id[:80]!r}")
     return job_id
 

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.errors import VflError
+from common.errors import InvalidArgument, VflError
 from common.metrics import CLOCK
 from common.storage import atomic_write_text
 from common.tls import SPIFFE_PREFIX, TlsConfig
@@ -60,6 +60,55 @@ def setup_logging(level: str, service: str) -> None:
     )
 
 
+class _Malformed:
+    """Stands in for a request that did not parse, so that the handler (not
+    grpcio, which would answer INTERNAL) refuses it with INVALID_ARGUMENT."""
+
+
+class MalformedRequestInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Every request that is not a valid message of its type is refused with
+    INVALID_ARGUMENT naming the method, before any service code sees it."""
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler  # unknown method, or raw bytes (the assistant's relay)
+        parse = handler.request_deserializer
+        message = f"request to {details.method}: not a valid protobuf message of the method's request type"
+
+        def safe_parse(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception:  # noqa: BLE001 - any parse failure is the caller's malformed input
+                return _Malformed()
+
+        if handler.request_streaming:
+
+            def checked(requests: Iterator[Any]) -> Iterator[Any]:
+                for request in requests:
+                    if isinstance(request, _Malformed):
+                        raise InvalidArgument(message)
+                    yield request
+
+            kind = "stream_stream" if handler.response_streaming else "stream_unary"
+            inner = getattr(handler, kind)
+
+            def streaming(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                return inner(checked(requests), context)
+
+            return handler._replace(request_deserializer=safe_parse, **{kind: streaming})
+
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        inner = getattr(handler, kind)
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            return inner(request, context)
+
+        return handler._replace(request_deserializer=safe_parse, **{kind: unary})
+
+
 def create_server(
     add_servicers: Callable[[grpc.Server], None],
     service_names: Sequence[str],
@@ -78,6 +127,7 @@ def create_server(
     service's full name to the identities that may call it (health and
     reflection: any authenticated client). Without it (VFL_INSECURE=true) the
     port is plaintext and a warning is logged."""
+    interceptors = [MalformedRequestInterceptor(), *interceptors]
     if tls is not None:
         interceptors = [AuthzInterceptor(allowed or {}), *interceptors]
     server = grpc.server(

@@ -19,6 +19,7 @@ from common.metrics import CLOCK
 from vfl.v1 import common_pb2
 
 CHUNK_BYTES = 1 << 20
+MAX_KEY_BITS = 8192
 MAX_IDS_PER_CHUNK = 8192
 MAX_ID_LENGTH = 256
 
@@ -37,6 +38,9 @@ def public_key_from_proto(msg: common_pb2.PublicKey, what: str, min_bits: int) -
     n = int.from_bytes(msg.n, "big")
     if n.bit_length() < min_bits or n % 2 == 0:
         raise InvalidArgument(f"{what}.n: expected an odd modulus of at least {min_bits} bits")
+    if n.bit_length() > MAX_KEY_BITS:
+        # Tables for a huge key would take the receiving party hours to grow.
+        raise InvalidArgument(f"{what}.n: expected a modulus of at most {MAX_KEY_BITS} bits, got {n.bit_length()}")
     if msg.scheme == SCHEME_OU:
         g, h = int.from_bytes(msg.g, "big"), int.from_bytes(msg.h, "big")
         for name, v in (("g", g), ("h", h)):

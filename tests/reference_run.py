@@ -32,6 +32,7 @@ class ReferenceRun:
             config.epochs,
             config.seed,
             min_batch_size(p_a, p_b, config.allow_small_batch),
+            config.max_iterations,
         )
         self.trace: list[dict[str, np.ndarray]] = []
         self.x_active, self.x_passive, self.y = xa, xb, y

@@ -150,6 +150,12 @@ def test_batch_guard_and_merge():
     for epoch in (0, 1):
         rows = np.concatenate([b.rows for b in sched if b.epoch == epoch])
         assert sorted(rows.tolist()) == list(range(455))
+    # Computed when asked for: 100,000 epochs cost one epoch's order, and a
+    # limit (max_iterations) cuts the schedule without expanding it.
+    many = batch_schedule(455, 64, 100_000, seed=1, min_batch=60)
+    assert len(many) == 700_000 and len(many[-1].rows) == 71 and many[-1].epoch == 99_999
+    assert len(batch_schedule(455, 64, 100_000, seed=1, min_batch=60, limit=3)) == 3
+    np.testing.assert_array_equal(many[8].rows, sched[8].rows)  # same seed, same batches
 
 
 def test_plain_reference_learns(batch):

@@ -6,7 +6,10 @@ of each batch explicitly, so B never has to trust a local re-implementation.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -36,18 +39,58 @@ def check_batch_size(batch_size: int, p_active: int, p_passive: int, allow_small
         )
 
 
-def batch_schedule(n_rows: int, batch_size: int, epochs: int, seed: int, min_batch: int) -> list[Batch]:
-    """Shuffled batches per epoch. A last partial batch under `min_batch` is
-    merged into the one before it rather than dropped or sent alone."""
-    if n_rows < min_batch:
-        raise InvalidArgument(f"train_ids: expected at least {min_batch} training rows, got {n_rows}")
-    rng = np.random.default_rng(seed)
-    out: list[Batch] = []
-    for epoch in range(epochs):
-        order = rng.permutation(n_rows)
-        chunks = [order[s : s + batch_size] for s in range(0, n_rows, batch_size)]
-        if len(chunks) > 1 and len(chunks[-1]) < min_batch:
-            tail = chunks.pop()
-            chunks[-1] = np.concatenate([chunks[-1], tail])
-        out.extend(Batch(epoch, np.sort(c)) for c in chunks)
-    return out
+class BatchSchedule(Sequence[Batch]):
+    """Shuffled batches per epoch, computed when asked for: memory is one
+    epoch's order, not epochs x rows, whatever the number of epochs. Each
+    epoch's order comes from its own generator, seeded by (seed, epoch), so
+    any batch can be had without replaying the epochs before it. A last
+    partial batch under `min_batch` is merged into the one before it rather
+    than dropped or sent alone."""
+
+    def __init__(self, n_rows: int, batch_size: int, epochs: int, seed: int, min_batch: int, limit: int = 0) -> None:
+        if n_rows < min_batch:
+            raise InvalidArgument(f"train_ids: expected at least {min_batch} training rows, got {n_rows}")
+        self.n_rows, self.batch_size, self.epochs, self.seed = n_rows, batch_size, epochs, seed
+        chunks = -(-n_rows // batch_size)
+        last = n_rows - (chunks - 1) * batch_size
+        self._merge_tail = chunks > 1 and last < min_batch
+        self.per_epoch = chunks - 1 if self._merge_tail else chunks
+        total = self.per_epoch * epochs
+        self._len = min(total, limit) if limit else total
+        self._cache: tuple[int, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _order(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            if self._cache is None or self._cache[0] != epoch:
+                self._cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_rows))
+            return self._cache[1]
+
+    @overload
+    def __getitem__(self, index: int) -> Batch: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Batch]: ...
+
+    def __getitem__(self, index: int | slice) -> Batch | Sequence[Batch]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("batch index out of range")
+        epoch, k = divmod(index, self.per_epoch)
+        order = self._order(epoch)
+        start = k * self.batch_size
+        end = self.n_rows if (self._merge_tail and k == self.per_epoch - 1) else start + self.batch_size
+        return Batch(epoch, np.sort(order[start:end]))
+
+
+def batch_schedule(
+    n_rows: int, batch_size: int, epochs: int, seed: int, min_batch: int, limit: int = 0
+) -> BatchSchedule:
+    """The job's batches (the first `limit` of them when limit > 0)."""
+    return BatchSchedule(n_rows, batch_size, epochs, seed, min_batch, limit)

@@ -30,7 +30,7 @@ from common.jobconfig import JobConfig
 from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
 from common.protocol import steps
-from common.protocol.batching import Batch, batch_schedule, check_batch_size, min_batch_size
+from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check_batch_size, min_batch_size
 from common.protocol.reference import initial_weights, with_intercept
 from services.active.peer import PassiveClient
 from vfl.v1 import party_pb2
@@ -105,7 +105,7 @@ class _Session:
     y: np.ndarray
     scaler: Scaler
     w: np.ndarray  # w_A with the intercept last
-    batches: list[Batch]
+    batches: BatchSchedule
     p_passive: int
     train_ids: list[str]
     clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
@@ -170,9 +170,9 @@ class ActiveParty:
             passive_set_up = True
             check_batch_size(config.batch_size, p_a, p_b, config.allow_small_batch)
             floor = min_batch_size(p_a, p_b, config.allow_small_batch)
-            batches = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor)
-            if config.max_iterations:
-                batches = batches[: config.max_iterations]
+            batches = batch_schedule(
+                len(ids), config.batch_size, config.epochs, config.seed, floor, config.max_iterations
+            )
         except BaseException:
             if passive_set_up:
                 # B holds the job: release it so that the id can be used again.
@@ -244,9 +244,7 @@ class ActiveParty:
         positions = self.data.positions(ids, "train_ids")
         p_a, p_b = self.data.n_features, int(setup["p_passive"])
         floor = min_batch_size(p_a, p_b, config.allow_small_batch)
-        batches = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor)
-        if config.max_iterations:
-            batches = batches[: config.max_iterations]
+        batches = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor, config.max_iterations)
         raw = self.data.features[positions]
         scaler = Scaler.fit(raw, config.standardize)
         job = TrainingJob(setup["job_id"], config, total=len(batches), started=float(setup["started"]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from common.jobconfig import JobConfig
 from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
 from common.protocol import steps
-from common.protocol.batching import batch_schedule, check_batch_size, min_batch_size
+from common.protocol.batching import Batch, batch_schedule, check_batch_size, min_batch_size
 from common.protocol.reference import initial_weights
 from common.serde import StepMessage, rows_array
 
@@ -39,6 +40,8 @@ log = logging.getLogger("vfl.passive")
 
 # Restarts of an iteration that B allows per job (see _restart_iteration).
 MAX_RESTARTS = 3
+# How long a loss share waits for step 4 before it is computed regardless.
+LOSS_WAIT_S = 1.0
 
 
 class Phase(Enum):
@@ -68,7 +71,7 @@ class PassiveJob:
     loss_sent: bool = False
     loss: Future[CipherVector] | None = None
     step4_sent: threading.Event = field(default_factory=threading.Event)
-    expected_rows: list[np.ndarray] = field(default_factory=list)
+    expected: Sequence[Batch] = ()
     next_share: Future[tuple[int, np.ndarray, CipherVector] | None] | None = None
     last_update_sq_norm: float | None = None
     # Replay of retried steps: this iteration's answers by request digest, and
@@ -193,8 +196,9 @@ class PassiveParty:
         # A sends each batch's rows; B expands the same seeded schedule only to
         # guess the next batch and encrypt its share ahead (see _share_for).
         floor = min_batch_size(active_features, self.data.n_features, config.allow_small_batch)
-        schedule = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor)
-        job.expected_rows = [b.rows for b in schedule]
+        job.expected = batch_schedule(
+            len(ids), config.batch_size, config.epochs, config.seed, floor, config.max_iterations
+        )
         return job
 
     def _save_state(self, job: PassiveJob) -> None:
@@ -261,15 +265,17 @@ class PassiveParty:
             replayed = job.replay(iteration, "shares", digest)
             if replayed is not None:
                 return cast(CipherVector, replayed)
-            if iteration == job.iteration and job.phase != Phase.SHARES:
-                self._restart_iteration(job)
-            job.expect(iteration, Phase.SHARES)
+            # Validate before anything changes: a malformed retry must not cost
+            # the iteration its state (or its one restart).
             rows = rows_array(msg.rows, job.x.shape[0], "rows")
             floor = min_batch_size(job.active_features, job.x.shape[1], job.config.allow_small_batch)
             if rows.size < floor:
                 raise InvalidArgument(f"rows: a batch of {rows.size} rows is under the job's minimum of {floor}")
             a_enc = msg.ciphers(job.active_key, "ciphertexts")
             a_enc.require_length(rows.size, "ciphertexts")
+            if iteration == job.iteration and job.phase != Phase.SHARES:
+                self._restart_iteration(job)
+            job.expect(iteration, Phase.SHARES)
             x = job.x[rows]
             u, b, b_enc = self._share_for(job, iteration, rows)
             job.own_gradient = self._pool.submit(GATE.working(steps.masked_encrypted_gradient), self.backend, x, a_enc)
@@ -310,9 +316,9 @@ class PassiveParty:
     def _encrypt_share(self, job: PassiveJob, iteration: int) -> tuple[int, np.ndarray, CipherVector] | None:
         """Step 2 ahead of time: B's share for the batch it expects next, under
         the weights it has now (they change only at step 5)."""
-        if iteration >= len(job.expected_rows):
+        if iteration >= len(job.expected):
             return None
-        rows = job.expected_rows[iteration]
+        rows = job.expected[iteration].rows
         with GATE.busy():
             b = job.x[rows] @ job.w / 4.0
             return iteration, rows, steps.first_intermediate_share(self.backend, self.key.public, b)
@@ -409,14 +415,18 @@ class PassiveParty:
 
     def _loss_after_step4(self, step4_sent: threading.Event, a_enc: CipherVector, u: np.ndarray) -> CipherVector:
         # After B's answer to step 4, while A decrypts: off the critical path
-        # and not competing with step 4 for the GIL.
-        step4_sent.wait(timeout=600)
+        # and not competing with step 4 for the GIL. If step 4 does not come
+        # soon, compute it anyway rather than hold a thread.
+        step4_sent.wait(timeout=LOSS_WAIT_S)
         with GATE.busy():
             return steps.passive_loss_share(self.backend, a_enc, u)
 
     def finish_job(self, job_id: str, target_fp: bytes, aborted: bool) -> bool:
         if job_id not in self._jobs and not aborted and self.models.exists(job_id):
-            return True  # a retried FinishJob: the shard is already stored
+            # A retried FinishJob: the shard is stored. Only the job's own
+            # target key learns that, so the call is no oracle for model ids.
+            if self.models.load(job_id).get("target_fingerprint") == target_fp.hex():
+                return True
         job = self._job(job_id, target_fp)
         with self._lock:
             self._jobs.pop(job_id, None)
