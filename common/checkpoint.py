@@ -31,7 +31,11 @@ class JobCheckpoints:
         atomic_write_text(self._path(job_id, "setup"), json.dumps(setup))
 
     def save_state(self, job_id: str, state: dict[str, Any]) -> None:
-        atomic_write_text(self._path(job_id, "state"), json.dumps(state))
+        # Atomic (rename) but not fsynced, to keep a disk flush off every
+        # training step: it survives a killed process. After a power cut the
+        # parties may disagree on the iteration; the job then fails with a
+        # clear error instead of resuming.
+        atomic_write_text(self._path(job_id, "state"), json.dumps(state), durable=False)
 
     def remove(self, job_id: str) -> None:
         for kind in ("state", "setup"):
