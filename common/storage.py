@@ -17,7 +17,8 @@ def atomic_write_text(path: Path, text: str, mode: int = 0o600, durable: bool = 
     file. `durable` also flushes to the disk before the rename (survives a
     power cut, not only a killed process); per-iteration checkpoints skip
     that, which keeps it off every training step."""
-    ensure_private_dir(path.parent)
+    if not path.parent.is_dir():
+        ensure_private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)

@@ -323,9 +323,11 @@ class ActiveParty:
     def _save_state(self, s: _Session) -> None:
         """Written before B's step 5 is sent: whatever happens next, A can
         resume either with B's update confirmed or by re-sending it."""
+        self.checkpoints.save_state(s.job.job_id, self._state(s))
+
+    def _state(self, s: _Session) -> dict[str, Any]:
         job = s.job
-        self.checkpoints.save_state(
-            job.job_id,
+        return dict(
             {
                 "next_iteration": s.next_iteration,
                 "w": s.w.tolist(),
@@ -333,9 +335,14 @@ class ActiveParty:
                 "pending_z_b": None if s.pending_z_b is None else [f"{v:x}" for v in s.pending_z_b],
                 "epoch": job.epoch,
                 "loss": job.loss,
-                "losses": job.losses,
-            },
+                "losses": list(job.losses),
+            }
         )
+
+    def _checkpoint_then_apply(self, job_id: str, state: dict[str, Any], header: Any, z_b: list[int]) -> float:
+        # In A's background thread, in this order: the checkpoint, then B's step 5.
+        self.checkpoints.save_state(job_id, state)
+        return self.peer.apply_gradient(header, self.key.public, z_b)
 
     def _run(self, s: _Session) -> None:
         job = s.job
@@ -497,8 +504,7 @@ class ActiveParty:
         s.prev_w, s.w = s.w, steps.sgd_update(s.w, grad, s.job.config.learning_rate)
         s.next_iteration, s.pending_z_b = t + 1, z_b
         s.sent_shares = s.sent_gradient = None
-        self._save_state(s)
-        apply = self._io.submit(self.peer.apply_gradient, header, self.key.public, z_b)
+        apply = self._io.submit(self._checkpoint_then_apply, s.job.job_id, self._state(s), header, z_b)
         return loss, apply
 
     def _store_model(self, s: _Session) -> None:
