@@ -381,7 +381,8 @@ class PassiveParty:
             update = float(np.sum((new_w - job.w) ** 2))
             job.last_update_sq_norm = update
             job.w = new_w
-            log.info("event=iteration_applied job=%s iteration=%d", job_id, iteration + 1)
+            level = logging.INFO if (iteration + 1) % 10 == 0 else logging.DEBUG
+            log.log(level, "event=iteration_applied job=%s iteration=%d", job_id, iteration + 1)
             job.iteration += 1
             job.phase = Phase.SHARES
             job.last_apply = (iteration, digest, update)
