@@ -119,7 +119,7 @@ def product_hiding_bits(fixed: np.ndarray) -> int:
     the largest |coefficient| times the number of terms."""
     if fixed.size == 0:
         return 1
-    largest = max(abs(int(v)) for v in fixed.ravel())
+    largest = int(np.max(np.abs(fixed)))
     return max(1, largest.bit_length() + int(fixed.shape[1]).bit_length())
 
 

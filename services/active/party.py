@@ -4,7 +4,6 @@ servicer in `servicer.py` only decodes and encodes."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
@@ -117,7 +116,7 @@ class _Session:
     # The requests of the current iteration, re-sent as they were on a retry
     # (B replays its answer instead of computing with fresh randomness).
     sent_shares: tuple[int, CipherVector] | None = None
-    sent_gradient: tuple[int, bytes, steps.MaskedGradient] | None = None
+    sent_gradient: tuple[int, tuple[int, ...], steps.MaskedGradient] | None = None
 
 
 class ActiveParty:
@@ -180,21 +179,9 @@ class ActiveParty:
             with self._lock:
                 self._reserved.discard(job_id)
             raise
-        raw = self.data.features[positions]
-        scaler = Scaler.fit(raw, config.standardize)
         job = TrainingJob(job_id, config, total=len(batches))
-        session = _Session(
-            job=job,
-            passive_key=passive_key,
-            target_fp=target_fp,
-            x=with_intercept(scaler.transform(raw)),
-            y=self.labels[positions],
-            scaler=scaler,
-            w=initial_weights(config.seed, "active", p_a + 1, config.init_scale),
-            batches=batches,
-            p_passive=p_b,
-            train_ids=ids,
-        )
+        w = initial_weights(config.seed, "active", p_a + 1, config.init_scale)
+        session = self._session(job, ids, positions, batches, passive_key, target_fp, p_b, w)
         self.checkpoints.save_setup(
             job_id,
             {
@@ -238,34 +225,53 @@ class ActiveParty:
             resumed += 1
         return resumed
 
+    def _session(
+        self,
+        job: TrainingJob,
+        ids: list[str],
+        positions: np.ndarray,
+        batches: BatchSchedule,
+        passive_key: PublicKey,
+        target_fp: bytes,
+        p_passive: int,
+        w: np.ndarray,
+    ) -> _Session:
+        """A job's session: A's standardised training rows (its own
+        statistics), labels and schedule."""
+        raw = self.data.features[positions]
+        scaler = Scaler.fit(raw, job.config.standardize)
+        return _Session(
+            job=job,
+            passive_key=passive_key,
+            target_fp=target_fp,
+            x=with_intercept(scaler.transform(raw)),
+            y=self.labels[positions],
+            scaler=scaler,
+            w=w,
+            batches=batches,
+            p_passive=p_passive,
+            train_ids=ids,
+        )
+
     def _session_from_checkpoint(self, setup: dict[str, Any], state: dict[str, Any]) -> _Session:
         config = JobConfig.model_validate(setup["config"])
         ids = list(setup["train_ids"])
         positions = self.data.positions(ids, "train_ids")
-        p_a, p_b = self.data.n_features, int(setup["p_passive"])
-        floor = min_batch_size(p_a, p_b, config.allow_small_batch)
+        p_b = int(setup["p_passive"])
+        floor = min_batch_size(self.data.n_features, p_b, config.allow_small_batch)
         batches = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor, config.max_iterations)
-        raw = self.data.features[positions]
-        scaler = Scaler.fit(raw, config.standardize)
         job = TrainingJob(setup["job_id"], config, total=len(batches), started=float(setup["started"]))
         job.iteration = int(state["next_iteration"])
         job.epoch, job.loss = int(state["epoch"]), state["loss"]
         job.losses = [(int(i), float(v)) for i, v in state["losses"]]
-        return _Session(
-            job=job,
-            passive_key=PublicKey.from_dict(setup["passive_key"]),
-            target_fp=bytes.fromhex(setup["target_fingerprint"]),
-            x=with_intercept(scaler.transform(raw)),
-            y=self.labels[positions],
-            scaler=scaler,
-            w=np.asarray(state["w"], dtype=np.float64),
-            batches=batches,
-            p_passive=p_b,
-            train_ids=ids,
-            next_iteration=job.iteration,
-            prev_w=None if state["prev_w"] is None else np.asarray(state["prev_w"], dtype=np.float64),
-            pending_z_b=None if state["pending_z_b"] is None else [int(v, 16) for v in state["pending_z_b"]],
-        )
+        passive_key = PublicKey.from_dict(setup["passive_key"])
+        target_fp = bytes.fromhex(setup["target_fingerprint"])
+        w = np.asarray(state["w"], dtype=np.float64)
+        s = self._session(job, ids, positions, batches, passive_key, target_fp, p_b, w)
+        s.next_iteration = job.iteration
+        s.prev_w = None if state["prev_w"] is None else np.asarray(state["prev_w"], dtype=np.float64)
+        s.pending_z_b = None if state["pending_z_b"] is None else [int(v, 16) for v in state["pending_z_b"]]
+        return s
 
     def _resume(self, s: _Session) -> None:
         job = s.job
@@ -327,17 +333,15 @@ class ActiveParty:
 
     def _state(self, s: _Session) -> dict[str, Any]:
         job = s.job
-        return dict(
-            {
-                "next_iteration": s.next_iteration,
-                "w": s.w.tolist(),
-                "prev_w": None if s.prev_w is None else s.prev_w.tolist(),
-                "pending_z_b": None if s.pending_z_b is None else [f"{v:x}" for v in s.pending_z_b],
-                "epoch": job.epoch,
-                "loss": job.loss,
-                "losses": list(job.losses),
-            }
-        )
+        return {
+            "next_iteration": s.next_iteration,
+            "w": s.w.tolist(),
+            "prev_w": None if s.prev_w is None else s.prev_w.tolist(),
+            "pending_z_b": None if s.pending_z_b is None else [f"{v:x}" for v in s.pending_z_b],
+            "epoch": job.epoch,
+            "loss": job.loss,
+            "losses": list(job.losses),
+        }
 
     def _checkpoint_then_apply(self, job_id: str, state: dict[str, Any], header: Any, z_b: list[int]) -> float:
         # In A's background thread, in this order: the checkpoint, then B's step 5.
@@ -483,12 +487,11 @@ class ActiveParty:
         # B computes the loss share beside its step 3; fetch it while A computes.
         loss_share = self._io.submit(self.peer.loss_share, header, self.key.public) if want_loss else None
         # Step 3: [[X_A^T b + R_A]]_B (the same one again if B replayed [[b_S]]_B).
-        b_digest = hashlib.sha256(b"".join(v.to_bytes(b_enc.key.cipher_width, "big") for v in b_enc.values)).digest()
-        if s.sent_gradient is not None and s.sent_gradient[:2] == (t, b_digest):
+        if s.sent_gradient is not None and s.sent_gradient[:2] == (t, b_enc.values):
             grad_a = s.sent_gradient[2]
         else:
             grad_a = steps.masked_encrypted_gradient(self.backend, x, b_enc)
-            s.sent_gradient = (t, b_digest, grad_a)
+            s.sent_gradient = (t, b_enc.values, grad_a)
         # Step 4: B decrypts ours; we decrypt B's.
         width = max(s.passive_key.residue_width, self.key.public.cipher_width)
         reply = self.peer.exchange_masked_gradients(
