@@ -81,6 +81,9 @@ class LocalFederation:
     extra_env: dict[str, str] = field(default_factory=dict)
     transcripts: bool = False
     tls: bool = True
+    # Tests only: run a service under a planted regression (tests/attacks/planted.py),
+    # e.g. {"passive": "seeded-initial-weights"}.
+    plants: dict[str, str] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
     @property
@@ -139,6 +142,9 @@ class LocalFederation:
                 VFL_LABEL_COLUMN=self.label_column,
             )
             module = "services.active"
+        if name in self.plants:
+            env.update(VFL_PLANT=self.plants[name], VFL_PLANT_MODULE=module)
+            module = "tests.attacks.planted"
         old = self.services.get(name)
         if old is not None:
             env["VFL_PORT"] = str(old.port)  # keep the address others were given

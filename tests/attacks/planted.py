@@ -1,0 +1,45 @@
+"""Start a real service with one deliberately planted regression (tests only).
+
+`python -m tests.attacks.planted` reads VFL_PLANT (a name in PLANTS) and
+VFL_PLANT_MODULE (the service to run, e.g. `services.passive`), undoes one
+privacy fix by monkeypatching it back to the old, leaky behaviour, then runs
+the service exactly as `python -m VFL_PLANT_MODULE` would. Each attack test
+runs against the real service and against its planted twin: the attack must
+fail on the first and succeed on the second, which shows that the test would
+catch the regression. Nothing here is imported by the product.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+from collections.abc import Callable
+
+PLANTS: dict[str, Callable[[], None]] = {}
+
+
+def plant(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    def register(fn: Callable[[], None]) -> Callable[[], None]:
+        PLANTS[name] = fn
+        return fn
+
+    return register
+
+
+def main() -> None:
+    name = os.environ.get("VFL_PLANT", "")
+    module = os.environ.get("VFL_PLANT_MODULE", "")
+    if name not in PLANTS or not module:
+        print(f"planted: VFL_PLANT must be one of {sorted(PLANTS)} and VFL_PLANT_MODULE set", file=sys.stderr)
+        raise SystemExit(2)
+    PLANTS[name]()
+    print(f"planted: regression {name!r} planted in {module}", file=sys.stderr, flush=True)
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+# --- the plants (each undoes one fix; see the attack test that names it) -----
+
+
+if __name__ == "__main__":
+    main()
