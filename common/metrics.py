@@ -86,9 +86,9 @@ class TimedBackend(HEBackend):
     def set_workers(self, workers: int) -> None:
         self.inner.set_workers(workers)
 
-    def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding_bits: int = 0) -> CipherVector:
-        with CLOCK.phase("mask" if hiding_bits else "encrypt"):
-            return self.inner.encrypt(key, plaintexts, hiding_bits)
+    def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding: bool = False) -> CipherVector:
+        with CLOCK.phase("mask" if hiding else "encrypt"):
+            return self.inner.encrypt(key, plaintexts, hiding=hiding)
 
     def decrypt(self, key: PrivateKey, ciphers: CipherVector) -> list[int]:
         with CLOCK.phase("decrypt"):

@@ -87,7 +87,7 @@ def test_paillier_ciphertexts_are_interchangeable_with_phe() -> None:
     for key in (KEYS["phe"], KEYS["paillier"]):
         n = key.public.n
         v = [5, -(2**200), 2**300]
-        from_fast = FAST["paillier"].encrypt(key.public, [x % n for x in v], hiding_bits=64)
+        from_fast = FAST["paillier"].encrypt(key.public, [x % n for x in v], hiding=True)
         from_phe = PHE.encrypt(key.public, [x % n for x in v])
         assert decrypt_signed(PHE, key, from_fast) == v
         assert decrypt_signed(FAST["paillier"], key, from_phe) == v

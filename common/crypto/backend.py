@@ -254,10 +254,18 @@ class HEBackend(ABC):
         return None
 
     @abstractmethod
-    def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding_bits: int = 0) -> CipherVector:
-        """Fresh encryptions of residues in [0, n). `hiding_bits` > 0 asks for
-        randomness that also hides that many bits of randomness exponent
-        already in a ciphertext it is added to (see steps.masked_encrypted_gradient)."""
+    def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding: bool = False) -> CipherVector:
+        """Fresh encryptions of residues in [0, n).
+
+        hiding=True: randomness uniform over the scheme's whole randomness
+        group (Paillier r^n, r uniform in Z_n^*; OU s^n mod n, s uniform in
+        Z_n^*), so that multiplied into any ciphertext it leaves that
+        ciphertext's randomness independent of what it was, whatever
+        randomness the key holder chose. Required for every encryption that
+        masks or re-randomises a value going back to the key holder (step 3,
+        the loss share, prediction). hiding=False may use cheaper
+        short-exponent randomness: only for a party's own values under its
+        own key, or where nothing is multiplied in."""
 
     @abstractmethod
     def decrypt(self, key: PrivateKey, ciphers: CipherVector) -> list[int]:
@@ -272,8 +280,8 @@ class HEBackend(ABC):
         """[[M v]] for a signed integer matrix M (k x m) and [[v]] of length m."""
 
     def rerandomise(self, ciphers: CipherVector) -> CipherVector:
-        """Multiply each ciphertext by a fresh encryption of zero."""
-        return self.add(ciphers, self.encrypt(ciphers.key, [0] * len(ciphers)))
+        """Multiply each ciphertext by a fresh hiding encryption of zero."""
+        return self.add(ciphers, self.encrypt(ciphers.key, [0] * len(ciphers), hiding=True))
 
 
 _BACKENDS: dict[str, type[HEBackend]] = {}

@@ -9,15 +9,18 @@ What makes them fast, each measured in `make bench`:
   Randomness exponents are short (RANDOM_BITS), the assumption of
   Damgard-Jurik-Nielsen's Paillier variant and of HEU's ZPaillier and OU:
   h^r with r of 256 bits is indistinguishable from a random element of <h>
-  (a kangaroo search for r costs 2^128). Paillier's h_s = (-x^2)^n mod n^2 is
-  chosen by the encryptor and kept in memory only.
-- Encryptions that must hide the randomness of a homomorphic product from the
-  key holder (steps 3 and the loss share) draw `hiding_bits` more exponent
-  bits plus 80 of statistical slack: the key holder, who knows the factors,
-  may take discrete logarithms and learn sum_i r_i x_ij + r', which r' must
-  then hide.
+  (a kangaroo search for r costs 2^128). Paillier's h_s = x^n mod n^2 for x
+  uniform in Z_n^* is chosen by the encryptor and kept in memory only.
+- Hiding encryptions (`encrypt(..., hiding=True)`: every fresh encryption that
+  masks or re-randomises a value going back to the key holder, i.e. step 3,
+  the loss share and prediction) take randomness uniform over the whole
+  randomness group, whatever randomness the key holder put in the
+  ciphertexts it is multiplied into: Paillier r^n mod n^2 for r uniform in
+  Z_n^*, OU s^n mod n for s uniform in Z_n^*. Each is a full exponentiation,
+  precomputed in an idle-time pool (`pool.py`) with the GIL released.
 - Decryption: Paillier by CRT (exponent p - 1 modulo p^2 and q^2); OU by one
-  exponentiation by t (224 bits for 2048-bit keys) modulo p^2.
+  exponentiation by p - 1 modulo p^2 (s^n has a component of order dividing
+  p - 1 that an exponent t would not remove; see docs/CRYPTO.md).
 - X^T [[v]] as a multi-exponentiation (`multiexp.matvec_powers`).
 """
 
@@ -25,14 +28,13 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import gmpy2
 import numpy as np
 from gmpy2 import mpz
 
 from common.crypto.backend import (
-    MASK_STATISTICAL_BITS,
     SCHEME_OU,
     SCHEME_PAILLIER,
     CipherVector,
@@ -42,14 +44,15 @@ from common.crypto.backend import (
     register_backend,
 )
 from common.crypto.multiexp import FixedBaseTable, ParallelMatvec
-from common.crypto.pool import FILLER, RandomnessPool
+from common.crypto.pool import FILLER, RandomnessPool, random_power_pool
 from common.errors import InvalidArgument
 
 RANDOM_BITS = 256
-# Encryptions asked to hide up to this many bits of product randomness take
-# their randomness from a pool of exponents of RANDOM_BITS + 128 + 80 bits.
-POOLED_HIDING_BITS = 128
 PRIMALITY_ROUNDS = 40
+# Hiding randomisers kept ready per key: protocol steps need p + 1 per
+# iteration (p a party's feature count), prediction one per id.
+HIDING_POOL_CAPACITY = 256
+HIDING_POOL_MAX = 1 << 14
 
 
 def _random_exact_bits(bits: int) -> mpz:
@@ -67,9 +70,38 @@ def random_prime(bits: int) -> mpz:
 
 def _random_unit(n: mpz) -> mpz:
     while True:
-        x = mpz(secrets.randbelow(int(n) - 2) + 2)
+        x = mpz(secrets.randbelow(int(n)))
         if gmpy2.gcd(x, n) == 1:
             return x
+
+
+def _powmod_released(base: mpz, exponent: mpz, modulus: mpz) -> mpz:
+    """A full modular exponentiation with the GIL released, so that a pool
+    filler caught in one does not hold up the thread with protocol work."""
+    with gmpy2.context(gmpy2.get_context(), allow_release_gil=True):
+        return gmpy2.powmod(base, exponent, modulus)
+
+
+def paillier_hiding_randomiser(n: mpz, n_square: mpz) -> mpz:
+    """r^n mod n^2 for r uniform in Z_n^*: uniform over the n-th residues,
+    the whole randomness part of Z_{n^2}^* (for gcd(n, phi(n)) = 1)."""
+    return _powmod_released(_random_unit(n), n, n_square)
+
+
+def ou_hiding_randomiser(n: mpz) -> mpz:
+    """s^n mod n for s uniform in Z_n^*: for an honest key (gcd(q, p - 1) = 1,
+    p not dividing q - 1), uniform over the whole non-message part of Z_n^*,
+    i.e. the order p - 1 subgroup mod p^2 times Z_q^*, which contains <h> and
+    every component a crafted ciphertext may carry outside <g, h>."""
+    return _powmod_released(_random_unit(n), n, n)
+
+
+def paillier_short_base(n: mpz, n_square: mpz) -> mpz:
+    """h_s = x^n mod n^2 for x uniform in Z_n^*, the base of non-hiding
+    (short exponent) randomness. Not a fixed square: its Legendre symbols mod
+    p and q are uniform (DJN's -x^2 is always a square mod a prime factor
+    p = 1 mod 4)."""
+    return gmpy2.powmod(_random_unit(n), n, n_square)
 
 
 def generate_paillier(bits: int) -> PrivateKey:
@@ -106,7 +138,10 @@ def generate_ou(bits: int) -> PrivateKey:
     while True:
         q = gmpy2.next_prime(q_lo + mpz(secrets.randbelow(int(q_hi - q_lo))))
         n = p2 * q
-        if q <= q_hi and q != p and n.bit_length() == bits and gmpy2.is_prime(q, PRIMALITY_ROUNDS):
+        # gcd(q, p - 1) = 1 and p not dividing q - 1: then s -> s^n is onto
+        # the non-message part of Z_n^* (hiding randomisers are uniform).
+        coprime = (p - 1) % q != 0 and (q - 1) % p != 0
+        if q <= q_hi and q != p and coprime and n.bit_length() == bits and gmpy2.is_prime(q, PRIMALITY_ROUNDS):
             break
     while True:
         g = _random_unit(n)
@@ -118,38 +153,37 @@ def generate_ou(bits: int) -> PrivateKey:
 
 
 class _Randomness:
-    """h^r from pools: standard exponents of RANDOM_BITS, and wide ones for
-    encryptions that must hide a product's randomness (see module docstring)."""
+    """Randomisers from pools: h^r with r of RANDOM_BITS (own shares under the
+    encryptor's own key) and hiding ones, uniform over the whole randomness
+    group (see module docstring)."""
 
-    def __init__(self, table: FixedBaseTable) -> None:
+    def __init__(self, table: FixedBaseTable, hiding: Callable[[], mpz]) -> None:
         self.table = table
-        self.standard = RandomnessPool(table.pow, RANDOM_BITS)
-        self.wide = RandomnessPool(table.pow, RANDOM_BITS + POOLED_HIDING_BITS + MASK_STATISTICAL_BITS, 256)
+        self.standard = random_power_pool(table.pow, RANDOM_BITS)
+        self.hiding = RandomnessPool(hiding, HIDING_POOL_CAPACITY, HIDING_POOL_MAX)
         FILLER.register(self.standard)
-        FILLER.register(self.wide)
+        FILLER.register(self.hiding)
 
-    def demand(self, n: int, hiding_bits: int) -> None:
-        (self.wide if hiding_bits else self.standard).demand(n)
+    def demand(self, n: int, hiding: bool) -> None:
+        (self.hiding if hiding else self.standard).demand(n)
 
-    def take(self, hiding_bits: int) -> mpz:
-        if hiding_bits == 0:
-            return self.standard.take()
-        if hiding_bits <= POOLED_HIDING_BITS:
-            return self.wide.take()
-        return self.table.pow(secrets.randbits(RANDOM_BITS + hiding_bits + MASK_STATISTICAL_BITS))
+    def take(self, hiding: bool) -> mpz:
+        return self.hiding.take() if hiding else self.standard.take()
 
 
 class _PaillierPublicOps:
     def __init__(self, key: PublicKey) -> None:
         self.n = mpz(key.n)
         self.modulus = self.n * self.n
-        x = _random_unit(self.n)
-        h_s = gmpy2.powmod((-(x * x)) % self.n, self.n, self.modulus)
-        self.randomness = _Randomness(FixedBaseTable(h_s, self.modulus))
+        h_s = paillier_short_base(self.n, self.modulus)
+        self.randomness = _Randomness(FixedBaseTable(h_s, self.modulus), self.hiding_randomiser)
 
-    def encrypt(self, m: int, hiding_bits: int) -> mpz:
+    def hiding_randomiser(self) -> mpz:
+        return paillier_hiding_randomiser(self.n, self.modulus)
+
+    def encrypt(self, m: int, hiding: bool) -> mpz:
         # g = n + 1, so g^m = 1 + m n mod n^2: no exponentiation.
-        return (1 + m * self.n) * self.randomness.take(hiding_bits) % self.modulus
+        return (1 + m * self.n) * self.randomness.take(hiding) % self.modulus
 
 
 class _OUPublicOps:
@@ -159,12 +193,15 @@ class _OUPublicOps:
         self.limit = 1 << key.plaintext_bits
         self.g = FixedBaseTable(key.g, self.n)
         self.g_inv = FixedBaseTable(gmpy2.invert(mpz(key.g), self.n), self.n)
-        self.randomness = _Randomness(FixedBaseTable(key.h, self.n))
+        self.randomness = _Randomness(FixedBaseTable(key.h, self.n), self.hiding_randomiser)
 
-    def encrypt(self, m: int, hiding_bits: int) -> mpz:
+    def hiding_randomiser(self) -> mpz:
+        return ou_hiding_randomiser(self.n)
+
+    def encrypt(self, m: int, hiding: bool) -> mpz:
         # Residues above n/2 encode negatives (n - |v|): G^-|v| via G's inverse.
         gm = self.g_inv.pow(self.n - m) if m > self.half else self.g.pow(m)
-        return gm * self.randomness.take(hiding_bits) % self.n
+        return gm * self.randomness.take(hiding) % self.n
 
     def check_plaintext(self, i: int, m: int) -> None:
         if min(m, self.n - m) >= self.limit:
@@ -190,13 +227,15 @@ class _PaillierPrivateOps:
 
 class _OUPrivateOps:
     def __init__(self, key: PrivateKey) -> None:
-        self.p, self.t = mpz(key.p), mpz(key.t)
+        self.p = mpz(key.p)
         self.p2 = self.p * self.p
-        # G^t = g^(u t) = g^(p-1) mod p^2, whose L is invertible mod p.
-        self.gp_inv = gmpy2.invert((gmpy2.powmod(mpz(key.public.g), self.t, self.p2) - 1) // self.p, self.p)
+        # The exponent p - 1 (not t) removes every non-message component mod
+        # p^2: hiding randomisers s^n have order dividing p - 1, not t.
+        self.e = self.p - 1
+        self.gp_inv = gmpy2.invert((gmpy2.powmod(mpz(key.public.g), self.e, self.p2) - 1) // self.p, self.p)
 
     def decrypt(self, c: int) -> int:
-        x = gmpy2.powmod(mpz(c) % self.p2, self.t, self.p2)
+        x = gmpy2.powmod(mpz(c) % self.p2, self.e, self.p2)
         return int((x - 1) // self.p * self.gp_inv % self.p)
 
 
@@ -239,7 +278,7 @@ class _FastBackend(HEBackend):
             key = key.public
         ops = self._public_ops(key)
         # Residuals, masks and randomness exponents: grow the tables now.
-        ops.randomness.table.pow((1 << (RANDOM_BITS + POOLED_HIDING_BITS + MASK_STATISTICAL_BITS)) - 1)
+        ops.randomness.table.pow((1 << RANDOM_BITS) - 1)
         if isinstance(ops, _OUPublicOps):
             for table in (ops.g, ops.g_inv):
                 table.pow((1 << 224) - 1)
@@ -247,7 +286,7 @@ class _FastBackend(HEBackend):
     def generate_keypair(self, bits: int) -> PrivateKey:
         return generate_paillier(bits) if self.own_scheme == SCHEME_PAILLIER else generate_ou(bits)
 
-    def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding_bits: int = 0) -> CipherVector:
+    def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding: bool = False) -> CipherVector:
         ops = self._public_ops(key)
         n = key.n
         for i, m in enumerate(plaintexts):
@@ -255,8 +294,8 @@ class _FastBackend(HEBackend):
                 raise InvalidArgument(f"plaintext {i}: expected a residue in [0, n)")
             if isinstance(ops, _OUPublicOps):
                 ops.check_plaintext(i, m)
-        ops.randomness.demand(len(plaintexts), hiding_bits)
-        return CipherVector(key, tuple(int(ops.encrypt(m, hiding_bits)) for m in plaintexts))
+        ops.randomness.demand(len(plaintexts), hiding)
+        return CipherVector(key, tuple(int(ops.encrypt(m, hiding)) for m in plaintexts))
 
     def decrypt(self, key: PrivateKey, ciphers: CipherVector) -> list[int]:
         ciphers.require_key(key.public, "decrypt")

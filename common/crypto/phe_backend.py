@@ -33,9 +33,9 @@ class PheBackend(HEBackend):
         public, private = phe.generate_paillier_keypair(n_length=bits)
         return PrivateKey(PublicKey(public.n), private.p, private.q)
 
-    def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding_bits: int = 0) -> CipherVector:
-        # phe draws r uniform in Z_n^*, which hides any randomness it is
-        # multiplied into: hiding_bits needs nothing more.
+    def encrypt(self, key: PublicKey, plaintexts: Sequence[int], hiding: bool = False) -> CipherVector:
+        # phe draws r uniform in [1, n) from the OS CSPRNG and computes r^n mod
+        # n^2 in full: every encryption is already a hiding one.
         self.require_scheme(key, "encrypt")
         public = _phe_public(key)
         for i, m in enumerate(plaintexts):

@@ -1,11 +1,13 @@
 """Randomness for encryption, precomputed while the party is idle.
 
 An encryption is g^m * h^r: g^m for a residual is a few table lookups, h^r is
-most of the cost. A `RandomnessPool` keeps h^r values ready; one background
+most of the cost, and a hiding randomiser (r^n for r uniform, see
+`fast_backend`) is a full exponentiation. A `RandomnessPool` keeps such
+values ready; one background
 thread per process fills every pool, but only while the party is idle
 (between requests at B, waiting on B at A), so that it never competes with
 protocol work for the GIL. Each value is used once; an empty pool falls back
-to computing h^r inline.
+to computing one inline.
 """
 
 from __future__ import annotations
@@ -89,11 +91,13 @@ GATE = IdleGate()
 
 
 class RandomnessPool:
-    """Precomputed h^r for r uniform with `bits` bits."""
+    """Precomputed randomisers: each value is `draw()`, fresh from the OS
+    CSPRNG (e.g. h^r for a uniform r, or r^n mod n^2 for r uniform in Z_n^*).
+    Capacity grows with demand up to `max_capacity`."""
 
-    def __init__(self, power: Callable[[int], mpz], bits: int, capacity: int = 1024) -> None:
-        self._power = power
-        self.bits = bits
+    def __init__(self, draw: Callable[[], mpz], capacity: int = 1024, max_capacity: int = 1 << 20) -> None:
+        self._draw = draw
+        self.max_capacity = max(capacity, max_capacity)
         self.capacity = capacity
         self._values: deque[mpz] = deque()
 
@@ -101,18 +105,27 @@ class RandomnessPool:
         try:
             return self._values.popleft()
         except IndexError:
-            return self._power(secrets.randbits(self.bits))
+            return self._draw()
 
     def demand(self, n: int) -> None:
         """A request of n values: keep room for two such requests."""
-        self.capacity = max(self.capacity, 2 * n)
+        self.capacity = min(self.max_capacity, max(self.capacity, 2 * n))
 
     @property
     def wanting(self) -> bool:
         return len(self._values) < self.capacity
 
+    @property
+    def available(self) -> int:
+        return len(self._values)
+
     def fill_one(self) -> None:
-        self._values.append(self._power(secrets.randbits(self.bits)))
+        self._values.append(self._draw())
+
+
+def random_power_pool(power: Callable[[int], mpz], bits: int, capacity: int = 1024) -> RandomnessPool:
+    """A pool of power(r) for r uniform with `bits` bits (h^r from a table)."""
+    return RandomnessPool(lambda: power(secrets.randbits(bits)), capacity)
 
 
 class _Filler:

@@ -61,8 +61,8 @@ def passive_residual_share(x_passive: np.ndarray, w_passive: np.ndarray) -> np.n
     return np.asarray((x_passive @ w_passive) / 4.0, dtype=np.float64)
 
 
-def encrypt_share(backend: HEBackend, key: PublicKey, share: np.ndarray) -> CipherVector:
-    return backend.encrypt(key, encode(share, RESIDUAL_SCALE_BITS, key.n, SHARE_BOUND))
+def encrypt_share(backend: HEBackend, key: PublicKey, share: np.ndarray, hiding: bool = False) -> CipherVector:
+    return backend.encrypt(key, encode(share, RESIDUAL_SCALE_BITS, key.n, SHARE_BOUND), hiding=hiding)
 
 
 # --- steps 1-2 ---------------------------------------------------------------
@@ -114,26 +114,17 @@ def check_capacity(x: np.ndarray, key: PublicKey) -> None:
         )
 
 
-def product_hiding_bits(fixed: np.ndarray) -> int:
-    """Bits by which X^T [[s]] multiplies the randomness exponents of [[s]]:
-    the largest |coefficient| times the number of terms."""
-    if fixed.size == 0:
-        return 1
-    largest = int(np.max(np.abs(fixed)))
-    return max(1, largest.bit_length() + int(fixed.shape[1]).bit_length())
-
-
 def masked_encrypted_gradient(backend: HEBackend, x: np.ndarray, peer_share: CipherVector) -> MaskedGradient:
     """Step 3 (both): [[X^T s_peer + R]]_peer for the batch's rows x. R is added
-    as a fresh encryption, never as a plaintext shift: the peer reads (or, with
-    short-exponent randomness, may compute) a ciphertext's randomness on
-    decryption, and that of X^T [[s]] alone would reveal X; the fresh
-    encryption's randomness is drawn wide enough to hide it."""
+    as a fresh encryption, never as a plaintext shift: the peer reads a
+    ciphertext's randomness on decryption, and that of X^T [[s]] alone would
+    reveal X; the fresh encryption's randomness is uniform over the whole
+    randomness group (hiding=True), which hides it whatever the peer chose."""
     check_capacity(x, peer_share.key)
     fixed = fixed_transpose(x)
     product = backend.matvec(fixed, peer_share)
     mask = random_mask(peer_share.key, len(product), HIDDEN_VALUE_BITS)
-    fresh = backend.encrypt(peer_share.key, mask, hiding_bits=product_hiding_bits(fixed))
+    fresh = backend.encrypt(peer_share.key, mask, hiding=True)
     return MaskedGradient(backend.add(product, fresh), mask)
 
 
@@ -198,13 +189,13 @@ LOSS_SCALE_BITS = 2 * RESIDUAL_SCALE_BITS
 
 def passive_loss_share(backend: HEBackend, a_enc: CipherVector, u_passive: np.ndarray) -> CipherVector:
     """B: [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, at scale 2^LOSS_SCALE_BITS.
-    The fresh encryption re-randomises the result (wide enough to hide the
+    The fresh hiding encryption re-randomises the result (it hides the
     randomness of the product, as in step 3)."""
     key = a_enc.key
     u_fixed = to_fixed(u_passive.reshape(1, -1), RESIDUAL_SCALE_BITS, SHARE_BOUND)
     cross = backend.matvec(u_fixed, a_enc)
     own = encode(np.array([float(np.sum(u_passive**2)) / 8.0]), LOSS_SCALE_BITS, key.n, SHARE_BOUND**2)
-    return backend.add(cross, backend.encrypt(key, own, hiding_bits=product_hiding_bits(u_fixed)))
+    return backend.add(cross, backend.encrypt(key, own, hiding=True))
 
 
 def active_loss(u_active: np.ndarray, y: np.ndarray, share: CipherVector, backend: HEBackend, key: PrivateKey) -> float:
@@ -227,9 +218,9 @@ def third_encrypted_data(backend: HEBackend, key_active: PublicKey, u_active: np
 
 def target_prediction_data(backend: HEBackend, u_active_enc: CipherVector, u_passive: np.ndarray) -> CipherVector:
     """Prediction (B): [[u_A]]_A + [[u_B]]_A (the fourth encrypted data). The
-    fresh encryption of u_B re-randomises the sum, so A cannot link it to
-    what it sent."""
-    return backend.add(u_active_enc, encrypt_share(backend, u_active_enc.key, u_passive))
+    fresh hiding encryption of u_B re-randomises the sum, so A cannot link it
+    to what it sent."""
+    return backend.add(u_active_enc, encrypt_share(backend, u_active_enc.key, u_passive, hiding=True))
 
 
 def decrypt_prediction(backend: HEBackend, key: PrivateKey, scores: CipherVector, expected_length: int) -> np.ndarray:
