@@ -41,5 +41,28 @@ def main() -> None:
 # --- the plants (each undoes one fix; see the attack test that names it) -----
 
 
+@plant("paillier-square-randomness")
+def _paillier_square_randomness() -> None:
+    """tests/attacks/test_paillier_randomness.py: the fast Paillier backend's
+    old randomness. Hiding encryptions are h_s^r again, r of 256 + 128 + 80
+    bits from a fixed-base table, with DJN's h_s = (-x^2)^n, always a square
+    modulo a prime factor p = 1 mod 4 of the key holder's n."""
+    import secrets
+
+    import gmpy2
+
+    from common.crypto import fast_backend
+
+    def square_base(n: gmpy2.mpz, n_square: gmpy2.mpz) -> gmpy2.mpz:
+        x = fast_backend._random_unit(n)
+        return gmpy2.powmod((-(x * x)) % n, n, n_square)
+
+    def short_hiding(self: fast_backend._PaillierPublicOps) -> gmpy2.mpz:
+        return self.randomness.table.pow(secrets.randbits(256 + 128 + 80))
+
+    fast_backend.paillier_short_base = square_base
+    fast_backend._PaillierPublicOps.hiding_randomiser = short_hiding  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     main()
