@@ -126,7 +126,8 @@ def run_attack(workdir: Path, breast: BreastSplit, plants: dict[str, str]) -> At
         client = PassiveClient(fed.services["passive"].address, timeout_s=60)
         passive_key, fp = client.exchange_keys(key.public, TEST_KEY_BITS)
         job_id = f"attack-{secrets.token_hex(4)}"
-        assert client.setup_job(job_id, config, fp, p_a, ids) == p_b
+        reply = client.setup_job(job_id, config, fp, p_a, ids)
+        assert (reply if isinstance(reply, int) else int(reply.passive_features)) == p_b
         for t, batch in enumerate(schedule):
             header = serde.step_header(job_id, t, fp)
             rows = batch.rows
