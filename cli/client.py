@@ -49,9 +49,11 @@ class VflClient:
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
 
     def start_training(
-        self, config: JobConfig, train_ids: Sequence[str] = (), job_id: str = ""
+        self, config: JobConfig, train_ids: Sequence[str] = (), job_id: str = "", holdout_ids: Sequence[str] = ()
     ) -> client_pb2.JobStatus:
-        req = client_pb2.StartTrainingRequest(job_id=job_id, config=config_to_proto(config), train_ids=list(train_ids))
+        req = client_pb2.StartTrainingRequest(
+            job_id=job_id, config=config_to_proto(config), train_ids=list(train_ids), holdout_ids=list(holdout_ids)
+        )
         return self.stub.StartTraining(req, timeout=self.timeout_s)
 
     def status(self, job_id: str) -> client_pb2.JobStatus:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -65,9 +66,25 @@ Insecure = Annotated[
 ]
 
 
-def _config(epochs: int, batch_size: int, learning_rate: float, l2: float, seed: int) -> JobConfig:
+DpEpsilon = Annotated[
+    float,
+    typer.Option(
+        "--dp-epsilon",
+        help="differential privacy: target epsilon of the job (0 = off); each party noises what it decrypts "
+        "for the other, and loss checks are off",
+    ),
+]
+
+
+def _config(
+    epochs: int, batch_size: int, learning_rate: float, l2: float, seed: int, dp_epsilon: float = 0.0
+) -> JobConfig:
+    fields: dict[str, object] = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, seed=seed)
+    if dp_epsilon:
+        # The loss share is not noised: no loss checks under DP.
+        fields.update(dp_epsilon=dp_epsilon, loss_every=0)
     try:
-        return job_config(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, seed=seed)
+        return job_config(**fields)
     except VflError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -99,10 +116,10 @@ def _fail(exc: grpc.RpcError) -> typer.Exit:
 
 
 def train_with_progress(
-    client: VflClient, config: JobConfig, train_ids: list[str], job_id: str = ""
+    client: VflClient, config: JobConfig, train_ids: list[str], job_id: str = "", holdout_ids: Sequence[str] = ()
 ) -> client_pb2.JobStatus:
     """Start a job and show a progress bar fed by the watch stream."""
-    status = client.start_training(config, train_ids, job_id)
+    status = client.start_training(config, train_ids, job_id, holdout_ids)
     with Progress(
         TextColumn("[bold]training[/bold] {task.fields[job]}"),
         BarColumn(),
@@ -124,6 +141,12 @@ def train_with_progress(
         console.print(f"[red]job {final.job_id} {STATE_NAMES[final.state]}:[/red] {final.error}")
         raise typer.Exit(1)
     return final
+
+
+def summary(final: client_pb2.JobStatus) -> str:
+    loss = f", loss {final.loss:.5f}" if final.HasField("loss") else ""
+    eps = f", epsilon spent {final.dp_epsilon_spent:.3g}" if final.HasField("dp_epsilon_spent") else ""
+    return f"{final.iteration} iterations{loss}{eps}, {final.elapsed_s:.1f} s"
 
 
 def split_ids(
@@ -175,10 +198,9 @@ def train_and_evaluate(
     with VflClient(address, tls=tls, server_name=server_name) as client:
         client.wait_ready(wait_s)
         try:
-            final = train_with_progress(client, config, train_ids)
-            console.print(
-                f"trained {final.job_id}: {final.iteration} iterations, loss {final.loss:.5f}, {final.elapsed_s:.1f} s"
-            )
+            # The held-out ids are the job's holdout: B scores only the model's population.
+            final = train_with_progress(client, config, train_ids, holdout_ids=test_ids)
+            console.print(f"trained {final.job_id}: {summary(final)}")
             return evaluate_and_report(client, final.job_id, test_ids, labels, started)
         except grpc.RpcError as exc:
             raise _fail(exc) from None
@@ -199,6 +221,7 @@ def demo(
     seed: Seed = 42,
     test_size: Annotated[float, typer.Option(help="held-out fraction")] = 0.2,
     split_seed: Annotated[int, typer.Option(help="random_state of the split")] = 42,
+    dp_epsilon: DpEpsilon = 0.0,
     workdir: Annotated[
         Path | None, typer.Option(help="keys, models, certificates and logs (default: a temporary dir)")
     ] = None,
@@ -207,7 +230,7 @@ def demo(
     """Start A, B (and C) locally, train, predict the held-out rows, print the AUC, stop.
     Every connection uses mutual TLS with certificates made in WORKDIR/certs, unless --insecure."""
     started = time.time()
-    config = _config(epochs, batch_size, learning_rate, l2, seed)
+    config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon)
     train_ids, test_ids, labels = split_ids(active_csv, id_column, label_column, test_size, split_seed)
     with tempfile.TemporaryDirectory(prefix="vfl-demo-") as tmp:
         root = workdir or Path(tmp)
@@ -254,6 +277,7 @@ def demo_client(
     l2: L2 = 0.01,
     seed: Seed = 42,
     wait_s: Annotated[float, typer.Option(help="how long to wait for the active party")] = 120.0,
+    dp_epsilon: DpEpsilon = 0.0,
     tls_dir: TlsDir = None,
     tls_name: TlsName = CLIENT_IDENTITY,
     tls_server_name: TlsServerName = None,
@@ -262,7 +286,7 @@ def demo_client(
     """Against running services: train on 80 %, predict the held-out 20 %, print the AUC."""
     started = time.time()
     tls = _tls(tls_dir, tls_name, insecure)
-    config = _config(epochs, batch_size, learning_rate, l2, seed)
+    config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon)
     train_ids, test_ids, labels = split_ids(labels_csv, id_column, label_column, 0.2, 42)
     train_and_evaluate(address, config, train_ids, test_ids, labels, started, wait_s, tls, tls_server_name)
 
@@ -279,7 +303,13 @@ def train(
     ids_csv: Annotated[
         Path | None, typer.Option(help="CSV whose id column lists the training rows (default: all)")
     ] = None,
+    holdout_ids_csv: Annotated[
+        Path | None,
+        typer.Option(help="CSV whose id column lists ids to score later but not train on (B scores only these "
+        "and the training ids, by default)"),
+    ] = None,
     id_column: Annotated[str, typer.Option()] = "id",
+    dp_epsilon: DpEpsilon = 0.0,
     tls_dir: TlsDir = None,
     tls_name: TlsName = CLIENT_IDENTITY,
     tls_server_name: TlsServerName = None,
@@ -287,14 +317,15 @@ def train(
 ) -> None:
     """Train a model with running services; shows progress and the final status."""
     tls = _tls(tls_dir, tls_name, insecure)
-    config = _config(epochs, batch_size, learning_rate, l2, seed)
+    config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon)
     ids = _read_ids(ids_csv, id_column) if ids_csv else []
+    holdout = _read_ids(holdout_ids_csv, id_column) if holdout_ids_csv else []
     with VflClient(address, tls=tls, server_name=tls_server_name) as client:
         try:
-            final = train_with_progress(client, config, ids, job_id)
+            final = train_with_progress(client, config, ids, job_id, holdout)
         except grpc.RpcError as exc:
             raise _fail(exc) from None
-    console.print(f"model {final.job_id}: {final.iteration} iterations, loss {final.loss:.5f}, {final.elapsed_s:.1f} s")
+    console.print(f"model {final.job_id}: {summary(final)}")
 
 
 @app.command()
@@ -385,7 +416,8 @@ def certs(
     ] = None,
 ) -> None:
     """Create a CA and a certificate and key for each of active, passive,
-    assistant and client (and any --names) in OUT; existing ones are kept."""
+    assistant and client (and any --names), and the relay token A presents
+    to the assistant, in OUT; existing ones are kept."""
     extra = [n.strip() for item in names or [] for n in item.split(",") if n.strip()]
     try:
         created = create_certs(out, extra)
@@ -394,7 +426,10 @@ def certs(
         raise typer.Exit(2) from None
     kept = [n for n in dict.fromkeys([*DEFAULT_IDENTITIES, *extra]) if n not in created]
     # Plain print: one line, not wrapped to the terminal.
-    print(f"{out}: CA ca.pem; created {', '.join(created) or 'none'}; kept {', '.join(kept) or 'none'}")
+    print(
+        f"{out}: CA ca.pem; created {', '.join(created) or 'none'}; kept {', '.join(kept) or 'none'}; "
+        "relay token relay.token"
+    )
 
 
 def _read_ids(path: Path, id_column: str) -> list[str]:

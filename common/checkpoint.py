@@ -30,12 +30,13 @@ class JobCheckpoints:
     def save_setup(self, job_id: str, setup: dict[str, Any]) -> None:
         atomic_write_text(self._path(job_id, "setup"), json.dumps(setup))
 
-    def save_state(self, job_id: str, state: dict[str, Any]) -> None:
-        # Atomic (rename) but not fsynced, to keep a disk flush off every
-        # training step: it survives a killed process. After a power cut the
-        # parties may disagree on the iteration; the job then fails with a
-        # clear error instead of resuming.
-        atomic_write_text(self._path(job_id, "state"), json.dumps(state), durable=False)
+    def save_state(self, job_id: str, state: dict[str, Any], durable: bool = False) -> None:
+        # Atomic (rename) but, by default, not fsynced, to keep a disk flush
+        # off every training step: it survives a killed process. After a
+        # power cut the parties may disagree on the iteration; the job then
+        # fails with a clear error instead of resuming. `durable` is for the
+        # counters that must survive anything (B's decryptions released).
+        atomic_write_text(self._path(job_id, "state"), json.dumps(state), durable=durable)
 
     def remove(self, job_id: str) -> None:
         for kind in ("state", "setup"):

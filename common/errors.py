@@ -51,6 +51,13 @@ class OutOfRange(VflError):
     code = grpc.StatusCode.OUT_OF_RANGE
 
 
+class ResourceExhausted(VflError):
+    """A budget set by the serving party's policy is used up (models kept,
+    prediction ids)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class ConfigError(Exception):
     """Bad service configuration, reported at start-up."""
 

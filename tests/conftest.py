@@ -36,7 +36,11 @@ def breast() -> BreastSplit:
 
 
 def make_federation(workdir: Path, **kwargs: object) -> LocalFederation:
-    """Plaintext (VFL_INSECURE=true) unless tls=True: tests/test_tls.py covers mutual TLS."""
+    """Plaintext (VFL_INSECURE=true) unless tls=True: tests/test_tls.py covers mutual TLS.
+    B's policy is relaxed where the functional tests need it (many models for
+    one peer, scoring any id); tests/attacks/ runs B's defaults."""
+    policy = {"VFL_MAX_MODELS_PER_PEER": "1000", "VFL_PREDICT_SCOPE": "any"}
+    kwargs["extra_env"] = {**policy, **dict(kwargs.get("extra_env") or {})}  # type: ignore[arg-type]
     opts: dict = {
         "active_csv": BUNDLED_ACTIVE,
         "passive_csv": BUNDLED_PASSIVE,

@@ -10,12 +10,22 @@ from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
 from common.data import Scaler, load_party_csv
 from common.jobconfig import JobConfig
 from common.protocol.batching import batch_schedule, min_batch_size
-from common.protocol.reference import initial_weights, train_plain, with_intercept
+from common.protocol.reference import train_plain, with_intercept
 from common.protocol.steps import sigmoid
 
 
 class ReferenceRun:
-    def __init__(self, config: JobConfig, train_ids: list[str]) -> None:
+    """The initial weights are each party's own, read from its own record
+    (its model shard), never from the peer; without them (for AUC-only
+    comparisons) they are drawn here."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        train_ids: list[str],
+        w0_active: np.ndarray | None = None,
+        w0_passive: np.ndarray | None = None,
+    ) -> None:
         self.active = load_party_csv(BUNDLED_ACTIVE, "id", "y")
         self.passive = load_party_csv(BUNDLED_PASSIVE, "id")
         pos_a = self.active.positions(train_ids, "ids")
@@ -40,8 +50,8 @@ class ReferenceRun:
             xa,
             xb,
             y,
-            initial_weights(config.seed, "active", p_a + 1, config.init_scale),
-            initial_weights(config.seed, "passive", p_b, config.init_scale),
+            np.random.default_rng(0).normal(0.0, config.init_scale, p_a + 1) if w0_active is None else w0_active,
+            np.random.default_rng(1).normal(0.0, config.init_scale, p_b) if w0_passive is None else w0_passive,
             self.batches,
             config.learning_rate,
             config.l2,
@@ -52,3 +62,14 @@ class ReferenceRun:
         xa = with_intercept(self.scaler_a.transform(self.active.features[self.active.positions(ids, "ids")]))
         xb = self.scaler_b.transform(self.passive.features[self.passive.positions(ids, "ids")])
         return sigmoid(xa @ self.w_active + xb @ self.w_passive)
+
+
+def reference_from_shards(a_shard: dict, b_shard: dict, config: JobConfig, train_ids: list[str]) -> ReferenceRun:
+    """The plain run from the initial weights each party recorded in its own
+    shard (drawn from its own CSPRNG: nothing else could give them)."""
+    return ReferenceRun(
+        config,
+        train_ids,
+        np.asarray(a_shard["initial_weights"], dtype=np.float64),
+        np.asarray(b_shard["initial_weights"], dtype=np.float64),
+    )

@@ -11,7 +11,8 @@ from common.crypto.backend import PublicKey, target_fingerprint
 from common.errors import FailedPrecondition, InvalidArgument, OutOfRange
 from common.protocol import steps
 from common.protocol.batching import batch_schedule, check_batch_size
-from common.protocol.reference import initial_weights, train_plain, with_intercept
+from common.protocol.batching import min_batch_size
+from common.protocol.reference import train_plain, with_intercept
 
 # Test-size keys per backend (OU's plaintext space is a third of its modulus).
 BITS = {"phe": 512, "paillier": 512, "ou": 1024}
@@ -133,6 +134,19 @@ def test_capacity_check_refuses_tiny_key():
         steps.check_capacity(np.full((1000, 2), 2.0**29), small)
 
 
+def test_capacity_refusal_carries_no_magnitude_of_the_data(monkeypatch):
+    """The refusal reaches the peer: it names the limit, never how far this
+    party's features would go."""
+    monkeypatch.setattr(steps, "HIDDEN_VALUE_BITS", 80)
+    key = PublicKey((1 << 1024) + 1)
+    messages = set()
+    for scale in (2.0**10, 2.0**20, 2.0**29):
+        with pytest.raises(OutOfRange) as refused:
+            steps.check_capacity(np.full((64, 3), scale), key)
+        messages.add(str(refused.value))
+    assert len(messages) == 1, messages
+
+
 def test_target_fingerprint_is_ordered(keys):
     sk_a, sk_b = keys
     assert target_fingerprint(sk_a.public, sk_b.public) != target_fingerprint(sk_b.public, sk_a.public)
@@ -144,6 +158,15 @@ def test_batch_guard_and_merge():
     check_batch_size(60, 10, 20, allow_small=False)
     with pytest.raises(InvalidArgument):
         check_batch_size(20, 10, 20, allow_small=True)
+    # The floor covers two decryptions per iteration (one restart) of
+    # p_A + 1 equations each, plus the loss, for either side.
+    assert min_batch_size(10, 20, allow_small=True) == 2 * 21
+    assert min_batch_size(30, 5, allow_small=True) == 2 * 32
+    assert min_batch_size(30, 5, allow_small=False) == 90
+    assert min_batch_size(1, 1, allow_small=False) == 2 * 3
+    with pytest.raises(InvalidArgument):
+        check_batch_size(41, 10, 20, allow_small=True)
+    check_batch_size(42, 10, 20, allow_small=True)
     sched = batch_schedule(455, 64, 2, seed=1, min_batch=60)
     sizes = [len(b.rows) for b in sched]
     assert sizes == [64] * 6 + [71] + [64] * 6 + [71]
@@ -167,8 +190,8 @@ def test_plain_reference_learns(batch):
         x[:, :3],
         x[:, 3:],
         y,
-        initial_weights(0, "active", 4, 0.01),
-        initial_weights(0, "passive", 3, 0.01),
+        steps.private_initial_weights(4, 0.01),
+        steps.private_initial_weights(3, 0.01),
         sched,
         0.3,
         0.0,

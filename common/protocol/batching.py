@@ -22,17 +22,30 @@ class Batch:
     rows: np.ndarray  # positions in the job's ordered ids
 
 
+# Decryptions B may release for one iteration's batch: the first, and one
+# more if the iteration is restarted after a failure.
+DECRYPTIONS_PER_ITERATION = 2
+
+
 def min_batch_size(p_active: int, p_passive: int, allow_small: bool) -> int:
-    """Smallest batch that keeps a party's plaintext gradient from being
-    solvable for the other side's per-sample values (PROTOCOL.md, leakage)."""
-    p = max(p_active, p_passive)
-    return p + 1 if allow_small else 3 * p
+    """Smallest batch that keeps a party's plaintext gradients from being
+    solvable for the other side's per-sample values (PROTOCOL.md, leakage).
+    Each decryption hands A p_A + 1 linear equations in b_S (and B p_B in
+    a_S); over the decryptions allowed per iteration, plus the loss scalar,
+    they must stay fewer than the m unknowns. `allow_small` (A's request
+    *and* B's consent) drops the wider 3 * max(p_A, p_B) margin."""
+    floor = DECRYPTIONS_PER_ITERATION * max(p_active + 2, p_passive + 1)
+    return floor if allow_small else max(floor, 3 * max(p_active, p_passive))
 
 
 def check_batch_size(batch_size: int, p_active: int, p_passive: int, allow_small: bool) -> None:
     floor = min_batch_size(p_active, p_passive, allow_small)
     if batch_size < floor:
-        rule = "max(p_A, p_B) + 1" if allow_small else "3 * max(p_A, p_B) (allow_small_batch lowers it)"
+        rule = (
+            f"{DECRYPTIONS_PER_ITERATION} * max(p_A + 2, p_B + 1)"
+            if allow_small
+            else "max(3 * max(p_A, p_B), 2 * max(p_A + 2, p_B + 1)) (allow_small_batch, with B's consent, lowers it)"
+        )
         raise InvalidArgument(
             f"config.batch_size: expected at least {floor} = {rule} with p_A={p_active}, "
             f"p_B={p_passive}, got {batch_size}"

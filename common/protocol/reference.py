@@ -1,5 +1,6 @@
 """The same algorithm in plain numpy on the joined data: the reference the
-federated model is tested against (same initial weights, same batches)."""
+federated model is tested against (same batches; the initial weights are
+given, as each party drew them privately and recorded them in its own shard)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,6 @@ import numpy as np
 
 from common.protocol.batching import Batch
 from common.protocol.steps import active_residual_share, gradient_from_shares, passive_residual_share, sgd_update
-
-
-def initial_weights(seed: int, role: str, length: int, scale: float) -> np.ndarray:
-    """Small random initial weights (zero weights would let B learn
-    X_B^T (1/2 - y) in the first iteration). Seeded per role so that the
-    same job seed gives the same model."""
-    tag = int.from_bytes(role.encode(), "big")
-    return np.random.default_rng([seed, tag]).normal(0.0, scale, size=length)
 
 
 def with_intercept(x: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common import dp
 from common.crypto.backend import (
     CipherVector,
     HEBackend,
@@ -27,7 +28,6 @@ from common.crypto.backend import (
 from common.crypto.fixedpoint import (
     FEATURE_SCALE_BITS,
     RESIDUAL_SCALE_BITS,
-    decode,
     encode,
     signed,
     to_fixed,
@@ -46,6 +46,18 @@ HIDDEN_VALUE_BITS = 128
 
 def sigmoid(u: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * u))
+
+
+# --- initial weights (each party, before the first iteration) --------------
+
+
+def private_initial_weights(length: int, scale: float) -> np.ndarray:
+    """Small random initial weights from this party's own CSPRNG. Zero
+    weights would let B learn X_B^T (1/2 - y) in the first iteration; weights
+    a peer could compute (from the job seed, say) would let A read X_B off
+    prediction's u_B = X_B w_B. Nothing a peer sends determines them."""
+    rng = np.random.default_rng(secrets.randbits(128))
+    return rng.normal(0.0, scale, size=length)
 
 
 # --- plaintext shares (each party, on its own data) -------------------------
@@ -108,9 +120,11 @@ def check_capacity(x: np.ndarray, key: PublicKey) -> None:
     bound = cross_gradient_bound(x) * 2.0 ** (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
     limit = min(HIDDEN_VALUE_BITS, key.plaintext_bits)
     if bound > 0 and math.log2(bound) + 1 >= limit:
+        # The message reaches the peer: it names the limit, never how far the
+        # data would go (that is a magnitude of this party's features).
         raise OutOfRange(
-            f"batch: X^T s could reach 2^{math.log2(bound):.0f}, beyond the 2^{limit} that the {key.bits}-bit "
-            "key's plaintext space and the masking allow; use smaller batches or features"
+            f"batch: X^T s could exceed the 2^{limit} that the {key.bits}-bit key's plaintext space and the "
+            "masking allow; use smaller batches or features"
         )
 
 
@@ -145,12 +159,36 @@ def decrypt_masked_gradient(
     return z
 
 
+def add_release_noise(key: PrivateKey, z: list[int], noise: np.ndarray) -> list[int]:
+    """Step 4, with differential privacy (the decrypting party): the noise,
+    in real units of the cross gradient, added to the masked values it
+    returns, so that the owner's unmasked gradient carries it. Paillier:
+    mod n. OU: z is the integer h + R with R >= 2^HIDDEN_VALUE_BITS, far
+    above any noise, so the sum stays a valid masked value."""
+    if len(noise) != len(z):
+        raise OutOfRange(f"noise: expected {len(z)} values, got {len(noise)}")
+    fixed = dp.noise_to_fixed(noise, FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
+    if key.public.mask_modulus_public:
+        n = key.public.n
+        return [(v + e) % n for v, e in zip(z, fixed, strict=True)]
+    return [v + e for v, e in zip(z, fixed, strict=True)]
+
+
+# Noise beyond this many standard deviations is refused as out of range: the
+# chance that an honest Gaussian draw reaches it is below 1e-80.
+NOISE_RANGE_STDS = 20.0
+
+
 # --- step 5 ------------------------------------------------------------------
 
 
-def unmask_gradient(z: list[int], mask: tuple[int, ...], key: PublicKey, bound: float) -> np.ndarray:
+def unmask_gradient(
+    z: list[int], mask: tuple[int, ...], key: PublicKey, bound: float, noise_std: float = 0.0
+) -> np.ndarray:
     """Step 5a (both): "decrypt with the random vector": h = z - R, then
-    decode; a value beyond what any valid share allows is refused."""
+    decode; a value beyond what any valid share (plus the peer's calibrated
+    noise, under differential privacy) allows is refused."""
+    bound += NOISE_RANGE_STDS * noise_std
     if len(z) != len(mask):
         raise OutOfRange(f"decrypted gradient: expected {len(mask)} values, got {len(z)}")
     denom = float(1 << (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS))
@@ -167,15 +205,6 @@ def gradient_from_shares(
     penalised coordinates (the intercept is not penalised)."""
     m = x.shape[0]
     return np.asarray((x.T @ own_share + cross) / m + l2 * w * penalised, dtype=np.float64)
-
-
-def dp_gaussian_noise(gradient: np.ndarray, std: float) -> np.ndarray:
-    """Step 5c (both, optional): the party's own gradient plus N(0, std^2)
-    noise from the OS CSPRNG (never from the job seed, which the peer knows)."""
-    if std <= 0:
-        return gradient
-    rng = np.random.default_rng(secrets.randbits(128))
-    return np.asarray(gradient + rng.normal(0.0, std, size=gradient.shape), dtype=np.float64)
 
 
 def sgd_update(w: np.ndarray, gradient: np.ndarray, learning_rate: float) -> np.ndarray:
@@ -198,12 +227,22 @@ def passive_loss_share(backend: HEBackend, a_enc: CipherVector, u_passive: np.nd
     return backend.add(cross, backend.encrypt(key, own, hiding=True))
 
 
+def loss_share_bound(m: int) -> float:
+    """Largest |sum_i a_i u_B,i + sum_i u_B,i^2 / 8| over m rows of valid shares."""
+    return m * (SHARE_BOUND * SHARE_BOUND + SHARE_BOUND * SHARE_BOUND / 8.0)
+
+
 def active_loss(u_active: np.ndarray, y: np.ndarray, share: CipherVector, backend: HEBackend, key: PrivateKey) -> float:
     """A: the batch's Taylor loss from its own terms and B's decrypted share."""
     share.require_key(key.public, "loss share")
     share.require_length(1, "loss share")
-    cross = signed(backend.decrypt(key, share), key.plaintext_modulus)[0] / float(1 << LOSS_SCALE_BITS)
     m = len(y)
+    raw = signed(backend.decrypt(key, share), key.plaintext_modulus)[0]
+    # Range-checked before use: with OU, whether a crafted value decrypts
+    # above or below p/2 would otherwise be a sign oracle on A's secret p.
+    if abs(raw) > loss_share_bound(m) * float(1 << LOSS_SCALE_BITS):
+        raise OutOfRange("loss share: the decrypted value is outside the range a valid share allows")
+    cross = raw / float(1 << LOSS_SCALE_BITS)
     y_pm = 2.0 * y - 1.0
     return math.log(2.0) + (-float(np.sum(y_pm * u_active)) / 2.0 + float(np.sum(u_active**2)) / 8.0 + cross) / m
 
@@ -227,5 +266,10 @@ def decrypt_prediction(backend: HEBackend, key: PrivateKey, scores: CipherVector
     """Prediction (A): decrypt u_A + u_B and apply the sigmoid."""
     scores.require_key(key.public, "prediction scores")
     scores.require_length(expected_length, "prediction scores")
-    u = decode(backend.decrypt(key, scores), RESIDUAL_SCALE_BITS, key.plaintext_modulus)
-    return sigmoid(u)
+    raw = signed(backend.decrypt(key, scores), key.plaintext_modulus)
+    # u_A + u_B of valid shares; anything else is refused before use (with
+    # OU, a sign oracle on A's secret p).
+    limit = int(2 * SHARE_BOUND) << RESIDUAL_SCALE_BITS
+    if any(abs(v) > limit for v in raw):
+        raise OutOfRange("prediction scores: a decrypted score is outside the range valid shares allow")
+    return sigmoid(np.array(raw, dtype=np.float64) / float(1 << RESIDUAL_SCALE_BITS))

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from common import metrics, serde
+from common import dp, metrics, serde
 from common.checkpoint import JobCheckpoints
 from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
 from common.crypto.pool import GATE
@@ -30,7 +30,6 @@ from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
 from common.protocol import steps
 from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check_batch_size, min_batch_size
-from common.protocol.reference import initial_weights, with_intercept
 from services.active.peer import PassiveClient
 from vfl.v1 import party_pb2
 
@@ -53,6 +52,7 @@ class Event:
     epoch: int
     loss: float | None
     message: str = ""
+    dp_epsilon_spent: float | None = None
 
 
 @dataclass
@@ -69,12 +69,15 @@ class TrainingJob:
     loss: float | None = None
     error: str = ""
     losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, batch loss)
+    dp_epsilon_spent: float | None = None  # under DP: on y, by the z_B released so far
     events: list[Event] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def publish(self, message: str = "") -> None:
         with self.cond:
-            self.events.append(Event(self.state, self.iteration, self.total, self.epoch, self.loss, message))
+            self.events.append(
+                Event(self.state, self.iteration, self.total, self.epoch, self.loss, message, self.dp_epsilon_spent)
+            )
             self.cond.notify_all()
 
     def watch(self, timeout_s: float = 3600.0) -> Iterator[Event]:
@@ -100,13 +103,16 @@ class _Session:
     job: TrainingJob
     passive_key: PublicKey
     target_fp: bytes
-    x: np.ndarray  # [X_A standardised, 1] on the training rows
+    x: np.ndarray  # [X_A standardised (under DP, clipped), 1] on the training rows
     y: np.ndarray
     scaler: Scaler
     w: np.ndarray  # w_A with the intercept last
+    w0: np.ndarray  # A's own initial weights, from its CSPRNG
     batches: BatchSchedule
     p_passive: int
     train_ids: list[str]
+    holdout_ids: list[str]
+    dp: DpTerms | None
     clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
     # Resumption: the iteration to run next, w before the last own update, and
     # B's step 5 of the previous iteration while it is not confirmed.
@@ -117,6 +123,49 @@ class _Session:
     # (B replays its answer instead of computing with fresh randomness).
     sent_shares: tuple[int, CipherVector] | None = None
     sent_gradient: tuple[int, tuple[int, ...], steps.MaskedGradient] | None = None
+    # Under DP: the last iteration whose z_B A released, and how many
+    # iterations it released twice (after a restart).
+    released_at: int = -1
+    extra_releases: int = 0
+
+    def epsilon_spent(self) -> float | None:
+        if self.dp is None:
+            return None
+        if self.released_at < 0:
+            return 0.0
+        releases = dp.releases_per_row(self.released_at + 1, self.batches.per_epoch) + self.extra_releases
+        return dp.epsilon_spent(self.dp.multiplier, self.job.config.dp_delta, releases)
+
+
+@dataclass(frozen=True)
+class DpTerms:
+    """A job's differential privacy, as both parties derive it: the noise
+    multiplier from (epsilon, delta) and the releases per row, and the
+    norms each party stated."""
+
+    multiplier: float
+    clip_norm: float  # C_A: A's rows
+    passive_clip_norm: float  # C_B: B's rows
+    passive_share_clip: float  # bound on |b_i|
+
+    @property
+    def noise_std(self) -> float:
+        """A's noise on z_B: one label moves X_B^T a by at most C_B."""
+        return self.multiplier * dp.label_sensitivity(self.passive_clip_norm)
+
+    @property
+    def passive_noise_std(self) -> float:
+        """B's noise on z_A: one row of X_B moves [X_A, 1]^T b by at most
+        2 |b|_max sqrt(C_A^2 + 1)."""
+        return self.multiplier * 2.0 * self.passive_share_clip * float(np.sqrt(self.clip_norm**2 + 1.0))
+
+    def to_dict(self) -> dict[str, float]:
+        return {
+            "multiplier": self.multiplier,
+            "clip_norm": self.clip_norm,
+            "passive_clip_norm": self.passive_clip_norm,
+            "passive_share_clip": self.passive_share_clip,
+        }
 
 
 class ActiveParty:
@@ -129,6 +178,7 @@ class ActiveParty:
         peer: PassiveClient,
         min_peer_bits: int,
         recovery_s: float = 120.0,
+        dp_clip_norm: float = 0.0,
     ) -> None:
         if data.labels is None:
             raise InvalidArgument("active party data: expected a label column")
@@ -143,18 +193,26 @@ class ActiveParty:
         self.min_peer_bits = min_peer_bits
         self.checkpoints = JobCheckpoints(data_dir)
         self.recovery_s = recovery_s
+        # Under DP: the norm A clips its standardised rows to (0 = sqrt(p_A)).
+        self.dp_clip_norm = dp_clip_norm or dp.default_clip_norm(data.n_features)
         self._jobs: dict[str, TrainingJob] = {}
         self._reserved: set[str] = set()  # ids of jobs still in set-up
         self._lock = threading.Lock()
 
     # --- client API -----------------------------------------------------
 
-    def start_training(self, job_id: str, config: JobConfig, train_ids: list[str]) -> TrainingJob:
+    def start_training(
+        self, job_id: str, config: JobConfig, train_ids: list[str], holdout_ids: list[str] | None = None
+    ) -> TrainingJob:
         """Key exchange and job set-up run here, so their errors reach the
         caller; the iterations run in a background thread."""
         job_id = check_job_id(job_id) if job_id else f"job-{uuid.uuid4().hex[:12]}"
         ids = train_ids or list(self.data.ids)
         check_ids(ids, "train_ids")
+        holdout = list(holdout_ids or [])
+        if holdout:
+            check_ids(holdout, "holdout_ids")
+            self.data.positions(holdout, "holdout_ids")
         positions = self.data.positions(ids, "train_ids")
         p_a = self.data.n_features
         with self._lock:
@@ -165,7 +223,9 @@ class ActiveParty:
         passive_set_up = False
         try:
             passive_key, target_fp = self._exchange_keys()
-            p_b = self.peer.setup_job(job_id, config, target_fp, p_a, ids)
+            clip = self.dp_clip_norm if config.dp else 0.0
+            reply = self.peer.setup_job(job_id, config, target_fp, p_a, ids, holdout, clip)
+            p_b = reply.passive_features
             passive_set_up = True
             check_batch_size(config.batch_size, p_a, p_b, config.allow_small_batch)
             floor = min_batch_size(p_a, p_b, config.allow_small_batch)
@@ -180,18 +240,23 @@ class ActiveParty:
                 self._reserved.discard(job_id)
             raise
         job = TrainingJob(job_id, config, total=len(batches))
-        w = initial_weights(config.seed, "active", p_a + 1, config.init_scale)
-        session = self._session(job, ids, positions, batches, passive_key, target_fp, p_b, w)
+        w0 = steps.private_initial_weights(p_a + 1, config.init_scale)
+        terms = self._dp_terms(config, batches, reply.passive_clip_norm, reply.passive_share_clip)
+        session = self._session(job, ids, holdout, positions, batches, passive_key, target_fp, p_b, w0, w0, terms)
+        job.dp_epsilon_spent = session.epsilon_spent()
         self.checkpoints.save_setup(
             job_id,
             {
                 "job_id": job_id,
                 "config": config.model_dump(),
                 "train_ids": ids,
+                "holdout_ids": holdout,
                 "target_fingerprint": target_fp.hex(),
                 "passive_key": passive_key.to_dict(),
                 "p_passive": p_b,
                 "started": job.started,
+                "w0": w0.tolist(),
+                "dp": None if terms is None else terms.to_dict(),
             },
         )
         self._save_state(session)
@@ -225,32 +290,52 @@ class ActiveParty:
             resumed += 1
         return resumed
 
+    def _dp_terms(
+        self, config: JobConfig, batches: BatchSchedule, passive_clip_norm: float, passive_share_clip: float
+    ) -> DpTerms | None:
+        if not config.dp:
+            return None
+        if not (passive_clip_norm > 0 and passive_share_clip > 0):
+            raise FailedPrecondition("passive party: stated no clipping norm for a job with config.dp_epsilon")
+        releases = dp.releases_per_row(len(batches), batches.per_epoch)
+        multiplier = dp.noise_multiplier(config.dp_epsilon, config.dp_delta, releases)
+        return DpTerms(multiplier, self.dp_clip_norm, passive_clip_norm, passive_share_clip)
+
     def _session(
         self,
         job: TrainingJob,
         ids: list[str],
+        holdout: list[str],
         positions: np.ndarray,
         batches: BatchSchedule,
         passive_key: PublicKey,
         target_fp: bytes,
         p_passive: int,
         w: np.ndarray,
+        w0: np.ndarray,
+        terms: DpTerms | None,
     ) -> _Session:
-        """A job's session: A's standardised training rows (its own
-        statistics), labels and schedule."""
+        """A job's session: A's standardised (under DP, clipped) training
+        rows (its own statistics), labels and schedule."""
         raw = self.data.features[positions]
         scaler = Scaler.fit(raw, job.config.standardize)
+        x = scaler.transform(raw)
+        if terms is not None:
+            x = dp.clip_rows(x, terms.clip_norm)
         return _Session(
             job=job,
             passive_key=passive_key,
             target_fp=target_fp,
-            x=with_intercept(scaler.transform(raw)),
+            x=_with_intercept(x),
             y=self.labels[positions],
             scaler=scaler,
             w=w,
+            w0=w0,
             batches=batches,
             p_passive=p_passive,
             train_ids=ids,
+            holdout_ids=holdout,
+            dp=terms,
         )
 
     def _session_from_checkpoint(self, setup: dict[str, Any], state: dict[str, Any]) -> _Session:
@@ -267,7 +352,13 @@ class ActiveParty:
         passive_key = PublicKey.from_dict(setup["passive_key"])
         target_fp = bytes.fromhex(setup["target_fingerprint"])
         w = np.asarray(state["w"], dtype=np.float64)
-        s = self._session(job, ids, positions, batches, passive_key, target_fp, p_b, w)
+        w0 = np.asarray(setup["w0"], dtype=np.float64)
+        d = setup["dp"]
+        terms = None if d is None else DpTerms(**{k: float(v) for k, v in d.items()})
+        holdout = list(setup["holdout_ids"])
+        s = self._session(job, ids, holdout, positions, batches, passive_key, target_fp, p_b, w, w0, terms)
+        s.released_at, s.extra_releases = int(state["released_at"]), int(state["extra_releases"])
+        job.dp_epsilon_spent = s.epsilon_spent()
         s.next_iteration = job.iteration
         s.prev_w = None if state["prev_w"] is None else np.asarray(state["prev_w"], dtype=np.float64)
         s.pending_z_b = None if state["pending_z_b"] is None else [int(v, 16) for v in state["pending_z_b"]]
@@ -341,6 +432,8 @@ class ActiveParty:
             "epoch": job.epoch,
             "loss": job.loss,
             "losses": list(job.losses),
+            "released_at": s.released_at,
+            "extra_releases": s.extra_releases,
         }
 
     def _checkpoint_then_apply(self, job_id: str, state: dict[str, Any], header: Any, z_b: list[int]) -> float:
@@ -500,15 +593,23 @@ class ActiveParty:
         z_a = reply.residues(s.passive_key, "z_A")
         grad_b = reply.ciphers(self.key.public, "[[h_B + R_B]]_A")
         z_b = steps.decrypt_masked_gradient(self.backend, self.key, grad_b, s.p_passive)
+        if s.dp is not None:
+            # The decrypting party adds the noise (protecting y from B); a
+            # restarted iteration releases again, with fresh noise, and counts.
+            z_b = steps.add_release_noise(self.key, z_b, dp.gaussian_noise(s.dp.noise_std, len(z_b)))
+            if t <= s.released_at:
+                s.extra_releases += 1
+            s.released_at = max(s.released_at, t)
+            s.job.dp_epsilon_spent = s.epsilon_spent()
         loss = None
         if loss_share is not None:
             loss = steps.active_loss(u_a, y, loss_share.result(), self.backend, self.key)
         # Step 5 at A: remove R_A, add X_A^T a, update w_A; checkpoint; then
         # B's step 5, in flight while A starts the next iteration.
-        cross = steps.unmask_gradient(z_a, grad_a.mask, s.passive_key, steps.cross_gradient_bound(x))
+        noise_std = 0.0 if s.dp is None else s.dp.passive_noise_std
+        cross = steps.unmask_gradient(z_a, grad_a.mask, s.passive_key, steps.cross_gradient_bound(x), noise_std)
         penalised = np.r_[np.ones(len(s.w) - 1), 0.0]
         grad = steps.gradient_from_shares(x, a, cross, s.w, s.job.config.l2, penalised)
-        grad = steps.dp_gaussian_noise(grad, s.job.config.dp_noise_std)
         s.prev_w, s.w = s.w, steps.sgd_update(s.w, grad, s.job.config.learning_rate)
         s.next_iteration, s.pending_z_b = t + 1, z_b
         s.sent_shares = s.sent_gradient = None
@@ -529,7 +630,10 @@ class ActiveParty:
                 "feature_names": self.data.feature_names,
                 "weights": s.w[:-1].tolist(),
                 "intercept": float(s.w[-1]),
+                "initial_weights": s.w0.tolist(),
                 "scaler": s.scaler.to_dict(),
+                "dp": self._dp_record(s),
+                "holdout_rows": len(s.holdout_ids),
                 "active_features": self.data.n_features,
                 "passive_features": s.p_passive,
                 "train_rows": len(s.train_ids),
@@ -538,11 +642,25 @@ class ActiveParty:
                     "final_loss": job.loss,
                     "loss_history": job.losses,
                     "elapsed_s": time.time() - job.started,
-                    "dp_noise_std": job.config.dp_noise_std,
+                    "dp_epsilon_spent": s.epsilon_spent(),
                     **metrics.since(s.clock_start),
                 },
             },
         )
+
+    @staticmethod
+    def _dp_record(s: _Session) -> dict[str, Any] | None:
+        if s.dp is None:
+            return None
+        return {
+            "epsilon_target": s.job.config.dp_epsilon,
+            "delta": s.job.config.dp_delta,
+            "epsilon_spent": s.epsilon_spent(),
+            "noise_multiplier": s.dp.multiplier,
+            **s.dp.to_dict(),
+            "protects": "y from B (noise on z_B)",
+            "sampling": "shuffled partition per epoch, batch rows known to both parties: no amplification",
+        }
 
     # --- prediction -----------------------------------------------------
 
@@ -554,6 +672,8 @@ class ActiveParty:
             raise InvalidArgument(f"ids: at most {MAX_PREDICT_IDS} per call, got {len(ids)}")
         raw = self.data.features[self.data.positions(ids, "ids")]
         x = Scaler.from_dict(shard["scaler"]).transform(raw)
+        if shard.get("dp"):
+            x = dp.clip_rows(x, float(shard["dp"]["clip_norm"]))
         u_a = x @ np.asarray(shard["weights"]) + float(shard["intercept"])
         passive_key = PublicKey.from_dict(shard["passive_key"])
         target_fp = target_fingerprint(self.key.public, passive_key)
@@ -566,6 +686,10 @@ class ActiveParty:
         if not np.all(np.isfinite(probs)):
             raise FailedPrecondition("prediction: the decrypted scores are not finite")
         return probs
+
+
+def _with_intercept(x: np.ndarray) -> np.ndarray:
+    return np.hstack([x, np.ones((x.shape[0], 1))])
 
 
 def final_loss(shard: dict[str, Any]) -> float | None:

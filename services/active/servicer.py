@@ -33,6 +33,8 @@ def _status(job: TrainingJob) -> client_pb2.JobStatus:
     )
     if job.loss is not None:
         msg.loss = job.loss
+    if job.dp_epsilon_spent is not None:
+        msg.dp_epsilon_spent = job.dp_epsilon_spent
     return msg
 
 
@@ -47,6 +49,8 @@ def _event(job_id: str, ev: Event) -> client_pb2.JobEvent:
     )
     if ev.loss is not None:
         msg.loss = ev.loss
+    if ev.dp_epsilon_spent is not None:
+        msg.dp_epsilon_spent = ev.dp_epsilon_spent
     return msg
 
 
@@ -64,6 +68,9 @@ def _model_info(shard: dict[str, Any]) -> client_pb2.ModelInfo:
     loss = final_loss(shard)
     if loss is not None:
         msg.final_loss = loss
+    spent = shard["metrics"].get("dp_epsilon_spent")
+    if spent is not None:
+        msg.dp_epsilon_spent = float(spent)
     return msg
 
 
@@ -76,7 +83,7 @@ class TrainingServicer(client_pb2_grpc.TrainingServiceServicer):
         self, request: client_pb2.StartTrainingRequest, context: grpc.ServicerContext
     ) -> client_pb2.JobStatus:
         config = serde.config_from_proto(request.config)
-        job = self.party.start_training(request.job_id, config, list(request.train_ids))
+        job = self.party.start_training(request.job_id, config, list(request.train_ids), list(request.holdout_ids))
         return _status(job)
 
     @rpc_method

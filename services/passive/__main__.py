@@ -8,6 +8,7 @@ from common.party_setup import load_party
 from common.rpc import RecordingInterceptor, TranscriptRecorder, create_server, serve_forever, setup_logging
 from common.settings import PassiveSettings, identities, load_settings
 from services.passive.party import PassiveParty
+from services.passive.policy import PassivePolicy
 from services.passive.servicer import PartyServicer
 from vfl.v1 import party_pb2, party_pb2_grpc
 
@@ -18,7 +19,20 @@ def main() -> None:
     settings = load_settings(PassiveSettings)
     setup_logging(settings.log_level, "passive")
     res = load_party(settings)
-    party = PassiveParty(res.data, res.key, res.backend, settings.data_dir)
+    policy = PassivePolicy(
+        min_learning_rate=settings.min_learning_rate,
+        min_iterations=settings.min_iterations,
+        allow_small_batch=settings.allow_small_batch,
+        max_models_per_peer=settings.max_models_per_peer,
+        max_predict_ids_per_model=settings.max_predict_ids_per_model,
+        predict_ids_per_window=settings.predict_ids_per_window,
+        predict_window_s=settings.predict_window_s,
+        predict_scope=settings.predict_scope,
+        dp_clip_norm=settings.dp_clip_norm,
+        dp_share_clip=settings.dp_share_clip,
+        max_dp_epsilon=settings.max_dp_epsilon,
+    )
+    party = PassiveParty(res.data, res.key, res.backend, settings.data_dir, policy)
     party.restore_jobs()  # jobs that were running when this process stopped
     servicer = PartyServicer(party, res.min_peer_bits)
     interceptors = []

@@ -1,10 +1,13 @@
 """B's half of every step, as plain domain code (no gRPC).
 
 A job is a small state machine: for iteration t B accepts, in order, the
-residual shares (steps 1-2), the masked gradients (steps 3-4) and the
-unmasked gradient (step 5), each once. Decryption for A happens only in the
-masked-gradient step, once per iteration, for a vector of exactly p_A + 1
-ciphertexts under sk_B: B is a decryption oracle for nothing else.
+residual shares (steps 1-2) for the rows of the agreed schedule, the masked
+gradients (steps 3-4) and the unmasked gradient (step 5), each once.
+Decryption for A happens only in the masked-gradient step, for a vector of
+exactly p_A + 1 ciphertexts under sk_B, once per iteration (twice if the
+iteration is restarted after a failure), and the count is on disk before the
+decrypted vector leaves B. Any refusal ends the job: a peer that probes gets
+one answer, not a series. B is a decryption oracle for nothing else.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -22,19 +26,26 @@ from typing import Any, cast
 
 import numpy as np
 
-from common import metrics
+from common import dp, metrics
 from common.checkpoint import JobCheckpoints
 from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
 from common.crypto.pool import GATE
 from common.data import PartyData, Scaler
-from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, VflError
+from common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    VflError,
+)
 from common.jobconfig import JobConfig
 from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
 from common.protocol import steps
-from common.protocol.batching import Batch, batch_schedule, check_batch_size, min_batch_size
-from common.protocol.reference import initial_weights
+from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check_batch_size, min_batch_size
 from common.serde import StepMessage, rows_array
+from services.passive.policy import PassivePolicy, PredictionBudget
 
 log = logging.getLogger("vfl.passive")
 
@@ -57,9 +68,15 @@ class PassiveJob:
     target_fp: bytes
     active_key: PublicKey
     active_features: int
-    x: np.ndarray  # standardised training rows, in the job's id order
+    x: np.ndarray  # standardised (and, under DP, clipped) training rows, in the job's id order
     scaler: Scaler
     w: np.ndarray
+    w0: np.ndarray  # B's own initial weights, from its CSPRNG
+    peer: str  # the identity that set the job up
+    population: frozenset[str]  # training and holdout ids: what the model may score
+    clip_norm: float  # under DP: C_B, the norm of B's rows; else 0
+    active_clip_norm: float  # under DP: C_A as A stated it; else 0
+    noise_multiplier: float  # under DP: sigma / sensitivity; else 0
     iteration: int = 0
     phase: Phase = Phase.SHARES
     # Per-iteration state, cleared at the end of each iteration.
@@ -80,6 +97,8 @@ class PassiveJob:
     last_apply: tuple[int, bytes, float] | None = None
     restarts: int = 0
     restarted_at: int = -1
+    # The last iteration whose z_A left B (on disk before it does).
+    released_at: int = -1
     lock: threading.Lock = field(default_factory=threading.Lock)
     clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
 
@@ -90,6 +109,23 @@ class PassiveJob:
             return self.answered[step][1]
         return None
 
+    @property
+    def per_epoch(self) -> int:
+        return self.expected.per_epoch if isinstance(self.expected, BatchSchedule) else max(1, len(self.expected))
+
+    def epsilon_spent(self) -> float | None:
+        """Epsilon spent (at dp_delta) on X_B by the z_A released so far."""
+        if not self.config.dp:
+            return None
+        if self.released_at < 0:
+            return 0.0
+        releases = dp.releases_per_row(self.released_at + 1, self.per_epoch) + self.restarts
+        return dp.epsilon_spent(self.noise_multiplier, self.config.dp_delta, releases)
+
+    def loss_iteration(self, iteration: int) -> bool:
+        every = self.config.loss_every
+        return bool(every) and ((iteration + 1) % every == 0 or iteration + 1 == len(self.expected))
+
     def expect(self, iteration: int, phase: Phase) -> None:
         if iteration != self.iteration or phase != self.phase:
             raise FailedPrecondition(
@@ -98,13 +134,29 @@ class PassiveJob:
             )
 
 
+@dataclass(frozen=True)
+class SetupReply:
+    passive_features: int
+    clip_norm: float  # under DP: C_B; else 0
+    share_clip: float  # under DP: the bound on |b_i|; else 0
+
+
 class PassiveParty:
-    def __init__(self, data: PartyData, key: PrivateKey, backend: HEBackend, data_dir: Path) -> None:
+    def __init__(
+        self,
+        data: PartyData,
+        key: PrivateKey,
+        backend: HEBackend,
+        data_dir: Path,
+        policy: PassivePolicy | None = None,
+    ) -> None:
         self.data = data
         self.key = key
         self.backend = backend
+        self.policy = policy or PassivePolicy()
         self.models = ModelStore(data_dir)
         self.checkpoints = JobCheckpoints(data_dir)
+        self.budget = PredictionBudget(data_dir, self.policy)
         self._targets: dict[bytes, PublicKey] = {}
         self._jobs: dict[str, PassiveJob] = {}
         self._lock = threading.Lock()
@@ -139,9 +191,60 @@ class PassiveParty:
             raise FailedPrecondition("header.target_fingerprint: not the target key of this job")
         return job
 
+    def _check_policy(self, config: JobConfig, iterations: int, active_clip_norm: float, peer: str) -> None:
+        """B's own configuration decides, whatever A asks for."""
+        p = self.policy
+        if config.learning_rate < p.min_learning_rate:
+            raise InvalidArgument(
+                f"config.learning_rate: the passive party requires at least {p.min_learning_rate:g} "
+                f"(VFL_MIN_LEARNING_RATE at B), got {config.learning_rate:g}"
+            )
+        if iterations < p.min_iterations:
+            raise InvalidArgument(
+                f"config.max_iterations: the job's schedule has {iterations} iterations; the passive party "
+                f"requires at least {p.min_iterations} (VFL_MIN_ITERATIONS at B)"
+            )
+        if config.allow_small_batch and not p.allow_small_batch:
+            raise FailedPrecondition(
+                "config.allow_small_batch: the passive party does not consent to small batches "
+                "(VFL_ALLOW_SMALL_BATCH at B)"
+            )
+        if p.max_dp_epsilon > 0 and not (config.dp and config.dp_epsilon <= p.max_dp_epsilon):
+            raise FailedPrecondition(
+                f"config.dp_epsilon: the passive party requires differential privacy with epsilon at most "
+                f"{p.max_dp_epsilon:g} (VFL_MAX_DP_EPSILON at B)"
+            )
+        if config.dp and not active_clip_norm > 0:
+            raise InvalidArgument("spec.active_clip_norm: expected > 0 with config.dp_epsilon set")
+        limit = p.models_per_peer(self.data.n_features)
+        with self._lock:
+            running = sum(1 for j in self._jobs.values() if j.peer == peer)
+        stored = sum(1 for m in self.models.list_ids() if self._shard_peer(m) == peer)
+        if stored + running >= limit:
+            raise ResourceExhausted(
+                f"spec.job_id: the passive party keeps at most {limit} models for identity {peer!r} "
+                f"({stored} stored, {running} training; VFL_MAX_MODELS_PER_PEER at B)"
+            )
+
+    def _shard_peer(self, model_id: str) -> str | None:
+        try:
+            peer = self.models.load(model_id).get("peer")
+        except (OSError, ValueError, VflError):
+            return None
+        return str(peer) if peer is not None else None
+
     def setup_job(
-        self, job_id: str, config: JobConfig, target_fp: bytes, active_features: int, n_rows: int, ids: list[str]
-    ) -> int:
+        self,
+        job_id: str,
+        config: JobConfig,
+        target_fp: bytes,
+        active_features: int,
+        n_rows: int,
+        ids: list[str],
+        holdout_ids: Sequence[str] = (),
+        active_clip_norm: float = 0.0,
+        peer: str = "",
+    ) -> SetupReply:
         check_job_id(job_id)
         active_key = self._targets.get(target_fp)
         if active_key is None:
@@ -150,58 +253,82 @@ class PassiveParty:
             raise InvalidArgument(f"ids: spec.n_rows says {n_rows}, got {len(ids)} ids")
         if len(set(ids)) != len(ids):
             raise InvalidArgument("ids: must be unique")
+        if len(set(holdout_ids)) != len(holdout_ids):
+            raise InvalidArgument("holdout_ids: must be unique")
         if active_features < 1:
             raise InvalidArgument("spec.active_features: expected at least 1")
         check_batch_size(config.batch_size, active_features, self.data.n_features, config.allow_small_batch)
         floor = min_batch_size(active_features, self.data.n_features, config.allow_small_batch)
         if n_rows < floor:
             raise InvalidArgument(f"spec.n_rows: expected at least {floor} training rows, got {n_rows}")
+        schedule = batch_schedule(n_rows, config.batch_size, config.epochs, config.seed, floor, config.max_iterations)
+        self._check_policy(config, len(schedule), active_clip_norm, peer)
+        self.data.positions(list(holdout_ids), "holdout_ids")
         with self._lock:
             if job_id in self._jobs or self.models.exists(job_id):
                 raise AlreadyExists(f"spec.job_id: job {job_id!r} already exists at the passive party")
-        job = self._build_job(job_id, config, target_fp, active_key, active_features, ids)
-        self.checkpoints.save_setup(
-            job_id,
-            {
-                "job_id": job_id,
-                "config": config.model_dump(),
-                "target_fingerprint": target_fp.hex(),
-                "active_key": active_key.to_dict(),
-                "active_features": active_features,
-                "ids": ids,
-            },
-        )
+        w0 = steps.private_initial_weights(self.data.n_features, config.init_scale)
+        setup = {
+            "job_id": job_id,
+            "config": config.model_dump(),
+            "target_fingerprint": target_fp.hex(),
+            "active_key": active_key.to_dict(),
+            "active_features": active_features,
+            "ids": ids,
+            "holdout_ids": list(holdout_ids),
+            "active_clip_norm": active_clip_norm,
+            "peer": peer,
+            "w0": w0.tolist(),
+        }
+        job = self._build_job(setup)
+        self.checkpoints.save_setup(job_id, setup)
         self._save_state(job)
         job.next_share = self._ahead.submit(self._encrypt_share, job, 0)
         with self._lock:
             self._jobs[job_id] = job
         log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
-        return self.data.n_features
+        return SetupReply(self.data.n_features, job.clip_norm, self.policy.dp_share_clip if config.dp else 0.0)
 
-    def _build_job(
-        self,
-        job_id: str,
-        config: JobConfig,
-        target_fp: bytes,
-        active_key: PublicKey,
-        active_features: int,
-        ids: list[str],
-    ) -> PassiveJob:
+    def _build_job(self, setup: dict[str, Any]) -> PassiveJob:
+        config = JobConfig.model_validate(setup["config"])
+        ids = list(setup["ids"])
+        active_features = int(setup["active_features"])
         positions = self.data.positions(ids, "ids")
         raw = self.data.features[positions]
         scaler = Scaler.fit(raw, config.standardize)
         x = scaler.transform(raw)
-        w = initial_weights(config.seed, "passive", self.data.n_features, config.init_scale)
-        job = PassiveJob(job_id, config, target_fp, active_key, active_features, x, scaler, w)
-        # A sends each batch's rows; B expands the same seeded schedule only to
-        # guess the next batch and encrypt its share ahead (see _share_for).
+        clip = active_clip = multiplier = 0.0
         floor = min_batch_size(active_features, self.data.n_features, config.allow_small_batch)
-        job.expected = batch_schedule(
-            len(ids), config.batch_size, config.epochs, config.seed, floor, config.max_iterations
+        # B expands the same seeded schedule as A: it accepts only these rows,
+        # and encrypts its share of the next batch ahead (see _share_for).
+        expected = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor, config.max_iterations)
+        if config.dp:
+            clip = self.policy.dp_clip_norm or dp.default_clip_norm(self.data.n_features)
+            x = dp.clip_rows(x, clip)
+            active_clip = float(setup["active_clip_norm"])
+            releases = dp.releases_per_row(len(expected), expected.per_epoch)
+            multiplier = dp.noise_multiplier(config.dp_epsilon, config.dp_delta, releases)
+        w0 = np.asarray(setup["w0"], dtype=np.float64)
+        job = PassiveJob(
+            job_id=setup["job_id"],
+            config=config,
+            target_fp=bytes.fromhex(setup["target_fingerprint"]),
+            active_key=PublicKey.from_dict(setup["active_key"]),
+            active_features=active_features,
+            x=x,
+            scaler=scaler,
+            w=w0.copy(),
+            w0=w0,
+            peer=str(setup["peer"]),
+            population=frozenset(ids) | frozenset(setup["holdout_ids"]),
+            clip_norm=clip,
+            active_clip_norm=active_clip,
+            noise_multiplier=multiplier,
         )
+        job.expected = expected
         return job
 
-    def _save_state(self, job: PassiveJob) -> None:
+    def _save_state(self, job: PassiveJob, durable: bool = False) -> None:
         last = job.last_apply
         self.checkpoints.save_state(
             job.job_id,
@@ -211,26 +338,21 @@ class PassiveParty:
                 "last_update_sq_norm": job.last_update_sq_norm,
                 "last_apply": None if last is None else [last[0], last[1].hex(), last[2]],
                 "restarts": job.restarts,
+                "restarted_at": job.restarted_at,
+                "released_at": job.released_at,
             },
+            durable=durable,
         )
 
     def restore_jobs(self) -> int:
         """Resume the jobs that were running when this process stopped: each
         at the start of its checkpointed iteration (A re-sends that
-        iteration's steps). Returns how many."""
+        iteration's steps; if B had released that iteration's z_A, A's
+        re-sent shares count as a restart). Returns how many."""
         restored = 0
         for setup, state in self.checkpoints.load_all():
             try:
-                active_key = PublicKey.from_dict(setup["active_key"])
-                target_fp = bytes.fromhex(setup["target_fingerprint"])
-                job = self._build_job(
-                    setup["job_id"],
-                    JobConfig.model_validate(setup["config"]),
-                    target_fp,
-                    active_key,
-                    int(setup["active_features"]),
-                    list(setup["ids"]),
-                )
+                job = self._build_job(setup)
                 job.iteration = int(state["iteration"])
                 job.w = np.asarray(state["w"], dtype=np.float64)
                 job.last_update_sq_norm = state["last_update_sq_norm"]
@@ -238,12 +360,14 @@ class PassiveParty:
                     t, digest, norm = state["last_apply"]
                     job.last_apply = (int(t), bytes.fromhex(digest), float(norm))
                 job.restarts = int(state["restarts"])
+                job.restarted_at = int(state["restarted_at"])
+                job.released_at = int(state["released_at"])
             except (KeyError, ValueError, VflError) as exc:
                 log.warning("event=job_not_restored job=%s error=%s", setup.get("job_id"), exc)
                 continue
             job.next_share = self._ahead.submit(self._encrypt_share, job, job.iteration)
             with self._lock:
-                self._targets[target_fp] = active_key
+                self._targets[job.target_fp] = job.active_key
                 self._jobs[job.job_id] = job
             restored += 1
             log.info("event=job_restored job=%s iteration=%d", job.job_id, job.iteration)
@@ -254,37 +378,56 @@ class PassiveParty:
         with job.lock:
             return job.iteration, job.phase
 
+    @contextmanager
+    def _refusal_ends_job(self, job: PassiveJob) -> Iterator[None]:
+        """Any refusal or range violation in a step ends the job at B (A
+        hears it as the step's error, and its job fails): a probing peer gets
+        one answer, never a series of them."""
+        try:
+            yield
+        except VflError as exc:
+            self._end_job(job, f"refused: {exc}")
+            raise
+
+    def _end_job(self, job: PassiveJob, reason: str) -> None:
+        with self._lock:
+            if self._jobs.get(job.job_id) is not job:
+                return
+            self._jobs.pop(job.job_id, None)
+        job.step4_sent.set()  # release a loss share still waiting for step 4
+        self.checkpoints.remove(job.job_id)
+        log.warning("event=job_ended job=%s iteration=%d reason=%s", job.job_id, job.iteration, reason[:200])
+
     # --- training steps ---------------------------------------------------
 
     @GATE.working
     def residual_shares(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> CipherVector:
         """Steps 1-2: take [[a_S]]_A, answer [[b_S]]_B, and start step 3."""
         job = self._job(job_id, target_fp)
-        with job.lock:
+        with job.lock, self._refusal_ends_job(job):
             digest = msg.digest()
             replayed = job.replay(iteration, "shares", digest)
             if replayed is not None:
                 return cast(CipherVector, replayed)
-            # Validate before anything changes: a malformed retry must not cost
-            # the iteration its state (or its one restart).
+            job.expect(iteration, job.phase if iteration == job.iteration else Phase.SHARES)
             rows = rows_array(msg.rows, job.x.shape[0], "rows")
-            floor = min_batch_size(job.active_features, job.x.shape[1], job.config.allow_small_batch)
-            if rows.size < floor:
-                raise InvalidArgument(f"rows: a batch of {rows.size} rows is under the job's minimum of {floor}")
+            # Only the agreed schedule's rows: a restart cannot ask about
+            # other rows, and the batch floor holds by construction.
+            if not np.array_equal(rows, job.expected[iteration].rows):
+                raise InvalidArgument(f"rows: not the rows of iteration {iteration} of the job's agreed schedule")
             a_enc = msg.ciphers(job.active_key, "ciphertexts")
             a_enc.require_length(rows.size, "ciphertexts")
-            if iteration == job.iteration and job.phase != Phase.SHARES:
+            if job.phase != Phase.SHARES or job.released_at == iteration:
                 self._restart_iteration(job)
             job.expect(iteration, Phase.SHARES)
             x = job.x[rows]
             u, b, b_enc = self._share_for(job, iteration, rows)
             job.own_gradient = self._pool.submit(GATE.working(steps.masked_encrypted_gradient), self.backend, x, a_enc)
-            every = job.config.loss_every
             # A asks for the loss share on these iterations (and on the last):
             # compute it after B's own product, before A asks.
             job.loss = None
             job.step4_sent.clear()
-            if every and (iteration + 1) % every == 0:
+            if job.loss_iteration(iteration):
                 job.loss = self._loss.submit(self._loss_after_step4, job.step4_sent, a_enc, u)
             job.rows, job.a_enc, job.u, job.b, job.loss_sent = rows, a_enc, u, b, False
             job.phase = Phase.GRADIENTS
@@ -293,9 +436,11 @@ class PassiveParty:
 
     def _restart_iteration(self, job: PassiveJob) -> None:
         """A starts the current iteration again with a new request (it lost its
-        state, or B's answer, in a failure). Allowed once per iteration and
-        MAX_RESTARTS times per job: each restart lets A have one more vector
-        of this batch decrypted, and the batch-size guard assumes at most two."""
+        state, or B's answer, in a failure; or B restarted after releasing
+        this iteration's z_A). Allowed once per iteration and MAX_RESTARTS
+        times per job, and on disk before anything else: each restart lets A
+        have one more vector of this batch decrypted, and the batch floor
+        assumes at most DECRYPTIONS_PER_ITERATION."""
         if job.restarted_at == job.iteration or job.restarts >= MAX_RESTARTS:
             raise FailedPrecondition(
                 f"header.iteration: iteration {job.iteration} of job {job.job_id!r} was already started; "
@@ -309,9 +454,18 @@ class PassiveParty:
         job.phase = Phase.SHARES
         job.answered = {}
         job.own_gradient = job.a_enc = job.u = job.b = job.rows = job.loss = None
+        self._save_state(job, durable=True)
         log.warning(
             "event=iteration_restarted job=%s iteration=%d restarts=%d", job.job_id, job.iteration, job.restarts
         )
+
+    def _share(self, job: PassiveJob, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """u_B and b = u_B / 4 for the rows; under DP, b clipped to the bound
+        B's noise on z_A is calibrated to (and u_B = 4 b with it)."""
+        b = job.x[rows] @ job.w / 4.0
+        if job.config.dp:
+            b = np.clip(b, -self.policy.dp_share_clip, self.policy.dp_share_clip)
+        return 4.0 * b, b
 
     def _encrypt_share(self, job: PassiveJob, iteration: int) -> tuple[int, np.ndarray, CipherVector] | None:
         """Step 2 ahead of time: B's share for the batch it expects next, under
@@ -320,21 +474,26 @@ class PassiveParty:
             return None
         rows = job.expected[iteration].rows
         with GATE.busy():
-            b = job.x[rows] @ job.w / 4.0
+            _, b = self._share(job, rows)
             return iteration, rows, steps.first_intermediate_share(self.backend, self.key.public, b)
 
     def _share_for(
         self, job: PassiveJob, iteration: int, rows: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, CipherVector]:
         """u_B, b and [[b_S]]_B for the rows A sent: the share encrypted ahead
-        if A sent the expected rows, else encrypted now."""
-        u = job.x[rows] @ job.w
-        b = u / 4.0
+        if it is still there (not after a restart), else encrypted now."""
+        u, b = self._share(job, rows)
         ahead = job.next_share.result() if job.next_share is not None else None
         job.next_share = None
         if ahead is not None and ahead[0] == iteration and np.array_equal(ahead[1], rows):
             return u, b, ahead[2]
         return u, b, steps.first_intermediate_share(self.backend, self.key.public, b)
+
+    def _release_noise(self, job: PassiveJob, length: int) -> np.ndarray:
+        """Under DP: B's noise on z_A, calibrated to the sensitivity of
+        [X_A, 1]^T b to one row of X_B (|b_i| clipped)."""
+        sensitivity = 2.0 * self.policy.dp_share_clip * float(np.sqrt(job.active_clip_norm**2 + 1.0))
+        return dp.gaussian_noise(job.noise_multiplier * sensitivity, length)
 
     @GATE.working
     def masked_gradients(
@@ -342,7 +501,7 @@ class PassiveParty:
     ) -> tuple[list[int], CipherVector]:
         """Steps 3-4: decrypt A's masked gradient, answer z_A and B's own."""
         job = self._job(job_id, target_fp)
-        with job.lock:
+        with job.lock, self._refusal_ends_job(job):
             digest = msg.digest()
             replayed = job.replay(iteration, "gradients", digest)
             if replayed is not None:
@@ -353,16 +512,25 @@ class PassiveParty:
             # B's own product first: if it failed, nothing is decrypted for A.
             own = job.own_gradient.result()
             z_a = steps.decrypt_masked_gradient(self.backend, self.key, grad_a, job.active_features + 1)
+            if job.config.dp:
+                z_a = steps.add_release_noise(self.key, z_a, self._release_noise(job, len(z_a)))
+            job.released_at = iteration
+            self._record_release(job)
             job.phase = Phase.APPLY
             job.step4_sent.set()
             job.answered["gradients"] = (digest, (z_a, own.ciphers))
             return z_a, own.ciphers
 
+    def _record_release(self, job: PassiveJob) -> None:
+        """On disk (flushed) before z_A leaves B: a B that crashes and
+        restarts still counts this iteration's decryption."""
+        self._save_state(job, durable=True)
+
     @GATE.working
     def apply_gradient(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> float:
         """Step 5: remove R_B, add X_B^T b, update w_B."""
         job = self._job(job_id, target_fp)
-        with job.lock:
+        with job.lock, self._refusal_ends_job(job):
             digest = msg.digest()
             if job.last_apply is not None and job.last_apply[:2] == (iteration, digest):
                 log.info("event=step_replayed job=%s iteration=%d step=apply", job_id, iteration)
@@ -374,11 +542,13 @@ class PassiveParty:
                 raise InvalidArgument(f"residues: expected {job.x.shape[1]} values, got {len(z_b)}")
             x = job.x[job.rows]
             own = job.own_gradient.result()
-            cross = steps.unmask_gradient(z_b, own.mask, job.active_key, steps.cross_gradient_bound(x))
+            # Under DP, z_B carries A's noise, calibrated to B's row norm.
+            noise_std = job.noise_multiplier * dp.label_sensitivity(job.clip_norm)
+            cross = steps.unmask_gradient(z_b, own.mask, job.active_key, steps.cross_gradient_bound(x), noise_std)
             grad = steps.gradient_from_shares(x, job.b, cross, job.w, job.config.l2, np.ones_like(job.w))
-            grad = steps.dp_gaussian_noise(grad, job.config.dp_noise_std)
             new_w = steps.sgd_update(job.w, grad, job.config.learning_rate)
-            update = float(np.sum((new_w - job.w) ** 2))
+            # Under DP the norm would be an un-noised function of X_B: not reported.
+            update = 0.0 if job.config.dp else float(np.sum((new_w - job.w) ** 2))
             job.last_update_sq_norm = update
             job.w = new_w
             level = logging.INFO if (iteration + 1) % 10 == 0 else logging.DEBUG
@@ -395,11 +565,16 @@ class PassiveParty:
     @GATE.working
     def loss_share(self, job_id: str, iteration: int, target_fp: bytes) -> CipherVector:
         job = self._job(job_id, target_fp)
-        with job.lock:
+        with job.lock, self._refusal_ends_job(job):
             if job.iteration == iteration and "loss" in job.answered:
                 # A retry: the same ciphertext again, never a second computation.
                 pending = job.answered["loss"][1]
             else:
+                if not job.loss_iteration(iteration):
+                    raise FailedPrecondition(
+                        f"header.iteration: iteration {iteration} is not a loss check of this job "
+                        "(config.loss_every, and the last iteration)"
+                    )
                 if job.iteration != iteration or job.phase == Phase.SHARES:
                     raise FailedPrecondition(
                         f"header.iteration: the loss share of iteration {iteration} is available "
@@ -429,50 +604,101 @@ class PassiveParty:
             if self.models.load(job_id).get("target_fingerprint") == target_fp.hex():
                 return True
         job = self._job(job_id, target_fp)
-        with self._lock:
-            self._jobs.pop(job_id, None)
-        job.step4_sent.set()  # release a loss share still waiting for step 4
-        self.checkpoints.remove(job_id)
         if aborted:
-            log.info("event=job_aborted job=%s iteration=%d", job_id, job.iteration)
+            self._end_job(job, "aborted by the active party")
             return False
+        with job.lock:
+            complete = job.iteration == len(job.expected)
+            if not complete and job.iteration < self.policy.min_iterations:
+                self._end_job(job, "finished before its schedule")
+                raise FailedPrecondition(
+                    f"header.iteration: the job ran {job.iteration} of its {len(job.expected)} iterations; the "
+                    f"passive party stores a model only after its schedule, or after at least "
+                    f"{self.policy.min_iterations} iterations (VFL_MIN_ITERATIONS at B)"
+                )
+            self._end_job(job, "finished")
+            self._store_model(job)
+        log.info("event=model_stored job=%s iterations=%d", job_id, job.iteration)
+        return True
+
+    def _store_model(self, job: PassiveJob) -> None:
         self.models.save(
-            job_id,
+            job.job_id,
             {
-                "model_id": job_id,
+                "model_id": job.job_id,
                 "role": "passive",
                 "created_unix": time.time(),
                 "config": job.config.model_dump(),
                 "target_fingerprint": job.target_fp.hex(),
                 "active_key": job.active_key.to_dict(),
+                "peer": job.peer,
+                "population": sorted(job.population),
                 "feature_names": self.data.feature_names,
                 "weights": job.w.tolist(),
+                "initial_weights": job.w0.tolist(),
                 "scaler": job.scaler.to_dict(),
+                "dp": self._dp_record(job),
                 "metrics": {
                     "iterations": job.iteration,
                     "last_update_sq_norm": job.last_update_sq_norm,
-                    "dp_noise_std": job.config.dp_noise_std,
+                    "restarts": job.restarts,
+                    "dp_epsilon_spent": job.epsilon_spent(),
                     **metrics.since(job.clock_start),
                 },
             },
         )
-        log.info("event=model_stored job=%s iterations=%d", job_id, job.iteration)
-        return True
+
+    def _dp_record(self, job: PassiveJob) -> dict[str, Any] | None:
+        if not job.config.dp:
+            return None
+        return {
+            "epsilon_target": job.config.dp_epsilon,
+            "delta": job.config.dp_delta,
+            "epsilon_spent": job.epsilon_spent(),
+            "noise_multiplier": job.noise_multiplier,
+            "clip_norm": job.clip_norm,
+            "share_clip": self.policy.dp_share_clip,
+            "active_clip_norm": job.active_clip_norm,
+            "protects": "X_B from A (noise on z_A)",
+            "sampling": "shuffled partition per epoch, batch rows known to both parties: no amplification",
+        }
 
     # --- prediction -------------------------------------------------------
 
     @GATE.working
-    def predict(self, model_id: str, target_fp: bytes, ids: list[str], msg: StepMessage) -> CipherVector:
-        """Prediction: [[u_A]]_A + [[u_B]]_A, re-randomised."""
+    def predict(
+        self, model_id: str, target_fp: bytes, ids: list[str], msg: StepMessage, peer: str = ""
+    ) -> CipherVector:
+        """Prediction: [[u_A]]_A + [[u_B]]_A, re-randomised; only for the
+        model's own peer, its population (unless B's policy allows any id),
+        and within B's prediction budgets."""
         shard = self.models.load(check_job_id(model_id, "header.job_id"))
         if bytes.fromhex(shard["target_fingerprint"]) != target_fp:
             raise FailedPrecondition("header.target_fingerprint: not the target key this model was trained under")
+        if shard.get("peer") != peer:
+            raise NotFound(f"header.job_id: no model {model_id!r} for identity {peer!r} at the passive party")
         active_key = PublicKey.from_dict(shard["active_key"])
         if not ids:
             raise InvalidArgument("ids: expected at least one id")
         u_a_enc = msg.ciphers(active_key, "ciphertexts")
         u_a_enc.require_length(len(ids), "ciphertexts")
+        if self.policy.predict_scope == "population":
+            population = set(shard.get("population", ()))
+            outside = sum(1 for i in ids if i not in population)
+            if outside:
+                raise FailedPrecondition(
+                    f"ids: {outside} of {len(ids)} ids are outside the model's population (its training and "
+                    "holdout ids); the passive party scores only those (VFL_PREDICT_SCOPE at B)"
+                )
         raw = self.data.features[self.data.positions(ids, "ids")]
         x = Scaler.from_dict(shard["scaler"]).transform(raw)
+        record = shard.get("dp")
+        if record:
+            x = dp.clip_rows(x, float(record["clip_norm"]))
         u_b = x @ np.asarray(shard["weights"])
+        if record:
+            share_clip = 4.0 * float(record["share_clip"])
+            u_b = np.clip(u_b, -share_clip, share_clip)
+        # Charged (on disk) before the scores leave B.
+        self.budget.charge(peer, model_id, len(ids))
         return steps.target_prediction_data(self.backend, u_a_enc, u_b)

@@ -9,7 +9,7 @@ import grpc
 from common import serde
 from common.errors import InvalidArgument
 from common.metrics import CLOCK
-from common.rpc import rpc_method
+from common.rpc import peer_identity, rpc_method
 from services.passive.party import PassiveParty, Phase
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
 
@@ -35,17 +35,37 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
     ) -> party_pb2.SetupJobReply:
         spec = None
         ids: list[str] = []
+        holdout: list[str] = []
         for i, chunk in enumerate(request_iterator):
             if chunk.HasField("spec"):
                 if i != 0:
                     raise InvalidArgument("spec: only allowed on the first chunk")
                 spec = chunk.spec
+            if chunk.ids and holdout:
+                raise InvalidArgument("ids: every training id comes before the holdout ids")
             ids.extend(chunk.ids)
+            holdout.extend(chunk.holdout_ids)
         if spec is None:
             raise InvalidArgument("spec: the first chunk must carry the job spec")
+        if len(holdout) != spec.n_holdout:
+            raise InvalidArgument(f"holdout_ids: spec.n_holdout says {spec.n_holdout}, got {len(holdout)} ids")
         config = serde.config_from_proto(spec.config)
-        p_b = self.party.setup_job(spec.job_id, config, spec.target_fingerprint, spec.active_features, spec.n_rows, ids)
-        return party_pb2.SetupJobReply(passive_features=p_b)
+        reply = self.party.setup_job(
+            spec.job_id,
+            config,
+            spec.target_fingerprint,
+            spec.active_features,
+            spec.n_rows,
+            ids,
+            holdout,
+            spec.active_clip_norm,
+            caller(context),
+        )
+        return party_pb2.SetupJobReply(
+            passive_features=reply.passive_features,
+            passive_clip_norm=reply.clip_norm,
+            passive_share_clip=reply.share_clip,
+        )
 
     # Steps 1-5: each streaming RPC and its unary twin share one implementation.
 
@@ -143,8 +163,14 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
     ) -> Iterator[common_pb2.StepChunk]:
         msg = serde.from_chunks(request_iterator, "PredictScores")
         h = msg.require_header("PredictScores")
-        scores = self.party.predict(h.job_id, h.target_fingerprint, msg.ids, msg)
+        scores = self.party.predict(h.job_id, h.target_fingerprint, msg.ids, msg, caller(context))
         yield from serde.to_chunks(h, ciphers=scores)
+
+
+def caller(context: grpc.ServicerContext) -> str:
+    """The caller's certificate identity, the key of B's per-peer budgets
+    ("insecure" for every caller of a plaintext test service)."""
+    return peer_identity(context) or "insecure"
 
 
 _PHASES = {

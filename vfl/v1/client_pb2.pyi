@@ -57,6 +57,7 @@ class StartTrainingRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     TRAIN_IDS_FIELD_NUMBER: _builtins.int
+    HOLDOUT_IDS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Optional job id (1-64 characters of [A-Za-z0-9_.-]); generated if empty."""
     @_builtins.property
@@ -67,16 +68,24 @@ class StartTrainingRequest(_message.Message):
     def train_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of the training rows; empty = every id in A's data."""
 
+    @_builtins.property
+    def holdout_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids that will be scored with the model but not trained on (e.g. the
+        test split). With train_ids they are the model's population: by
+        default B scores only ids of its population (B's VFL_PREDICT_SCOPE).
+        """
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         config: _common_pb2.TrainingConfig | None = ...,
         train_ids: _abc.Iterable[_builtins.str] | None = ...,
+        holdout_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "job_id", b"job_id", "train_ids", b"train_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "holdout_ids", b"holdout_ids", "job_id", b"job_id", "train_ids", b"train_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -140,6 +149,7 @@ class JobStatus(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ELAPSED_S_FIELD_NUMBER: _builtins.int
+    DP_EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id (also the model id once it succeeded)."""
     state: Global___JobState.ValueType
@@ -155,6 +165,10 @@ class JobStatus(_message.Message):
     """Why the job failed (state FAILED only)."""
     elapsed_s: _builtins.float
     """Wall time since the job started, seconds."""
+    dp_epsilon_spent: _builtins.float
+    """Differential privacy: the epsilon spent so far (at dp_delta), from
+    A's accountant of the noise it added to z_B; unset without DP.
+    """
     def __init__(
         self,
         *,
@@ -166,13 +180,19 @@ class JobStatus(_message.Message):
         loss: _builtins.float | None = ...,
         error: _builtins.str = ...,
         elapsed_s: _builtins.float = ...,
+        dp_epsilon_spent: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "loss", b"loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "dp_epsilon_spent", b"dp_epsilon_spent", "loss", b"loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "elapsed_s", b"elapsed_s", "epoch", b"epoch", "error", b"error", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "state", b"state", "total_iterations", b"total_iterations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "dp_epsilon_spent", b"dp_epsilon_spent", "elapsed_s", b"elapsed_s", "epoch", b"epoch", "error", b"error", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "state", b"state", "total_iterations", b"total_iterations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dp_epsilon_spent: _TypeAlias = _typing.Literal["dp_epsilon_spent"]  # noqa: Y015
+    _WhichOneofArgType__dp_epsilon_spent: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent"]  # noqa: Y015
     _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
     _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_epsilon_spent) -> _WhichOneofReturnType__dp_epsilon_spent | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss) -> _WhichOneofReturnType__loss | None: ...
 
 Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
@@ -190,6 +210,7 @@ class JobEvent(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     LOSS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    DP_EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id."""
     state: Global___JobState.ValueType
@@ -203,6 +224,8 @@ class JobEvent(_message.Message):
     """Taylor loss of the batch, when this iteration checked it."""
     message: _builtins.str
     """Free text for a person ("early stop: loss change 3e-7 < tol")."""
+    dp_epsilon_spent: _builtins.float
+    """Differential privacy: the epsilon spent so far; unset without DP."""
     def __init__(
         self,
         *,
@@ -213,13 +236,19 @@ class JobEvent(_message.Message):
         epoch: _builtins.int = ...,
         loss: _builtins.float | None = ...,
         message: _builtins.str = ...,
+        dp_epsilon_spent: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "loss", b"loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "dp_epsilon_spent", b"dp_epsilon_spent", "loss", b"loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss", b"_loss", "epoch", b"epoch", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "message", b"message", "state", b"state", "total_iterations", b"total_iterations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "dp_epsilon_spent", b"dp_epsilon_spent", "epoch", b"epoch", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "message", b"message", "state", b"state", "total_iterations", b"total_iterations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dp_epsilon_spent: _TypeAlias = _typing.Literal["dp_epsilon_spent"]  # noqa: Y015
+    _WhichOneofArgType__dp_epsilon_spent: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent"]  # noqa: Y015
     _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
     _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_epsilon_spent) -> _WhichOneofReturnType__dp_epsilon_spent | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss) -> _WhichOneofReturnType__loss | None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
@@ -314,6 +343,7 @@ class ModelInfo(_message.Message):
     TRAIN_ROWS_FIELD_NUMBER: _builtins.int
     ITERATIONS_FIELD_NUMBER: _builtins.int
     FINAL_LOSS_FIELD_NUMBER: _builtins.int
+    DP_EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The model id (the job id of the job that trained it)."""
     created_unix: _builtins.float
@@ -328,6 +358,8 @@ class ModelInfo(_message.Message):
     iterations: _builtins.int
     final_loss: _builtins.float
     """Taylor loss of the last checked batch."""
+    dp_epsilon_spent: _builtins.float
+    """Differential privacy: the epsilon the training spent; unset without DP."""
     @_builtins.property
     def config(self) -> _common_pb2.TrainingConfig:
         """The hyper-parameters it was trained with."""
@@ -344,13 +376,19 @@ class ModelInfo(_message.Message):
         train_rows: _builtins.int = ...,
         iterations: _builtins.int = ...,
         final_loss: _builtins.float | None = ...,
+        dp_epsilon_spent: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_final_loss", b"_final_loss", "config", b"config", "final_loss", b"final_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_final_loss", b"_final_loss", "config", b"config", "dp_epsilon_spent", b"dp_epsilon_spent", "final_loss", b"final_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_final_loss", b"_final_loss", "active_features", b"active_features", "config", b"config", "created_unix", b"created_unix", "final_loss", b"final_loss", "iterations", b"iterations", "model_id", b"model_id", "passive_features", b"passive_features", "target_fingerprint", b"target_fingerprint", "train_rows", b"train_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_final_loss", b"_final_loss", "active_features", b"active_features", "config", b"config", "created_unix", b"created_unix", "dp_epsilon_spent", b"dp_epsilon_spent", "final_loss", b"final_loss", "iterations", b"iterations", "model_id", b"model_id", "passive_features", b"passive_features", "target_fingerprint", b"target_fingerprint", "train_rows", b"train_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dp_epsilon_spent: _TypeAlias = _typing.Literal["dp_epsilon_spent"]  # noqa: Y015
+    _WhichOneofArgType__dp_epsilon_spent: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent"]  # noqa: Y015
     _WhichOneofReturnType__final_loss: _TypeAlias = _typing.Literal["final_loss"]  # noqa: Y015
     _WhichOneofArgType__final_loss: _TypeAlias = _typing.Literal["_final_loss", b"_final_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_epsilon_spent) -> _WhichOneofReturnType__dp_epsilon_spent | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__final_loss) -> _WhichOneofReturnType__final_loss | None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015

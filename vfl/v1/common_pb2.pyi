@@ -238,19 +238,24 @@ class TrainingConfig(_message.Message):
     INIT_SCALE_FIELD_NUMBER: _builtins.int
     ALLOW_SMALL_BATCH_FIELD_NUMBER: _builtins.int
     MAX_ITERATIONS_FIELD_NUMBER: _builtins.int
-    DP_NOISE_STD_FIELD_NUMBER: _builtins.int
+    DP_EPSILON_FIELD_NUMBER: _builtins.int
+    DP_DELTA_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Step size of mini-batch SGD. Default 0.15. Must be > 0."""
     batch_size: _builtins.int
-    """Rows per mini-batch. Default 64. Must be at least 3 * max(p_A, p_B)
-    unless allow_small_batch is set, and always > max(p_A, p_B).
+    """Rows per mini-batch. Default 64. Must be at least
+    max(3 * max(p_A, p_B), 2 * max(p_A + 2, p_B + 1)), or, with
+    allow_small_batch and B's consent, 2 * max(p_A + 2, p_B + 1).
     """
     epochs: _builtins.int
     """Passes over the training rows. Default 5."""
     l2: _builtins.float
     """L2 penalty (lambda/2 * |w|^2, intercept excluded). Default 0.01."""
     seed: _builtins.int
-    """Seed of the batch order and of the initial weights. Default 42."""
+    """Seed of the batch order (both parties expand the same schedule, and B
+    accepts only its rows). Never of the initial weights: each party draws
+    its own from its own CSPRNG. Default 42.
+    """
     tol: _builtins.float
     """Early stopping: stop when |loss change| < tol between two loss checks.
     Default 0 (off).
@@ -266,19 +271,23 @@ class TrainingConfig(_message.Message):
     initial weights let B learn X_B^T (1/2 - y): refused unless > 0.
     """
     allow_small_batch: _builtins.bool
-    """Allow batch sizes below 3 * max(p_A, p_B) (never <= max(p_A, p_B)).
-    Default false.
+    """Ask for batch sizes down to 2 * max(p_A + 2, p_B + 1) instead of
+    3 * max(p_A, p_B). Takes effect only if B's own configuration consents
+    (VFL_ALLOW_SMALL_BATCH at B); refused otherwise. Default false.
     """
     max_iterations: _builtins.int
     """Stop after this many iterations (0 = no limit, the epochs decide).
     Default 0.
     """
-    dp_noise_std: _builtins.float
-    """Differential privacy: each party adds Gaussian noise of this standard
-    deviation to its own plaintext gradient before its update (the known
-    defence against gradient-based label and feature inference). Default 0
-    (off). Reported in both model shards.
+    dp_epsilon: _builtins.float
+    """Differential privacy target epsilon over the whole job (0 = off). Each
+    decrypting party adds calibrated Gaussian noise to the masked cross
+    gradient it returns (A to z_B, protecting y from B; B to z_A,
+    protecting X_B from A), with sensitivity bounded by row clipping. Needs
+    loss_every = 0 (the loss share is not noised). Default 0.
     """
+    dp_delta: _builtins.float
+    """Differential privacy delta (with dp_epsilon). Default 1e-5."""
     def __init__(
         self,
         *,
@@ -293,18 +302,21 @@ class TrainingConfig(_message.Message):
         init_scale: _builtins.float | None = ...,
         allow_small_batch: _builtins.bool | None = ...,
         max_iterations: _builtins.int | None = ...,
-        dp_noise_std: _builtins.float | None = ...,
+        dp_epsilon: _builtins.float | None = ...,
+        dp_delta: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_dp_noise_std", b"_dp_noise_std", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "dp_noise_std", b"dp_noise_std", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_dp_noise_std", b"_dp_noise_std", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "dp_noise_std", b"dp_noise_std", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_small_batch: _TypeAlias = _typing.Literal["allow_small_batch"]  # noqa: Y015
     _WhichOneofArgType__allow_small_batch: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch"]  # noqa: Y015
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
-    _WhichOneofReturnType__dp_noise_std: _TypeAlias = _typing.Literal["dp_noise_std"]  # noqa: Y015
-    _WhichOneofArgType__dp_noise_std: _TypeAlias = _typing.Literal["_dp_noise_std", b"_dp_noise_std"]  # noqa: Y015
+    _WhichOneofReturnType__dp_delta: _TypeAlias = _typing.Literal["dp_delta"]  # noqa: Y015
+    _WhichOneofArgType__dp_delta: _TypeAlias = _typing.Literal["_dp_delta", b"_dp_delta"]  # noqa: Y015
+    _WhichOneofReturnType__dp_epsilon: _TypeAlias = _typing.Literal["dp_epsilon"]  # noqa: Y015
+    _WhichOneofArgType__dp_epsilon: _TypeAlias = _typing.Literal["_dp_epsilon", b"_dp_epsilon"]  # noqa: Y015
     _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
     _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
     _WhichOneofReturnType__init_scale: _TypeAlias = _typing.Literal["init_scale"]  # noqa: Y015
@@ -328,7 +340,9 @@ class TrainingConfig(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
     @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_noise_std) -> _WhichOneofReturnType__dp_noise_std | None: ...
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_delta) -> _WhichOneofReturnType__dp_delta | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_epsilon) -> _WhichOneofReturnType__dp_epsilon | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
     @_typing.overload

@@ -113,6 +113,8 @@ class JobSpec(_message.Message):
     N_ROWS_FIELD_NUMBER: _builtins.int
     TARGET_FINGERPRINT_FIELD_NUMBER: _builtins.int
     ACTIVE_FEATURES_FIELD_NUMBER: _builtins.int
+    N_HOLDOUT_FIELD_NUMBER: _builtins.int
+    ACTIVE_CLIP_NORM_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job id: 1-64 characters of [A-Za-z0-9_.-]."""
     n_rows: _builtins.int
@@ -121,10 +123,22 @@ class JobSpec(_message.Message):
     """Target-key fingerprint of the job; every later step must carry it."""
     active_features: _builtins.int
     """A's feature count p_A (for B's batch-size guard)."""
+    n_holdout: _builtins.int
+    """Number of holdout ids A will send after the training ids: ids A will
+    score with the model but not train on (e.g. its test split). With the
+    training ids they form the model's population, the only ids B scores
+    unless B's own policy allows more.
+    """
+    active_clip_norm: _builtins.float
+    """With dp_epsilon: the L2 norm to which A clips each of its standardised
+    feature rows (the intercept column excluded); B's noise on z_A is
+    calibrated to it.
+    """
     @_builtins.property
     def config(self) -> _common_pb2.TrainingConfig:
         """The job's hyper-parameters (B uses seed, init_scale, l2, learning_rate,
-        standardize, batch_size and allow_small_batch).
+        standardize, batch_size, epochs, max_iterations, loss_every,
+        allow_small_batch and dp_*; B checks them against its own policy).
         """
 
     def __init__(
@@ -135,10 +149,12 @@ class JobSpec(_message.Message):
         n_rows: _builtins.int = ...,
         target_fingerprint: _builtins.bytes = ...,
         active_features: _builtins.int = ...,
+        n_holdout: _builtins.int = ...,
+        active_clip_norm: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_features", b"active_features", "config", b"config", "job_id", b"job_id", "n_rows", b"n_rows", "target_fingerprint", b"target_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_clip_norm", b"active_clip_norm", "active_features", b"active_features", "config", b"config", "job_id", b"job_id", "n_holdout", b"n_holdout", "n_rows", b"n_rows", "target_fingerprint", b"target_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,6 +168,7 @@ class SetupJobChunk(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     IDS_FIELD_NUMBER: _builtins.int
+    HOLDOUT_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """First chunk only."""
@@ -160,15 +177,22 @@ class SetupJobChunk(_message.Message):
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The job's ordered training ids, this part."""
 
+    @_builtins.property
+    def holdout_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The job's holdout ids (see JobSpec.n_holdout), this part, after all the
+        training ids.
+        """
+
     def __init__(
         self,
         *,
         spec: Global___JobSpec | None = ...,
         ids: _abc.Iterable[_builtins.str] | None = ...,
+        holdout_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holdout_ids", b"holdout_ids", "ids", b"ids", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -181,16 +205,28 @@ class SetupJobReply(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PASSIVE_FEATURES_FIELD_NUMBER: _builtins.int
+    PASSIVE_CLIP_NORM_FIELD_NUMBER: _builtins.int
+    PASSIVE_SHARE_CLIP_FIELD_NUMBER: _builtins.int
     passive_features: _builtins.int
     """B's feature count p_B (for A's batch-size guard)."""
+    passive_clip_norm: _builtins.float
+    """With dp_epsilon: the L2 norm to which B clips each of its standardised
+    feature rows; A's noise on z_B is calibrated to it.
+    """
+    passive_share_clip: _builtins.float
+    """With dp_epsilon: the bound to which B clips each residual share b_i
+    (|b_i| <= passive_share_clip); B's noise on z_A is calibrated to it.
+    """
     def __init__(
         self,
         *,
         passive_features: _builtins.int = ...,
+        passive_clip_norm: _builtins.float = ...,
+        passive_share_clip: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["passive_features", b"passive_features"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["passive_clip_norm", b"passive_clip_norm", "passive_features", b"passive_features", "passive_share_clip", b"passive_share_clip"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,7 +241,10 @@ class ApplyGradientReply(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     UPDATE_SQ_NORM_FIELD_NUMBER: _builtins.int
     update_sq_norm: _builtins.float
-    """Squared norm of B's own weight update (for the weight-change stopping rule)."""
+    """Squared norm of B's own weight update (for the weight-change stopping
+    rule); 0 under differential privacy, where it would be an un-noised
+    function of X_B.
+    """
     @_builtins.property
     def header(self) -> _common_pb2.StepHeader:
         """The request's header, echoed."""

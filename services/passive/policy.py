@@ -1,0 +1,92 @@
+"""What B keeps and serves, decided by B's own configuration (never by A's
+request): floors on the training a stored model must have had, consent to
+small batches, differential privacy B requires, how many models each peer
+identity may keep, and how many ids each may have scored.
+
+Why budgets: predictions of many models on the same ids form a linear system
+in X_B. Each model gives A u_B = X_B w_B for every id it scores; k models give
+X_B W (n x k). Even with secret weights, k >= p_B models give A X_B up to a
+p_B x p_B linear transform, and all of it once A knows p_B of B's rows. The
+default model budget, p_B // 2 per peer, keeps A below that rank.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from common.errors import ResourceExhausted
+from common.storage import atomic_write_text
+
+
+@dataclass(frozen=True)
+class PassivePolicy:
+    min_learning_rate: float = 1e-4
+    min_iterations: int = 10
+    allow_small_batch: bool = False
+    max_models_per_peer: int = 0  # 0: p_B // 2 (at least 1)
+    max_predict_ids_per_model: int = 1_000_000
+    predict_ids_per_window: int = 1_000_000
+    predict_window_s: float = 86_400.0
+    predict_scope: Literal["population", "any"] = "population"
+    dp_clip_norm: float = 0.0  # 0: sqrt(p_B)
+    dp_share_clip: float = 2.0
+    max_dp_epsilon: float = 0.0  # 0: differential privacy not required
+
+    def models_per_peer(self, n_features: int) -> int:
+        return self.max_models_per_peer or max(1, n_features // 2)
+
+
+class PredictionBudget:
+    """Ids scored per peer identity: per model (for its lifetime) and over a
+    sliding time window (all models). Persisted before scores are released,
+    so a restart of B gives no peer a fresh budget."""
+
+    def __init__(self, data_dir: Path, policy: PassivePolicy) -> None:
+        self._path = data_dir / "budgets.json"
+        self._policy = policy
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, dict[str, object]]:
+        if not self._path.exists():
+            return {}
+        data: dict[str, dict[str, object]] = json.loads(self._path.read_text())
+        return data
+
+    def charge(self, peer: str, model_id: str, count: int, now: float | None = None) -> None:
+        """Record `count` ids scored for `peer` with `model_id`, or refuse
+        (RESOURCE_EXHAUSTED) if that would exceed a budget."""
+        now = time.time() if now is None else now
+        p = self._policy
+        with self._lock:
+            data = self._load()
+            entry = data.setdefault(peer, {})
+            window = [
+                (float(t), int(c))
+                for t, c in entry.get("window", [])  # type: ignore[attr-defined]
+                if float(t) > now - p.predict_window_s
+            ]
+            models: dict[str, int] = dict(entry.get("models", {}))  # type: ignore[call-overload]
+            used_model = models.get(model_id, 0)
+            if used_model + count > p.max_predict_ids_per_model:
+                raise ResourceExhausted(
+                    f"ids: model {model_id!r} has {p.max_predict_ids_per_model - used_model} of its "
+                    f"{p.max_predict_ids_per_model} prediction ids left at the passive party, asked for {count} "
+                    "(VFL_MAX_PREDICT_IDS_PER_MODEL at B)"
+                )
+            used_window = sum(c for _, c in window)
+            if used_window + count > p.predict_ids_per_window:
+                raise ResourceExhausted(
+                    f"ids: identity {peer!r} has {p.predict_ids_per_window - used_window} of its "
+                    f"{p.predict_ids_per_window} prediction ids per {p.predict_window_s:g} s left at the passive "
+                    f"party, asked for {count} (VFL_PREDICT_IDS_PER_WINDOW at B)"
+                )
+            window.append((now, count))
+            models[model_id] = used_model + count
+            entry["window"] = window
+            entry["models"] = models
+            atomic_write_text(self._path, json.dumps(data))
