@@ -36,7 +36,7 @@ PHASE_ORDER = (
 
 def _with_network(phases: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """A's network estimate: its wait inside the step calls minus B's time in
-    those handlers (what is left is the wire and the assistant's relay)."""
+    those handlers (what is left is the wire and the assistant's tunnel)."""
     a, b = phases.get("active"), phases.get("passive")
     if not a or not b or "rpc_wait" not in a or "handler_steps" not in b:
         return phases
@@ -195,7 +195,7 @@ def _phase_table(runs: list[Record]) -> list[str]:
         "Phase split per party, in seconds, as each party recorded it in its model shard (`common/metrics.py` "
         "defines the phases; they can overlap, e.g. time waiting on the peer contains the peer's work, so "
         "they need not add up to the elapsed time). *network* is derived: A's rpc_wait (inside the step "
-        "calls) minus B's handler_steps (inside those handlers), i.e. the wire, gRPC and the assistant's relay:",
+        "calls) minus B's handler_steps (inside those handlers), i.e. the wire, gRPC and the assistant's tunnel:",
         "",
         *_table(["backend", "party", *columns, "party's elapsed s"], rows),
     ]

@@ -1,5 +1,5 @@
 """One benchmark run of the real federation: B, C and A as separate processes
-(cli.federation.LocalFederation), real gRPC through the assistant, one
+(cli.federation.LocalFederation), real gRPC through the assistant's CONNECT tunnel, one
 training job started with StartTraining and followed to its end, then the
 held-out ids scored with Predict.
 

@@ -1,7 +1,9 @@
 """Start the three services as local processes on free ports (used by
 `vfl demo` and by the end-to-end tests): each party in its own process with
 its own data directory, talking real gRPC over loopback, with mutual TLS
-(certificates created once in workdir/certs) unless tls=False."""
+(certificates created once in workdir/certs) unless tls=False. With the
+assistant, A's channel to B is a CONNECT tunnel through it, authenticated
+to it by the relay token in workdir/relay.token."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from common.tls import CLIENT_IDENTITY, TlsFiles, create_certs
+from common.tls import CLIENT_IDENTITY, TlsFiles, create_certs, create_relay_token
 
 
 @dataclass
@@ -97,6 +99,11 @@ class LocalFederation:
         create_certs(self.certs_dir, [name])
         return TlsFiles.in_dir(self.certs_dir, name)
 
+    @property
+    def relay_token_file(self) -> Path:
+        """The federation's relay token (A presents it to C), created on first use."""
+        return create_relay_token(self.workdir / "relay.token")
+
     def _tls_env(self, name: str) -> dict[str, str]:
         # Explicit files (and VFL_TLS_DIR blanked) so that VFL_TLS_* or VFL_INSECURE
         # in the caller's environment cannot change what the services use.
@@ -108,12 +115,17 @@ class LocalFederation:
         return env
 
     def _env(self, name: str, **more: str) -> dict[str, str]:
+        if name == "assistant":
+            # C uses no TLS material: it gets none.
+            tls_env = {"VFL_TLS_DIR": "", "VFL_TLS_CA": "", "VFL_TLS_CERT": "", "VFL_TLS_KEY": ""}
+        else:
+            tls_env = self._tls_env(name)
         env = {
             "VFL_DATA_DIR": str(self.workdir / name / "data"),
             "VFL_KEY_BITS": str(self.key_bits),
             "VFL_TEST_MODE": "true" if self.key_bits < 2048 else "false",
             "VFL_ID_COLUMN": self.id_column,
-            **self._tls_env(name),
+            **tls_env,
             **self.extra_env,
             **more,
         }
@@ -127,19 +139,31 @@ class LocalFederation:
             env = self._env("passive", VFL_DATA_CSV=str(self.passive_csv))
             module = "services.passive"
         elif name == "assistant":
-            # The passive party's certificate must say "passive" (127.0.0.1 alone is in every one).
+            # A tunnel to B and nothing else; C gets no certificate (it uses none).
             env = self._env(
-                "assistant", VFL_UPSTREAM_ADDRESS=self.services["passive"].address, VFL_PEER_TLS_NAME="passive"
+                "assistant",
+                VFL_UPSTREAM_ADDRESS=self.services["passive"].address,
+                VFL_RELAY_TOKEN_FILE=str(self.relay_token_file),
+                VFL_RELAY_TOKEN="",
             )
             module = "services.assistant"
         else:
-            peer = "assistant" if self.assistant else "passive"
+            # Always B's address and B's name (127.0.0.1 alone is in every certificate):
+            # through the assistant, TLS is still end to end with B.
+            via = {}
+            if self.assistant:
+                via = {
+                    "VFL_ASSISTANT_ADDRESS": self.services["assistant"].address,
+                    "VFL_RELAY_TOKEN_FILE": str(self.relay_token_file),
+                    "VFL_RELAY_TOKEN": "",
+                }
             env = self._env(
                 "active",
                 VFL_DATA_CSV=str(self.active_csv),
-                VFL_PEER_ADDRESS=self.services[peer].address,
-                VFL_PEER_TLS_NAME=peer,
+                VFL_PEER_ADDRESS=self.services["passive"].address,
+                VFL_PEER_TLS_NAME="passive",
                 VFL_LABEL_COLUMN=self.label_column,
+                **{**via, **{k: v for k, v in self.extra_env.items() if k in via}},
             )
             module = "services.active"
         if name in self.plants:

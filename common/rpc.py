@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -72,7 +73,7 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None or handler.request_deserializer is None:
-            return handler  # unknown method, or raw bytes (the assistant's relay)
+            return handler  # unknown method, or raw bytes
         parse = handler.request_deserializer
         message = f"request to {details.method}: not a valid protobuf message of the method's request type"
 
@@ -157,13 +158,61 @@ def create_server(
     return server, bound
 
 
-def open_channel(address: str, tls: TlsConfig | None = None, server_name: str | None = None) -> grpc.Channel:
+# gRPC's proxy support reads https_proxy, http_proxy, grpc_proxy, no_proxy,
+# no_grpc_proxy and GRPC_ADDRESS_HTTP_PROXY from the environment. None of them
+# may route a channel of ours: every channel disables them, and the one that
+# goes through the assistant names it explicitly (see `open_channel`).
+NO_ENV_PROXY: list[tuple[str, Any]] = [
+    ("grpc.enable_http_proxy", 0),
+    # Not covered by enable_http_proxy: the address-level proxy (GRPC_ADDRESS_HTTP_PROXY).
+    ("grpc.address_http_proxy_enabled_addresses", ""),
+]
+_NO_PROXY_VARS = ("no_grpc_proxy", "no_proxy")
+
+
+def tunnel_options(proxy: str, token: str | None) -> list[tuple[str, Any]]:
+    """Channel options that tunnel through the HTTP CONNECT proxy at `proxy`
+    (host:port), with `Proxy-Authorization: Bearer <token>`.
+
+    gRPC sends `CONNECT <target> HTTP/1.1` to the proxy and then runs TLS (or
+    plaintext) and HTTP/2 to the target inside the tunnel. The channel
+    argument overrides grpc_proxy/https_proxy/http_proxy, but gRPC still
+    skips the proxy for a target listed in no_grpc_proxy, else no_proxy: so
+    no_grpc_proxy is set to "" in this process (it takes precedence over
+    no_proxy), and a value it had is logged. This process's other channels
+    never use a proxy (NO_ENV_PROXY), so nothing else depends on it."""
+    ignored = {name: os.environ[name] for name in _NO_PROXY_VARS if os.environ.get(name)}
+    if ignored:
+        log.warning("event=no_proxy_ignored vars=%s channel_via=%s", ",".join(sorted(ignored)), proxy)
+    os.environ["no_grpc_proxy"] = ""
+    options: list[tuple[str, Any]] = [
+        ("grpc.http_proxy", f"http://{proxy}"),
+        ("grpc.address_http_proxy_enabled_addresses", ""),
+    ]
+    if token is not None:
+        options.append(("grpc.http_connect_headers", f"Proxy-Authorization:Bearer {token}"))
+    return options
+
+
+def open_channel(
+    address: str,
+    tls: TlsConfig | None = None,
+    server_name: str | None = None,
+    proxy: str | None = None,
+    proxy_token: str | None = None,
+) -> grpc.Channel:
     """A channel to `address`: plaintext, or mutual TLS with our certificate.
     `server_name` is the name the server's certificate must carry, when it is
-    not the host of the address (e.g. "passive" for 127.0.0.1:port)."""
-    if tls is None:
-        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    not the host of the address (e.g. "passive" for 127.0.0.1:port).
+
+    With `proxy` (host:port of the assistant), the connection is an HTTP
+    CONNECT tunnel through it, authenticated to it by `proxy_token`; TLS and
+    the name check are still end to end with `address`. Without, no proxy at
+    all, whatever the environment says."""
     options: list[tuple[str, Any]] = [*CHANNEL_OPTIONS]
+    options += NO_ENV_PROXY if proxy is None else tunnel_options(proxy, proxy_token)
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(address, tls.channel_credentials(), options=options)
@@ -293,6 +342,22 @@ class TranscriptRecorder:
                 "direction": direction,
                 "type": type(message).__name__,
                 "payload": base64.b64encode(payload).decode(),
+                "t": time.time(),
+            }
+        )
+        with self._lock, self._path.open("a") as fh:
+            fh.write(line + "\n")
+
+    def record_tunnel(self, tunnel: int, direction: str, data: bytes) -> None:
+        """What the assistant relays: raw bytes of one tunnel and direction
+        ("a_to_b" or "b_to_a"), as read from the socket."""
+        line = json.dumps(
+            {
+                "service": self._service,
+                "tunnel": tunnel,
+                "direction": direction,
+                "length": len(data),
+                "payload": base64.b64encode(data).decode(),
                 "t": time.time(),
             }
         )

@@ -6,6 +6,7 @@ names it.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -89,6 +90,29 @@ class ServiceSettings(BaseSettings):
             raise TlsError(f"{var}: {exc}", exc.path) from None
 
 
+_TOKEN = re.compile(r"^[A-Za-z0-9._~+/=-]{16,512}$")
+
+
+def read_relay_token(token: str | None, token_file: Path | None) -> str | None:
+    """The relay token from VFL_RELAY_TOKEN or VFL_RELAY_TOKEN_FILE (one of
+    them), checked: 16 to 512 characters of [A-Za-z0-9._~+/=-], as `vfl
+    certs` writes to relay.token. Raises TlsError naming the variable."""
+    if token and token_file:
+        raise TlsError("VFL_RELAY_TOKEN: set it or VFL_RELAY_TOKEN_FILE, not both")
+    var = "VFL_RELAY_TOKEN"
+    if token_file:
+        var = "VFL_RELAY_TOKEN_FILE"
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise TlsError(f"{var}: {token_file}: {exc.strerror or exc}", token_file) from None
+    if not token:
+        return None
+    if not _TOKEN.match(token):
+        raise TlsError(f"{var}: expected 16 to 512 characters of A-Z a-z 0-9 . _ ~ + / = - (see `vfl certs`)")
+    return token
+
+
 class PartySettings(ServiceSettings):
     data_csv: Path = Field(..., description="this party's CSV: an id column and numeric features")
     id_column: str = Field("id", min_length=1, description="name of the id column")
@@ -100,6 +124,10 @@ class PartySettings(ServiceSettings):
     crypto_workers: int = Field(
         0, ge=0, le=256, description="processes for large X^T [[v]] products (0 = one per core, 1 = in-process)"
     )
+
+
+def _blank_is_unset(value: Any) -> Any:
+    return None if value == "" else value
 
 
 def _identities(value: str) -> str:
@@ -114,7 +142,9 @@ def _identities(value: str) -> str:
 class PassiveSettings(PartySettings):
     TLS_IDENTITY: ClassVar[str] = "passive"
     allowed_peers: str = Field(
-        "active,assistant", description="identities (comma-separated) allowed to call PartyService, with TLS"
+        "active",
+        description="identities (comma-separated) allowed to call PartyService, with TLS (the assistant only "
+        "tunnels A's connection: it is never a caller)",
     )
 
     _check_peers = field_validator("allowed_peers")(_identities)
@@ -123,28 +153,75 @@ class PassiveSettings(PartySettings):
 class ActiveSettings(PartySettings):
     TLS_IDENTITY: ClassVar[str] = "active"
     label_column: str = Field("y", min_length=1, description="name of the 0/1 label column")
-    peer_address: str = Field(..., description="host:port of the passive party, or of the assistant")
+    peer_address: str = Field(..., description="host:port of the passive party (also when going through the assistant)")
     peer_timeout_s: float = Field(120.0, gt=0, description="deadline of each call to the peer, seconds")
     peer_tls_name: str | None = Field(
-        None, description="name the peer's certificate must carry (default: the host of VFL_PEER_ADDRESS)"
+        None, description="name the passive party's certificate must carry (default: the host of VFL_PEER_ADDRESS)"
     )
+    assistant_address: str | None = Field(
+        None, description="host:port of the assistant: tunnel the connection to the passive party through it"
+    )
+    relay_token: str | None = Field(None, description="the assistant's relay token (with VFL_ASSISTANT_ADDRESS)")
+    relay_token_file: Path | None = Field(None, description="file holding the relay token (instead of VFL_RELAY_TOKEN)")
     allowed_clients: str = Field(
         "client", description="identities (comma-separated) allowed to call TrainingService, with TLS"
     )
 
     _check_clients = field_validator("allowed_clients")(_identities)
+    _blank_relay = field_validator("assistant_address", "relay_token", "relay_token_file", mode="before")(
+        _blank_is_unset
+    )
+
+    def relay_token_value(self) -> str | None:
+        return read_relay_token(self.relay_token, self.relay_token_file)
+
+    def load_tls(self) -> None:
+        """Also: the relay token, required with VFL_ASSISTANT_ADDRESS."""
+        super().load_tls()
+        token = self.relay_token_value()
+        if self.assistant_address is not None and token is None:
+            raise TlsError(
+                "VFL_RELAY_TOKEN: not set: the assistant (VFL_ASSISTANT_ADDRESS) admits only clients with the "
+                "federation's relay token (VFL_RELAY_TOKEN or VFL_RELAY_TOKEN_FILE, e.g. relay.token of `vfl certs`)"
+            )
 
 
 class AssistantSettings(ServiceSettings):
-    TLS_IDENTITY: ClassVar[str] = "assistant"
-    upstream_address: str = Field(..., description="host:port of the passive party to relay to")
-    peer_timeout_s: float = Field(120.0, gt=0, description="deadline of each relayed call, seconds")
-    peer_tls_name: str | None = Field(
-        None, description="name the passive party's certificate must carry (default: the host of the address)"
-    )
-    allowed_peers: str = Field("active", description="identities (comma-separated) allowed to use the relay, with TLS")
+    """C is an HTTP CONNECT tunnel: it uses no TLS material (VFL_TLS_* and
+    VFL_INSECURE are ignored) and authenticates A by the relay token."""
 
-    _check_peers = field_validator("allowed_peers")(_identities)
+    TLS_IDENTITY: ClassVar[str] = "assistant"
+    upstream_address: str = Field(..., description="host:port of the passive party: the only target C tunnels to")
+    relay_token: str | None = Field(None, description="the secret A must present (Proxy-Authorization: Bearer)")
+    relay_token_file: Path | None = Field(None, description="file holding the relay token (instead of VFL_RELAY_TOKEN)")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="deadline for a client's CONNECT request and for reaching the upstream, seconds"
+    )
+    idle_timeout_s: float = Field(300.0, gt=0, description="close a tunnel after this long without a byte, seconds")
+    max_tunnels: int = Field(32, ge=1, le=4096, description="tunnels open at once (further CONNECTs get 503)")
+
+    @field_validator("upstream_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r}: expected host:port")
+        return value
+
+    _blank_relay = field_validator("relay_token", "relay_token_file", mode="before")(_blank_is_unset)
+
+    def relay_token_value(self) -> str | None:
+        return read_relay_token(self.relay_token, self.relay_token_file)
+
+    def load_tls(self) -> None:
+        """No TLS for C (the A-B session is TLS end to end through the
+        tunnel); the relay token is required."""
+        self._tls = None
+        if self.relay_token_value() is None:
+            raise TlsError(
+                "VFL_RELAY_TOKEN: not set: the assistant tunnels only for the holder of the federation's relay "
+                "token (VFL_RELAY_TOKEN or VFL_RELAY_TOKEN_FILE, e.g. relay.token of `vfl certs`)"
+            )
 
 
 def identities(value: str) -> frozenset[str]:

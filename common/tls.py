@@ -12,6 +12,8 @@ Layout of a certificate directory (`vfl certs --out DIR`, mode 700):
 
     ca.pem, ca.key            the CA (the key signs further client certificates)
     <name>.pem, <name>.key    each identity's certificate and EC P-256 key (keys mode 600)
+    relay.token               the federation's relay token (mode 600): A presents it to the
+                              assistant, which tunnels for no one else (not a TLS key)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,7 @@ CLIENT_IDENTITY = "client"
 DEFAULT_IDENTITIES = (*SERVICE_IDENTITIES, CLIENT_IDENTITY)
 SPIFFE_PREFIX = "spiffe://vfl/"
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
+RELAY_TOKEN = "relay.token"  # noqa: S105 - the file name, not a secret
 CA_DAYS = 3650
 LEAF_DAYS = 825
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -244,10 +248,18 @@ def _issue(name: str, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivate
     return _cert_pem(cert), _key_pem(key)
 
 
+def create_relay_token(path: Path) -> Path:
+    """Create (once) a relay token file: 256 random bits, URL-safe base64, mode 600."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, secrets.token_urlsafe(32) + "\n", mode=0o600)
+    return path
+
+
 def create_certs(out: Path, extra_names: Iterable[str] = ()) -> list[str]:
-    """Create (once) the CA in `out` and a certificate and key for each
-    default identity and each extra name; existing files are kept. Returns
-    the names whose certificate was created now."""
+    """Create (once) the CA in `out`, a certificate and key for each default
+    identity and each extra name, and the relay token; existing files are
+    kept. Returns the names whose certificate was created now."""
     names = list(dict.fromkeys([*DEFAULT_IDENTITIES, *(check_identity(n) for n in extra_names)]))
     ensure_private_dir(out)
     if (out / CA_CERT).exists():
@@ -263,5 +275,6 @@ def create_certs(out: Path, extra_names: Iterable[str] = ()) -> list[str]:
         atomic_write_text(files.key, key_pem, mode=0o600)
         atomic_write_text(files.cert, cert_pem, mode=0o644)
         created.append(name)
+    create_relay_token(out / RELAY_TOKEN)
     os.chmod(out, 0o700)
     return created

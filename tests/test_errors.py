@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cli.client import VflClient
 from cli.federation import LocalFederation
 from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
-from common import serde
+from common import healthcheck, serde
 from common.crypto import get_backend
 from common.crypto.backend import PrivateKey, PublicKey
 from common.data import load_party_csv
@@ -66,10 +66,14 @@ def assert_refused(call: Callable[[], Any], code: grpc.StatusCode, *fragments: s
 
 def assert_serving(fed: LocalFederation, *names: str) -> None:
     """Each named service's process is alive and its health Check says SERVING."""
-    service = {"active": TRAINING_SERVICE, "passive": PARTY_SERVICE, "assistant": PARTY_SERVICE}
+    service = {"active": TRAINING_SERVICE, "passive": PARTY_SERVICE}
     for name in names:
         svc = fed.services[name]
         assert svc.proc.poll() is None, f"{name} exited with code {svc.proc.returncode}"
+        if name == "assistant":  # a CONNECT proxy: GET /healthz, no gRPC
+            ok, line = healthcheck.check_http(svc.address, 10)
+            assert ok, line
+            continue
         with grpc.insecure_channel(svc.address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service[name]), timeout=10
@@ -369,6 +373,31 @@ def test_passive_party_down_through_assistant_unavailable(
     federation: LocalFederation, model: StoredModel, client: VflClient, breast: BreastSplit
 ) -> None:
     check_passive_down_then_back(federation, client, breast.train_ids[:128])
+    model.assert_unchanged(federation, client)
+
+
+def test_assistant_down_unavailable_names_the_assistant(
+    federation: LocalFederation, model: StoredModel, client: VflClient, breast: BreastSplit
+) -> None:
+    """With C stopped, StartTraining is UNAVAILABLE naming the assistant, not
+    B; once C is back (same port), the same job id trains through it."""
+    assistant = federation.services["assistant"]
+    assistant.stop()
+    try:
+        details = assert_refused(
+            lambda: client.stub.StartTraining(start_request("c-outage", breast.train_ids[:128], epochs=1), timeout=60),
+            Code.UNAVAILABLE,
+            f"assistant at {assistant.address}",
+        )
+        assert "Connection refused" in details
+        assert_serving(federation, "active", "passive")
+    finally:
+        federation.start("assistant")
+    assert_serving(federation, "assistant")
+    retry_unavailable(
+        lambda: client.start_training(job_config(epochs=1, batch_size=64), breast.train_ids[:128], job_id="c-outage")
+    )
+    assert client.wait("c-outage").state == client_pb2.JOB_STATE_SUCCEEDED
     model.assert_unchanged(federation, client)
 
 

@@ -2,8 +2,9 @@
 real gRPC against one federation (A, C and B each in its own process,
 1024-bit keys, test mode, plaintext).
 
-Targets: PartyService at B directly and through the assistant C, the
-TrainingService at A, and the gRPC health service of all three. The RPCs are
+Targets: PartyService at B directly and through the assistant C's CONNECT
+tunnel, the TrainingService at A, and the gRPC health service of A and B
+(directly and through the tunnel). The RPCs are
 read from the proto descriptors, so an RPC added later is fuzzed too.
 
 Inputs:
@@ -347,6 +348,12 @@ def world(federation: LocalFederation, breast: BreastSplit) -> Iterator[World]:
     shards = {p: shard_path(federation, p, MODEL_ID).read_bytes() for p in ("active", "passive")}
     target_fp = bytes.fromhex(json.loads(shards["active"])["target_fingerprint"])
     channels = {name: open_channel(svc.address) for name, svc in federation.services.items()}
+    # "assistant": B's PartyService through C's CONNECT tunnel (C itself serves no RPC).
+    channels["assistant"] = open_channel(
+        federation.services["passive"].address,
+        proxy=federation.services["assistant"].address,
+        proxy_token=federation.relay_token_file.read_text().strip(),
+    )
     backend = get_backend("ou")
     keys = [backend.generate_keypair(TEST_KEY_BITS) for _ in range(2)]
     reply = party_pb2.KeyExchangeReply.FromString(

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from cli.federation import LocalFederation, start_service
+from common import healthcheck
 from tests.conftest import TEST_KEY_BITS, read_private_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,6 @@ def test_every_service_reports_health_and_serves_reflection(federation):
     expected = {
         "active": "vfl.v1.TrainingService",
         "passive": "vfl.v1.PartyService",
-        "assistant": "vfl.v1.PartyService",
     }
     for name, service in expected.items():
         with grpc.insecure_channel(federation.services[name].address) as ch:
@@ -40,6 +40,45 @@ def test_every_service_reports_health_and_serves_reflection(federation):
             # A client with no generated code can find every RPC and message.
             methods = {m.name for m in db.FindFileContainingSymbol(service).service[0].method}
             assert "Predict" in methods or "ExchangeMaskedGradients" in methods
+
+
+def test_assistant_answers_healthz_and_serves_no_grpc(federation):
+    """C is a CONNECT proxy: GET /healthz is its health check; a gRPC client
+    that talks to it directly gets no service (HTTP/2's preface is refused)."""
+    address = federation.services["assistant"].address
+    assert healthcheck.check_http(address, 5) == (True, f"{address} SERVING")
+    assert healthcheck.main(["--http", address]) == 0
+    with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError) as info:
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "event=tunnel_refused" in federation.services["assistant"].log_path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("module", "env", "expected"),
+    [
+        ("services.assistant", {}, "config error: VFL_RELAY_TOKEN: not set"),
+        ("services.assistant", {"VFL_RELAY_TOKEN": "short"}, "config error: VFL_RELAY_TOKEN: expected 16 to 512"),
+        ("services.assistant", {"VFL_RELAY_TOKEN_FILE": "/nonexistent"}, "VFL_RELAY_TOKEN_FILE: /nonexistent"),
+        ("services.assistant", {"VFL_UPSTREAM_ADDRESS": "passive"}, "config error: VFL_UPSTREAM_ADDRESS:"),
+        ("services.active", {"VFL_ASSISTANT_ADDRESS": "127.0.0.1:1"}, "config error: VFL_RELAY_TOKEN: not set"),
+    ],
+)
+def test_relay_token_is_required_with_the_assistant(tmp_path, module, env, expected):
+    base = {
+        "VFL_DATA_CSV": str(ROOT / "data" / "breast_hetero_guest.csv"),
+        "VFL_DATA_DIR": str(tmp_path / "d"),
+        "VFL_INSECURE": "true",
+        "VFL_PEER_ADDRESS": "127.0.0.1:2",
+        "VFL_UPSTREAM_ADDRESS": "127.0.0.1:2",
+        "VFL_RELAY_TOKEN": "",
+        "VFL_RELAY_TOKEN_FILE": "",
+        "VFL_ASSISTANT_ADDRESS": "",
+    }
+    result = run_service(module, {**base, **env}, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("config error")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
 
 
 def test_keys_are_owner_only_and_reused_after_restart(federation):

@@ -1,7 +1,9 @@
-"""Mutual TLS on every connection: a whole job through the assistant under
-mTLS, clients without a certificate or with another CA's refused, each
-service authorising calls by the caller's identity, and the start-up rules
-(no TLS files and no VFL_INSECURE: exit 2; VFL_INSECURE: a loud warning)."""
+"""Mutual TLS on every connection: a whole job through the assistant's
+CONNECT tunnel under mTLS (end to end A-B: C holds no certificate), clients
+without a certificate or with another CA's refused, each service authorising
+calls by the caller's identity, and the start-up rules (no TLS files and no
+VFL_INSECURE: exit 2; VFL_INSECURE: a loud warning). What C can and cannot do
+is tests/attacks/test_assistant.py."""
 
 from __future__ import annotations
 
@@ -73,15 +75,18 @@ def test_training_and_prediction_through_the_assistant_under_mtls(tls_fed, train
         assert trained in {m.model_id for m in c.list_models()}
     auc = roc_auc_score([breast.labels[i] for i in breast.test_ids], probs)
     assert auc > 0.95
-    # Every service ran with TLS and no warning about plaintext.
-    for name, svc in tls_fed.services.items():
-        log = svc.log_path.read_text()
+    # Both parties ran with TLS and no warning about plaintext; C only tunnels.
+    for name in ("active", "passive"):
+        log = tls_fed.services[name].log_path.read_text()
         assert f"event=tls identity={name} client_auth=required" in log, name
         assert "insecure_transport" not in log, name
+    log = tls_fed.services["assistant"].log_path.read_text()
+    assert "mode=connect-tunnel" in log and "relay_token=required" in log
+    assert "event=tunnel_open" in log and "event=tls" not in log
 
 
 def test_plaintext_client_is_refused(tls_fed):
-    for name in ("active", "assistant", "passive"):
+    for name in ("active", "passive"):
         with grpc.insecure_channel(tls_fed.services[name].address) as ch:
             err = refused(
                 lambda ch=ch: health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -120,7 +125,8 @@ def test_service_certificate_cannot_call_the_training_service(tls_fed):
 
 
 def test_client_certificate_cannot_call_party_service(tls_fed):
-    for service, identity in [("passive", "client"), ("assistant", "client"), ("assistant", "passive")]:
+    # The assistant's certificate is refused like any other: see tests/attacks/test_assistant.py.
+    for service, identity in [("passive", "client"), ("passive", "assistant")]:
         channel, stub = party_stub(tls_fed, service, identity)
         with channel:
             err = refused(lambda stub=stub: stub.ExchangeKeys(party_pb2.KeyExchangeRequest(), timeout=10))
@@ -138,8 +144,9 @@ def test_client_certificate_cannot_call_party_service(tls_fed):
 
 
 def test_server_must_present_the_expected_identity(tls_fed):
-    """A's and C's channels name the certificate they expect: the active party's
-    certificate is not accepted where the passive party's is expected."""
+    """Channels name the certificate they expect (A's channel to B names
+    "passive", through the assistant too): the active party's certificate is
+    not accepted where the passive party's is expected."""
     files = tls_fed.tls_files("client")
     assert files is not None
     with VflClient(tls_fed.active_address, 5, tls=files, server_name="passive") as c:

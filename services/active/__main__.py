@@ -20,7 +20,15 @@ def main() -> None:
     setup_logging(settings.log_level, "active")
     res = load_party(settings, label_column=settings.label_column)
     recorder = TranscriptRecorder(settings.transcript_path, "active") if settings.transcript_path else None
-    peer = PassiveClient(settings.peer_address, settings.peer_timeout_s, recorder, settings.tls, settings.peer_tls_name)
+    peer = PassiveClient(
+        settings.peer_address,
+        settings.peer_timeout_s,
+        recorder,
+        settings.tls,
+        settings.peer_tls_name,
+        assistant=settings.assistant_address,
+        relay_token=settings.relay_token_value(),
+    )
     party = ActiveParty(res.data, res.key, res.backend, settings.data_dir, peer, res.min_peer_bits)
     party.resume_jobs()  # jobs that were running when this process stopped
     server, port = create_server(
@@ -33,11 +41,12 @@ def main() -> None:
         allowed={SERVICE_NAME: identities(settings.allowed_clients)},
     )
     logging.getLogger("vfl.active").info(
-        "event=loaded rows=%d features=%d key=%s peer=%s",
+        "event=loaded rows=%d features=%d key=%s peer=%s via=%s",
         len(res.data.ids),
         res.data.n_features,
         res.key.public.fingerprint.hex()[:16],
         settings.peer_address,
+        settings.assistant_address or "direct",
     )
     serve_forever(server, port, settings.port_file, "active")
 

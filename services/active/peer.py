@@ -1,9 +1,11 @@
-"""A's client of the passive party's PartyService (directly or through the
-assistant, which is just another address). Encodes requests, decodes
-replies, and maps gRPC failures to domain errors."""
+"""A's client of the passive party's PartyService, directly or tunnelled
+through the assistant (an HTTP CONNECT proxy: TLS stays end to end with B).
+Encodes requests, decodes replies, and maps gRPC failures to domain errors
+that say which hop failed."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -20,6 +22,22 @@ from common.tls import TlsConfig
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
 
 T = TypeVar("T")
+# A connection that broke under a call (e.g. a TLS record that failed its
+# integrity check: "Stream removed (Unwrap failed (TSI_DATA_CORRUPTED))") ends
+# the call with UNKNOWN or INTERNAL from gRPC, not from B: the peer is lost,
+# as with UNAVAILABLE, and the job resumes on a new connection.
+_TRANSPORT_CODES = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+_TRANSPORT = re.compile(r"Stream removed|TSI_DATA_CORRUPTED|Socket closed|Connection reset|Broken pipe")
+# gRPC's http_connect handshaker: "HTTP proxy returned response code 407".
+_PROXY_CODE = re.compile(r"HTTP proxy returned response code (\d{3})")
+_PROXY_REFUSALS = {
+    400: "refused the tunnel request as malformed",
+    403: "refused the tunnel: VFL_PEER_ADDRESS is not its VFL_UPSTREAM_ADDRESS",
+    407: "refused the tunnel: wrong or missing relay token (VFL_RELAY_TOKEN)",
+    502: "could not reach the passive party",
+    503: "refused the tunnel: too many tunnels open",
+    504: "could not reach the passive party in time",
+}
 _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -31,10 +49,13 @@ class PassiveClient:
         recorder: TranscriptRecorder | None = None,
         tls: TlsConfig | None = None,
         server_name: str | None = None,
+        assistant: str | None = None,
+        relay_token: str | None = None,
     ) -> None:
         self.address = address
+        self.assistant = assistant
         self.timeout_s = timeout_s
-        self._channel = open_channel(address, tls, server_name)
+        self._channel = open_channel(address, tls, server_name, proxy=assistant, proxy_token=relay_token)
         self._stub = party_pb2_grpc.PartyServiceStub(self._channel)
         self._rec = recorder
 
@@ -50,11 +71,26 @@ class PassiveClient:
                 return fn()
         except grpc.RpcError as exc:
             code = exc.code()
-            if code in _DOWN:
-                raise Unavailable(
-                    f"passive party at {self.address}: {method} failed ({code.name}): {exc.details()}"
-                ) from None
+            if code in _DOWN or (code in _TRANSPORT_CODES and _TRANSPORT.search(exc.details() or "")):
+                details = exc.details() or ""
+                raise Unavailable(f"{self.failed_hop(details)}: {method} failed ({code.name}): {details}") from None
             raise PeerError(code, f"passive party refused {method}: {exc.details()}") from None
+
+    def failed_hop(self, details: str) -> str:
+        """Which hop failed, from gRPC's details: the assistant (down, or it
+        refused the tunnel or could not reach B) or the passive party."""
+        if self.assistant is None:
+            return f"passive party at {self.address}"
+        proxy_code = _PROXY_CODE.search(details)
+        if proxy_code is not None:
+            status = int(proxy_code.group(1))
+            why = _PROXY_REFUSALS.get(status, "refused the tunnel")
+            if status in (502, 504):
+                why += f" at {self.address}"
+            return f"assistant at {self.assistant} {why} (HTTP {status})"
+        if self.assistant in details or "HTTP proxy" in details or "CONNECT" in details:
+            return f"assistant at {self.assistant}"
+        return f"passive party at {self.address} (through the assistant at {self.assistant})"
 
     def _received(self, method: str, replies: Any) -> Any:
         """Record what A receives (tests only), passing replies through."""

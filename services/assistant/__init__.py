@@ -1,1 +1,1 @@
-"""The assistant C: relays every A<->B message; holds no key, stores nothing."""
+"""The assistant C: an HTTP CONNECT tunnel from A to B; holds no key, sees sizes and timing only."""

@@ -2,28 +2,55 @@
 
 from __future__ import annotations
 
-from common.rpc import TranscriptRecorder, create_server, serve_forever, setup_logging
-from common.settings import AssistantSettings, identities, load_settings
-from services.assistant.relay import PARTY_SERVICE, RelayHandler
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from common.rpc import TranscriptRecorder, setup_logging
+from common.settings import AssistantSettings, load_settings
+from common.storage import atomic_write_text
+from services.assistant.proxy import TunnelProxy, serve
+
+log = logging.getLogger("vfl.assistant")
 
 
 def main() -> None:
     settings = load_settings(AssistantSettings)
     setup_logging(settings.log_level, "assistant")
-    recorder = TranscriptRecorder(settings.transcript_path, "assistant") if settings.transcript_path else None
-    relay = RelayHandler(
-        settings.upstream_address, settings.peer_timeout_s, recorder, settings.tls, settings.peer_tls_name
+    recorder = None
+    if settings.transcript_path is not None:
+        rec = TranscriptRecorder(settings.transcript_path, "assistant")
+        recorder = rec.record_tunnel
+    token = settings.relay_token_value()  # load_settings checked that there is one
+    proxy = TunnelProxy(
+        settings.upstream_address,
+        token,
+        settings.connect_timeout_s,
+        settings.idle_timeout_s,
+        settings.max_tunnels,
+        recorder,
     )
-    server, port = create_server(
-        lambda s: s.add_generic_rpc_handlers((relay,)),
-        [PARTY_SERVICE.full_name],
-        settings.host,
-        settings.port,
-        settings.max_workers,
-        tls=settings.tls,
-        allowed={PARTY_SERVICE.full_name: identities(settings.allowed_peers)},
-    )
-    serve_forever(server, port, settings.port_file, "assistant")
+    asyncio.run(_run(proxy, settings.host, settings.port, settings.port_file))
+
+
+async def _run(proxy: TunnelProxy, host: str, port: int, port_file: Path | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def bound(real_port: int) -> None:
+        if port_file is not None:
+            atomic_write_text(port_file, str(real_port), mode=0o644)
+        log.info(
+            "event=serving service=assistant port=%d mode=connect-tunnel upstream=%s relay_token=%s",
+            real_port,
+            proxy.upstream,
+            "required" if proxy.token is not None else "none",
+        )
+
+    await serve(proxy, host, port, bound, stop)
 
 
 if __name__ == "__main__":

@@ -64,5 +64,14 @@ def _paillier_square_randomness() -> None:
     fast_backend._PaillierPublicOps.hiding_randomiser = short_hiding  # type: ignore[method-assign]
 
 
+@plant("assistant-any-target")
+def _assistant_any_target() -> None:
+    """C tunnels to whatever a CONNECT names, not only to its upstream
+    (tests/attacks/test_assistant.py, attack 4)."""
+    from services.assistant import proxy
+
+    proxy.TunnelProxy.route = lambda self, target: proxy.split_target(target)  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     main()
