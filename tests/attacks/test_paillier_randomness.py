@@ -35,18 +35,12 @@ import numpy as np
 from gmpy2 import mpz
 from scipy.stats import binomtest
 
-from cli.federation import LocalFederation
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
-from common import serde
 from common.crypto.backend import CipherVector, PrivateKey, get_backend
 from common.crypto.fast_backend import generate_paillier
 from common.crypto.fixedpoint import RESIDUAL_SCALE_BITS, encode
-from common.data import Scaler, load_party_csv
 from common.jobconfig import JobConfig
 from common.protocol import steps
-from common.protocol.batching import batch_schedule, min_batch_size
-from common.protocol.reference import with_intercept
-from services.active.peer import PassiveClient
+from tests.attacks.harness import MaliciousActive, attack_federation, passive_features
 from tests.conftest import TEST_KEY_BITS, BreastSplit
 
 ITERATIONS = 12  # 20 outputs each: 240 bits
@@ -92,68 +86,38 @@ def _encrypt_with_uniform_randomness(key: PrivateKey, p: int, share: np.ndarray)
 
 
 def run_attack(workdir: Path, breast: BreastSplit, plants: dict[str, str]) -> AttackResult:
-    fed = LocalFederation(
-        workdir,
-        BUNDLED_ACTIVE,
-        BUNDLED_PASSIVE,
-        key_bits=TEST_KEY_BITS,
-        assistant=False,
-        tls=False,
-        extra_env={"VFL_BACKEND": "paillier"},
-        plants=plants,
-    )
-    backend = get_backend("paillier")
+    fed = attack_federation(workdir, plants, backend="paillier")
     key, p = _curious_key()
     ids = breast.train_ids
-    active = load_party_csv(BUNDLED_ACTIVE, "id", "y")
-    assert active.labels is not None
-    positions = active.positions(ids, "ids")
-    x_a = with_intercept(Scaler.fit(active.features[positions]).transform(active.features[positions]))
-    y = active.labels[positions]
-    # Ground truth: B's standardised features, as B computes them for the job.
-    passive = load_party_csv(BUNDLED_PASSIVE, "id")
-    raw_b = passive.features[passive.positions(ids, "ids")]
-    x_b = Scaler.fit(raw_b, True).transform(raw_b)
-    p_a, p_b = active.n_features, passive.n_features
+    x_b = passive_features(ids)
     config = JobConfig(batch_size=64, epochs=2, seed=20261126, loss_every=0, max_iterations=ITERATIONS)
-    schedule = batch_schedule(
-        len(ids), config.batch_size, config.epochs, config.seed, min_batch_size(p_a, p_b, False), ITERATIONS
-    )
-    w = np.random.default_rng(1).normal(0.0, 0.01, p_a + 1)
     correct = total = 0
     try:
         fed.start("passive")
-        client = PassiveClient(fed.services["passive"].address, timeout_s=60)
-        passive_key, fp = client.exchange_keys(key.public, TEST_KEY_BITS)
-        job_id = f"attack-{secrets.token_hex(4)}"
-        reply = client.setup_job(job_id, config, fp, p_a, ids)
-        assert (reply if isinstance(reply, int) else int(reply.passive_features)) == p_b
-        for t, batch in enumerate(schedule):
-            header = serde.step_header(job_id, t, fp)
+        a = MaliciousActive(fed.services["passive"].address, key, get_backend("paillier"), ids)
+        a.exchange_keys()
+        a.setup(config)
+        assert a.p_passive == x_b.shape[1]
+        assert a.schedule is not None
+        for t, batch in enumerate(a.schedule):
             rows = batch.rows
             # Step 1: a valid share, encrypted with randomness A chose and recorded.
-            a = steps.active_residual_share(x_a[rows], w, y[rows])
-            a_enc, non_square = _encrypt_with_uniform_randomness(key, p, a)
-            reply = client.exchange_residual_shares(header, rows.tolist(), a_enc, passive_key.cipher_width)
-            b_enc = reply.ciphers(passive_key, "[[b_S]]_B")
-            # Step 3, honestly: [[X_A^T b + R_A]]_B.
-            grad_a = steps.masked_encrypted_gradient(backend, x_a[rows], b_enc)
-            width = max(passive_key.residue_width, key.public.cipher_width)
-            reply = client.exchange_masked_gradients(header, grad_a.ciphers, max(p_a + 1, p_b), width)
-            grad_b = reply.ciphers(key.public, "[[h_B + R_B]]_A")
-            grad_b.require_length(p_b, "[[h_B + R_B]]_A")
-            z_b = backend.decrypt(key, grad_b)
+            share = steps.active_residual_share(a.view.x[rows], a.w, a.view.y[rows])
+            a_enc, non_square = _encrypt_with_uniform_randomness(key, p, share)
+            b_enc = a.shares(t, rows, a_enc)
+            # Steps 3-4, honestly: [[X_A^T b + R_A]]_B, and B's [[h_B + R_B]]_A.
+            step4 = a.gradients(t, b_enc)
             # The attack: the Legendre symbol of each output's randomness
             # against the parity of the subset sum of B's fixed-point features.
             fixed = steps.fixed_transpose(x_b[rows])  # p_B x m, what B multiplies by
             truth = (np.abs(fixed[:, non_square]).sum(axis=1) % 2).astype(int)
-            guess = [int(gmpy2.legendre(mpz(c) % p, p) == -1) for c in grad_b.values]
+            guess = [int(gmpy2.legendre(mpz(c) % p, p) == -1) for c in step4.grad_b.values]
             correct += int(np.sum(truth == np.array(guess)))
-            total += p_b
+            total += a.p_passive
             # Step 5: B's gradient back, so that the job goes on.
-            client.apply_gradient(header, key.public, z_b)
-        client.finish_job(serde.step_header(job_id, len(schedule), fp), aborted=True)
-        client.close()
+            a.apply(t, step4)
+        a.finish(len(a.schedule), aborted=True)
+        a.close()
     finally:
         fed.stop()
     return AttackResult(correct, total)
