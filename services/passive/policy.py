@@ -6,8 +6,12 @@ identity may keep, and how many ids each may have scored.
 Why budgets: predictions of many models on the same ids form a linear system
 in X_B. Each model gives A u_B = X_B w_B for every id it scores; k models give
 X_B W (n x k). Even with secret weights, k >= p_B models give A X_B up to a
-p_B x p_B linear transform, and all of it once A knows p_B of B's rows. The
-default model budget, p_B // 2 per peer, keeps A below that rank.
+p_B x p_B linear transform, and all of it once A knows p_B of B's rows. Below
+that rank A still learns a k-dimensional projection: on the bundled breast
+data (20 correlated features), with 40 known rows, least squares recovers X_B
+with relative error 0.93 / 0.62 / 0.41 / 0 from 1 / 5 / 10 / 20 models
+(tests/attacks/test_recover_features.py measures it over gRPC). The default
+model budget, p_B // 4 per peer (5 for breast), keeps the error above 0.6.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class PassivePolicy:
     min_learning_rate: float = 1e-4
     min_iterations: int = 10
     allow_small_batch: bool = False
-    max_models_per_peer: int = 0  # 0: p_B // 2 (at least 1)
+    max_models_per_peer: int = 0  # 0: p_B // 4 (at least 1)
     max_predict_ids_per_model: int = 1_000_000
     predict_ids_per_window: int = 1_000_000
     predict_window_s: float = 86_400.0
@@ -38,7 +42,7 @@ class PassivePolicy:
     max_dp_epsilon: float = 0.0  # 0: differential privacy not required
 
     def models_per_peer(self, n_features: int) -> int:
-        return self.max_models_per_peer or max(1, n_features // 2)
+        return self.max_models_per_peer or max(1, n_features // 4)
 
 
 class PredictionBudget:
