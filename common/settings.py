@@ -124,6 +124,13 @@ class PartySettings(ServiceSettings):
     crypto_workers: int = Field(
         0, ge=0, le=256, description="processes for large X^T [[v]] products (0 = one per core, 1 = in-process)"
     )
+    dp_clip_norm: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="differential privacy: L2 norm to which this party clips each standardised feature row "
+        "(0 = sqrt of its feature count); stated to the peer, which calibrates its noise to it",
+    )
 
 
 def _blank_is_unset(value: Any) -> Any:
@@ -148,6 +155,32 @@ class PassiveSettings(PartySettings):
     )
 
     _check_peers = field_validator("allowed_peers")(_identities)
+
+    # B's own policy: what it keeps and serves, whatever A's request says.
+    min_learning_rate: float = Field(
+        1e-4, ge=0, description="refuse jobs whose learning rate is below this (a model must move from w0)"
+    )
+    min_iterations: int = Field(
+        10, ge=1, description="refuse jobs with fewer iterations; store no model from a job that ran fewer"
+    )
+    allow_small_batch: bool = Field(
+        False, description="consent to A's allow_small_batch (floor 2 * max(p_A + 2, p_B + 1))"
+    )
+    max_models_per_peer: int = Field(
+        0, ge=0, description="models kept per peer identity (0 = p_B // 4: well below the rank that gives X_B)"
+    )
+    max_predict_ids_per_model: int = Field(1_000_000, ge=1, description="ids scored per model over its lifetime")
+    predict_ids_per_window: int = Field(1_000_000, ge=1, description="ids scored per peer identity per window")
+    predict_window_s: float = Field(86_400.0, gt=0, description="the window of VFL_PREDICT_IDS_PER_WINDOW, seconds")
+    predict_scope: Literal["population", "any"] = Field(
+        "population", description="score only the model's training and holdout ids (population), or any id"
+    )
+    dp_share_clip: float = Field(
+        2.0, gt=0, le=1e6, description="differential privacy: bound on |b_i| = |u_B,i| / 4 (B's noise on z_A)"
+    )
+    max_dp_epsilon: float = Field(
+        0.0, ge=0, description="require differential privacy with at most this epsilon (0 = not required)"
+    )
 
 
 class ActiveSettings(PartySettings):

@@ -26,8 +26,8 @@ from common.crypto.backend import CipherVector, PublicKey
 from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
 from common.jobconfig import JobConfig
 from common.protocol.steps import HIDDEN_VALUE_BITS
-from tests.conftest import make_federation, read_private_key, tls_client
-from tests.reference_run import ReferenceRun
+from tests.conftest import make_federation, read_private_key, read_shard, tls_client
+from tests.reference_run import reference_from_shards
 from vfl.v1 import client_pb2, party_pb2
 
 CONFIG = JobConfig(epochs=1, batch_size=64, seed=11, loss_every=2)
@@ -99,7 +99,8 @@ def run(tmp_path_factory, breast):
             assert c.wait("transcript").state == client_pb2.JOB_STATE_SUCCEEDED
             c.predict("transcript", breast.test_ids)
         keys = {p: read_private_key(fed, p) for p in ("active", "passive")}
-    ref = ReferenceRun(CONFIG, breast.train_ids)
+        shards = [read_shard(fed, p, "transcript") for p in ("active", "passive")]
+    ref = reference_from_shards(*shards, CONFIG, breast.train_ids)
     transcripts = {p: load_transcript(workdir / f"{p}.transcript.jsonl") for p in ("active", "passive")}
     return workdir, keys, ref, transcripts
 

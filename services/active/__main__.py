@@ -29,7 +29,9 @@ def main() -> None:
         assistant=settings.assistant_address,
         relay_token=settings.relay_token_value(),
     )
-    party = ActiveParty(res.data, res.key, res.backend, settings.data_dir, peer, res.min_peer_bits)
+    party = ActiveParty(
+        res.data, res.key, res.backend, settings.data_dir, peer, res.min_peer_bits, dp_clip_norm=settings.dp_clip_norm
+    )
     party.resume_jobs()  # jobs that were running when this process stopped
     server, port = create_server(
         lambda s: client_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(party), s),

@@ -115,25 +115,36 @@ class PassiveClient:
         return serde.public_key_from_proto(reply.passive_key, "passive_key", min_bits), reply.target_fingerprint
 
     def setup_job(
-        self, job_id: str, config: JobConfig, target_fp: bytes, active_features: int, ids: Sequence[str]
-    ) -> int:
+        self,
+        job_id: str,
+        config: JobConfig,
+        target_fp: bytes,
+        active_features: int,
+        ids: Sequence[str],
+        holdout_ids: Sequence[str] = (),
+        active_clip_norm: float = 0.0,
+    ) -> party_pb2.SetupJobReply:
         spec = party_pb2.JobSpec(
             job_id=job_id,
             config=serde.config_to_proto(config),
             n_rows=len(ids),
             target_fingerprint=target_fp,
             active_features=active_features,
+            n_holdout=len(holdout_ids),
+            active_clip_norm=active_clip_norm,
         )
 
         def chunks() -> Iterator[party_pb2.SetupJobChunk]:
             yield party_pb2.SetupJobChunk(spec=spec)
             for s in range(0, len(ids), serde.MAX_IDS_PER_CHUNK):
                 yield party_pb2.SetupJobChunk(ids=ids[s : s + serde.MAX_IDS_PER_CHUNK])
+            for s in range(0, len(holdout_ids), serde.MAX_IDS_PER_CHUNK):
+                yield party_pb2.SetupJobChunk(holdout_ids=holdout_ids[s : s + serde.MAX_IDS_PER_CHUNK])
 
-        reply = self._call(
+        reply: party_pb2.SetupJobReply = self._call(
             "SetupJob", lambda: self._received("SetupJob", self._stub.SetupJob(chunks(), timeout=self.timeout_s))
         )
-        return int(reply.passive_features)
+        return reply
 
     def _step(self, method: str, parts: list[common_pb2.StepChunk], reply_fits: bool) -> serde.StepMessage:
         """A step exchange: unary when both directions fit one message, else streamed."""
