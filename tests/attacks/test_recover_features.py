@@ -70,9 +70,7 @@ def known_weights_attack(fed: LocalFederation, jobs: int) -> np.ndarray:
     with VflClient(fed.active_address, timeout_s=120) as c:
         c.wait_ready(30)
         for k in range(jobs):
-            config = JobConfig(
-                learning_rate=1e-300, max_iterations=1, standardize=False, seed=1000 + k, loss_every=0
-            )
+            config = JobConfig(learning_rate=1e-300, max_iterations=1, standardize=False, seed=1000 + k, loss_every=0)
             c.start_training(config, IDS, f"probe-{k}")
             final = c.wait(f"probe-{k}")
             assert final.state == client_pb2.JOB_STATE_SUCCEEDED, final.error
@@ -173,7 +171,9 @@ def test_model_budget_bounds_what_known_rows_give(default_fed: LocalFederation) 
 def test_planted_unlimited_budget_is_caught(tmp_path: Path) -> None:
     """With the old unlimited budget the same attack gets p_B + 2 models and,
     from 40 known rows, all of X_B: the test above would fail."""
-    with make_federation(tmp_path, assistant=False, extra_env={**DEFAULT_POLICY, "VFL_MAX_MODELS_PER_PEER": "1000"}) as fed:
+    with make_federation(
+        tmp_path, assistant=False, extra_env={**DEFAULT_POLICY, "VFL_MAX_MODELS_PER_PEER": "1000"}
+    ) as fed:
         recovered, models = rank_attack(fed, P_B + 2)
     assert models == P_B + 2
     assert relative_error(recovered) < 1e-4
