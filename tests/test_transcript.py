@@ -19,10 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import message_factory
+from google.protobuf.descriptor import FieldDescriptor
+from scipy.stats import binomtest
 
 from cli.client import VflClient
+from common import serde
 from common.crypto import get_backend
-from common.crypto.backend import CipherVector, PublicKey
+from common.crypto.backend import CipherVector, PublicKey, target_fingerprint
 from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
 from common.jobconfig import JobConfig
 from common.protocol.steps import HIDDEN_VALUE_BITS
@@ -30,7 +33,7 @@ from tests.conftest import make_federation, read_private_key, read_shard, tls_cl
 from tests.reference_run import reference_from_shards
 from vfl.v1 import client_pb2, party_pb2
 
-CONFIG = JobConfig(epochs=1, batch_size=64, seed=11, loss_every=2)
+CONFIG = JobConfig(epochs=2, batch_size=64, seed=11, loss_every=2)  # B stores no model under 10 iterations
 PARTY_SERVICE = party_pb2.DESCRIPTOR.services_by_name["PartyService"]
 GRADIENT_SCALE = 2.0 ** (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
 
@@ -50,8 +53,18 @@ def load_transcript(path: Path) -> list[tuple[str, str, object]]:
     return out
 
 
+SCALAR_KINDS = {
+    FieldDescriptor.TYPE_DOUBLE: "doubles",
+    FieldDescriptor.TYPE_FLOAT: "doubles",
+    FieldDescriptor.TYPE_STRING: "strings",
+    FieldDescriptor.TYPE_BYTES: "bytes",
+}  # every other scalar (integers, enums, bools): "ints"
+
+
 def walk(msg, found: dict[str, list]) -> None:
-    """Collect every double, ciphertext vector and residue vector in a message."""
+    """Collect every field of a message: ciphertext and residue vectors whole,
+    and every double, integer (enums included), string and bytes value with
+    the message and field it came in. Nothing is skipped."""
     name = msg.DESCRIPTOR.name
     if name == "CipherVector":
         found["ciphers"].append(msg)
@@ -64,8 +77,8 @@ def walk(msg, found: dict[str, list]) -> None:
         for v in values:
             if field.type == field.TYPE_MESSAGE:
                 walk(v, found)
-            elif field.type in (field.TYPE_DOUBLE, field.TYPE_FLOAT):
-                found["doubles"].append((name, field.name, v))
+            else:
+                found[SCALAR_KINDS.get(field.type, "ints")].append((name, field.name, v))
 
 
 def ints(vec, width_attr="width") -> list[int]:
@@ -95,7 +108,7 @@ def run(tmp_path_factory, breast):
     with make_federation(workdir, transcripts=True) as fed:
         with VflClient(fed.active_address) as c:
             c.wait_ready(30)
-            c.start_training(CONFIG, breast.train_ids, "transcript")
+            c.start_training(CONFIG, breast.train_ids, "transcript", holdout_ids=breast.test_ids)
             assert c.wait("transcript").state == client_pb2.JOB_STATE_SUCCEEDED
             c.predict("transcript", breast.test_ids)
         keys = {p: read_private_key(fed, p) for p in ("active", "passive")}
@@ -195,6 +208,148 @@ def test_active_party_can_decrypt_only_what_it_may(run):
             # z_A = h_A + R_A mod n_B: A's own masked gradient.
             assert vec.key_fingerprint == pk_b.fingerprint
             assert looks_masked(ints(vec), pk_b)
+
+
+# --- every other field: integers, strings, bytes --------------------------------
+
+
+def fields_of(msg) -> dict[str, list]:
+    found: dict[str, list] = defaultdict(list)
+    walk(msg, found)
+    return found
+
+
+def test_every_integer_a_party_receives_is_public(run, breast):
+    """Rows, counts, iterations, enums and config values: each one checked
+    against what the protocol makes public, and the batch rows B receives are
+    exactly the agreed schedule's. An integer field of any other kind fails."""
+    _, _, ref, transcripts = run
+    n_iter, p_a, p_b = len(ref.batches), ref.x_active.shape[1], ref.x_passive.shape[1]
+    config = CONFIG.model_dump()
+    rows_seen = 0
+    for party, records in transcripts.items():
+        for method, _, msg in records:
+            found = fields_of(msg)
+            iterations = {v for o, f, v in found["ints"] if (o, f) == ("StepHeader", "iteration")}
+            rows = [v for o, f, v in found["ints"] if (o, f) == ("StepChunk", "rows")]
+            for owner, name, value in found["ints"]:
+                key = (owner, name)
+                if key in (("StepHeader", "iteration"), ("JobStateReply", "iteration")):
+                    assert value <= n_iter
+                elif key == ("StepChunk", "rows"):
+                    assert (party, method) == ("passive", "ExchangeResidualShares"), f"rows in {method} to {party}"
+                elif owner == "TrainingConfig":
+                    assert value == config[name], f"{party} received config.{name}={value}"
+                elif key == ("JobSpec", "n_rows"):
+                    assert value == len(breast.train_ids)
+                elif key == ("JobSpec", "active_features"):
+                    assert value == p_a
+                elif key == ("JobSpec", "n_holdout"):
+                    assert value == len(breast.test_ids)
+                elif key == ("SetupJobReply", "passive_features"):
+                    assert value == p_b
+                elif key in (("JobStateReply", "phase"), ("FinishJobReply", "stored")):
+                    pass  # the step order and an acknowledgement
+                else:
+                    raise AssertionError(f"{party} received an integer {owner}.{name} in {method}")
+            if rows:
+                # proto3 leaves iteration 0 unset; a batch's rows come in one unary message here.
+                (t,) = iterations or {0}
+                assert rows == ref.batches[t].rows.tolist(), f"rows of iteration {t} off the schedule"
+                rows_seen += 1
+    assert rows_seen >= n_iter
+
+
+def test_strings_received_are_public_names_or_ids_the_receiver_holds(run, breast):
+    """A receives no id at all (before [3/6]'s PSI, B receives the ids of the
+    job's population, in A's order, and the ids A scores); any other string
+    fails."""
+    _, _, _, transcripts = run
+    ids: dict[str, list[str]] = defaultdict(list)
+    for party, records in transcripts.items():
+        for method, _, msg in records:
+            for owner, name, value in fields_of(msg)["strings"]:
+                if name == "job_id":
+                    assert value == "transcript"
+                elif (owner, name) == ("PublicKey", "scheme"):
+                    assert value in ("ou", "paillier")
+                elif party == "passive" and (owner, name) in (
+                    ("SetupJobChunk", "ids"),
+                    ("SetupJobChunk", "holdout_ids"),
+                ):
+                    ids[name].append(value)
+                elif (party, method, owner, name) == ("passive", "PredictScores", "StepChunk", "ids"):
+                    ids["predicted"].append(value)
+                else:
+                    raise AssertionError(f"{party} received a string {owner}.{name} in {method}")
+    assert ids["ids"] == breast.train_ids and ids["holdout_ids"] == breast.test_ids
+    assert ids["predicted"] == breast.test_ids
+
+
+def test_bytes_received_are_keys_and_fingerprints(run):
+    """The only bytes outside ciphertext and residue vectors: the sender's
+    public key and the target-key fingerprint."""
+    _, keys, _, transcripts = run
+    pk_a, pk_b = keys["active"].public, keys["passive"].public
+    target = target_fingerprint(pk_a, pk_b)
+    peer_key = {"active": pk_b, "passive": pk_a}
+    for party, records in transcripts.items():
+        proto = serde.public_key_to_proto(peer_key[party])
+        allowed = {proto.n, proto.g, proto.h, proto.fingerprint}
+        for method, _, msg in records:
+            for owner, name, value in fields_of(msg)["bytes"]:
+                if name == "target_fingerprint":
+                    assert value == target
+                elif owner == "PublicKey":
+                    assert value in allowed, f"{party} received a key that is not its peer's"
+                else:
+                    raise AssertionError(f"{party} received bytes {owner}.{name} in {method}")
+
+
+def randomness_characters(key, ciphers: list[int]) -> list[int]:
+    """OU: the quadratic character mod q of each ciphertext's randomness part
+    c * G^-m mod n, which the key holder reads after decrypting m. A fresh
+    hiding encryption (s^n, s uniform) makes it a fair coin whatever
+    randomness the key holder put in its own ciphertexts; h^r alone (h is a
+    square mod q) makes it always +1."""
+    backend = get_backend("ou")
+    plain = backend.decrypt(key, CipherVector(key.public, tuple(ciphers)))
+    n, q, half = key.public.n, key.q, key.plaintext_modulus // 2
+    out = []
+    for c, m in zip(ciphers, plain, strict=True):
+        e = m if m <= half else m - key.plaintext_modulus
+        rho = c * pow(pow(key.public.g, e, n), -1, n) % n
+        out.append(1 if pow(rho % q, (q - 1) // 2, q) == 1 else -1)
+    return out
+
+
+def test_ciphertext_randomness_a_decrypts_is_uniform(run):
+    """Everything B sends A under pk_A (masked gradients, loss shares, scores)
+    is re-randomised over the whole group: the character of its randomness
+    is balanced. The same detector finds the structure of A's own ciphertexts
+    (short h^r, no hiding), so it is not vacuous."""
+    _, keys, _, transcripts = run
+    sk_a = keys["active"]
+    assert sk_a.public.scheme == "ou"
+    received = [
+        ints(vec)
+        for method, _, msg in transcripts["active"]
+        for vec in fields_of(msg)["ciphers"]
+        if vec.key_fingerprint == sk_a.public.fingerprint
+    ]
+    chars = randomness_characters(sk_a, [c for vec in received for c in vec])
+    assert len(chars) > 200
+    minus = chars.count(-1)
+    assert binomtest(minus, len(chars), 0.5).pvalue > 1e-4, (minus, len(chars))
+    own = [
+        c
+        for method, _, msg in transcripts["passive"]
+        if method == "ExchangeResidualShares"
+        for vec in fields_of(msg)["ciphers"]
+        if vec.key_fingerprint == sk_a.public.fingerprint
+        for c in ints(vec)
+    ]
+    assert own and set(randomness_characters(sk_a, own[:200])) == {1}
 
 
 # --- what the assistant relays -------------------------------------------------
