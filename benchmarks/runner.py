@@ -22,7 +22,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,9 @@ def _iteration_gaps(started: float, events: list[tuple[int, float]]) -> list[flo
     return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
-def _train(client: VflClient, job: PreparedJob) -> tuple[client_pb2.JobStatus, float, list[float]]:
+def _train(
+    client: VflClient, job: PreparedJob, holdout: Sequence[str] = ()
+) -> tuple[client_pb2.JobStatus, float, list[float]]:
     events: list[tuple[int, float]] = []
 
     def on_event(ev: client_pb2.JobEvent) -> None:
@@ -150,7 +152,8 @@ def _train(client: VflClient, job: PreparedJob) -> tuple[client_pb2.JobStatus, f
             events.append((ev.iteration, time.perf_counter()))
 
     t0 = time.perf_counter()
-    status = client.start_training(job.config, job.train_ids)
+    # The held-out ids are the job's holdout: B scores only the model's population.
+    status = client.start_training(job.config, job.train_ids, holdout_ids=holdout)
     started = time.perf_counter()
     final = client.wait(status.job_id, on_event)
     wall = time.perf_counter() - t0
@@ -195,6 +198,11 @@ def _log_tails(workdir: Path, lines: int = 15) -> str:
     return "\n".join(out)
 
 
+# B's policy for measurements only: the sweep and phe's subsets run a few
+# iterations, under B's default floor of 10 (which refuses such a model).
+BENCH_POLICY = {"VFL_MIN_ITERATIONS": "1"}
+
+
 def run(spec: RunSpec, max_iterations_unsupported: str | None) -> dict[str, Any]:
     """Run one job in a fresh temporary workdir; return its record."""
     job = prepare_job(spec, max_iterations_unsupported)
@@ -206,7 +214,7 @@ def run(spec: RunSpec, max_iterations_unsupported: str | None) -> dict[str, Any]
             spec.active_csv,
             spec.passive_csv,
             key_bits=spec.key_bits,
-            extra_env={"VFL_BACKEND": spec.backend},
+            extra_env={"VFL_BACKEND": spec.backend, **BENCH_POLICY},
             tls=False,
         )
         t0 = time.perf_counter()
@@ -214,7 +222,7 @@ def run(spec: RunSpec, max_iterations_unsupported: str | None) -> dict[str, Any]
             with fed, VflClient(fed.active_address, timeout_s=3600) as client:
                 client.wait_ready(60)
                 startup_s = time.perf_counter() - t0
-                final, wall_s, gaps = _train(client, job)
+                final, wall_s, gaps = _train(client, job, spec.test_ids)
                 auc, predict_s = _auc(client, final.job_id, spec)
                 # Before the services stop: VmHWM disappears with the process.
                 memory = _peak_memory(fed)
