@@ -14,9 +14,11 @@ real services under mTLS (1024-bit keys, test mode):
 3. C alters, replays, reorders: a malicious C flips a byte (either
    direction), re-sends an earlier TLS record, or swaps two records, once,
    mid-job -> the TLS connection fails (bad record MAC), A loses the peer,
-   reconnects through a fresh tunnel and the job *recovers* to the model of
-   the uninterrupted job, bit for bit; B decrypted nothing new (every
-   masked gradient it decrypted for an iteration is the same vector).
+   reconnects through a fresh tunnel and the job *recovers*: it ends with
+   the model of the uninterrupted plain run from the same initial weights
+   (each party's own, recorded in its shard), to fixed-point precision; B
+   decrypted nothing new (every masked gradient it decrypted for an
+   iteration is the same vector).
 4. C tunnels elsewhere: the real C refuses a CONNECT to any target but its
    upstream (403), a wrong or missing token (407), another method (405) and
    malformed requests (400), with one log line each and no payload.
@@ -47,6 +49,7 @@ from common.tls import TlsConfig
 from services.active.peer import PassiveClient
 from tests.attacks.mitm import APPLICATION_DATA, MaliciousRelay, tls_records
 from tests.conftest import TEST_KEY_BITS, BreastSplit, make_federation, read_private_key, read_shard, tls_client
+from tests.reference_run import reference_from_shards
 from tests.test_transcript import ints, load_transcript, walk
 from vfl.v1 import client_pb2
 
@@ -108,7 +111,7 @@ def clean_run(mitm: LocalFederation, relay: MaliciousRelay, breast: BreastSplit)
     assert final.state == client_pb2.JOB_STATE_SUCCEEDED, final.error
     with tls_client(mitm) as c:
         c.predict("clean", breast.test_ids)
-    return {"captured": dict(relay.captured), "model": model(mitm, "clean")}
+    return {"captured": dict(relay.captured)}
 
 
 # --- 1. C originates ------------------------------------------------------------
@@ -126,7 +129,7 @@ def originate(fed: LocalFederation, address: str, breast: BreastSplit, job_id: s
     peer = assistant_client(fed, address)
     try:
         _, target_fp = peer.exchange_keys(key.public, TEST_KEY_BITS)
-        return peer.setup_job(job_id, CONFIG, target_fp, 10, breast.train_ids)
+        return int(peer.setup_job(job_id, CONFIG, target_fp, 10, breast.train_ids).passive_features)
     finally:
         peer.close()
 
@@ -291,12 +294,15 @@ def test_tampered_stream_breaks_tls_and_the_job_recovers_unaltered(
     assert len(relay.targets) > start
     log = active_log.read_text()[before:]
     assert "event=peer_lost" in log and "event=job_resumed" in log, log[-2000:]
-    # ... to exactly the uninterrupted model: nothing altered was used.
+    # ... to the uninterrupted model: nothing altered was used (an altered
+    # ciphertext or share would be off by far more than fixed-point rounding).
     assert final.state == client_pb2.JOB_STATE_SUCCEEDED, final.error
+    assert final.iteration == 21
     w_a, w_b = model(mitm, job_id)
-    clean_a, clean_b = clean_run["model"]  # type: ignore[misc]
-    np.testing.assert_array_equal(w_a, clean_a)
-    np.testing.assert_array_equal(w_b, clean_b)
+    shards = [read_shard(mitm, p, job_id) for p in ("active", "passive")]
+    ref = reference_from_shards(*shards, CONFIG, breast.train_ids)
+    assert np.linalg.norm(w_a - ref.w_active) / np.linalg.norm(ref.w_active) < 1e-4
+    assert np.linalg.norm(w_b - ref.w_passive) / np.linalg.norm(ref.w_passive) < 1e-4
     # B released nothing extra: per iteration, every masked gradient it decrypted is the same vector.
     decrypted = masked_decryptions(mitm, job_id)
     assert len(decrypted) == final.iteration
