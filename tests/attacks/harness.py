@@ -153,13 +153,14 @@ class MaliciousActive:
         return reply.ciphers(self.passive_key, "[[b_S]]_B")
 
     def gradients(
-        self, t: int, b_enc: CipherVector, rows: np.ndarray | None = None, crafted: CipherVector | None = None
+        self, t: int, b_enc: CipherVector | None, rows: np.ndarray | None = None, crafted: CipherVector | None = None
     ) -> Step4:
         """Steps 3-4: A's masked gradient [[X_A^T b + R_A]]_B (or a crafted
         vector under pk_B in its place), decrypted by B."""
         assert self.passive_key is not None
         rows = self.rows(t) if rows is None else rows
         if crafted is None:
+            assert b_enc is not None
             grad = steps.masked_encrypted_gradient(self.backend, self.view.x[rows], b_enc)
             ciphers, mask = grad.ciphers, grad.mask
         else:

@@ -73,5 +73,164 @@ def _assistant_any_target() -> None:
     proxy.TunnelProxy.route = lambda self, target: proxy.split_target(target)  # type: ignore[method-assign]
 
 
+# --- B's one-decryption rule (tests/attacks/test_oracle_gaps.py) -------------
+
+
+@plant("rows-off-schedule")
+def _rows_off_schedule() -> None:
+    """B takes whatever rows A sends for an iteration (the old behaviour):
+    the job's schedule is pinned, for the call, to the rows in the request,
+    so that the check against the agreed schedule always passes."""
+    from collections.abc import Sequence
+
+    from common.protocol.batching import Batch
+    from common.serde import rows_array
+    from services.passive import party
+
+    class Pinned(Sequence[Batch]):
+        def __init__(self, inner: Sequence[Batch], t: int, rows: object) -> None:
+            self.inner, self.t, self.rows = inner, t, rows
+
+        def __len__(self) -> int:
+            return len(self.inner)
+
+        def __getitem__(self, i):  # type: ignore[no-untyped-def]
+            batch = self.inner[i]
+            return Batch(batch.epoch, self.rows) if i == self.t else batch
+
+    original = party.PassiveParty.residual_shares
+
+    def residual_shares(self, job_id, iteration, target_fp, msg):  # type: ignore[no-untyped-def]
+        job = self._jobs.get(job_id)
+        if job is None or not 0 <= iteration < len(job.expected):
+            return original(self, job_id, iteration, target_fp, msg)
+        schedule = job.expected
+        job.expected = Pinned(schedule, iteration, rows_array(msg.rows, job.x.shape[0], "rows"))
+        try:
+            return original(self, job_id, iteration, target_fp, msg)
+        finally:
+            job.expected = schedule
+
+    party.PassiveParty.residual_shares = residual_shares  # type: ignore[method-assign]
+
+
+@plant("releases-not-persisted")
+def _releases_not_persisted() -> None:
+    """B's count of decryptions released lives in memory only (the old
+    behaviour): nothing is written before z_A leaves B, nor when an
+    iteration is restarted, so a crash of B forgets both."""
+    from services.passive import party
+
+    original_restart = party.PassiveParty._restart_iteration
+
+    def restart_iteration(self, job):  # type: ignore[no-untyped-def]
+        self._save_state = lambda *args, **kwargs: None  # shadows the method for the call
+        try:
+            original_restart(self, job)
+        finally:
+            del self._save_state
+
+    party.PassiveParty._record_release = lambda self, job: None  # type: ignore[method-assign]
+    party.PassiveParty._restart_iteration = restart_iteration  # type: ignore[method-assign]
+
+
+@plant("refusal-keeps-job")
+def _refusal_keeps_job() -> None:
+    """A refused step leaves the job as it was (the old behaviour): a peer
+    may probe again, one answer per query."""
+    from contextlib import nullcontext
+
+    from services.passive import party
+
+    party.PassiveParty._refusal_ends_job = lambda self, job: nullcontext()  # type: ignore[method-assign]
+
+
+@plant("loss-share-any-iteration")
+def _loss_share_any_iteration() -> None:
+    """B answers a loss share for any iteration (the old behaviour), not
+    only on the job's loss iterations."""
+    from services.passive import party
+
+    party.PassiveJob.loss_iteration = lambda self, iteration: True  # type: ignore[method-assign]
+
+
+@plant("no-training-floors")
+def _no_training_floors() -> None:
+    """B takes any learning rate and number of iterations, and stores the
+    model of a job however early it is finished (the old behaviour): its
+    policy's floors set to zero whatever its configuration says."""
+    import dataclasses
+
+    from services.passive import party
+    from services.passive.policy import PassivePolicy
+
+    original = party.PassiveParty.__init__
+
+    def init(self, data, key, backend, data_dir, policy=None):  # type: ignore[no-untyped-def]
+        policy = dataclasses.replace(policy or PassivePolicy(), min_learning_rate=0.0, min_iterations=0)
+        original(self, data, key, backend, data_dir, policy)
+
+    party.PassiveParty.__init__ = init  # type: ignore[method-assign]
+
+
+# --- A's range checks (tests/attacks/test_oracle_gaps.py) --------------------
+
+# What the malicious B below returns in place of each score: +-2^300, far
+# outside any u_A + u_B (and below an OU key's p, so it decrypts as sent).
+CRAFTED_SCORE_BITS = 300
+
+
+@plant("malicious-passive")
+def _malicious_passive() -> None:
+    """Not a regression: a malicious B. Its prediction reply is a fresh
+    encryption under pk_A of +2^300, -2^300, +2^300, ... (one per id), and
+    its loss share an encryption of 2^300: values no valid share gives,
+    whose sign after A's decryption mod p_A is what a probing B wants to
+    learn."""
+    from common.protocol import steps
+
+    def crafted(key, count):  # type: ignore[no-untyped-def]
+        big = 1 << CRAFTED_SCORE_BITS
+        return [big if i % 2 == 0 else key.n - big for i in range(count)]
+
+    def target_prediction_data(backend, u_active_enc, u_passive):  # type: ignore[no-untyped-def]
+        return backend.encrypt(u_active_enc.key, crafted(u_active_enc.key, len(u_active_enc)), hiding=True)
+
+    def passive_loss_share(backend, a_enc, u_passive):  # type: ignore[no-untyped-def]
+        return backend.encrypt(a_enc.key, crafted(a_enc.key, 1), hiding=True)
+
+    steps.target_prediction_data = target_prediction_data
+    steps.passive_loss_share = passive_loss_share
+
+
+@plant("no-active-range-checks")
+def _no_active_range_checks() -> None:
+    """A uses whatever B's loss share and prediction scores decrypt to (the
+    old behaviour): decode and go on, no range check."""
+    import math
+
+    import numpy as np
+
+    from common.crypto.fixedpoint import RESIDUAL_SCALE_BITS, decode, signed
+    from common.protocol import steps
+
+    def decrypt_prediction(backend, key, scores, expected_length):  # type: ignore[no-untyped-def]
+        scores.require_key(key.public, "prediction scores")
+        scores.require_length(expected_length, "prediction scores")
+        u = decode(backend.decrypt(key, scores), RESIDUAL_SCALE_BITS, key.plaintext_modulus)
+        return steps.sigmoid(u)
+
+    def active_loss(u_active, y, share, backend, key):  # type: ignore[no-untyped-def]
+        share.require_key(key.public, "loss share")
+        share.require_length(1, "loss share")
+        cross = signed(backend.decrypt(key, share), key.plaintext_modulus)[0] / float(1 << steps.LOSS_SCALE_BITS)
+        m = len(y)
+        y_pm = 2.0 * y - 1.0
+        return math.log(2.0) + (-float(np.sum(y_pm * u_active)) / 2.0 + float(np.sum(u_active**2)) / 8.0 + cross) / m
+
+    steps.decrypt_prediction = decrypt_prediction
+    steps.active_loss = active_loss
+
+
 if __name__ == "__main__":
     main()
