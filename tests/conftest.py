@@ -35,11 +35,16 @@ def breast() -> BreastSplit:
     return BreastSplit(train, test, labels)
 
 
+# B's policy for functional tests (see make_federation).
+RELAXED_POLICY = {"VFL_MAX_MODELS_PER_PEER": "1000", "VFL_PREDICT_SCOPE": "any", "VFL_MIN_ITERATIONS": "1"}
+
+
 def make_federation(workdir: Path, **kwargs: object) -> LocalFederation:
     """Plaintext (VFL_INSECURE=true) unless tls=True: tests/test_tls.py covers mutual TLS.
     B's policy is relaxed where the functional tests need it (many models for
-    one peer, scoring any id); tests/attacks/ runs B's defaults."""
-    policy = {"VFL_MAX_MODELS_PER_PEER": "1000", "VFL_PREDICT_SCOPE": "any"}
+    one peer, scoring any id, short jobs); tests/attacks/ and the end-to-end
+    tests of the policy run B's defaults."""
+    policy = dict(RELAXED_POLICY)
     kwargs["extra_env"] = {**policy, **dict(kwargs.get("extra_env") or {})}  # type: ignore[arg-type]
     opts: dict = {
         "active_csv": BUNDLED_ACTIVE,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,8 +32,9 @@ from common.crypto.backend import PrivateKey, PublicKey
 from common.data import load_party_csv
 from common.jobconfig import job_config
 from common.protocol import steps
+from common.protocol.batching import batch_schedule
 from common.rpc import open_channel
-from tests.conftest import TEST_KEY_BITS, BreastSplit, make_federation, read_shard
+from tests.conftest import RELAXED_POLICY, TEST_KEY_BITS, BreastSplit, make_federation, read_shard
 from vfl.v1 import client_pb2, common_pb2, party_pb2, party_pb2_grpc
 
 TRAINING_SERVICE = client_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
@@ -224,7 +226,8 @@ class DirectJob:
     active_key: PrivateKey
     passive_key: PublicKey
     target_fp: bytes
-    rows: list[int]
+    rows: list[int]  # iteration 0's rows of the agreed schedule
+    ids: list[str]
 
     def header(self, iteration: int = 0, target_fp: bytes | None = None) -> common_pb2.StepHeader:
         return serde.step_header(self.job_id, iteration, target_fp or self.target_fp)
@@ -237,6 +240,20 @@ class DirectJob:
     def masked_gradient(self) -> Any:
         """A well-formed [[h_A + R_A]]_B: p_A + 1 ciphertexts under pk_B."""
         return self.party.backend.encrypt(self.passive_key, [7] * (P_ACTIVE + 1))
+
+    def fresh(self) -> DirectJob:
+        """Another job like this one: any refusal ends a job at B."""
+        job_id = f"{self.job_id[:56]}-{secrets.token_hex(3)}"
+        assert self.party.setup_job(job_id, self.target_fp, self.ids) == P_PASSIVE
+        return replace(self, job_id=job_id)
+
+    def assert_ended(self) -> None:
+        """B ended the job at its refusal: the next step finds no job."""
+        assert_refused(
+            lambda: self.party.shares(self.header(), self.rows, self.first_share()),
+            Code.NOT_FOUND,
+            "no running job",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -261,11 +278,16 @@ def direct_job(
     party = DirectParty(federation.services["passive"].address)
     passive_key, target_fp = party.exchange_keys(keys[0].public)
     job_id = f"direct-{request.node.name[:40]}"
-    assert party.setup_job(job_id, target_fp, passive_ids[:120]) == P_PASSIVE
-    job = DirectJob(party, job_id, keys[0], passive_key, target_fp, list(range(MIN_BATCH)))
+    ids = passive_ids[:120]
+    assert party.setup_job(job_id, target_fp, ids) == P_PASSIVE
+    # B accepts only the rows of the agreed schedule (120 rows: one batch).
+    rows = batch_schedule(len(ids), 64, 1, job_config().seed, MIN_BATCH)[0].rows.tolist()
+    job = DirectJob(party, job_id, keys[0], passive_key, target_fp, rows, ids)
     yield job
     try:
         party.finish(job.header(), aborted=True)
+    except grpc.RpcError as exc:
+        assert exc.code() == Code.NOT_FOUND  # the test's refusal ended it
     finally:
         party.channel.close()
 
@@ -277,7 +299,9 @@ def test_ids_missing_at_passive_party_refused_at_start(tmp_path: Path, breast: B
     short_csv = write_csv_variant(BUNDLED_PASSIVE, tmp_path / "host_short.csv", drop_rows=7)
     dropped = set(load_party_csv(BUNDLED_PASSIVE).ids) - set(load_party_csv(short_csv).ids)
     assert len(dropped) == 7
-    fed = LocalFederation(tmp_path / "fed", BUNDLED_ACTIVE, short_csv, key_bits=TEST_KEY_BITS, tls=False)
+    fed = LocalFederation(
+        tmp_path / "fed", BUNDLED_ACTIVE, short_csv, key_bits=TEST_KEY_BITS, tls=False, extra_env=RELAXED_POLICY
+    )
     with fed, VflClient(fed.active_address, 60) as c:
         c.wait_ready(30)
         details = assert_refused(
@@ -420,9 +444,11 @@ def test_wrong_target_fingerprint_refused(direct_job: DirectJob, keys: tuple[Pri
         Code.FAILED_PRECONDITION,
         "header.target_fingerprint",
     )
-    # The refused message changed nothing: the right one is accepted.
-    reply = job.party.shares(job.header(), job.rows, job.first_share())
-    assert len(reply.ciphers(job.passive_key, "[[b_S]]_B")) == len(job.rows)
+    # Any refusal ends the job at B: a probing peer gets one answer, not a series.
+    job.assert_ended()
+    fresh = job.fresh()
+    reply = fresh.party.shares(fresh.header(), fresh.rows, fresh.first_share())
+    assert len(reply.ciphers(fresh.passive_key, "[[b_S]]_B")) == len(fresh.rows)
 
 
 def test_ciphertexts_under_another_key_refused(direct_job: DirectJob, keys: tuple[PrivateKey, PrivateKey]) -> None:
@@ -435,8 +461,7 @@ def test_ciphertexts_under_another_key_refused(direct_job: DirectJob, keys: tupl
         other.fingerprint.hex()[:16],
         f"expected {job.active_key.public.fingerprint.hex()[:16]}",
     )
-    reply = job.party.shares(job.header(), job.rows, job.first_share())
-    assert len(reply.ciphers(job.passive_key, "[[b_S]]_B")) == len(job.rows)
+    job.assert_ended()
 
 
 def test_decryptor_returns_only_what_a_masked_gradient_can_be(direct_job: DirectJob) -> None:
@@ -451,6 +476,7 @@ def test_decryptor_returns_only_what_a_masked_gradient_can_be(direct_job: Direct
         lambda: job.party.gradients(job.header(), crafted), Code.OUT_OF_RANGE, "masked gradient", "refused"
     )
     assert f"{job.passive_key.n - 1:x}"[:12] not in details
+    job.assert_ended()  # one bit per job, not an oracle open for more queries
 
 
 def test_steps_out_of_order_and_second_decryption_refused(direct_job: DirectJob) -> None:
@@ -462,6 +488,8 @@ def test_steps_out_of_order_and_second_decryption_refused(direct_job: DirectJob)
         "header.iteration",
         "expects residual shares of iteration 0",
     )
+    job.assert_ended()
+    job = job.fresh()
     job.party.shares(job.header(), job.rows, job.first_share())
     grad = job.masked_gradient()
     reply = job.party.gradients(job.header(), grad)
@@ -476,7 +504,9 @@ def test_steps_out_of_order_and_second_decryption_refused(direct_job: DirectJob)
         Code.FAILED_PRECONDITION,
         "expects apply gradient of iteration 0",
     )
+    job.assert_ended()
     # So is one for a later iteration B has not reached.
+    job = job.fresh()
     assert_refused(
         lambda: job.party.gradients(job.header(iteration=1), job.masked_gradient()),
         Code.FAILED_PRECONDITION,
@@ -589,7 +619,8 @@ def test_refusals_do_not_echo_secret_values(direct_job: DirectJob) -> None:
     )
     assert f"{too_big:x}" not in details
 
-    # Bring the job to step 5, then send z_B values B must refuse after unmasking.
+    # Bring a job to step 5, then send z_B values B must refuse after unmasking.
+    job = job.fresh()
     party.shares(job.header(), job.rows, job.first_share())
     party.gradients(job.header(), job.masked_gradient())
     assert_refused(
@@ -597,6 +628,9 @@ def test_refusals_do_not_echo_secret_values(direct_job: DirectJob) -> None:
         Code.OUT_OF_RANGE,
         "decrypted gradient",
     )
+    job = job.fresh()
+    party.shares(job.header(), job.rows, job.first_share())
+    party.gradients(job.header(), job.masked_gradient())
     out_of_range = [n + 3] * P_PASSIVE
     chunks = serde.to_chunks(job.header(), residues=(job.active_key.public, [0] * P_PASSIVE))
     first = next(chunks)

@@ -188,11 +188,22 @@ def test_cli_train_status_predict_models_against_running_services(tmp_path, brea
         def vfl(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([*base, *args, *addr], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
-        r = vfl("train", "--epochs", "1", "--job-id", "cli-job", "--ids-csv", str(ids_csv))
+        # B's defaults: at least 10 iterations, and it scores only the model's training and holdout ids.
+        r = vfl(
+            "train",
+            "--epochs",
+            "2",
+            "--job-id",
+            "cli-job",
+            "--ids-csv",
+            str(ids_csv),
+            "--holdout-ids-csv",
+            str(test_csv),
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         assert "model cli-job" in r.stdout
         r = vfl("status", "cli-job")
-        assert "succeeded" in r.stdout and "iteration 7/7" in r.stdout
+        assert "succeeded" in r.stdout and "iteration 14/14" in r.stdout
         r = vfl("predict", "cli-job", "--ids-csv", str(test_csv), "--out", str(tmp_path / "p.csv"))
         assert r.returncode == 0, r.stderr
         lines = (tmp_path / "p.csv").read_text().splitlines()

@@ -188,6 +188,8 @@ class PassiveParty:
         if job is None:
             raise NotFound(f"header.job_id: no running job {job_id[:64]!r} at the passive party")
         if target_fp != job.target_fp:
+            # A refusal like any other: the job ends (see _refusal_ends_job).
+            self._end_job(job, "a step under another target key")
             raise FailedPrecondition("header.target_fingerprint: not the target key of this job")
         return job
 

@@ -45,7 +45,7 @@ OLD_POLICY = {
     "VFL_PREDICT_SCOPE": "any",
 }
 # B's defaults (make_federation relaxes two of them for the functional tests).
-DEFAULT_POLICY = {"VFL_MAX_MODELS_PER_PEER": "0", "VFL_PREDICT_SCOPE": "population"}
+DEFAULT_POLICY = {"VFL_MAX_MODELS_PER_PEER": "0", "VFL_PREDICT_SCOPE": "population", "VFL_MIN_ITERATIONS": "10"}
 
 
 def scores_of_b(client: VflClient, fed: LocalFederation, model_id: str) -> np.ndarray:
