@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.crypto.backend import DEFAULT_BACKEND
@@ -118,6 +118,19 @@ class PartySettings(ServiceSettings):
     id_column: str = Field("id", min_length=1, description="name of the id column")
     key_bits: int = Field(2048, ge=128, le=8192, description="modulus size of this party's key in bits")
     test_mode: bool = Field(False, description="allow keys under 2048 bits (tests only)")
+    test_initial_weights_seed: int | None = Field(
+        None,
+        ge=0,
+        description="tests only (needs VFL_TEST_MODE): draw this party's initial weights from this seed and the "
+        "job id, so that two runs of a job can be compared bit for bit; this party's own setting, never the peer's",
+    )
+
+    @model_validator(mode="after")
+    def _test_seed_needs_test_mode(self) -> PartySettings:
+        if self.test_initial_weights_seed is not None and not self.test_mode:
+            raise ValueError("test_initial_weights_seed: only with VFL_TEST_MODE=true (tests only)")
+        return self
+
     backend: str = Field(
         DEFAULT_BACKEND, description="crypto backend: ou (default), paillier (both gmpy2), phe (reference)"
     )

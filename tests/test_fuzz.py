@@ -67,6 +67,7 @@ from common.crypto.backend import CipherVector, PrivateKey, PublicKey
 from common.data import load_party_csv
 from common.jobconfig import job_config
 from common.protocol import steps
+from common.protocol.batching import batch_schedule
 from common.rpc import open_channel
 from tests.conftest import TEST_KEY_BITS, BreastSplit, make_federation
 from vfl.v1 import client_pb2, common_pb2, party_pb2
@@ -90,6 +91,15 @@ MODEL_ID = "fuzz-model"
 P_ACTIVE, P_PASSIVE = 10, 20  # feature counts of the bundled breast split
 DIRECT_ROWS = 120  # ids of a job the fuzzer sets up at B itself
 MIN_BATCH = 3 * max(P_ACTIVE, P_PASSIVE)
+
+
+def schedule_rows(iteration: int, epochs: int = 2, n_rows: int = DIRECT_ROWS) -> list[int]:
+    """The rows B accepts for an iteration of a job the fuzzer set up (batches
+    of MIN_BATCH, the default seed); past the schedule, the first batch's."""
+    sched = batch_schedule(n_rows, MIN_BATCH, epochs, job_config().seed, MIN_BATCH)
+    return sched[iteration if 0 <= iteration < len(sched) else 0].rows.tolist()
+
+
 ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # the documented job id, matched in full
 HUGE = (1 << 16, 1 << 20)  # sizes of the "huge" strings, bytes and lists
 MAX_U32, MAX_U64 = 2**32 - 1, 2**64 - 1
@@ -967,11 +977,15 @@ class StepDriver:
         self.decrypted: dict[int, set[bytes]] = {}  # distinct masked gradients B decrypted, per iteration
         self.pending_loss: list[futures.Future[Outcome]] = []
         self.pool = futures.ThreadPoolExecutor(max_workers=2)
+        self.ended = False  # B refused a step, which ends the job
 
-    def state(self) -> tuple[int, int]:
+    def state(self) -> tuple[int, int] | None:
+        """(iteration, phase) at B, or None once B ended the job (any refusal does)."""
         req = party_pb2.JobStateRequest(header=serde.step_header(self.job_id, 0, self.fp))
         out = call_raw(self.channel, PARTY_BY_NAME["GetJobState"], [req.SerializeToString()])
         judge("steps", self.target, PARTY_BY_NAME["GetJobState"], [req], out, self.w)
+        if out.code == Code.NOT_FOUND and self.ended:
+            return None
         assert out.code == Code.OK, out.details
         reply = party_pb2.JobStateReply.FromString(out.replies[0])
         return int(reply.iteration), int(reply.phase)
@@ -985,7 +999,7 @@ class StepDriver:
         w, pk = self.w, self.key.public
         header = serde.step_header(self.job_id, it, w.keys[1].public.fingerprint if payload == "header_fp" else self.fp)
         if kind == "shares":
-            rows = list(range(MIN_BATCH))
+            rows = schedule_rows(it)
             if payload == "rows_range":
                 rows[-1] = DIRECT_ROWS
             elif payload == "rows_dup":
@@ -1006,7 +1020,11 @@ class StepDriver:
         return [mutate_chunk(part, payload, self, first=i == 0) for i, part in enumerate(parts)]
 
     def run(self, action: Action) -> None:
-        cur, phase = self.state()
+        if self.ended:
+            return
+        now = self.state()
+        assert now is not None
+        cur, phase = now
         it = self.iteration(action.iteration, cur)
         if action.kind == "state":
             return
@@ -1026,6 +1044,7 @@ class StepDriver:
                 return
             out = call_raw(self.channel, rpc, [req.SerializeToString()])
             judge("steps", self.target, rpc, [req], out, self.w)
+            self.note_refusal(out, cur, phase, rpc.name)
             return
         name = {
             "shares": "ExchangeResidualShares",
@@ -1046,12 +1065,8 @@ class StepDriver:
         judge("steps", self.target, rpc, parts, out, self.w)
         if out.code == Code.OK and action.payload in APPLIES.get(action.kind, ()):
             pytest.fail(f"{rpc.name} accepted a request with {action.payload!r} broken")
-        after = self.state()
         if out.code != Code.OK:
-            assert after == (cur, phase), (
-                f"{rpc.name} refused ({out.code.name}: {out.details[:200]}) but moved B's job from "
-                f"iteration {cur} phase {phase} to {after}"
-            )
+            self.note_refusal(out, cur, phase, rpc.name)
             return
         self.sent[name] = payloads
         msg_it = parts[0].header.iteration if parts[0].HasField("header") else -1
@@ -1062,10 +1077,26 @@ class StepDriver:
         if name == "ApplyGradient" and msg_it not in self.applied:
             self.applied.append(msg_it)
 
+    def note_refusal(self, out: Outcome, cur: int, phase: int, name: str) -> None:
+        """A refused step either never reached the job (a malformed request)
+        and left it where it was, or ended it: never moved it."""
+        if out.code == Code.OK:
+            return
+        self.ended = True
+        after = self.state()
+        if after is not None:
+            self.ended = False
+            assert after == (cur, phase), (
+                f"{name} refused ({out.code.name}: {out.details[:200]}) but moved B's job from "
+                f"iteration {cur} phase {phase} to {after}"
+            )
+
     def finish(self) -> None:
-        cur, _ = self.state()
-        # B's iteration moved one applied step 5 at a time, from 0.
-        assert self.applied == list(range(cur)), f"B is at iteration {cur}, step 5 accepted for {self.applied}"
+        now = self.state()
+        if now is not None:
+            # B's iteration moved one applied step 5 at a time, from 0.
+            cur = now[0]
+            assert self.applied == list(range(cur)), f"B is at iteration {cur}, step 5 accepted for {self.applied}"
         counts = {it: len(v) for it, v in self.decrypted.items()}
         assert all(n <= 2 for n in counts.values()), f"masked gradients decrypted per iteration: {counts}"
         self.w.finish(self.job_id)  # also releases a loss share still waiting for step 4
@@ -1169,7 +1200,7 @@ def test_loss_share_does_not_wait_long_for_step_4(world: World) -> None:
     try:
         header = serde.step_header(job_id, 0, fp)
         a_enc = steps.first_encrypted_data(world.backend, world.key.public, np.linspace(-0.5, 0.5, MIN_BATCH))
-        parts = [c.SerializeToString() for c in serde.to_chunks(header, rows=list(range(MIN_BATCH)), ciphers=a_enc)]
+        parts = [c.SerializeToString() for c in serde.to_chunks(header, rows=schedule_rows(0), ciphers=a_enc)]
         shares = call_raw(world.channels["passive"], PARTY_BY_NAME["ExchangeResidualShares"], parts)
         assert shares.code == Code.OK, shares.details
         req = party_pb2.LossShareRequest(header=header).SerializeToString()
@@ -1206,7 +1237,7 @@ def test_job_id_with_trailing_newline_refused(world: World, breast: BreastSplit,
     assert out.code == Code.INVALID_ARGUMENT, f"{out.code.name} {out.details}"
 
 
-def test_refused_shares_do_not_restart_iteration(world: World) -> None:
+def test_refused_shares_end_the_job_and_never_restart_the_iteration(world: World) -> None:
     job_id = world.fresh_id("fz-restart")
     fp = world.setup_job(job_id)
     channel = world.channels["passive"]
@@ -1215,7 +1246,7 @@ def test_refused_shares_do_not_restart_iteration(world: World) -> None:
         a = np.linspace(-0.5, 0.5, MIN_BATCH)
         good = steps.first_encrypted_data(world.backend, world.key.public, a)
         bad = steps.first_encrypted_data(world.backend, world.keys[1].public, a)
-        rows = list(range(MIN_BATCH))
+        rows = schedule_rows(0)
         shares = PARTY_BY_NAME["ExchangeResidualShares"]
         out = call_raw(
             channel, shares, [c.SerializeToString() for c in serde.to_chunks(header, rows=rows, ciphers=good)]
@@ -1225,11 +1256,11 @@ def test_refused_shares_do_not_restart_iteration(world: World) -> None:
             channel, shares, [c.SerializeToString() for c in serde.to_chunks(header, rows=rows, ciphers=bad)]
         )
         assert out.code == Code.FAILED_PRECONDITION, out.details
-        # A goes on with its correct step 4, as if the bad retry had not happened.
+        # The refusal ended the job: no step 4, so no decryption, for anyone.
         grad_a = world.backend.encrypt(world.passive_key, [7] * (P_ACTIVE + 1))
         parts = [c.SerializeToString() for c in serde.to_chunks(header, ciphers=grad_a)]
         out = call_raw(channel, PARTY_BY_NAME["ExchangeMaskedGradients"], parts)
-        assert out.code == Code.OK, f"step 4 after a refused retry: {out.code.name} {out.details}"
+        assert out.code == Code.NOT_FOUND, f"step 4 after a refused retry: {out.code.name} {out.details}"
     finally:
         world.finish(job_id)
 
@@ -1294,7 +1325,7 @@ def test_huge_key_modulus_is_refused_and_does_not_stall(scratch: LocalFederation
         assert out.code == Code.OK, out.details
         a_enc = steps.first_encrypted_data(backend, key.public, np.linspace(-0.5, 0.5, MIN_BATCH))
         header = serde.step_header("after-huge-key", 0, fp)
-        parts = [c.SerializeToString() for c in serde.to_chunks(header, rows=list(range(MIN_BATCH)), ciphers=a_enc)]
+        parts = [c.SerializeToString() for c in serde.to_chunks(header, rows=schedule_rows(0, epochs=1), ciphers=a_enc)]
         out = call_raw(channel, PARTY_BY_NAME["ExchangeResidualShares"], parts, timeout_s=3)
         assert out.code == Code.OK, f"{out.code.name} after {out.seconds:.1f} s: {out.details}"
 

@@ -2,7 +2,9 @@
 SIGKILL in the middle of training (each party its own process) and restarted;
 the job resumes by itself from the checkpoints and ends with the same model
 as an uninterrupted run of the same job (masks cancel exactly, so "the same"
-is to the last bit of the fixed-point arithmetic)."""
+is to the last bit of the fixed-point arithmetic). Both runs draw their
+initial weights from each party's own test-mode seed (VFL_TEST_INITIAL_WEIGHTS_SEED):
+in production they are private random draws."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from vfl.v1 import client_pb2
 
 CONFIG = JobConfig(epochs=25, batch_size=64, seed=5, loss_every=3)
 KILL_AT = 25  # iterations done before the kill (of 175)
+SAME_START = {"VFL_TEST_INITIAL_WEIGHTS_SEED": "7"}
 
 
 def client_for(fed: LocalFederation) -> VflClient:
@@ -57,7 +60,7 @@ def weights(fed: LocalFederation, job_id: str) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, breast) -> tuple[np.ndarray, np.ndarray]:
-    with make_federation(tmp_path_factory.mktemp("whole")) as fed:
+    with make_federation(tmp_path_factory.mktemp("whole"), extra_env=SAME_START) as fed:
         with client_for(fed) as c:
             c.start_training(CONFIG, breast.train_ids, "resume")
             assert c.wait("resume").state == client_pb2.JOB_STATE_SUCCEEDED
@@ -66,7 +69,7 @@ def uninterrupted(tmp_path_factory, breast) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("victim", ["passive", "active", "assistant"])
 def test_job_survives_sigkill_of_each_party(tmp_path, breast, uninterrupted, victim):
-    with make_federation(tmp_path) as fed:
+    with make_federation(tmp_path, extra_env=SAME_START) as fed:
         with client_for(fed) as c:
             c.start_training(CONFIG, breast.train_ids, "resume")
             killed_at = wait_iteration(c, "resume", KILL_AT)

@@ -9,6 +9,7 @@ the share is a = u_A/4 + 1/2 - y; for B, X is X_B and the share is b = u_B/4.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from dataclasses import dataclass
@@ -58,6 +59,13 @@ def private_initial_weights(length: int, scale: float) -> np.ndarray:
     prediction's u_B = X_B w_B. Nothing a peer sends determines them."""
     rng = np.random.default_rng(secrets.randbits(128))
     return rng.normal(0.0, scale, size=length)
+
+
+def reproducible_initial_weights(seed: int, job_id: str, length: int, scale: float) -> np.ndarray:
+    """Tests only (a party's own VFL_TEST_INITIAL_WEIGHTS_SEED, in test mode):
+    reproducible initial weights, so that two runs of a job compare bit for bit."""
+    tag = int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big")
+    return np.random.default_rng([seed, tag]).normal(0.0, scale, size=length)
 
 
 # --- plaintext shares (each party, on its own data) -------------------------

@@ -30,7 +30,14 @@ def main() -> None:
         relay_token=settings.relay_token_value(),
     )
     party = ActiveParty(
-        res.data, res.key, res.backend, settings.data_dir, peer, res.min_peer_bits, dp_clip_norm=settings.dp_clip_norm
+        res.data,
+        res.key,
+        res.backend,
+        settings.data_dir,
+        peer,
+        res.min_peer_bits,
+        dp_clip_norm=settings.dp_clip_norm,
+        test_weights_seed=settings.test_initial_weights_seed,
     )
     party.resume_jobs()  # jobs that were running when this process stopped
     server, port = create_server(

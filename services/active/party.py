@@ -179,6 +179,7 @@ class ActiveParty:
         min_peer_bits: int,
         recovery_s: float = 120.0,
         dp_clip_norm: float = 0.0,
+        test_weights_seed: int | None = None,
     ) -> None:
         if data.labels is None:
             raise InvalidArgument("active party data: expected a label column")
@@ -193,6 +194,7 @@ class ActiveParty:
         self.min_peer_bits = min_peer_bits
         self.checkpoints = JobCheckpoints(data_dir)
         self.recovery_s = recovery_s
+        self.test_weights_seed = test_weights_seed
         # Under DP: the norm A clips its standardised rows to (0 = sqrt(p_A)).
         self.dp_clip_norm = dp_clip_norm or dp.default_clip_norm(data.n_features)
         self._jobs: dict[str, TrainingJob] = {}
@@ -240,7 +242,7 @@ class ActiveParty:
                 self._reserved.discard(job_id)
             raise
         job = TrainingJob(job_id, config, total=len(batches))
-        w0 = steps.private_initial_weights(p_a + 1, config.init_scale)
+        w0 = self._initial_weights(job_id, p_a + 1, config.init_scale)
         terms = self._dp_terms(config, batches, reply.passive_clip_norm, reply.passive_share_clip)
         session = self._session(job, ids, holdout, positions, batches, passive_key, target_fp, p_b, w0, w0, terms)
         job.dp_epsilon_spent = session.epsilon_spent()
@@ -289,6 +291,11 @@ class ActiveParty:
             ).start()
             resumed += 1
         return resumed
+
+    def _initial_weights(self, job_id: str, length: int, scale: float) -> np.ndarray:
+        if self.test_weights_seed is not None:
+            return steps.reproducible_initial_weights(self.test_weights_seed, job_id, length, scale)
+        return steps.private_initial_weights(length, scale)
 
     def _dp_terms(
         self, config: JobConfig, batches: BatchSchedule, passive_clip_norm: float, passive_share_clip: float

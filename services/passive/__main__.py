@@ -32,7 +32,9 @@ def main() -> None:
         dp_share_clip=settings.dp_share_clip,
         max_dp_epsilon=settings.max_dp_epsilon,
     )
-    party = PassiveParty(res.data, res.key, res.backend, settings.data_dir, policy)
+    party = PassiveParty(
+        res.data, res.key, res.backend, settings.data_dir, policy, test_weights_seed=settings.test_initial_weights_seed
+    )
     party.restore_jobs()  # jobs that were running when this process stopped
     servicer = PartyServicer(party, res.min_peer_bits)
     interceptors = []

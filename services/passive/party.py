@@ -149,8 +149,10 @@ class PassiveParty:
         backend: HEBackend,
         data_dir: Path,
         policy: PassivePolicy | None = None,
+        test_weights_seed: int | None = None,
     ) -> None:
         self.data = data
+        self.test_weights_seed = test_weights_seed
         self.key = key
         self.backend = backend
         self.policy = policy or PassivePolicy()
@@ -269,7 +271,7 @@ class PassiveParty:
         with self._lock:
             if job_id in self._jobs or self.models.exists(job_id):
                 raise AlreadyExists(f"spec.job_id: job {job_id!r} already exists at the passive party")
-        w0 = steps.private_initial_weights(self.data.n_features, config.init_scale)
+        w0 = self._initial_weights(job_id, self.data.n_features, config.init_scale)
         setup = {
             "job_id": job_id,
             "config": config.model_dump(),
@@ -290,6 +292,11 @@ class PassiveParty:
             self._jobs[job_id] = job
         log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
         return SetupReply(self.data.n_features, job.clip_norm, self.policy.dp_share_clip if config.dp else 0.0)
+
+    def _initial_weights(self, job_id: str, length: int, scale: float) -> np.ndarray:
+        if self.test_weights_seed is not None:
+            return steps.reproducible_initial_weights(self.test_weights_seed, job_id, length, scale)
+        return steps.private_initial_weights(length, scale)
 
     def _build_job(self, setup: dict[str, Any]) -> PassiveJob:
         config = JobConfig.model_validate(setup["config"])
