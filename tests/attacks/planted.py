@@ -64,6 +64,83 @@ def _paillier_square_randomness() -> None:
     fast_backend._PaillierPublicOps.hiding_randomiser = short_hiding  # type: ignore[method-assign]
 
 
+@plant("no-release-noise-passive")
+def _no_release_noise_passive() -> None:
+    """tests/attacks/test_dp_release.py: B releases z_A without noise (as when
+    each party noised only its own gradient, after seeing the exact cross
+    term)."""
+    import numpy as np
+
+    from services.passive import party as passive
+
+    def silent(self, job, length):  # type: ignore[no-untyped-def]
+        return np.zeros(length)
+
+    passive.PassiveParty._release_noise = silent  # type: ignore[method-assign]
+
+
+@plant("no-release-noise-active")
+def _no_release_noise_active() -> None:
+    """tests/attacks/test_dp_release.py: A releases z_B without noise."""
+    from common.protocol import steps
+
+    steps.add_release_noise = lambda key, z, noise: z
+
+
+@plant("curious-passive-view")
+def _curious_passive_view() -> None:
+    """Not a regression but the adversary: a curious B that writes down what
+    it learns at step 5, its unmasked cross term X_B^T a (plus A's noise),
+    to VFL_CURIOUS_LOG, one JSON line per (job, iteration)."""
+    import json
+    import os
+
+    from common.protocol import steps
+    from services.passive import party as passive
+
+    log_path = os.environ["VFL_CURIOUS_LOG"]
+    original_apply, original_unmask = passive.PassiveParty.apply_gradient, steps.unmask_gradient
+    where: dict[str, object] = {}
+
+    def apply_gradient(self, job_id, iteration, target_fp, msg):  # type: ignore[no-untyped-def]
+        where.update(job=job_id, iteration=iteration)
+        return original_apply(self, job_id, iteration, target_fp, msg)
+
+    def unmask_gradient(*args, **kwargs):  # type: ignore[no-untyped-def]
+        h = original_unmask(*args, **kwargs)
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps({**where, "cross": h.tolist()}) + "\n")
+        return h
+
+    passive.PassiveParty.apply_gradient = apply_gradient  # type: ignore[method-assign]
+    steps.unmask_gradient = unmask_gradient
+
+
+@plant("seeded-initial-weights")
+def _seeded_initial_weights() -> None:
+    """tests/attacks/test_recover_features.py: B's initial weights drawn from
+    the job seed (which A chooses), as `reference.initial_weights(seed,
+    "passive", ...)` did."""
+    import numpy as np
+
+    from common.protocol import steps
+    from services.passive import party as passive
+
+    current: dict[str, int] = {}
+    original = passive.PassiveParty.setup_job
+
+    def setup_job(self, job_id, config, *args, **kwargs):  # type: ignore[no-untyped-def]
+        current["seed"] = config.seed
+        return original(self, job_id, config, *args, **kwargs)
+
+    def seeded(length: int, scale: float) -> np.ndarray:
+        tag = int.from_bytes(b"passive", "big")
+        return np.random.default_rng([current["seed"], tag]).normal(0.0, scale, size=length)
+
+    passive.PassiveParty.setup_job = setup_job  # type: ignore[method-assign]
+    steps.private_initial_weights = seeded
+
+
 @plant("assistant-any-target")
 def _assistant_any_target() -> None:
     """C tunnels to whatever a CONNECT names, not only to its upstream
