@@ -243,9 +243,9 @@ def _no_training_floors() -> None:
 
     original = party.PassiveParty.__init__
 
-    def init(self, data, key, backend, data_dir, policy=None):  # type: ignore[no-untyped-def]
+    def init(self, data, key, backend, data_dir, policy=None, **kwargs):  # type: ignore[no-untyped-def]
         policy = dataclasses.replace(policy or PassivePolicy(), min_learning_rate=0.0, min_iterations=0)
-        original(self, data, key, backend, data_dir, policy)
+        original(self, data, key, backend, data_dir, policy, **kwargs)
 
     party.PassiveParty.__init__ = init  # type: ignore[method-assign]
 
