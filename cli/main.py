@@ -79,7 +79,13 @@ DpEpsilon = Annotated[
 def _config(
     epochs: int, batch_size: int, learning_rate: float, l2: float, seed: int, dp_epsilon: float = 0.0
 ) -> JobConfig:
-    fields: dict[str, object] = dict(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, l2=l2, seed=seed)
+    fields: dict[str, object] = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "l2": l2,
+        "seed": seed,
+    }
     if dp_epsilon:
         # The loss share is not noised: no loss checks under DP.
         fields.update(dp_epsilon=dp_epsilon, loss_every=0)
@@ -305,8 +311,10 @@ def train(
     ] = None,
     holdout_ids_csv: Annotated[
         Path | None,
-        typer.Option(help="CSV whose id column lists ids to score later but not train on (B scores only these "
-        "and the training ids, by default)"),
+        typer.Option(
+            help="CSV whose id column lists ids to score later but not train on (B scores only these "
+            "and the training ids, by default)"
+        ),
     ] = None,
     id_column: Annotated[str, typer.Option()] = "id",
     dp_epsilon: DpEpsilon = 0.0,
