@@ -82,6 +82,17 @@ def releases_per_row(iterations: int, batches_per_epoch: int) -> int:
     return max(1, -(-iterations // max(1, batches_per_epoch)))
 
 
+def epsilon_so_far(
+    multiplier: float, delta: float, last_released: int, batches_per_epoch: int, extra_releases: int
+) -> float:
+    """Epsilon spent by a party that has released iterations 0..last_released
+    (-1: none yet), plus `extra_releases` re-releases of restarted iterations."""
+    if last_released < 0:
+        return 0.0
+    releases = releases_per_row(last_released + 1, batches_per_epoch) + extra_releases
+    return epsilon_spent(multiplier, delta, releases)
+
+
 def default_clip_norm(n_features: int) -> float:
     """A party's row clipping norm when its operator sets none: the RMS norm
     of a standardised row, sqrt(p)."""

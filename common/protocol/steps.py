@@ -68,6 +68,14 @@ def reproducible_initial_weights(seed: int, job_id: str, length: int, scale: flo
     return np.random.default_rng([seed, tag]).normal(0.0, scale, size=length)
 
 
+def initial_weights(test_seed: int | None, job_id: str, length: int, scale: float) -> np.ndarray:
+    """A party's initial weights for a job: private, unless its own test-mode
+    seed asks for reproducible ones."""
+    if test_seed is not None:
+        return reproducible_initial_weights(test_seed, job_id, length, scale)
+    return private_initial_weights(length, scale)
+
+
 # --- plaintext shares (each party, on its own data) -------------------------
 
 

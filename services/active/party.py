@@ -131,10 +131,9 @@ class _Session:
     def epsilon_spent(self) -> float | None:
         if self.dp is None:
             return None
-        if self.released_at < 0:
-            return 0.0
-        releases = dp.releases_per_row(self.released_at + 1, self.batches.per_epoch) + self.extra_releases
-        return dp.epsilon_spent(self.dp.multiplier, self.job.config.dp_delta, releases)
+        return dp.epsilon_so_far(
+            self.dp.multiplier, self.job.config.dp_delta, self.released_at, self.batches.per_epoch, self.extra_releases
+        )
 
 
 @dataclass(frozen=True)
@@ -242,7 +241,7 @@ class ActiveParty:
                 self._reserved.discard(job_id)
             raise
         job = TrainingJob(job_id, config, total=len(batches))
-        w0 = self._initial_weights(job_id, p_a + 1, config.init_scale)
+        w0 = steps.initial_weights(self.test_weights_seed, job_id, p_a + 1, config.init_scale)
         terms = self._dp_terms(config, batches, reply.passive_clip_norm, reply.passive_share_clip)
         session = self._session(job, ids, holdout, positions, batches, passive_key, target_fp, p_b, w0, w0, terms)
         job.dp_epsilon_spent = session.epsilon_spent()
@@ -291,11 +290,6 @@ class ActiveParty:
             ).start()
             resumed += 1
         return resumed
-
-    def _initial_weights(self, job_id: str, length: int, scale: float) -> np.ndarray:
-        if self.test_weights_seed is not None:
-            return steps.reproducible_initial_weights(self.test_weights_seed, job_id, length, scale)
-        return steps.private_initial_weights(length, scale)
 
     def _dp_terms(
         self, config: JobConfig, batches: BatchSchedule, passive_clip_norm: float, passive_share_clip: float

@@ -117,10 +117,9 @@ class PassiveJob:
         """Epsilon spent (at dp_delta) on X_B by the z_A released so far."""
         if not self.config.dp:
             return None
-        if self.released_at < 0:
-            return 0.0
-        releases = dp.releases_per_row(self.released_at + 1, self.per_epoch) + self.restarts
-        return dp.epsilon_spent(self.noise_multiplier, self.config.dp_delta, releases)
+        return dp.epsilon_so_far(
+            self.noise_multiplier, self.config.dp_delta, self.released_at, self.per_epoch, self.restarts
+        )
 
     def loss_iteration(self, iteration: int) -> bool:
         every = self.config.loss_every
@@ -271,7 +270,7 @@ class PassiveParty:
         with self._lock:
             if job_id in self._jobs or self.models.exists(job_id):
                 raise AlreadyExists(f"spec.job_id: job {job_id!r} already exists at the passive party")
-        w0 = self._initial_weights(job_id, self.data.n_features, config.init_scale)
+        w0 = steps.initial_weights(self.test_weights_seed, job_id, self.data.n_features, config.init_scale)
         setup = {
             "job_id": job_id,
             "config": config.model_dump(),
@@ -292,11 +291,6 @@ class PassiveParty:
             self._jobs[job_id] = job
         log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
         return SetupReply(self.data.n_features, job.clip_norm, self.policy.dp_share_clip if config.dp else 0.0)
-
-    def _initial_weights(self, job_id: str, length: int, scale: float) -> np.ndarray:
-        if self.test_weights_seed is not None:
-            return steps.reproducible_initial_weights(self.test_weights_seed, job_id, length, scale)
-        return steps.private_initial_weights(length, scale)
 
     def _build_job(self, setup: dict[str, Any]) -> PassiveJob:
         config = JobConfig.model_validate(setup["config"])
