@@ -37,6 +37,9 @@ def breast() -> BreastSplit:
 
 # B's policy for functional tests (see make_federation).
 RELAXED_POLICY = {"VFL_MAX_MODELS_PER_PEER": "1000", "VFL_PREDICT_SCOPE": "any", "VFL_MIN_ITERATIONS": "1"}
+# For tests that compare two runs of one job: each party draws its initial
+# weights from its own test-mode seed instead of its CSPRNG, so the runs agree.
+SAME_START = {"VFL_TEST_INITIAL_WEIGHTS_SEED": "7"}
 
 
 def make_federation(workdir: Path, **kwargs: object) -> LocalFederation:

@@ -17,12 +17,11 @@ import pytest
 from cli.client import VflClient
 from cli.federation import LocalFederation
 from common.jobconfig import JobConfig
-from tests.conftest import make_federation, read_shard
+from tests.conftest import SAME_START, make_federation, read_shard
 from vfl.v1 import client_pb2
 
 CONFIG = JobConfig(epochs=25, batch_size=64, seed=5, loss_every=3)
 KILL_AT = 25  # iterations done before the kill (of 175)
-SAME_START = {"VFL_TEST_INITIAL_WEIGHTS_SEED": "7"}
 
 
 def client_for(fed: LocalFederation) -> VflClient:

@@ -7,8 +7,9 @@ have). Each service listens on its namespace's address
 (plaintext, test-size keys).
 
 The job trained there must give the model of the same job run on loopback:
-the masks cancel exactly and every other step is deterministic, so the
-weights agree to 1e-9 relative whatever the network did.
+the masks cancel exactly and every other step is deterministic (both runs
+draw initial weights from each party's own test-mode seed, SAME_START), so
+the weights agree to 1e-9 relative whatever the network did.
 
 Needs root, `ip` and `tc`, and a kernel that lets it create namespaces;
 otherwise skipped with the reason. The netem and tbf cases also need the
@@ -37,7 +38,7 @@ import cli.federation
 from cli.client import VflClient
 from cli.federation import LocalFederation, ServiceProcess
 from common.jobconfig import job_config
-from tests.conftest import BreastSplit, make_federation
+from tests.conftest import SAME_START, BreastSplit, make_federation
 from vfl.v1 import client_pb2
 
 # On the federation's links (A-C, C-B), both directions. netem is the impairment
@@ -213,7 +214,7 @@ def train_and_read(fed: LocalFederation, breast: BreastSplit, timeout_s: float) 
 
 @pytest.fixture(scope="module")
 def loopback_model(tmp_path_factory: pytest.TempPathFactory, breast: BreastSplit) -> dict[str, np.ndarray]:
-    with make_federation(tmp_path_factory.mktemp("loopback")) as fed:
+    with make_federation(tmp_path_factory.mktemp("loopback"), extra_env=SAME_START) as fed:
         return train_and_read(fed, breast, timeout_s=120)
 
 
@@ -233,7 +234,7 @@ def test_namespaces_give_the_loopback_model(
     network: str, loopback_model: dict[str, np.ndarray], breast: BreastSplit, tmp_path: Path
 ) -> None:
     # The options of the loopback run (make_federation: test-size keys, plaintext), in namespaces.
-    base = make_federation(tmp_path)
+    base = make_federation(tmp_path, extra_env=SAME_START)
     fed = NetnsFederation(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init})
     try:
         with fed:
