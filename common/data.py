@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import math
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -37,58 +40,132 @@ class PartyData:
         return np.fromiter((self._index[i] for i in ids), dtype=np.int64, count=len(ids))
 
 
-def load_party_csv(path: Path, id_column: str = "id", label_column: str | None = None) -> PartyData:
+LABEL_VALUES = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0}
+
+
+def _text_lines(fh: BinaryIO, where: str) -> Iterator[str]:
+    """The file's lines decoded as UTF-8 one by one, so that a bad byte is
+    reported with its line (a BOM at the start is dropped)."""
+    for line, raw in enumerate(fh, start=1):
+        if b"\0" in raw:
+            raise ConfigError(f"{where}: line {line}: binary data (a NUL byte); expected a UTF-8 CSV text file")
+        try:
+            yield raw.decode("utf-8-sig" if line == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{where}: line {line}, byte {exc.start + 1}: not UTF-8 text (0x{raw[exc.start]:02x}); "
+                "expected a UTF-8 CSV"
+            ) from None
+
+
+def _shown(cell: str) -> str:
+    """A cell for a message: the party's own file, shown to its own
+    operator, shortened."""
+    text = cell.strip()
+    if not text:
+        return "an empty cell"
+    return repr(text if len(text) <= 24 else text[:21] + "...")
+
+
+def _bad_feature(cell: str) -> str:
+    try:
+        float(cell)
+    except ValueError:
+        return f"got {_shown(cell)}"
+    return f"got {_shown(cell)}, which is not finite"
+
+
+def load_party_csv(
+    path: Path, id_column: str = "id", label_column: str | None = None, option: str = "VFL_DATA_CSV"
+) -> PartyData:
     """Load a party's CSV: an id column, optionally a 0/1 label column, and any
-    number of numeric feature columns (every other column)."""
+    number of numeric feature columns (every other column). A problem is one
+    ConfigError naming `option`, the file, the line and the column."""
+    where = f"{option}: {path}"
+    if not path.exists():
+        raise ConfigError(f"{where}: no such file")
     if not path.is_file():
-        raise ConfigError(f"VFL_DATA_CSV: no such file {path}")
+        raise ConfigError(f"{where}: not a regular file; expected a CSV file")
     # Streamed row by row into a flat float array: peak memory is the data
     # itself (8 bytes a value), not a list of strings per row.
     ids: list[str] = []
     values = array("d")
     label_values = array("d")
-    with path.open(newline="") as fh:
-        reader = csv.reader(fh)
+    first_line: dict[str, int] = {}
+    try:
+        fh = path.open("rb")
+    except PermissionError:
+        raise ConfigError(f"{where}: permission denied; expected a file this service's user can read") from None
+    with fh:
+        reader = csv.reader(_text_lines(fh, where))
         try:
             header = [h.strip() for h in next(reader)]
+            if id_column not in header:
+                raise ConfigError(f"{where}: line 1: id column {id_column!r} not in header {header}")
+            if label_column is not None and label_column not in header:
+                raise ConfigError(f"{where}: line 1: label column {label_column!r} not in header {header}")
+            id_idx = header.index(id_column)
+            label_idx = header.index(label_column) if label_column is not None else None
+            feat_idx = [i for i in range(len(header)) if i not in (id_idx, label_idx)]
+            if not feat_idx:
+                raise ConfigError(f"{where}: line 1: no feature columns besides {id_column!r}")
+            for row in reader:
+                line = reader.line_num
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ConfigError(
+                        f"{where}: line {line}: {len(row)} fields, expected {len(header)} as in the header"
+                    )
+                row_id = row[id_idx].strip()
+                if not row_id:
+                    raise ConfigError(f"{where}: line {line}, column {id_column!r}: empty id")
+                if row_id in first_line:
+                    raise ConfigError(
+                        f"{where}: line {line}, column {id_column!r}: the id of line {first_line[row_id]} again; "
+                        "expected unique ids"
+                    )
+                first_line[row_id] = line
+                ids.append(row_id)
+                try:
+                    cells = [float(row[i]) for i in feat_idx]
+                    if not all(map(math.isfinite, cells)):
+                        raise ValueError
+                except ValueError:
+                    col = next(i for i in feat_idx if not _finite(row[i]))
+                    why = _bad_feature(row[col])
+                    raise ConfigError(
+                        f"{where}: line {line}, column {header[col]!r}: expected a finite number, {why}"
+                    ) from None
+                values.extend(cells)
+                if label_idx is not None:
+                    value = row[label_idx].strip()
+                    if value not in LABEL_VALUES:
+                        raise ConfigError(
+                            f"{where}: line {line}, column {label_column!r}: expected 0 or 1, got {_shown(value)}"
+                        )
+                    label_values.append(LABEL_VALUES[value])
         except StopIteration:
-            raise ConfigError(f"{path}: empty file, expected a header row") from None
-        if id_column not in header:
-            raise ConfigError(f"{path}: id column {id_column!r} not in header {header}")
-        if label_column is not None and label_column not in header:
-            raise ConfigError(f"{path}: label column {label_column!r} not in header {header}")
-        id_idx = header.index(id_column)
-        label_idx = header.index(label_column) if label_column is not None else None
-        feat_idx = [i for i in range(len(header)) if i not in (id_idx, label_idx)]
-        if not feat_idx:
-            raise ConfigError(f"{path}: no feature columns besides {id_column!r}")
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ConfigError(f"{path}: line {line} has {len(row)} fields, header has {len(header)}")
-            ids.append(row[id_idx].strip())
-            try:
-                values.extend(float(row[i]) for i in feat_idx)
-            except ValueError:
-                raise ConfigError(f"{path}: line {line} has a non-numeric feature value") from None
-            if label_idx is not None:
-                value = row[label_idx].strip()
-                if value not in ("0", "1", "0.0", "1.0"):
-                    raise ConfigError(f"{path}: line {line}: label must be 0 or 1")
-                label_values.append(float(value))
+            raise ConfigError(f"{where}: empty file; expected a header row") from None
+        except csv.Error as exc:
+            raise ConfigError(f"{where}: line {reader.line_num}: not valid CSV ({exc})") from None
+    if not ids:
+        raise ConfigError(f"{where}: a header and no data rows; expected at least one row")
     feats = np.frombuffer(values, dtype=np.float64).reshape(len(ids), len(feat_idx)).copy()
     labels = np.frombuffer(label_values, dtype=np.float64).copy() if label_idx is not None else np.empty(0)
-    if not np.all(np.isfinite(feats)):
-        raise ConfigError(f"{path}: feature values must be finite (no NaN or infinity)")
-    if len(set(ids)) != len(ids):
-        raise ConfigError(f"{path}: duplicate ids in column {id_column!r}")
     return PartyData(
         ids=ids,
         features=feats,
         feature_names=[header[i] for i in feat_idx],
         labels=labels if label_idx is not None else None,
     )
+
+
+def _finite(cell: str) -> bool:
+    try:
+        return math.isfinite(float(cell))
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

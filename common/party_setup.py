@@ -12,7 +12,8 @@ from common.crypto.keystore import MIN_KEY_BITS, MIN_TEST_KEY_BITS, load_or_crea
 from common.data import PartyData, load_party_csv
 from common.errors import ConfigError, InvalidArgument
 from common.metrics import TimedBackend
-from common.settings import PartySettings
+from common.oserrors import StorageFull, StorageRefused, check_port_free, config_storage_error
+from common.settings import PartySettings, config_errors
 
 
 @dataclass(frozen=True)
@@ -24,14 +25,22 @@ class PartyResources:
 
 
 def load_party(settings: PartySettings, label_column: str | None = None) -> PartyResources:
-    """Everything a party loads at start; a problem exits 2 with one line."""
-    try:
-        backend = TimedBackend(get_backend(settings.backend))
+    """Everything a party loads at start; a problem exits 2 with one line.
+    The port is checked first, so that a taken port is not found only after
+    a key has been generated."""
+    with config_errors():
+        check_port_free(settings.host, settings.port)
+        try:
+            backend = TimedBackend(get_backend(settings.backend))
+        except InvalidArgument as exc:
+            raise ConfigError(f"VFL_BACKEND: {exc}") from None
         data = load_party_csv(settings.data_csv, settings.id_column, label_column)
-        key = load_or_create_keypair(settings.data_dir, backend, settings.key_bits, settings.test_mode)
-    except (ConfigError, InvalidArgument, OSError) as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        try:
+            key = load_or_create_keypair(settings.data_dir, backend, settings.key_bits, settings.test_mode)
+        except OSError as exc:
+            raise config_storage_error(exc, "VFL_DATA_DIR", settings.data_dir) from None
+        except (StorageFull, StorageRefused) as exc:
+            raise ConfigError(str(exc)) from None
     backend.set_workers(settings.crypto_workers or os.cpu_count() or 1)
     backend.prepare(key)
     # Shorter GIL hand-offs: a step handler waits less for a thread in the

@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.errors import InvalidArgument, VflError
+from common.errors import ConfigError, InvalidArgument, VflError
 from common.metrics import CLOCK
 from common.storage import atomic_write_text
 from common.tls import SPIFFE_PREFIX, TlsConfig
@@ -45,6 +45,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 SERVER_OPTIONS = [
+    # gRPC's default SO_REUSEPORT would let a second server share a port
+    # another one listens on, each getting part of the calls.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -140,12 +143,15 @@ def create_server(
     for name in [*service_names, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if tls is None:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    else:
-        bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials())
+    try:
+        if tls is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", tls.server_credentials())
+    except RuntimeError:  # grpcio raises instead of returning 0 in newer versions
+        bound = 0
     if bound == 0:
-        raise OSError(f"VFL_PORT: could not bind {host}:{port}")
+        raise ConfigError(f"VFL_PORT: could not bind {host}:{port} (in use, or not an address of this machine)")
     if tls is None:
         log.warning(
             "event=insecure_transport VFL_INSECURE=true: PLAINTEXT gRPC, no TLS, no client authentication, "

@@ -6,8 +6,10 @@ names it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -15,6 +17,7 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.crypto.backend import DEFAULT_BACKEND
+from common.errors import ConfigError
 from common.tls import TlsConfig, TlsError, TlsFiles, check_identity
 
 
@@ -276,6 +279,16 @@ def identities(value: str) -> frozenset[str]:
 
 
 S = TypeVar("S", bound=ServiceSettings)
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """A bad setting met while starting: one line on stderr, exit code 2."""
+    try:
+        yield
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def load_settings(cls: type[S]) -> S:

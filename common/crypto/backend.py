@@ -306,6 +306,4 @@ def get_backend(name: str) -> HEBackend:
     try:
         return _BACKENDS[name]()
     except KeyError:
-        raise InvalidArgument(
-            f"backend: unknown crypto backend {name!r}, expected one of {sorted(_BACKENDS)}"
-        ) from None
+        raise InvalidArgument(f"unknown crypto backend {name!r}, expected one of {sorted(_BACKENDS)}") from None

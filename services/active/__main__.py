@@ -6,7 +6,7 @@ import logging
 
 from common.party_setup import load_party
 from common.rpc import TranscriptRecorder, create_server, serve_forever, setup_logging
-from common.settings import ActiveSettings, identities, load_settings
+from common.settings import ActiveSettings, config_errors, identities, load_settings
 from services.active.party import ActiveParty
 from services.active.peer import PassiveClient
 from services.active.servicer import TrainingServicer
@@ -40,15 +40,16 @@ def main() -> None:
         test_weights_seed=settings.test_initial_weights_seed,
     )
     party.resume_jobs()  # jobs that were running when this process stopped
-    server, port = create_server(
-        lambda s: client_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(party), s),
-        [SERVICE_NAME],
-        settings.host,
-        settings.port,
-        settings.max_workers,
-        tls=settings.tls,
-        allowed={SERVICE_NAME: identities(settings.allowed_clients)},
-    )
+    with config_errors():
+        server, port = create_server(
+            lambda s: client_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(party), s),
+            [SERVICE_NAME],
+            settings.host,
+            settings.port,
+            settings.max_workers,
+            tls=settings.tls,
+            allowed={SERVICE_NAME: identities(settings.allowed_clients)},
+        )
     logging.getLogger("vfl.active").info(
         "event=loaded rows=%d features=%d key=%s peer=%s via=%s",
         len(res.data.ids),

@@ -7,8 +7,9 @@ import logging
 import signal
 from pathlib import Path
 
+from common.oserrors import check_port_free
 from common.rpc import TranscriptRecorder, setup_logging
-from common.settings import AssistantSettings, load_settings
+from common.settings import AssistantSettings, config_errors, load_settings
 from common.storage import atomic_write_text
 from services.assistant.proxy import TunnelProxy, serve
 
@@ -18,6 +19,8 @@ log = logging.getLogger("vfl.assistant")
 def main() -> None:
     settings = load_settings(AssistantSettings)
     setup_logging(settings.log_level, "assistant")
+    with config_errors():
+        check_port_free(settings.host, settings.port)
     recorder = None
     if settings.transcript_path is not None:
         rec = TranscriptRecorder(settings.transcript_path, "assistant")

@@ -6,7 +6,7 @@ import logging
 
 from common.party_setup import load_party
 from common.rpc import RecordingInterceptor, TranscriptRecorder, create_server, serve_forever, setup_logging
-from common.settings import PassiveSettings, identities, load_settings
+from common.settings import PassiveSettings, config_errors, identities, load_settings
 from services.passive.party import PassiveParty
 from services.passive.policy import PassivePolicy
 from services.passive.servicer import PartyServicer
@@ -40,16 +40,17 @@ def main() -> None:
     interceptors = []
     if settings.transcript_path is not None:
         interceptors.append(RecordingInterceptor(TranscriptRecorder(settings.transcript_path, "passive")))
-    server, port = create_server(
-        lambda s: party_pb2_grpc.add_PartyServiceServicer_to_server(servicer, s),
-        [SERVICE_NAME],
-        settings.host,
-        settings.port,
-        settings.max_workers,
-        interceptors,
-        tls=settings.tls,
-        allowed={SERVICE_NAME: identities(settings.allowed_peers)},
-    )
+    with config_errors():
+        server, port = create_server(
+            lambda s: party_pb2_grpc.add_PartyServiceServicer_to_server(servicer, s),
+            [SERVICE_NAME],
+            settings.host,
+            settings.port,
+            settings.max_workers,
+            interceptors,
+            tls=settings.tls,
+            allowed={SERVICE_NAME: identities(settings.allowed_peers)},
+        )
     logging.getLogger("vfl.passive").info(
         "event=loaded rows=%d features=%d key=%s",
         len(res.data.ids),
