@@ -19,6 +19,18 @@ from types import TracebackType
 from common.tls import CLIENT_IDENTITY, TlsFiles, create_certs, create_relay_token
 
 
+class ServiceStartError(RuntimeError):
+    """A service exited before serving. `reason` is its own one-line
+    "config error: ..." when it gave one (bad settings, CSV, port, key)."""
+
+    def __init__(self, name: str, returncode: int, log_path: Path) -> None:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        reasons = [line for line in tail.splitlines() if line.startswith("config error: ")]
+        self.name, self.returncode, self.log_path = name, returncode, log_path
+        self.reason = reasons[-1] if reasons else f"exited with code {returncode}"
+        super().__init__(f"{name} exited with code {returncode} before serving:\n{tail[-2000:]}")
+
+
 @dataclass
 class ServiceProcess:
     name: str
@@ -62,8 +74,7 @@ def start_service(
         if port_file.exists() and port_file.read_text().strip():
             return ServiceProcess(name, proc, int(port_file.read_text()), log_path, env)
         if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{name} exited with code {proc.returncode} before serving:\n{tail}")
+            raise ServiceStartError(name, proc.returncode, log_path)
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"{name} did not start within {timeout_s:.0f} s; log: {log_path}")
@@ -87,6 +98,13 @@ class LocalFederation:
     # e.g. {"passive": "seeded-initial-weights"}.
     plants: dict[str, str] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The services run in the repository root: paths given relative to the
+        # caller's directory must mean what the caller meant.
+        self.workdir = Path(self.workdir).resolve()
+        self.active_csv = Path(self.active_csv).resolve()
+        self.passive_csv = Path(self.passive_csv).resolve()
 
     @property
     def certs_dir(self) -> Path:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -17,15 +18,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from cli.client import STATE_NAMES, VflClient
-from cli.federation import LocalFederation
+from cli.federation import LocalFederation, ServiceStartError
 from common.data import load_party_csv
-from common.errors import VflError
+from common.errors import ConfigError, VflError
 from common.jobconfig import JobConfig, job_config
 from common.tls import CLIENT_IDENTITY, DEFAULT_IDENTITIES, TlsConfig, TlsError, TlsFiles, create_certs
 from vfl.v1 import client_pb2
 
 app = typer.Typer(help="Vertical federated logistic regression under a two-party Paillier key.", no_args_is_help=True)
 console = Console()
+# Errors: stderr, and one line whatever the terminal width.
+errors = Console(stderr=True, soft_wrap=True)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,19 +95,19 @@ def _config(
     try:
         return job_config(**fields)
     except VflError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
 
 def _tls(tls_dir: Path | None, tls_name: str, insecure: bool) -> TlsConfig | None:
     """The client's TLS material from --tls-dir, None with --insecure; exit 2 without either."""
     if tls_dir is not None and insecure:
-        console.print("[red]error:[/red] --tls-dir and --insecure: choose one")
+        errors.print("[red]error:[/red] --tls-dir and --insecure: choose one")
         raise typer.Exit(2)
     if insecure:
         return None
     if tls_dir is None:
-        console.print(
+        errors.print(
             "[red]error:[/red] give --tls-dir DIR (the CA and this client's certificate, see `vfl certs`), "
             "or --insecure for a plaintext connection to services run with VFL_INSECURE=true"
         )
@@ -112,12 +115,29 @@ def _tls(tls_dir: Path | None, tls_name: str, insecure: bool) -> TlsConfig | Non
     try:
         return TlsConfig.load(TlsFiles.in_dir(tls_dir, tls_name))
     except TlsError as exc:
-        console.print(f"[red]error:[/red] --tls-dir: {exc}")
+        errors.print(f"[red]error:[/red] --tls-dir: {exc}")
         raise typer.Exit(2) from None
 
 
+@contextlib.contextmanager
+def _started(fed: LocalFederation) -> Iterator[LocalFederation]:
+    """The federation running; a service that cannot start is one line
+    (its own config error) and exit code 2, not a traceback."""
+    try:
+        fed.__enter__()
+    except ServiceStartError as exc:
+        errors.print(
+            f"[red]error:[/red] the {exc.name} service did not start: {exc.reason} (log: {exc.log_path})",
+        )
+        raise typer.Exit(2) from None
+    try:
+        yield fed
+    finally:
+        fed.stop()
+
+
 def _fail(exc: grpc.RpcError) -> typer.Exit:
-    console.print(f"[red]error {exc.code().name}:[/red] {exc.details()}")
+    errors.print(f"[red]error {exc.code().name}:[/red] {exc.details()}")
     return typer.Exit(1)
 
 
@@ -156,14 +176,17 @@ def summary(final: client_pb2.JobStatus) -> str:
 
 
 def split_ids(
-    labels_csv: Path, id_column: str, label_column: str, test_size: float, split_seed: int
+    labels_csv: Path, id_column: str, label_column: str, test_size: float, split_seed: int, option: str = "--labels-csv"
 ) -> tuple[list[str], list[str], dict[str, float]]:
     """scikit-learn's train_test_split over the label holder's rows (in file order)."""
     from sklearn.model_selection import train_test_split
 
-    data = load_party_csv(labels_csv, id_column, label_column)
+    data = load_party_csv(labels_csv, id_column, label_column, option=option)
     assert data.labels is not None
-    train, test = train_test_split(data.ids, test_size=test_size, random_state=split_seed)
+    try:
+        train, test = train_test_split(data.ids, test_size=test_size, random_state=split_seed)
+    except ValueError as exc:  # too few rows for the split, or a test size out of range
+        raise ConfigError(f"--test-size {test_size:g} of {len(data.ids)} rows in {labels_csv}: {exc}") from None
     return list(train), list(test), dict(zip(data.ids, data.labels.tolist(), strict=True))
 
 
@@ -237,7 +260,15 @@ def demo(
     Every connection uses mutual TLS with certificates made in WORKDIR/certs, unless --insecure."""
     started = time.time()
     config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon)
-    train_ids, test_ids, labels = split_ids(active_csv, id_column, label_column, test_size, split_seed)
+    try:
+        # Both files checked here, with the options' names, before any service starts.
+        train_ids, test_ids, labels = split_ids(
+            active_csv, id_column, label_column, test_size, split_seed, option="--active-csv"
+        )
+        load_party_csv(passive_csv, id_column, option="--passive-csv")
+    except ConfigError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
     with tempfile.TemporaryDirectory(prefix="vfl-demo-") as tmp:
         root = workdir or Path(tmp)
         console.print(
@@ -254,7 +285,7 @@ def demo(
             id_column=id_column,
             tls=not insecure,
         )
-        with fed:
+        with _started(fed):
             console.print("  " + "  ".join(f"{n}={s.address}" for n, s in fed.services.items()))
             train_and_evaluate(
                 fed.active_address,
@@ -430,7 +461,7 @@ def certs(
     try:
         created = create_certs(out, extra)
     except (TlsError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     kept = [n for n in dict.fromkeys([*DEFAULT_IDENTITIES, *extra]) if n not in created]
     # Plain print: one line, not wrapped to the terminal.
@@ -444,7 +475,7 @@ def _read_ids(path: Path, id_column: str) -> list[str]:
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or id_column not in reader.fieldnames:
-            console.print(f"[red]error:[/red] {path}: no column {id_column!r}")
+            errors.print(f"[red]error:[/red] {path}: no column {id_column!r}")
             raise typer.Exit(2)
         return [row[id_column].strip() for row in reader]
 

@@ -212,4 +212,4 @@ def test_cli_train_status_predict_models_against_running_services(tmp_path, brea
         r = vfl("models")
         assert "cli-job" in r.stdout
         r = vfl("status", "no-such-job")
-        assert r.returncode == 1 and "NOT_FOUND" in r.stdout
+        assert r.returncode == 1 and "NOT_FOUND" in r.stderr

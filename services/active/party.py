@@ -28,6 +28,7 @@ from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from common.jobconfig import JobConfig
 from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
+from common.oserrors import owned_by
 from common.protocol import steps
 from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check_batch_size, min_batch_size
 from services.active.peer import PassiveClient
@@ -222,6 +223,7 @@ class ActiveParty:
             # Reserve the id before the slow set-up.
             self._reserved.add(job_id)
         passive_set_up = False
+        target_fp = b""
         try:
             passive_key, target_fp = self._exchange_keys()
             clip = self.dp_clip_norm if config.dp else 0.0
@@ -233,34 +235,38 @@ class ActiveParty:
             batches = batch_schedule(
                 len(ids), config.batch_size, config.epochs, config.seed, floor, config.max_iterations
             )
-        except BaseException:
+            job = TrainingJob(job_id, config, total=len(batches))
+            w0 = steps.initial_weights(self.test_weights_seed, job_id, p_a + 1, config.init_scale)
+            terms = self._dp_terms(config, batches, reply.passive_clip_norm, reply.passive_share_clip)
+            session = self._session(job, ids, holdout, positions, batches, passive_key, target_fp, p_b, w0, w0, terms)
+            job.dp_epsilon_spent = session.epsilon_spent()
+            self.checkpoints.save_setup(
+                job_id,
+                {
+                    "job_id": job_id,
+                    "config": config.model_dump(),
+                    "train_ids": ids,
+                    "holdout_ids": holdout,
+                    "target_fingerprint": target_fp.hex(),
+                    "passive_key": passive_key.to_dict(),
+                    "p_passive": p_b,
+                    "started": job.started,
+                    "w0": w0.tolist(),
+                    "dp": None if terms is None else terms.to_dict(),
+                },
+            )
+            self._save_state(session)
+        except BaseException as exc:
+            # Whatever failed (B's refusal, a full disk here), the job leaves
+            # nothing behind: B releases it, A's files go, the id is free.
             if passive_set_up:
-                # B holds the job: release it so that the id can be used again.
                 self._abort_at_passive(job_id, target_fp)
+            self.checkpoints.remove(job_id)
             with self._lock:
                 self._reserved.discard(job_id)
+            if isinstance(exc, VflError):
+                raise owned_by("active", exc) from None
             raise
-        job = TrainingJob(job_id, config, total=len(batches))
-        w0 = steps.initial_weights(self.test_weights_seed, job_id, p_a + 1, config.init_scale)
-        terms = self._dp_terms(config, batches, reply.passive_clip_norm, reply.passive_share_clip)
-        session = self._session(job, ids, holdout, positions, batches, passive_key, target_fp, p_b, w0, w0, terms)
-        job.dp_epsilon_spent = session.epsilon_spent()
-        self.checkpoints.save_setup(
-            job_id,
-            {
-                "job_id": job_id,
-                "config": config.model_dump(),
-                "train_ids": ids,
-                "holdout_ids": holdout,
-                "target_fingerprint": target_fp.hex(),
-                "passive_key": passive_key.to_dict(),
-                "p_passive": p_b,
-                "started": job.started,
-                "w0": w0.tolist(),
-                "dp": None if terms is None else terms.to_dict(),
-            },
-        )
-        self._save_state(session)
         with self._lock:
             self._reserved.discard(job_id)
             self._jobs[job_id] = job
@@ -381,7 +387,9 @@ class ActiveParty:
                 raise FailedPrecondition(f"job {job.job_id}: the target key changed since the job started")
             self._recover(s, Unavailable("this party restarted"))
         except Exception as exc:  # noqa: BLE001 - the job fails, the service stays up
-            job.error = str(exc) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
+            job.error = (
+                str(owned_by("active", exc)) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
+            )
             log.warning("event=job_failed job=%s error=%r", job.job_id, job.error)
             self.checkpoints.remove(job.job_id)
             job.state = State.FAILED
@@ -498,7 +506,9 @@ class ActiveParty:
                 time.time() - job.started,
             )
         except Exception as exc:  # noqa: BLE001 - the job fails, the service stays up
-            job.error = str(exc) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
+            job.error = (
+                str(owned_by("active", exc)) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
+            )
             log.warning("event=job_failed job=%s iteration=%d error=%r", job.job_id, job.iteration, job.error)
             if not isinstance(exc, VflError):
                 log.exception("event=job_internal_error job=%s", job.job_id)

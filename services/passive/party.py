@@ -284,8 +284,12 @@ class PassiveParty:
             "w0": w0.tolist(),
         }
         job = self._build_job(setup)
-        self.checkpoints.save_setup(job_id, setup)
-        self._save_state(job)
+        try:
+            self.checkpoints.save_setup(job_id, setup)
+            self._save_state(job)
+        except BaseException:
+            self.checkpoints.remove(job_id)  # a full disk leaves no half-set-up job behind
+            raise
         job.next_share = self._ahead.submit(self._encrypt_share, job, 0)
         with self._lock:
             self._jobs[job_id] = job
