@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,7 @@ from rich.table import Table
 
 from cli.client import STATE_NAMES, VflClient
 from cli.federation import LocalFederation, ServiceStartError
-from common.data import load_party_csv
+from common.data import load_party_csv, read_id_column
 from common.errors import ConfigError, VflError
 from common.jobconfig import JobConfig, job_config
 from common.tls import CLIENT_IDENTITY, DEFAULT_IDENTITIES, TlsConfig, TlsError, TlsFiles, create_certs
@@ -357,8 +356,8 @@ def train(
     """Train a model with running services; shows progress and the final status."""
     tls = _tls(tls_dir, tls_name, insecure)
     config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon)
-    ids = _read_ids(ids_csv, id_column) if ids_csv else []
-    holdout = _read_ids(holdout_ids_csv, id_column) if holdout_ids_csv else []
+    ids = _read_ids(ids_csv, id_column, "--ids-csv") if ids_csv else []
+    holdout = _read_ids(holdout_ids_csv, id_column, "--holdout-ids-csv") if holdout_ids_csv else []
     with VflClient(address, tls=tls, server_name=tls_server_name) as client:
         try:
             final = train_with_progress(client, config, ids, job_id, holdout)
@@ -404,7 +403,7 @@ def predict(
 ) -> None:
     """Score the ids of a CSV with a trained model."""
     tls = _tls(tls_dir, tls_name, insecure)
-    ids = _read_ids(ids_csv, id_column)
+    ids = _read_ids(ids_csv, id_column, "--ids-csv")
     with VflClient(address, tls=tls, server_name=tls_server_name) as client:
         try:
             probs = client.predict(model_id, ids)
@@ -471,13 +470,12 @@ def certs(
     )
 
 
-def _read_ids(path: Path, id_column: str) -> list[str]:
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or id_column not in reader.fieldnames:
-            errors.print(f"[red]error:[/red] {path}: no column {id_column!r}")
-            raise typer.Exit(2)
-        return [row[id_column].strip() for row in reader]
+def _read_ids(path: Path, id_column: str, option: str) -> list[str]:
+    try:
+        return read_id_column(path, id_column, option)
+    except ConfigError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

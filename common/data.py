@@ -161,6 +161,29 @@ def load_party_csv(
     )
 
 
+def read_id_column(path: Path, id_column: str, option: str) -> list[str]:
+    """The ids of a CSV with an id column (other columns ignored), checked as
+    load_party_csv checks a party's file."""
+    where = f"{option}: {path}"
+    if not path.is_file():
+        raise ConfigError(f"{where}: no such file")
+    with path.open("rb") as fh:
+        reader = csv.reader(_text_lines(fh, where))
+        try:
+            header = [h.strip() for h in next(reader, [])]
+            if id_column not in header:
+                raise ConfigError(f"{where}: line 1: id column {id_column!r} not in header {header}")
+            col = header.index(id_column)
+            ids = [row[col].strip() for row in reader if row]
+        except IndexError:
+            raise ConfigError(f"{where}: line {reader.line_num}: fewer fields than the header") from None
+        except csv.Error as exc:
+            raise ConfigError(f"{where}: line {reader.line_num}: not valid CSV ({exc})") from None
+    if not ids:
+        raise ConfigError(f"{where}: no ids; expected at least one row")
+    return ids
+
+
 def _finite(cell: str) -> bool:
     try:
         return math.isfinite(float(cell))

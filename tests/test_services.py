@@ -105,7 +105,7 @@ def run_service(module: str, env: dict[str, str], tmp_path: Path) -> subprocess.
     [
         ({"VFL_PORT": "99999"}, "config error: VFL_PORT:"),
         ({"VFL_KEY_BITS": "1024"}, "VFL_KEY_BITS: expected at least 2048"),
-        ({"VFL_DATA_CSV": "/nonexistent.csv"}, "VFL_DATA_CSV: no such file"),
+        ({"VFL_DATA_CSV": "/nonexistent.csv"}, "VFL_DATA_CSV: /nonexistent.csv: no such file"),
         ({"VFL_LOG_LEVEL": "LOUD"}, "config error: VFL_LOG_LEVEL:"),
     ],
 )
