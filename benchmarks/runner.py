@@ -18,7 +18,6 @@ What is measured, and where from:
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ from common.data import load_party_csv
 from common.errors import VflError
 from common.jobconfig import JobConfig, job_config
 from common.serde import config_to_proto
+from common.storage import read_record
 from vfl.v1 import client_pb2
 
 SERVICES = ("active", "assistant", "passive")
@@ -116,7 +116,7 @@ def _read_shards(workdir: Path, job_id: str) -> dict[str, dict[str, Any]]:
     for name in SERVICES:
         path = workdir / name / "data" / "models" / f"{job_id}.json"
         if path.is_file():
-            out[name] = json.loads(path.read_text())
+            out[name] = read_record(path, "model")
     return out
 
 

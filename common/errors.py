@@ -58,6 +58,19 @@ class ResourceExhausted(VflError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DamagedFile(VflError):
+    """A file in a party's data directory failed its checks (not JSON,
+    truncated, wrong format or version, checksum mismatch). `path` is the
+    file, `reason` what is wrong; neither carries the file's content."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+    def __init__(self, path: object, reason: str, message: str | None = None) -> None:
+        super().__init__(message or f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class ConfigError(Exception):
     """Bad service configuration, reported at start-up."""
 

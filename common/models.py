@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
-from common.errors import InvalidArgument, NotFound
-from common.storage import atomic_write_text
+from common.errors import DamagedFile, InvalidArgument, NotFound
+from common.storage import quarantine, quarantined_copy, read_record, relative_name, write_record
+
+log = logging.getLogger("vfl.models")
 
 _ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+KIND = "model"
 
 
 def check_job_id(job_id: str, what: str = "job_id") -> str:
@@ -21,23 +25,57 @@ def check_job_id(job_id: str, what: str = "job_id") -> str:
 
 
 class ModelStore:
-    """JSON shards under <data_dir>/models/<model_id>.json, written atomically."""
+    """Checked records under <data_dir>/models/<model_id>.json, written
+    atomically and durably. A damaged shard is moved to quarantine/ the
+    first time it is read, and from then on refused with DATA_LOSS naming
+    the model and where it went; the other shards are not affected."""
 
     def __init__(self, data_dir: Path) -> None:
+        self._data_dir = data_dir
         self._dir = data_dir / "models"
+        self._quarantine_lock = threading.Lock()
 
     def _path(self, model_id: str) -> Path:
         return self._dir / f"{check_job_id(model_id, 'model_id')}.json"
 
     def save(self, model_id: str, shard: dict[str, Any]) -> None:
-        atomic_write_text(self._path(model_id), json.dumps(shard, indent=1))
+        write_record(self._path(model_id), KIND, shard)
 
     def load(self, model_id: str) -> dict[str, Any]:
         path = self._path(model_id)
-        if not path.exists():
-            raise NotFound(f"model_id: no model {model_id!r}")
-        shard: dict[str, Any] = json.loads(path.read_text())
-        return shard
+        name = relative_name(path, self._data_dir)
+        try:
+            return read_record(path, KIND)
+        except FileNotFoundError:
+            moved = quarantined_copy(path, self._data_dir)
+            if moved is None:
+                raise NotFound(f"model_id: no model {model_id!r}") from None
+            raise DamagedFile(
+                path,
+                "quarantined",
+                f"model {model_id!r}: {name} was damaged and moved to {relative_name(moved, self._data_dir)}",
+            ) from None
+        except DamagedFile as exc:
+            with self._quarantine_lock:
+                moved = quarantine(path, self._data_dir, exc.reason)
+            log.warning("event=model_damaged model=%s path=%s reason=%r", model_id, name, exc.reason)
+            raise DamagedFile(
+                path,
+                exc.reason,
+                f"model {model_id!r}: {name} is damaged ({exc.reason}); moved to "
+                f"{relative_name(moved, self._data_dir)}",
+            ) from None
+
+    def load_all(self) -> list[dict[str, Any]]:
+        """Every readable shard, sorted by id; a damaged one is quarantined
+        and logged (by `load`) and left out, never failing the listing."""
+        out = []
+        for model_id in self.list_ids():
+            try:
+                out.append(self.load(model_id))
+            except (DamagedFile, NotFound):
+                continue
+        return out
 
     def exists(self, model_id: str) -> bool:
         return self._path(model_id).exists()
@@ -45,4 +83,6 @@ class ModelStore:
     def list_ids(self) -> list[str]:
         if not self._dir.exists():
             return []
-        return sorted(p.stem for p in self._dir.glob("*.json"))
+        # A foreign file whose name is no model id is not listed (nor read).
+        stems = (p.stem for p in self._dir.glob("*.json"))
+        return sorted(s for s in stems if _ID_RE.fullmatch(s) and s not in (".", ".."))

@@ -3,7 +3,6 @@ over loopback, real Paillier keys) and the bundled breast split."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
 from common.crypto.backend import PrivateKey
 from common.crypto.keystore import key_path
 from common.crypto.keystore import read_private_key as read_key_file
+from common.storage import read_record
 
 # Test mode only (OU needs at least 768 bits); one end-to-end test runs 2048-bit keys.
 TEST_KEY_BITS = 1024
@@ -83,7 +83,7 @@ def client(federation: LocalFederation) -> Iterator[VflClient]:
 
 
 def read_shard(fed: LocalFederation, party: str, model_id: str) -> dict:
-    return json.loads((fed.workdir / party / "data" / "models" / f"{model_id}.json").read_text())
+    return read_record(fed.workdir / party / "data" / "models" / f"{model_id}.json", "model")
 
 
 def read_private_key(fed: LocalFederation, party: str) -> PrivateKey:

@@ -6,13 +6,12 @@ the public key leaves through key exchange.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from common.crypto.backend import SCHEME_OU, SCHEME_PAILLIER, HEBackend, PrivateKey
-from common.errors import ConfigError
-from common.storage import atomic_write_text, ensure_private_dir
+from common.errors import ConfigError, DamagedFile, VflError
+from common.storage import ensure_private_dir, read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +28,30 @@ def key_path(data_dir: Path) -> Path:
     return legacy if legacy.exists() and not (data_dir / KEY_FILE).exists() else data_dir / KEY_FILE
 
 
+KIND = "private-key"
+
+
 def read_private_key(path: Path) -> PrivateKey:
-    """The stored key pair; refused if anyone but the owner can read it."""
+    """The stored key pair; refused if anyone but the owner can read it, and
+    if the file is damaged (one line naming VFL_DATA_DIR and the file). The
+    file is never moved or replaced here: the models trained with the key
+    need it, so the operator decides."""
     mode = path.stat().st_mode & 0o777
     if mode & 0o077:
         raise ConfigError(f"{path}: private key file must be owner-only (mode 600), is {mode:o}")
-    return PrivateKey.from_dict(json.loads(path.read_text()))
+    try:
+        body = read_record(path, KIND)
+        return PrivateKey.from_dict(body)
+    except DamagedFile as exc:
+        reason = exc.reason
+    except (KeyError, TypeError, ValueError, VflError) as exc:
+        # A legacy (unchecked) file whose JSON parses but is no key pair.
+        reason = f"not a valid private key ({type(exc).__name__})"
+    data_dir = path.parent.parent
+    raise ConfigError(
+        f"VFL_DATA_DIR: {data_dir}: {path.relative_to(data_dir)} is damaged ({reason}); the models trained with "
+        "this party's key need it: restore the file from a backup, or move it away to have a new key generated"
+    )
 
 
 def check_key_bits(bits: int, test_mode: bool, scheme: str = SCHEME_PAILLIER) -> None:
@@ -62,8 +79,7 @@ def load_or_create_keypair(data_dir: Path, backend: HEBackend, bits: int, test_m
         return key
     ensure_private_dir(path.parent)
     key = backend.generate_keypair(bits)
-    body = json.dumps(key.to_dict())
-    atomic_write_text(path, body, mode=0o600)
+    write_record(path, KIND, key.to_dict(), mode=0o600)
     log.info("event=key_generated fingerprint=%s bits=%d", key.public.fingerprint.hex()[:16], bits)
     return key
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from common import dp, metrics, serde
-from common.checkpoint import JobCheckpoints
+from common.checkpoint import JobCheckpoints, unusable_reason
 from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
 from common.crypto.pool import GATE
 from common.data import PartyData, Scaler, check_ids
@@ -280,13 +280,25 @@ class ActiveParty:
     def resume_jobs(self) -> int:
         """Pick up the jobs that were running when this process stopped, each
         from its last checkpoint; they continue in the background once B
-        answers. Returns how many."""
+        answers. Returns how many. A job whose checkpoint is missing, damaged
+        or unusable is registered as FAILED with the reason, and released at B
+        (see _fail_unresumable)."""
         resumed = 0
-        for setup, state in self.checkpoints.load_all():
-            try:
-                session = self._session_from_checkpoint(setup, state)
-            except (KeyError, ValueError, VflError) as exc:
-                log.warning("event=job_not_resumed job=%s error=%s", setup.get("job_id"), exc)
+        for saved in self.checkpoints.load_all():
+            if saved.missing == {"state"} and self.models.exists(saved.job_id):
+                # Stopped between storing the model and removing the checkpoint: done.
+                self.checkpoints.remove(saved.job_id)
+                continue
+            problem = saved.problem
+            if not problem:
+                assert saved.setup is not None and saved.state is not None
+                try:
+                    session = self._session_from_checkpoint(saved.setup, saved.state)
+                except (KeyError, TypeError, ValueError, VflError) as exc:
+                    why = unusable_reason(exc)
+                    problem = f"job {saved.job_id}: its checkpoint cannot be used ({why}); the job cannot resume"
+            if problem:
+                self._fail_unresumable(saved.job_id, saved.setup, problem)
                 continue
             with self._lock:
                 self._jobs[session.job.job_id] = session.job
@@ -296,6 +308,53 @@ class ActiveParty:
             ).start()
             resumed += 1
         return resumed
+
+    def _fail_unresumable(self, job_id: str, setup: dict[str, Any] | None, problem: str) -> None:
+        """A job A cannot resume: FAILED with `problem` for status calls and
+        watchers at once; in the background, B is told to abort it (so that it
+        releases its state and files) and A's remaining files are removed."""
+        try:
+            config = JobConfig.model_validate((setup or {})["config"])
+        except (KeyError, TypeError, ValueError):
+            config = JobConfig()
+        job = TrainingJob(job_id, config, total=0, state=State.FAILED, error=problem)
+        with self._lock:
+            self._jobs[job_id] = job
+        job.publish(problem)
+        log.warning("event=job_failed job=%s error=%r", job_id, problem)
+        target_fp: bytes | None = None
+        try:
+            target_fp = bytes.fromhex((setup or {})["target_fingerprint"])
+        except (KeyError, TypeError, ValueError):
+            pass  # the set-up is lost: the target key is found again by key exchange
+        threading.Thread(
+            target=self._release_unresumable, args=(job_id, target_fp), name=f"release-{job_id}", daemon=True
+        ).start()
+
+    def _release_unresumable(self, job_id: str, target_fp: bytes | None) -> None:
+        deadline = time.monotonic() + self.recovery_s
+        delay = 0.1
+        try:
+            while True:
+                try:
+                    if target_fp is None:
+                        # The step header needs the target key: (pk_A, pk_B) again.
+                        _, target_fp = self._exchange_keys()
+                    self.peer.finish_job(serde.step_header(job_id, 0, target_fp), aborted=True)
+                    log.info("event=job_released_at_passive job=%s", job_id)
+                    return
+                except Unavailable as exc:
+                    if time.monotonic() > deadline:
+                        log.warning("event=abort_not_delivered job=%s error=%r", job_id, str(exc))
+                        return
+                    time.sleep(delay)
+                    delay = min(2.0, delay * 2)
+                except VflError as exc:
+                    # E.g. NOT_FOUND: B never had the job, or released it already.
+                    log.warning("event=abort_not_delivered job=%s error=%r", job_id, str(exc))
+                    return
+        finally:
+            self.checkpoints.remove(job_id)
 
     def _dp_terms(
         self, config: JobConfig, batches: BatchSchedule, passive_clip_norm: float, passive_share_clip: float
@@ -404,7 +463,8 @@ class ActiveParty:
         return job
 
     def list_models(self) -> list[dict[str, Any]]:
-        return [self.models.load(m) for m in self.models.list_ids()]
+        """The readable shards; a damaged one is quarantined and logged, not listed."""
+        return self.models.load_all()
 
     # --- the training loop ----------------------------------------------
 
@@ -429,7 +489,7 @@ class ActiveParty:
     def _save_state(self, s: _Session) -> None:
         """Written before B's step 5 is sent: whatever happens next, A can
         resume either with B's update confirmed or by re-sending it."""
-        self.checkpoints.save_state(s.job.job_id, self._state(s))
+        self.checkpoints.save_state(s.job.job_id, self._state(s), durable=True)
 
     def _state(self, s: _Session) -> dict[str, Any]:
         job = s.job
@@ -446,8 +506,11 @@ class ActiveParty:
         }
 
     def _checkpoint_then_apply(self, job_id: str, state: dict[str, Any], header: Any, z_b: list[int]) -> float:
-        # In A's background thread, in this order: the checkpoint, then B's step 5.
-        self.checkpoints.save_state(job_id, state)
+        # In A's background thread, in this order: the checkpoint, then B's
+        # step 5. Durable: z_B is a decryption released to B, and after a power
+        # cut A must neither forget it (B applied it) nor, under DP, release
+        # the iteration again uncounted.
+        self.checkpoints.save_state(job_id, state, durable=True)
         return self.peer.apply_gradient(header, self.key.public, z_b)
 
     def _run(self, s: _Session) -> None:

@@ -27,12 +27,13 @@ from typing import Any, cast
 import numpy as np
 
 from common import dp, metrics
-from common.checkpoint import JobCheckpoints
+from common.checkpoint import JobCheckpoints, unusable_reason
 from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
 from common.crypto.pool import GATE
 from common.data import PartyData, Scaler
 from common.errors import (
     AlreadyExists,
+    DamagedFile,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -160,6 +161,8 @@ class PassiveParty:
         self.budget = PredictionBudget(data_dir, self.policy)
         self._targets: dict[bytes, PublicKey] = {}
         self._jobs: dict[str, PassiveJob] = {}
+        # Jobs a restart could not restore: (target key or None if unknown, damaged, why).
+        self._unresumable: dict[str, tuple[bytes | None, bool, str]] = {}
         self._lock = threading.Lock()
         # Overlaps B's X_B^T [[a]] with A's X_A^T [[b]] (both step 3).
         # One thread each, so that no task waits behind another: B's own
@@ -187,6 +190,11 @@ class PassiveParty:
     def _job(self, job_id: str, target_fp: bytes) -> PassiveJob:
         job = self._jobs.get(job_id)
         if job is None:
+            gone = self._unresumable.get(job_id)
+            if gone is not None and gone[0] in (None, target_fp):
+                # A restart found this job's checkpoint unusable: say why (DATA_LOSS if damaged).
+                _, damaged, problem = gone
+                raise DamagedFile(job_id, "checkpoint", problem) if damaged else FailedPrecondition(problem)
             raise NotFound(f"header.job_id: no running job {job_id[:64]!r} at the passive party")
         if target_fp != job.target_fp:
             # A refusal like any other: the job ends (see _refusal_ends_job).
@@ -293,6 +301,7 @@ class PassiveParty:
         job.next_share = self._ahead.submit(self._encrypt_share, job, 0)
         with self._lock:
             self._jobs[job_id] = job
+            self._unresumable.pop(job_id, None)  # a new job under the old id
         log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
         return SetupReply(self.data.n_features, job.clip_norm, self.policy.dp_share_clip if config.dp else 0.0)
 
@@ -357,7 +366,16 @@ class PassiveParty:
         iteration's steps; if B had released that iteration's z_A, A's
         re-sent shares count as a restart). Returns how many."""
         restored = 0
-        for setup, state in self.checkpoints.load_all():
+        for saved in self.checkpoints.load_all():
+            if saved.missing == {"state"} and self.models.exists(saved.job_id):
+                # Stopped between storing the model and removing the checkpoint: done.
+                self.checkpoints.remove(saved.job_id)
+                continue
+            if saved.problem:
+                self._unresumable_job(saved.job_id, saved.setup, saved.problem, damaged=saved.damaged)
+                continue
+            setup, state = saved.setup, saved.state
+            assert setup is not None and state is not None
             try:
                 job = self._build_job(setup)
                 job.iteration = int(state["iteration"])
@@ -369,8 +387,10 @@ class PassiveParty:
                 job.restarts = int(state["restarts"])
                 job.restarted_at = int(state["restarted_at"])
                 job.released_at = int(state["released_at"])
-            except (KeyError, ValueError, VflError) as exc:
-                log.warning("event=job_not_restored job=%s error=%s", setup.get("job_id"), exc)
+            except (KeyError, TypeError, ValueError, VflError) as exc:
+                why = unusable_reason(exc)
+                problem = f"job {saved.job_id}: its checkpoint cannot be used ({why}); the job cannot resume"
+                self._unresumable_job(saved.job_id, setup, problem, damaged=False)
                 continue
             job.next_share = self._ahead.submit(self._encrypt_share, job, job.iteration)
             with self._lock:
@@ -379,6 +399,30 @@ class PassiveParty:
             restored += 1
             log.info("event=job_restored job=%s iteration=%d", job.job_id, job.iteration)
         return restored
+
+    def _unresumable_job(self, job_id: str, setup: dict[str, Any] | None, problem: str, damaged: bool) -> None:
+        """A job B cannot restore: its files go (a damaged one is in
+        quarantine already) and A's next call for it is answered with
+        `problem`, so that A fails the job with B's reason (see _job)."""
+        self.checkpoints.remove(job_id)
+        target: bytes | None = None
+        try:
+            target = bytes.fromhex((setup or {})["target_fingerprint"])
+        except (KeyError, TypeError, ValueError):
+            pass  # the set-up is lost: any caller of this job id hears why
+        with self._lock:
+            self._unresumable[job_id] = (target, damaged, problem)
+        log.warning("event=job_not_restored job=%s error=%r", job_id, problem)
+
+    def _release_unresumable(self, job_id: str, target_fp: bytes) -> bool:
+        """A's abort of a job B could not restore: nothing is left to drop."""
+        with self._lock:
+            gone = self._unresumable.get(job_id)
+            if gone is None or gone[0] not in (None, target_fp):
+                return False
+            del self._unresumable[job_id]
+        log.info("event=job_ended job=%s reason=aborted by the active party (not restored)", job_id)
+        return True
 
     def job_state(self, job_id: str, target_fp: bytes) -> tuple[int, Phase]:
         job = self._job(job_id, target_fp)
@@ -610,6 +654,8 @@ class PassiveParty:
             # target key learns that, so the call is no oracle for model ids.
             if self.models.load(job_id).get("target_fingerprint") == target_fp.hex():
                 return True
+        if aborted and job_id not in self._jobs and self._release_unresumable(job_id, target_fp):
+            return False
         job = self._job(job_id, target_fp)
         if aborted:
             self._end_job(job, "aborted by the active party")

@@ -16,15 +16,16 @@ model budget, p_B // 4 per peer (5 for breast), keeps the error above 0.6.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from common.errors import ResourceExhausted
-from common.storage import atomic_write_text
+from common.errors import DamagedFile, ResourceExhausted
+from common.storage import read_record, write_record
+
+BUDGETS_KIND = "budgets"
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ class PassivePolicy:
 class PredictionBudget:
     """Ids scored per peer identity: per model (for its lifetime) and over a
     sliding time window (all models). Persisted before scores are released,
-    so a restart of B gives no peer a fresh budget."""
+    so a restart of B gives no peer a fresh budget. A damaged budgets file
+    is not quarantined (that would reset every budget): B scores nothing,
+    with DATA_LOSS naming the file, until the operator restores or removes it."""
 
     def __init__(self, data_dir: Path, policy: PassivePolicy) -> None:
         self._path = data_dir / "budgets.json"
@@ -56,9 +59,18 @@ class PredictionBudget:
         self._lock = threading.Lock()
 
     def _load(self) -> dict[str, dict[str, object]]:
-        if not self._path.exists():
+        try:
+            data: dict[str, dict[str, object]] = read_record(self._path, BUDGETS_KIND)
+        except FileNotFoundError:
             return {}
-        data: dict[str, dict[str, object]] = json.loads(self._path.read_text())
+        except DamagedFile as exc:
+            raise DamagedFile(
+                self._path,
+                exc.reason,
+                f"{self._path.name} is damaged ({exc.reason}); it holds every peer's prediction budget, so the "
+                "passive party scores nothing until it is restored from a backup, or moved away (which resets "
+                "every peer's budget)",
+            ) from None
         return data
 
     def charge(self, peer: str, model_id: str, count: int, now: float | None = None) -> None:
@@ -93,4 +105,4 @@ class PredictionBudget:
             models[model_id] = used_model + count
             entry["window"] = window
             entry["models"] = models
-            atomic_write_text(self._path, json.dumps(data))
+            write_record(self._path, BUDGETS_KIND, data)

@@ -34,6 +34,7 @@ from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, si
 from common.jobconfig import JobConfig
 from common.protocol import steps
 from common.protocol.batching import batch_schedule, min_batch_size
+from common.storage import read_record
 from services.passive.policy import PassivePolicy
 from tests.attacks.harness import MaliciousActive, active_view, attack_federation, passive_features
 from tests.conftest import TEST_KEY_BITS, make_federation, read_shard
@@ -75,7 +76,7 @@ def probe_scores(workdir: Path, plants: dict[str, str]) -> tuple[np.ndarray, np.
             values = signed(unmask(attacker.passive_key, step4.z_a, grad.mask), attacker.passive_key.n)
             estimates.extend(np.array(values, dtype=float) / GRADIENT_SCALE)
             # Ground truth from B's own record of its job (never seen by A).
-            setup = json.loads((fed.workdir / "passive" / "data" / "jobs" / f"{job_id}.setup.json").read_text())
+            setup = read_record(fed.workdir / "passive" / "data" / "jobs" / f"{job_id}.setup.json", "job-setup")
             x = dp.clip_rows(x_b[rows[: p_a + 1]], float(reply.passive_clip_norm))
             truth.extend(np.clip(x @ np.asarray(setup["w0"]) / 4.0, -SHARE_CLIP, SHARE_CLIP))
             attacker.finish(0, aborted=True)
