@@ -299,6 +299,11 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> No
     if isinstance(exc, VflError):
         log.info("event=rpc_refused method=%s code=%s detail=%r", method, exc.code.name, str(exc))
         context.abort(exc.code, str(exc))
+    if isinstance(exc, grpc.RpcError) and not context.is_active():
+        # Reading the request stream failed because the caller cancelled or its
+        # connection was lost: a network event, not a bug, and no one to answer.
+        log.info("event=rpc_cancelled method=%s", method)
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled or its connection lost")
     # Unexpected: log the traceback for the operator, return only an id.
     ref = uuid.uuid4().hex[:12]
     log.exception("event=rpc_internal_error method=%s ref=%s", method, ref)

@@ -24,7 +24,15 @@ from common.checkpoint import JobCheckpoints, unusable_reason
 from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
 from common.crypto.pool import GATE
 from common.data import PartyData, Scaler, check_ids
-from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable, VflError
+from common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PeerError,
+    Unavailable,
+    VflError,
+)
 from common.jobconfig import JobConfig
 from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
@@ -37,6 +45,7 @@ from vfl.v1 import party_pb2
 log = logging.getLogger("vfl.active")
 
 MAX_PREDICT_IDS = 100_000
+ABORT_PATIENCE_S = 10.0
 
 
 class State(Enum):
@@ -227,9 +236,10 @@ class ActiveParty:
         try:
             passive_key, target_fp = self._exchange_keys()
             clip = self.dp_clip_norm if config.dp else 0.0
+            # From here B may hold the job, even if the connection loses its answer.
+            passive_set_up = True
             reply = self.peer.setup_job(job_id, config, target_fp, p_a, ids, holdout, clip)
             p_b = reply.passive_features
-            passive_set_up = True
             check_batch_size(config.batch_size, p_a, p_b, config.allow_small_batch)
             floor = min_batch_size(p_a, p_b, config.allow_small_batch)
             batches = batch_schedule(
@@ -257,9 +267,10 @@ class ActiveParty:
             )
             self._save_state(session)
         except BaseException as exc:
-            # Whatever failed (B's refusal, a full disk here), the job leaves
-            # nothing behind: B releases it, A's files go, the id is free.
-            if passive_set_up:
+            # Whatever failed (B's refusal, a lost answer, a full disk here), the
+            # job leaves nothing behind: B releases it, A's files go, the id is
+            # free. A refusal of SetupJob leaves nothing at B to release.
+            if passive_set_up and not isinstance(exc, PeerError):
                 self._abort_at_passive(job_id, target_fp)
             self.checkpoints.remove(job_id)
             with self._lock:
@@ -480,11 +491,24 @@ class ActiveParty:
         return passive_key, target_fp
 
     def _abort_at_passive(self, job_id: str, target_fp: bytes, iteration: int = 0) -> None:
-        """Best effort: B drops the job's state and stores nothing."""
-        try:
-            self.peer.finish_job(serde.step_header(job_id, iteration, target_fp), aborted=True)
-        except VflError as exc:
-            log.warning("event=abort_not_delivered job=%s error=%r", job_id, str(exc))
+        """Best effort: B drops the job's state and stores nothing. Sent again
+        for up to ABORT_PATIENCE_S while B cannot be reached: a job left at B
+        holds its state and counts against A's quota there."""
+        deadline = time.monotonic() + ABORT_PATIENCE_S
+        delay = 0.1
+        while True:
+            try:
+                self.peer.finish_job(serde.step_header(job_id, iteration, target_fp), aborted=True)
+                return
+            except Unavailable as exc:
+                if time.monotonic() + delay > deadline:
+                    log.warning("event=abort_not_delivered job=%s error=%r", job_id, str(exc))
+                    return
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+            except VflError as exc:  # e.g. NOT_FOUND: B never had the job
+                log.warning("event=abort_not_delivered job=%s error=%r", job_id, str(exc))
+                return
 
     def _save_state(self, s: _Session) -> None:
         """Written before B's step 5 is sent: whatever happens next, A can
@@ -552,12 +576,11 @@ class ActiveParty:
                         pending, s.pending_z_b = None, None
                     elif s.pending_z_b is not None:
                         self._resend_apply(s)
-                    header = serde.step_header(job.job_id, job.iteration, s.target_fp)
-                    self.peer.finish_job(header, aborted=False)
                     break
                 except Unavailable as exc:
                     pending = None
                     self._recover(s, exc)
+            self._finish_at_passive(s)
             self._store_model(s)
             self.checkpoints.remove(job.job_id)
             job.state = State.SUCCEEDED
@@ -582,6 +605,29 @@ class ActiveParty:
             job.state = State.FAILED
             job.publish(job.error)
 
+    def _finish_at_passive(self, s: _Session) -> None:
+        """FinishJob, sent again while B cannot be reached (for recovery_s): B
+        answers a repeated FinishJob from the shard it stored. Not _recover:
+        once B has stored its shard it runs the job no more, and GetJobState
+        would answer that there is no such job."""
+        job = s.job
+        header = serde.step_header(job.job_id, job.iteration, s.target_fp)
+        deadline = time.monotonic() + self.recovery_s
+        delay = 0.1
+        while True:
+            try:
+                self.peer.finish_job(header, aborted=False)
+                return
+            except Unavailable as exc:
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"job {job.job_id}: the passive party did not confirm FinishJob within "
+                        f"{self.recovery_s:.0f} s: {exc}"
+                    ) from None
+                log.warning("event=peer_lost job=%s iteration=%d error=%r", job.job_id, job.iteration, str(exc))
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+
     def _resend_apply(self, s: _Session) -> None:
         """B's step 5 of the previous iteration, re-sent byte for byte."""
         assert s.pending_z_b is not None
@@ -595,12 +641,12 @@ class ActiveParty:
         (the job fails) after recovery_s seconds without an answer."""
         job = s.job
         log.warning("event=peer_lost job=%s iteration=%d error=%r", job.job_id, s.next_iteration, str(cause))
-        header = serde.step_header(job.job_id, s.next_iteration, s.target_fp)
         deadline = time.monotonic() + self.recovery_s
         delay = 0.1
         while True:
             try:
-                b_iteration, b_phase = self.peer.job_state(header)
+                # All of it again if the connection breaks anew, re-sent step 5 included.
+                self._line_up(s)
                 break
             except Unavailable:
                 if time.monotonic() > deadline:
@@ -609,6 +655,14 @@ class ActiveParty:
                     ) from None
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
+        log.info("event=job_resumed job=%s iteration=%d", job.job_id, s.next_iteration)
+
+    def _line_up(self, s: _Session) -> None:
+        """Ask where the job stands at B and line A up with it. Repeatable: B's
+        step 5 stays pending until B has confirmed it."""
+        job = s.job
+        header = serde.step_header(job.job_id, s.next_iteration, s.target_fp)
+        b_iteration, b_phase = self.peer.job_state(header)
         t = s.next_iteration
         if s.pending_z_b is not None:
             # A has applied iteration t-1; B's step 5 of it is not confirmed.
@@ -623,7 +677,6 @@ class ActiveParty:
                 raise FailedPrecondition(f"job {job.job_id}: B is at iteration {b_iteration}, A at {t}")
         elif b_iteration != t:
             raise FailedPrecondition(f"job {job.job_id}: B is at iteration {b_iteration}, A at {t}")
-        log.info("event=job_resumed job=%s iteration=%d", job.job_id, s.next_iteration)
 
     @GATE.working
     def _train_iteration(

@@ -141,6 +141,10 @@ class TunnelProxy:
         peer = f"{peername[0]}:{peername[1]}" if isinstance(peername, tuple) else str(peername)
         try:
             await self._handle(reader, writer, peer)
+        except OSError as exc:
+            # The connection broke (reset, broken pipe) before or while it was
+            # set up: a network event, not a bug.
+            log.info("event=connection_lost peer=%s error=%s", peer, exc.strerror or exc)
         except Exception:  # noqa: BLE001 - one bad connection never stops the proxy
             log.exception("event=tunnel_error peer=%s", peer)
         finally:
