@@ -36,7 +36,6 @@ excused while it is fixed, so that the fuzzer keeps looking for others. Run with
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import signal
@@ -69,6 +68,7 @@ from common.jobconfig import job_config
 from common.protocol import steps
 from common.protocol.batching import batch_schedule
 from common.rpc import open_channel
+from common.storage import decode_record
 from tests.conftest import TEST_KEY_BITS, BreastSplit, make_federation
 from vfl.v1 import client_pb2, common_pb2, party_pb2
 
@@ -356,7 +356,8 @@ def world(federation: LocalFederation, breast: BreastSplit) -> Iterator[World]:
         ids = breast.test_ids[:16]
         probs = client.predict(MODEL_ID, ids)
     shards = {p: shard_path(federation, p, MODEL_ID).read_bytes() for p in ("active", "passive")}
-    target_fp = bytes.fromhex(json.loads(shards["active"])["target_fingerprint"])
+    active_shard = decode_record(shards["active"], shard_path(federation, "active", MODEL_ID), "model")
+    target_fp = bytes.fromhex(active_shard["target_fingerprint"])
     channels = {name: open_channel(svc.address) for name, svc in federation.services.items()}
     # "assistant": B's PartyService through C's CONNECT tunnel (C itself serves no RPC).
     channels["assistant"] = open_channel(

@@ -20,7 +20,6 @@ removed whatever happens.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -38,7 +37,7 @@ import cli.federation
 from cli.client import VflClient
 from cli.federation import LocalFederation, ServiceProcess
 from common.jobconfig import job_config
-from tests.conftest import SAME_START, BreastSplit, make_federation
+from tests.conftest import SAME_START, BreastSplit, make_federation, read_shard
 from vfl.v1 import client_pb2
 
 # On the federation's links (A-C, C-B), both directions. netem is the impairment
@@ -201,10 +200,7 @@ def train_and_read(fed: LocalFederation, breast: BreastSplit, timeout_s: float) 
         final = client.wait("netns-job")
         assert final.state == client_pb2.JOB_STATE_SUCCEEDED, final.error
         probs = client.predict("netns-job", breast.test_ids)
-    shard = {
-        p: json.loads((fed.workdir / p / "data" / "models" / "netns-job.json").read_text())
-        for p in ("active", "passive")
-    }
+    shard = {p: read_shard(fed, p, "netns-job") for p in ("active", "passive")}
     return {
         "w_active": np.asarray(shard["active"]["weights"] + [shard["active"]["intercept"]]),
         "w_passive": np.asarray(shard["passive"]["weights"]),
