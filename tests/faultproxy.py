@@ -298,7 +298,8 @@ class FaultProxy:
 
     async def _reset_later(self, conn: _Connection, after_s: float) -> None:
         await asyncio.sleep(after_s)
-        if not conn.ended.is_set():
+        # Drawn when the connection opened; dropped if set_faults turned it off since.
+        if not conn.ended.is_set() and self._faults["up"].reset_conn_p > 0:
             self._count(resets=1)
             conn.reset()
 
