@@ -243,7 +243,11 @@ class TunnelProxy:
         try:
             pending = set(tasks)
             while pending:
-                done, pending = await asyncio.wait(pending, timeout=min(5.0, self.idle_timeout_s))
+                # FIRST_EXCEPTION: a reset on either side ends the tunnel now, not at the
+                # next tick (A's calls would wait for that); a half-close does not.
+                done, pending = await asyncio.wait(
+                    pending, timeout=min(5.0, self.idle_timeout_s), return_when=asyncio.FIRST_EXCEPTION
+                )
                 if any(t.exception() is not None for t in done if not t.cancelled()):
                     why = "reset"
                     break

@@ -12,6 +12,7 @@ one answer, not a series. B is a decryption oracle for nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ from common.models import ModelStore, check_job_id
 from common.protocol import steps
 from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check_batch_size, min_batch_size
 from common.serde import StepMessage, rows_array
+from common.storage import canonical_json
 from services.passive.policy import PassivePolicy, PredictionBudget
 
 log = logging.getLogger("vfl.passive")
@@ -54,6 +56,21 @@ log = logging.getLogger("vfl.passive")
 MAX_RESTARTS = 3
 # How long a loss share waits for step 4 before it is computed regardless.
 LOSS_WAIT_S = 1.0
+# What a set-up request says (not B's own draws, such as its initial weights).
+SETUP_REQUEST = (
+    "job_id",
+    "config",
+    "target_fingerprint",
+    "active_features",
+    "ids",
+    "holdout_ids",
+    "active_clip_norm",
+    "peer",
+)
+
+
+def setup_digest(setup: dict[str, Any]) -> bytes:
+    return hashlib.sha256(canonical_json({k: setup.get(k) for k in SETUP_REQUEST}).encode()).digest()
 
 
 class Phase(Enum):
@@ -74,6 +91,7 @@ class PassiveJob:
     w: np.ndarray
     w0: np.ndarray  # B's own initial weights, from its CSPRNG
     peer: str  # the identity that set the job up
+    setup_digest: bytes  # of the set-up request, to answer a repeated one again
     population: frozenset[str]  # training and holdout ids: what the model may score
     clip_norm: float  # under DP: C_B, the norm of B's rows; else 0
     active_clip_norm: float  # under DP: C_A as A stated it; else 0
@@ -272,6 +290,19 @@ class PassiveParty:
         floor = min_batch_size(active_features, self.data.n_features, config.allow_small_batch)
         if n_rows < floor:
             raise InvalidArgument(f"spec.n_rows: expected at least {floor} training rows, got {n_rows}")
+        request = {
+            "job_id": job_id,
+            "config": config.model_dump(),
+            "target_fingerprint": target_fp.hex(),
+            "active_features": active_features,
+            "ids": ids,
+            "holdout_ids": list(holdout_ids),
+            "active_clip_norm": active_clip_norm,
+            "peer": peer,
+        }
+        repeated = self._repeated_setup(request)
+        if repeated is not None:
+            return repeated
         schedule = batch_schedule(n_rows, config.batch_size, config.epochs, config.seed, floor, config.max_iterations)
         self._check_policy(config, len(schedule), active_clip_norm, peer)
         self.data.positions(list(holdout_ids), "holdout_ids")
@@ -279,18 +310,7 @@ class PassiveParty:
             if job_id in self._jobs or self.models.exists(job_id):
                 raise AlreadyExists(f"spec.job_id: job {job_id!r} already exists at the passive party")
         w0 = steps.initial_weights(self.test_weights_seed, job_id, self.data.n_features, config.init_scale)
-        setup = {
-            "job_id": job_id,
-            "config": config.model_dump(),
-            "target_fingerprint": target_fp.hex(),
-            "active_key": active_key.to_dict(),
-            "active_features": active_features,
-            "ids": ids,
-            "holdout_ids": list(holdout_ids),
-            "active_clip_norm": active_clip_norm,
-            "peer": peer,
-            "w0": w0.tolist(),
-        }
+        setup = {**request, "active_key": active_key.to_dict(), "w0": w0.tolist()}
         job = self._build_job(setup)
         try:
             self.checkpoints.save_setup(job_id, setup)
@@ -304,6 +324,22 @@ class PassiveParty:
             self._unresumable.pop(job_id, None)  # a new job under the old id
         log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
         return SetupReply(self.data.n_features, job.clip_norm, self.policy.dp_share_clip if config.dp else 0.0)
+
+    def _repeated_setup(self, request: dict[str, Any]) -> SetupReply | None:
+        """The answer again to a SetupJob repeated because its answer was lost
+        (the connection broke after B set the job up): the same request from
+        the same peer, for a job that has not started. Otherwise A would be
+        refused its own job (ALREADY_EXISTS), and the job it cannot see would
+        count against its quota here."""
+        with self._lock:
+            job = self._jobs.get(request["job_id"])
+        if job is None or job.setup_digest != setup_digest(request):
+            return None
+        with job.lock:
+            if job.iteration or job.phase != Phase.SHARES or job.released_at >= 0 or job.restarts:
+                return None
+        log.info("event=setup_replayed job=%s", job.job_id)
+        return SetupReply(self.data.n_features, job.clip_norm, self.policy.dp_share_clip if job.config.dp else 0.0)
 
     def _build_job(self, setup: dict[str, Any]) -> PassiveJob:
         config = JobConfig.model_validate(setup["config"])
@@ -336,6 +372,7 @@ class PassiveParty:
             w=w0.copy(),
             w0=w0,
             peer=str(setup["peer"]),
+            setup_digest=setup_digest(setup),
             population=frozenset(ids) | frozenset(setup["holdout_ids"]),
             clip_norm=clip,
             active_clip_norm=active_clip,

@@ -250,8 +250,11 @@ HOLD_S = 0.3
 
 
 @contextlib.contextmanager
-def reset_when_logged(fed: LocalFederation, service: str, line: str, proxy: FaultProxy) -> Iterator[threading.Event]:
-    """Reset every connection through `proxy` as soon as `service` logs `line`; the event says it did."""
+def reset_when_logged(
+    fed: LocalFederation, service: str, line: str, proxy: FaultProxy, then: Faults | None = None
+) -> Iterator[threading.Event]:
+    """Reset every connection through `proxy` as soon as `service` logs `line`
+    (first setting its faults to `then`, if given); the event says it did."""
     path = Path(fed.services[service].log_path)
     offset, fired, stop = path.stat().st_size, threading.Event(), threading.Event()
 
@@ -262,6 +265,8 @@ def reset_when_logged(fed: LocalFederation, service: str, line: str, proxy: Faul
             while not stop.is_set():
                 seen += log.read()
                 if line.encode() in seen:
+                    if then is not None:
+                        proxy.set_faults(then)
                     proxy.reset_all()
                     fired.set()
                     return
@@ -304,6 +309,40 @@ def test_a_lost_reply_still_gives_the_clean_model(
     assert scores is not None
     np.testing.assert_allclose(scores, want_scores, rtol=RTOL, atol=0)
     assert job_id not in _orphans_at_passive(faulty, [job_id])
+
+
+def test_a_set_up_job_a_could_not_release_is_answered_again(
+    faulty: FaultyFederation, client: VflClient, reference: Reference, breast: BreastSplit
+) -> None:
+    """SetupJob's answer lost, and A's abort too (the link stays down while
+    A tries it): B holds the job. The client's second StartTraining with the
+    same id repeats the set-up request, and B answers it again instead of
+    refusing A its own job (ALREADY_EXISTS)."""
+    job_id = "lost-setup-and-abort"
+    want_model, _ = reference(job_id, SHORT_JOB)
+    proxy = faulty.proxies["c-b"]
+    proxy.set_faults(down=Faults(latency_s=HOLD_S))
+    down = Faults(reset_conn_p=1.0, reset_within_s=0.0)  # every new connection reset at once
+    active_log = Path(faulty.services["active"].log_path)
+    # The link goes down, for every new connection, the moment B has set the job up.
+    with reset_when_logged(faulty, "passive", f"event=job_setup job={job_id} ", proxy, then=down) as fired:
+        started, errors = start(client, SHORT_JOB, breast.train_ids, job_id, tries=1)
+    assert fired.is_set()
+    assert not started and "UNAVAILABLE" in errors[0], errors
+    deadline = time.monotonic() + 60
+    while f"event=abort_not_delivered job={job_id}" not in active_log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "A did not give up its abort"
+        time.sleep(0.2)
+    proxy.set_faults(Faults())
+    assert _orphans_at_passive(faulty, [job_id]) == [job_id]  # B holds it
+    # Tries enough to outlast A's reconnection backoff (up to 2 s) after the long outage.
+    started, errors = start(client, SHORT_JOB, breast.train_ids, job_id, EACH_FAULT_START_TRIES)
+    assert started, errors
+    final = wait_terminal(client, job_id, time.monotonic() + DEADLINE_S)
+    assert final.state == client_pb2.JOB_STATE_SUCCEEDED, final.error
+    assert "event=setup_replayed job=" + job_id in Path(faulty.services["passive"].log_path).read_text()
+    problem = read_model(faulty, job_id).differs(want_model)
+    assert problem is None, problem
 
 
 # --- random mixes ---------------------------------------------------------------------
