@@ -1,4 +1,5 @@
-"""Benchmark harness: `python -m benchmarks.bench --bench {all,primitives,breast,synthetic,sweep,load}`.
+"""Benchmark harness: `python -m benchmarks.bench --bench {all,primitives,breast,synthetic,sweep,load,soak}`
+(all: every workload but the 30-minute soak).
 
 Runs the real federation (three processes, gRPC through the assistant,
 2048-bit keys) per backend, records each run in benchmarks/results.json
@@ -24,7 +25,7 @@ from typing import Any
 
 from benchmarks import report, results, runner
 from benchmarks.machine import code_version, machine_info
-from benchmarks.workloads import WORKLOADS, Context, say
+from benchmarks.workloads import NOT_IN_ALL, WORKLOADS, Context, say
 from common.crypto import get_backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +80,8 @@ def _stamp(
 
 
 def _skip_records(workload: str, skipped: dict[str, str]) -> list[dict[str, Any]]:
-    # The sweep and the load use one backend by design: an absent one is not a gap there.
-    if workload in ("sweep", "load"):
+    # The sweep, the load and the soak use one backend by design: an absent one is not a gap there.
+    if workload in ("sweep", "load", "soak"):
         return []
     return [{"name": workload, "case": "", "backend": b, "skipped": why} for b, why in skipped.items()]
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: none of the requested backends is available", file=sys.stderr)
         return 2
     paths = report.Paths.for_mode(args.quick)
-    workloads = list(WORKLOADS) if args.bench == "all" else [args.bench]
+    workloads = [w for w in WORKLOADS if w not in NOT_IN_ALL] if args.bench == "all" else [args.bench]
     failed = 0
     with tempfile.TemporaryDirectory(prefix="vfl-bench-data-") as data_dir:
         ctx = _context(args, available, Path(data_dir))

@@ -422,6 +422,81 @@ def _load_section(records: list[Record]) -> list[str]:
     return lines + _table(header, rows) + ["", *_problems(records, "load"), ""]
 
 
+def _soak_section(records: list[Record]) -> list[str]:
+    runs = _measured(records, "soak")
+    lines = ["## Soak through a faulty network", ""]
+    if not runs:
+        return lines + (_problems(records, "soak") or ["Not run yet."]) + [""]
+    r = runs[0]
+    p, jobs, pred = r["params"], r["jobs"], r["predictions"]
+    f = p["faults"]
+    injected = {k: sum(link[k] for link in r["proxy"].values()) for k in ("resets", "stalls", "truncations")}
+    lines += [
+        f"`benchmarks/soak.py`: {r['wall_s'] / 60:.0f} minutes of training jobs back to back "
+        f"({r['config']['epochs']} epochs, batch {r['config']['batch_size']}, on the {p['train_rows']} training rows) "
+        f"and {p['clients']} concurrent prediction clients ({p['ids_per_call']} held-out ids per call), all through "
+        "a fault-injecting proxy (`tests/faultproxy.py`) on A -> C and on C -> B, both directions: latency "
+        f"{1000 * f['latency_s']:g} ms +- {1000 * f['jitter_s']:g} ms, RST resets (p {f['reset_p']:g} per chunk, "
+        f"{f['reset_conn_p']:g} per connection), stalls of {f['stall_s']:g} s (p {f['stall_p']:g} per chunk), "
+        f"truncated writes (p {f['truncate_p']:g} per chunk). Injected: {injected['resets']} resets, "
+        f"{injected['stalls']} stalls, {injected['truncations']} truncations. Each stored model was checked against "
+        "the plaintext run from its shards' initial weights, each answer against the reference model's scores from "
+        "a clean call. Memory (VmRSS), open fds and threads of each service were sampled every "
+        f"{p['sample_every_s']:g} s; growth is judged on the slope over the second half of the samples.",
+        "",
+    ]
+    header = ["backend", "key bits", "minutes", "jobs ok", "jobs failed", "wrong models", "hangs"]
+    header += ["Predict calls", "ids served", "calls failed", "wrong answers", "verdict"]
+    row = [
+        f"`{r['backend']}`",
+        str(r["key_bits"]),
+        _num(r["wall_s"] / 60, 1),
+        str(jobs["completed"]),
+        str(jobs["failed"]),
+        str(jobs["wrong_models"]),
+        str(jobs["hangs"]),
+        f"{pred['calls']:,}",
+        f"{pred['served_ids']:,}",
+        str(pred["failed_calls"]),
+        str(pred["wrong_answers"]),
+        r["growth_verdict"],
+    ]
+    lines += _table(header, [row]) + [""]
+
+    def trio(m: dict[str, Any], fmt: Any) -> str:
+        return f"{fmt(m['start'])} / {fmt(m['end'])} / {fmt(m['max'])}"
+
+    def slope(m: dict[str, Any], scale: float = 1.0) -> str:
+        if m["slope_per_h"] is None:
+            return "-"
+        return f"{m['slope_per_h'] / scale:+.1f}" + (" (growth)" if m["growing"] else "")
+
+    res_rows = []
+    for party in PARTY_ORDER:
+        m = r["resources"].get(party)
+        if m is None:
+            continue
+        res_rows.append(
+            [
+                SHORT[party],
+                trio(m["rss_bytes"], _mib),
+                slope(m["rss_bytes"], 2**20),
+                trio(m["fds"], str),
+                slope(m["fds"]),
+                trio(m["threads"], str),
+                slope(m["threads"]),
+                trio(m["children_rss_bytes"], _mib),
+            ]
+        )
+    res_header = ["service", "RSS MiB start / end / max", "MiB / h", "fds start / end / max", "fds / h"]
+    res_header += ["threads start / end / max", "threads / h", "child processes' RSS MiB"]
+    lines += _table(res_header, res_rows) + [""]
+    for what, reasons in (("Failed jobs", jobs["failed_reasons"]), ("Failed Predict calls", pred["failed_reasons"])):
+        if reasons:
+            lines.append(f"{what}, by reason: " + "; ".join(f"{n}x `{k}`" for k, n in reasons.items()) + ".")
+    return lines + ["", *_problems(records, "soak"), ""]
+
+
 def _describe_code(code: dict[str, Any]) -> str:
     changed = code.get("uncommitted_changes") or []
     extra = f" plus uncommitted changes to {', '.join(changed)}" if changed else ""
@@ -526,6 +601,9 @@ def render(records: list[Record], quick: bool, plot_link: str | None) -> str:
     while lines and not lines[-1]:  # one blank line between sections
         lines.pop()
     lines += ["", *_load_section(records)]
+    while lines and not lines[-1]:
+        lines.pop()
+    lines += ["", *_soak_section(records)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -573,12 +651,22 @@ def plot_scaling(records: list[Record], path: Path) -> bool:
     return True
 
 
+# From this line on, the report is written by hand (one-off measurements) and kept as it is.
+KEEP_MARKER = "<!-- written by hand from here on: benchmarks/report.py keeps it -->"
+
+
+def _kept(report: Path) -> str:
+    text = report.read_text() if report.is_file() else ""
+    at = text.find(KEEP_MARKER)
+    return "" if at < 0 else "\n" + text[at:]
+
+
 def write(paths: Paths, quick: bool) -> None:
     records = results.load(paths.results)
     link = None
     if plot_scaling(records, paths.plot):
         link = os.path.relpath(paths.plot, paths.report.parent)
-    paths.report.write_text(render(records, quick, link))
+    paths.report.write_text(render(records, quick, link) + _kept(paths.report))
 
 
 def main() -> None:

@@ -8,11 +8,15 @@ sweep      the fastest backend, a few iterations per point: batch rows,
 primitives encrypt / decrypt / matvec rates per backend, and HEU's if present
 load       the default backend: the breast model queried by 32 concurrent clients for 30 s
            (benchmarks/load.py)
+soak       the default backend through a faulty network for 30 minutes: jobs back to back, 16
+           prediction clients, every answer checked, memory and fds sampled (benchmarks/soak.py);
+           not part of `all`
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -323,10 +327,49 @@ def load_workload(ctx: Context) -> list[dict[str, Any]]:
     return [rec]
 
 
+# --- soak ----------------------------------------------------------------------
+
+
+def soak_workload(ctx: Context) -> list[dict[str, Any]]:
+    """The soak on the default backend (or the fastest requested): 30 minutes,
+    or VFL_SOAK_MINUTES; --quick about one. A wrong answer or model, or a hang,
+    makes the run an error (a failure with its reason under faults does not)."""
+    from benchmarks import soak
+    from common.crypto.backend import DEFAULT_BACKEND
+
+    backend = DEFAULT_BACKEND if DEFAULT_BACKEND in ctx.backends else ctx.fastest
+    mode = soak.QUICK if ctx.quick else soak.FULL
+    minutes = os.environ.get("VFL_SOAK_MINUTES")
+    duration = 60 * float(minutes) if minutes else float(mode["duration_s"])
+    say(f"-> soak [{backend}, {ctx.key_bits}-bit]: {duration / 60:.0f} min through the fault proxies")
+    t0 = time.perf_counter()
+    try:
+        rec = soak.run_soak(
+            key_bits=ctx.key_bits,
+            backend=backend,
+            duration_s=duration,
+            sample_every_s=float(mode["sample_every_s"]),
+            say=say,
+        )
+    except Exception as exc:
+        print(f"   FAILED after {time.perf_counter() - t0:.1f} s: {exc}", file=sys.stderr, flush=True)
+        return [{"name": "soak", "case": "", "backend": backend, "error": str(exc)}]
+    jobs, pred = rec["jobs"], rec["predictions"]
+    say(
+        f"   {jobs['completed']} jobs, {jobs['failed']} failed, {jobs['wrong_models']} wrong; "
+        f"{pred['calls']} Predict calls, {pred['failed_calls']} failed, {pred['wrong_answers']} wrong answers; "
+        f"{rec['growth_verdict']}"
+    )
+    return [rec]
+
+
 WORKLOADS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "primitives": primitive_rates,
     "breast": breast,
     "synthetic": synthetic_workload,
     "sweep": sweep,
     "load": load_workload,
+    "soak": soak_workload,
 }
+# Too long for `make bench` (all): run on its own.
+NOT_IN_ALL = ("soak",)
