@@ -63,7 +63,7 @@ bench: $(STAMP) ## benchmarks on the real federation (2048-bit keys) -> BENCHMAR
 test-compose: ## docker-compose: build, run the demo federation, check its AUC
 	bash tests/system/test_compose.sh
 
-test-system: $(STAMP) ## system tests: the federation across network namespaces, with netem (as root; skipped otherwise)
+test-system: $(STAMP) ## system tests: network namespaces and netem (as root; skipped otherwise), fault-injecting proxies
 	@# Skipped tests exit 0; collecting nothing (exit 5) is a failure.
 	@$(PY) -m pytest -q -rs tests/system; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test-system: pytest collected no tests"; exit 1; fi; exit $$rc

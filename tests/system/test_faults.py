@@ -13,10 +13,19 @@ and so do the predictions.
 
 - test_each_fault_gives_the_clean_model: the breast job (1 epoch, batch 64)
   under each fault in turn.
+- test_a_lost_reply_still_gives_the_clean_model, test_a_set_up_job_a_could_not_
+  release_is_answered_again: B's answer to SetupJob or FinishJob lost after B
+  acted on it (the tunnel reset the moment B logs it), and A's abort lost too.
 - test_random_faults: JOBS short jobs under seeded random mixes of faults
   (different per link and direction); counts wrong models, hangs (not terminal
   by the job's deadline) and failures, which must each carry a clear reason
-  (a message, not "internal error"). Prints one `[faults]` line.
+  (a message, not "internal error"), and no service may log an internal
+  error. Prints `[faults]` lines: the counts, the retried calls, what the
+  proxies injected and the jobs left set up at B.
+
+The client retries StartTraining and Predict on UNAVAILABLE (A retries the
+training steps itself, not those two). `make test-system` runs this file too;
+it needs no root.
 """
 
 from __future__ import annotations
