@@ -46,6 +46,10 @@ class PassivePolicy:
         return self.max_models_per_peer or max(1, n_features // 4)
 
 
+# The sliding window is kept in at most about this many entries.
+WINDOW_SLOTS = 1000
+
+
 class PredictionBudget:
     """Ids scored per peer identity: per model (for its lifetime) and over a
     sliding time window (all models). Persisted before scores are released,
@@ -101,7 +105,16 @@ class PredictionBudget:
                     f"{p.predict_ids_per_window} prediction ids per {p.predict_window_s:g} s left at the passive "
                     f"party, asked for {count} (VFL_PREDICT_IDS_PER_WINDOW at B)"
                 )
-            window.append((now, count))
+            # The calls of one time slot (window / WINDOW_SLOTS) share one entry,
+            # dated by the latest of them: a call counts for at most a slot longer
+            # than the window, never shorter, and there are at most about
+            # WINDOW_SLOTS entries whatever the call rate. (One entry per call
+            # made every call read and rewrite them all: O(calls in the window).)
+            slot = p.predict_window_s / WINDOW_SLOTS
+            if window and window[-1][0] // slot == now // slot:
+                window[-1] = (now, window[-1][1] + count)
+            else:
+                window.append((now, count))
             models[model_id] = used_model + count
             entry["window"] = window
             entry["models"] = models
