@@ -153,9 +153,15 @@ def summarise(samples: list[dict[str, Any]], duration_s: float) -> dict[str, Any
     return out
 
 
+def _rate(metric: str, per_h: float) -> str:
+    if metric.endswith("bytes"):
+        return f"{per_h / 2**20:+.1f} MiB/h"
+    return f"{per_h:+.1f}/h"
+
+
 def verdict(resources: dict[str, Any]) -> str:
     grown = [
-        f"{service} {metric} (+{m['slope_per_h']:g}/h)"
+        f"{service} {metric.removesuffix('_bytes')} {_rate(metric, m['slope_per_h'])}"
         for service, metrics in resources.items()
         for metric, m in metrics.items()
         if m["growing"]
@@ -192,8 +198,10 @@ def _reason(exc: grpc.RpcError) -> str:
     """A failure's code and message, without its particulars (for counting kinds)."""
     import re
 
-    details = re.sub(r"\S*\d\S*|'[^']*'", "#", exc.details() or "")
-    return f"{exc.code().name}: {' '.join(details.split())[:100]}"
+    # Addresses and ids out (they differ every time), the hop and the cause kept.
+    details = re.sub(r"\s*\(through the assistant at [^)]*\)", "", exc.details() or "")
+    details = re.sub(r"\S*\d\S*|'[^']*'", "#", details)
+    return f"{exc.code().name}: {' '.join(details.split())[:160]}"
 
 
 def _start(client: VflClient, config: JobConfig, ids: list[str], job_id: str, counts: Counts) -> str | None:
