@@ -19,6 +19,8 @@ WORKDIR /app
 # code does not reinstall them. The runtime dependencies come from pyproject.toml and every
 # version (transitive ones included) from requirements.lock, used as constraints; installing
 # the lock with -r would also put the dev tools (mypy, ruff, pytest, grpcio-tools) in the image.
+# libsodium: the ristretto255 group of the private set intersection (pysodium loads it).
+RUN apt-get update && apt-get install -y --no-install-recommends libsodium23 && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml requirements.lock ./
 RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/runtime.txt \
  && pip install -r /tmp/runtime.txt -c requirements.lock \

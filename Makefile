@@ -16,6 +16,10 @@ help: ## list the targets
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11)' 2>/dev/null || \
 		{ echo "need Python 3.11 (python3.11 on PATH, or PYTHON=/path/to/python3.11)"; exit 1; }
+	@# libsodium (Debian's libsodium23) carries the ristretto255 group of the PSI (pysodium loads it).
+	@$(PYTHON) -c 'import ctypes.util, sys; sys.exit(ctypes.util.find_library("sodium") is None)' || \
+		{ echo "installing libsodium23 (Debian) for the private set intersection"; \
+		  $$( [ $$(id -u) -eq 0 ] || echo sudo ) sh -c 'apt-get update -qq && apt-get install -y -qq libsodium23' >/dev/null; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
