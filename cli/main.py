@@ -140,11 +140,33 @@ def _fail(exc: grpc.RpcError) -> typer.Exit:
     return typer.Exit(1)
 
 
+def align_with_report(client: VflClient, ids: Sequence[str] = (), alignment_id: str = "") -> client_pb2.Alignment:
+    """Align A's ids with B's by private set intersection; print the sizes."""
+    with console.status("aligning ids by private set intersection"):
+        done = client.align(ids, alignment_id, include_ids=True)
+    if done.state != client_pb2.ALIGNMENT_STATE_SUCCEEDED:
+        console.print(f"[red]alignment {done.alignment_id} failed:[/red] {done.error}")
+        raise typer.Exit(1)
+    console.print(
+        f"aligned {done.alignment_id}: {done.size} ids in the intersection "
+        f"(active {done.active_size}, passive {done.passive_size}), {done.elapsed_s:.1f} s"
+    )
+    return done
+
+
 def train_with_progress(
-    client: VflClient, config: JobConfig, train_ids: list[str], job_id: str = "", holdout_ids: Sequence[str] = ()
+    client: VflClient,
+    config: JobConfig,
+    train_ids: list[str],
+    job_id: str = "",
+    holdout_ids: Sequence[str] = (),
+    alignment_id: str = "",
 ) -> client_pb2.JobStatus:
-    """Start a job and show a progress bar fed by the watch stream."""
-    status = client.start_training(config, train_ids, job_id, holdout_ids)
+    """Start a job and show a progress bar fed by the watch stream (aligning
+    first if no alignment is named)."""
+    if not alignment_id:
+        alignment_id = align_with_report(client).alignment_id
+    status = client.start_training(config, train_ids, job_id, holdout_ids, alignment_id)
     with Progress(
         TextColumn("[bold]training[/bold] {task.fields[job]}"),
         BarColumn(),
@@ -174,19 +196,23 @@ def summary(final: client_pb2.JobStatus) -> str:
     return f"{final.iteration} iterations{loss}{eps}, {final.elapsed_s:.1f} s"
 
 
-def split_ids(
-    labels_csv: Path, id_column: str, label_column: str, test_size: float, split_seed: int, option: str = "--labels-csv"
-) -> tuple[list[str], list[str], dict[str, float]]:
-    """scikit-learn's train_test_split over the label holder's rows (in file order)."""
-    from sklearn.model_selection import train_test_split
-
+def read_labels(labels_csv: Path, id_column: str, label_column: str, option: str = "--labels-csv") -> dict[str, float]:
+    """The label holder's labels by id, in file order."""
     data = load_party_csv(labels_csv, id_column, label_column, option=option)
     assert data.labels is not None
+    return dict(zip(data.ids, data.labels.tolist(), strict=True))
+
+
+def split_ids(ids: Sequence[str], test_size: float, split_seed: int) -> tuple[list[str], list[str]]:
+    """scikit-learn's train_test_split over `ids` (the intersection, in the
+    label holder's file order: the same split whatever the alignment's order)."""
+    from sklearn.model_selection import train_test_split
+
     try:
-        train, test = train_test_split(data.ids, test_size=test_size, random_state=split_seed)
+        train, test = train_test_split(list(ids), test_size=test_size, random_state=split_seed)
     except ValueError as exc:  # too few rows for the split, or a test size out of range
-        raise ConfigError(f"--test-size {test_size:g} of {len(data.ids)} rows in {labels_csv}: {exc}") from None
-    return list(train), list(test), dict(zip(data.ids, data.labels.tolist(), strict=True))
+        raise ConfigError(f"--test-size {test_size:g} of the {len(ids)} aligned ids: {exc}") from None
+    return list(train), list(test)
 
 
 def evaluate_and_report(
@@ -196,6 +222,8 @@ def evaluate_and_report(
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
     probs = client.predict(model_id, test_ids)
+    if np.isnan(probs).any():
+        raise ConfigError(f"{int(np.isnan(probs).sum())} held-out ids were not scored by the passive party")
     y = np.array([labels[i] for i in test_ids])
     auc = float(roc_auc_score(y, probs))
     cm = confusion_matrix(y, (probs >= 0.5).astype(float), labels=[0.0, 1.0])
@@ -214,20 +242,26 @@ def evaluate_and_report(
 def train_and_evaluate(
     address: str,
     config: JobConfig,
-    train_ids: list[str],
-    test_ids: list[str],
     labels: dict[str, float],
+    test_size: float,
+    split_seed: int,
     started: float,
     wait_s: float,
     tls: TlsFiles | TlsConfig | None = None,
     server_name: str | None = None,
 ) -> float:
-    """The demo job: train on train_ids, predict test_ids, report; returns the AUC."""
+    """The demo job: align by PSI, split the intersection, train on the
+    training part, predict the held-out part, report; returns the AUC."""
     with VflClient(address, tls=tls, server_name=server_name) as client:
         client.wait_ready(wait_s)
         try:
+            aligned = align_with_report(client)
+            common = set(aligned.ids)
+            train_ids, test_ids = split_ids([i for i in labels if i in common], test_size, split_seed)
             # The held-out ids are the job's holdout: B scores only the model's population.
-            final = train_with_progress(client, config, train_ids, holdout_ids=test_ids)
+            final = train_with_progress(
+                client, config, train_ids, holdout_ids=test_ids, alignment_id=aligned.alignment_id
+            )
             console.print(f"trained {final.job_id}: {summary(final)}")
             return evaluate_and_report(client, final.job_id, test_ids, labels, started)
         except grpc.RpcError as exc:
@@ -261,10 +295,10 @@ def demo(
     config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon)
     try:
         # Both files checked here, with the options' names, before any service starts.
-        train_ids, test_ids, labels = split_ids(
-            active_csv, id_column, label_column, test_size, split_seed, option="--active-csv"
-        )
+        labels = read_labels(active_csv, id_column, label_column, option="--active-csv")
         load_party_csv(passive_csv, id_column, option="--passive-csv")
+        if not 0 < test_size < 1:
+            raise ConfigError(f"--test-size: expected a fraction between 0 and 1, got {test_size:g}")
     except ConfigError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
@@ -289,9 +323,9 @@ def demo(
             train_and_evaluate(
                 fed.active_address,
                 config,
-                train_ids,
-                test_ids,
                 labels,
+                test_size,
+                split_seed,
                 started,
                 wait_s=60.0,
                 tls=fed.tls_files(CLIENT_IDENTITY),
@@ -323,8 +357,8 @@ def demo_client(
     started = time.time()
     tls = _tls(tls_dir, tls_name, insecure)
     config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon)
-    train_ids, test_ids, labels = split_ids(labels_csv, id_column, label_column, 0.2, 42)
-    train_and_evaluate(address, config, train_ids, test_ids, labels, started, wait_s, tls, tls_server_name)
+    labels = read_labels(labels_csv, id_column, label_column)
+    train_and_evaluate(address, config, labels, 0.2, 42, started, wait_s, tls, tls_server_name)
 
 
 @app.command()
@@ -347,6 +381,9 @@ def train(
         ),
     ] = None,
     id_column: Annotated[str, typer.Option()] = "id",
+    alignment_id: Annotated[
+        str, typer.Option(help="the alignment to train on (vfl align); empty: align all of A's ids first")
+    ] = "",
     dp_epsilon: DpEpsilon = 0.0,
     tls_dir: TlsDir = None,
     tls_name: TlsName = CLIENT_IDENTITY,
@@ -360,7 +397,7 @@ def train(
     holdout = _read_ids(holdout_ids_csv, id_column, "--holdout-ids-csv") if holdout_ids_csv else []
     with VflClient(address, tls=tls, server_name=tls_server_name) as client:
         try:
-            final = train_with_progress(client, config, ids, job_id, holdout)
+            final = train_with_progress(client, config, ids, job_id, holdout, alignment_id)
         except grpc.RpcError as exc:
             raise _fail(exc) from None
     console.print(f"model {final.job_id}: {summary(final)}")
@@ -395,7 +432,10 @@ def predict(
     ids_csv: Annotated[Path, typer.Option(help="CSV with an id column")],
     address: Address = "localhost:50051",
     id_column: Annotated[str, typer.Option()] = "id",
-    out: Annotated[Path | None, typer.Option(help="write id,probability here (default: stdout)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write id,probability,status here (default: stdout)")] = None,
+    align_new_ids: Annotated[
+        bool, typer.Option(help="align ids outside the model's alignment by a new PSI (if B scores any id)")
+    ] = False,
     tls_dir: TlsDir = None,
     tls_name: TlsName = CLIENT_IDENTITY,
     tls_server_name: TlsServerName = None,
@@ -406,15 +446,71 @@ def predict(
     ids = _read_ids(ids_csv, id_column, "--ids-csv")
     with VflClient(address, tls=tls, server_name=tls_server_name) as client:
         try:
-            probs = client.predict(model_id, ids)
+            reply = client.predict_reply(model_id, ids, align_new_ids)
         except grpc.RpcError as exc:
             raise _fail(exc) from None
-    lines = ["id,probability", *(f"{i},{p:.6f}" for i, p in zip(ids, probs, strict=True))]
+    rows = zip(ids, reply.probabilities, reply.status, strict=True)
+    lines = [
+        "id,probability,status",
+        *(
+            f"{i},{p:.6f},scored" if s == client_pb2.PREDICTION_STATUS_SCORED else f"{i},,not_at_passive"
+            for i, p, s in rows
+        ),
+    ]
     if out is None:
         print("\n".join(lines))
     else:
         out.write_text("\n".join(lines) + "\n")
         console.print(f"wrote {len(ids)} predictions to {out}")
+
+
+@app.command()
+def align(
+    address: Address = "localhost:50051",
+    ids_csv: Annotated[
+        Path | None, typer.Option(help="CSV whose id column lists A's ids to align (default: all of A's ids)")
+    ] = None,
+    id_column: Annotated[str, typer.Option()] = "id",
+    alignment_id: Annotated[str, typer.Option(help="alignment id (generated if empty)")] = "",
+    out: Annotated[Path | None, typer.Option(help="write A's ids in the intersection here, one per line")] = None,
+    tls_dir: TlsDir = None,
+    tls_name: TlsName = CLIENT_IDENTITY,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
+) -> None:
+    """Align A's ids with B's by private set intersection; print its id and sizes."""
+    tls = _tls(tls_dir, tls_name, insecure)
+    ids = _read_ids(ids_csv, id_column, "--ids-csv") if ids_csv else []
+    with VflClient(address, tls=tls, server_name=tls_server_name) as client:
+        try:
+            done = align_with_report(client, ids, alignment_id)
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    if out is not None:
+        out.write_text("".join(f"{i}\n" for i in done.ids))
+        console.print(f"wrote {done.size} ids to {out}")
+
+
+@app.command()
+def alignments(
+    address: Address = "localhost:50051",
+    tls_dir: TlsDir = None,
+    tls_name: TlsName = CLIENT_IDENTITY,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
+) -> None:
+    """Alignments held by the active party."""
+    tls = _tls(tls_dir, tls_name, insecure)
+    with VflClient(address, tls=tls, server_name=tls_server_name) as client:
+        try:
+            infos = client.list_alignments()
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    table = Table("alignment", "state", "size", "active", "passive", "seconds")
+    for a in infos:
+        state = client_pb2.AlignmentState.Name(a.state).removeprefix("ALIGNMENT_STATE_").lower()
+        table.add_row(a.alignment_id, state, str(a.size), str(a.active_size), str(a.passive_size), f"{a.elapsed_s:.1f}")
+    console.print(table)
 
 
 @app.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -220,8 +220,17 @@ class Scaler:
         return cls(np.array(d["mean"], dtype=np.float64), np.array(d["scale"], dtype=np.float64))
 
 
-def check_ids(ids: list[str], what: str) -> None:
+def check_ids(ids: Sequence[str], what: str) -> None:
+    """At least one id, none empty, each listed once; the message counts
+    them and names the first position, never an id."""
     if not ids:
         raise InvalidArgument(f"{what}: expected at least one id")
+    empty = [k for k, i in enumerate(ids) if not i]
+    if empty:
+        raise InvalidArgument(f"{what}: {len(empty)} empty ids (the first at position {empty[0]})")
     if len(set(ids)) != len(ids):
-        raise InvalidArgument(f"{what}: ids must be unique")
+        seen: set[str] = set()
+        repeated = [k for k, i in enumerate(ids) if i in seen or seen.add(i)]
+        raise InvalidArgument(
+            f"{what}: {len(repeated)} ids are listed more than once (the first repeat at position {repeated[0]})"
+        )

@@ -20,7 +20,7 @@ from vfl.v1 import common_pb2
 
 CHUNK_BYTES = 1 << 20
 MAX_KEY_BITS = 8192
-MAX_IDS_PER_CHUNK = 8192
+MAX_ROWS_PER_CHUNK = 8192
 MAX_ID_LENGTH = 256
 
 
@@ -66,11 +66,11 @@ def _unpack(data: bytes, width: int, what: str) -> list[int]:
 
 @dataclass
 class StepMessage:
-    """A step stream reassembled: header, rows, ids and vector bytes."""
+    """A step stream reassembled: header, rows, alignment id and vector bytes."""
 
     header: common_pb2.StepHeader | None = None
     rows: list[int] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
+    alignment_id: str = ""
     cipher_fp: bytes | None = None
     cipher_width: int = 0
     cipher_data: bytearray = field(default_factory=bytearray)
@@ -85,7 +85,7 @@ class StepMessage:
         if self.header is not None:
             h.update(self.header.SerializeToString(deterministic=True))
         h.update(np.asarray(self.rows, dtype=np.int64).tobytes())
-        h.update("\0".join(self.ids).encode())
+        h.update(b"|" + self.alignment_id.encode())
         for fp, width, data in (
             (self.cipher_fp, self.cipher_width, self.cipher_data),
             (self.residue_fp, self.residue_width, self.residue_data),
@@ -144,13 +144,13 @@ def step_header(job_id: str, iteration: int, target_fp: bytes) -> common_pb2.Ste
 def to_chunks(
     header: common_pb2.StepHeader | None,
     rows: Sequence[int] = (),
-    ids: Sequence[str] = (),
+    alignment_id: str = "",
     ciphers: CipherVector | None = None,
     residues: tuple[PublicKey, Sequence[int]] | None = None,
 ) -> Iterator[common_pb2.StepChunk]:
     """Split a step message into StepChunks of bounded size (at least one)."""
     with CLOCK.phase("serialise"):
-        parts = _build_chunks(header, rows, ids, ciphers, residues)
+        parts = _build_chunks(header, rows, alignment_id, ciphers, residues)
         CLOCK.add_bytes_sent(sum(p.ByteSize() for p in parts))
     yield from parts
 
@@ -158,15 +158,15 @@ def to_chunks(
 def _build_chunks(
     header: common_pb2.StepHeader | None,
     rows: Sequence[int],
-    ids: Sequence[str],
+    alignment_id: str,
     ciphers: CipherVector | None,
     residues: tuple[PublicKey, Sequence[int]] | None,
 ) -> list[common_pb2.StepChunk]:
     parts: list[common_pb2.StepChunk] = []
     rows_list = [int(r) for r in rows]
-    step = MAX_IDS_PER_CHUNK
-    for s in range(0, max(len(rows_list), len(ids)), step):
-        parts.append(common_pb2.StepChunk(rows=rows_list[s : s + step], ids=list(ids[s : s + step])))
+    step = MAX_ROWS_PER_CHUNK
+    for s in range(0, len(rows_list), step):
+        parts.append(common_pb2.StepChunk(rows=rows_list[s : s + step]))
     if ciphers is not None:
         width = ciphers.key.cipher_width
         per = max(1, CHUNK_BYTES // width)
@@ -188,6 +188,7 @@ def _build_chunks(
         parts.append(common_pb2.StepChunk())
     if header is not None:
         parts[0].header.CopyFrom(header)
+    parts[0].alignment_id = alignment_id
     return parts
 
 
@@ -222,11 +223,11 @@ def from_chunks(chunks: Iterable[common_pb2.StepChunk], what: str, max_bytes: in
             if i != 0:
                 raise InvalidArgument(f"{what}: header only allowed on the first chunk")
             msg.header = chunk.header
+        if chunk.alignment_id:
+            if i != 0:
+                raise InvalidArgument(f"{what}: alignment_id only allowed on the first chunk")
+            msg.alignment_id = chunk.alignment_id
         msg.rows.extend(chunk.rows)
-        for s in chunk.ids:
-            if len(s) > MAX_ID_LENGTH:
-                raise InvalidArgument(f"{what}.ids: an id is longer than {MAX_ID_LENGTH} characters")
-        msg.ids.extend(chunk.ids)
         if chunk.HasField("ciphertexts"):
             cv = chunk.ciphertexts
             if msg.cipher_fp is None:

@@ -197,6 +197,12 @@ class PassiveSettings(PartySettings):
     max_dp_epsilon: float = Field(
         0.0, ge=0, description="require differential privacy with at most this epsilon (0 = not required)"
     )
+    max_alignment_size: int = Field(
+        10_000_000,
+        ge=1,
+        description="ids a peer may submit to one private set intersection (each is a membership test)",
+    )
+    max_open_alignments: int = Field(2, ge=1, description="private set intersections a peer may run at once")
 
 
 class ActiveSettings(PartySettings):

@@ -61,7 +61,7 @@ def test_chunks_round_trip_and_stay_bounded(n_ciphers, n_rows):
         chunks = list(serde.to_chunks(header, rows=range(n_rows), ciphers=ciphers, residues=(KEY.public, [5] * 7)))
     finally:
         serde.CHUNK_BYTES = old
-    assert all(c.ByteSize() <= small_chunk + serde.MAX_IDS_PER_CHUNK * 8 for c in chunks)
+    assert all(c.ByteSize() <= small_chunk + serde.MAX_ROWS_PER_CHUNK * 8 for c in chunks)
     assert [c.HasField("header") for c in chunks].count(True) == 1
     msg = serde.from_chunks(chunks, "test")
     assert msg.header == header

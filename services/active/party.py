@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from common import dp, metrics, serde
+from common.alignments import AlignmentStore
 from common.checkpoint import JobCheckpoints, unusable_reason
 from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
 from common.crypto.pool import GATE
@@ -39,6 +40,7 @@ from common.models import ModelStore, check_job_id
 from common.oserrors import owned_by
 from common.protocol import steps
 from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check_batch_size, min_batch_size
+from services.active.alignment import ActiveAlignments
 from services.active.peer import PassiveClient
 from vfl.v1 import party_pb2
 
@@ -123,6 +125,8 @@ class _Session:
     train_ids: list[str]
     holdout_ids: list[str]
     dp: DpTerms | None
+    alignment_id: str = ""
+    scores_any_row: bool = False  # B's VFL_PREDICT_SCOPE=any, as SetupJob answered
     clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
     # Resumption: the iteration to run next, w before the last own update, and
     # B's step 5 of the previous iteration while it is not confirmed.
@@ -197,6 +201,7 @@ class ActiveParty:
         self.key = key
         self.backend = backend
         self.models = ModelStore(data_dir)
+        self.alignments = ActiveAlignments(data, AlignmentStore(data_dir), peer)
         self.peer = peer
         # Calls to B that overlap A's own work (loss share, B's step 5).
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="active-io")
@@ -213,17 +218,35 @@ class ActiveParty:
     # --- client API -----------------------------------------------------
 
     def start_training(
-        self, job_id: str, config: JobConfig, train_ids: list[str], holdout_ids: list[str] | None = None
+        self,
+        job_id: str,
+        config: JobConfig,
+        train_ids: list[str],
+        holdout_ids: list[str] | None = None,
+        alignment_id: str = "",
     ) -> TrainingJob:
         """Key exchange and job set-up run here, so their errors reach the
-        caller; the iterations run in a background thread."""
+        caller; the iterations run in a background thread. The rows are ids
+        of the alignment; B receives their positions in it, never the ids."""
         job_id = check_job_id(job_id) if job_id else f"job-{uuid.uuid4().hex[:12]}"
-        ids = train_ids or list(self.data.ids)
-        check_ids(ids, "train_ids")
+        if not alignment_id:
+            raise InvalidArgument("alignment_id: required; align the parties' ids first (StartAlignment, vfl align)")
+        alignment = self.alignments.record(alignment_id)
+        if alignment.purpose != "training":
+            raise FailedPrecondition(f"alignment_id: alignment {alignment_id!r} is for prediction, not training")
         holdout = list(holdout_ids or [])
         if holdout:
             check_ids(holdout, "holdout_ids")
-            self.data.positions(holdout, "holdout_ids")
+        holdout_rows = alignment.positions(holdout, "holdout_ids")
+        if train_ids:
+            ids = list(train_ids)
+            check_ids(ids, "train_ids")
+        else:
+            held = set(holdout)
+            ids = [i for i in alignment.ids if i not in held]
+        if set(ids) & set(holdout):
+            raise InvalidArgument("holdout_ids: an id is also a training id")
+        rows = alignment.positions(ids, "train_ids")
         positions = self.data.positions(ids, "train_ids")
         p_a = self.data.n_features
         with self._lock:
@@ -238,7 +261,7 @@ class ActiveParty:
             clip = self.dp_clip_norm if config.dp else 0.0
             # From here B may hold the job, even if the connection loses its answer.
             passive_set_up = True
-            reply = self.peer.setup_job(job_id, config, target_fp, p_a, ids, holdout, clip)
+            reply = self.peer.setup_job(job_id, config, target_fp, p_a, alignment_id, rows, holdout_rows, clip)
             p_b = reply.passive_features
             check_batch_size(config.batch_size, p_a, p_b, config.allow_small_batch)
             floor = min_batch_size(p_a, p_b, config.allow_small_batch)
@@ -249,6 +272,7 @@ class ActiveParty:
             w0 = steps.initial_weights(self.test_weights_seed, job_id, p_a + 1, config.init_scale)
             terms = self._dp_terms(config, batches, reply.passive_clip_norm, reply.passive_share_clip)
             session = self._session(job, ids, holdout, positions, batches, passive_key, target_fp, p_b, w0, w0, terms)
+            session.alignment_id, session.scores_any_row = alignment_id, reply.scores_any_row
             job.dp_epsilon_spent = session.epsilon_spent()
             self.checkpoints.save_setup(
                 job_id,
@@ -257,6 +281,8 @@ class ActiveParty:
                     "config": config.model_dump(),
                     "train_ids": ids,
                     "holdout_ids": holdout,
+                    "alignment_id": alignment_id,
+                    "scores_any_row": reply.scores_any_row,
                     "target_fingerprint": target_fp.hex(),
                     "passive_key": passive_key.to_dict(),
                     "p_passive": p_b,
@@ -434,6 +460,7 @@ class ActiveParty:
         terms = None if d is None else DpTerms(**{k: float(v) for k, v in d.items()})
         holdout = list(setup["holdout_ids"])
         s = self._session(job, ids, holdout, positions, batches, passive_key, target_fp, p_b, w, w0, terms)
+        s.alignment_id, s.scores_any_row = str(setup.get("alignment_id", "")), bool(setup.get("scores_any_row"))
         s.released_at, s.extra_releases = int(state["released_at"]), int(state["extra_releases"])
         job.dp_epsilon_spent = s.epsilon_spent()
         s.next_iteration = job.iteration
@@ -761,6 +788,9 @@ class ActiveParty:
                 "scaler": s.scaler.to_dict(),
                 "dp": self._dp_record(s),
                 "holdout_rows": len(s.holdout_ids),
+                "alignment_id": s.alignment_id,
+                "population": sorted(set(s.train_ids) | set(s.holdout_ids)),
+                "scores_any_row": s.scores_any_row,
                 "active_features": self.data.n_features,
                 "passive_features": s.p_passive,
                 "train_rows": len(s.train_ids),
@@ -791,28 +821,61 @@ class ActiveParty:
 
     # --- prediction -----------------------------------------------------
 
-    def predict(self, model_id: str, ids: list[str]) -> np.ndarray:
-        """P(y=1) for ids: send [[u_A]]_A, receive [[u_A + u_B]]_A, decrypt."""
+    def predict(self, model_id: str, ids: list[str], align_new_ids: bool = False) -> Prediction:
+        """P(y=1) for ids: send [[u_A]]_A, receive [[u_A + u_B]]_A, decrypt.
+        B receives positions in an alignment, never ids: the model's own
+        alignment, or (align_new_ids) one A runs now for the ids outside it.
+        An id B holds no scorable row for is answered NOT_AT_PASSIVE."""
         shard = self.models.load(check_job_id(model_id, "model_id"))
         check_ids(ids, "ids")
         if len(ids) > MAX_PREDICT_IDS:
             raise InvalidArgument(f"ids: at most {MAX_PREDICT_IDS} per call, got {len(ids)}")
-        raw = self.data.features[self.data.positions(ids, "ids")]
-        x = Scaler.from_dict(shard["scaler"]).transform(raw)
-        if shard.get("dp"):
-            x = dp.clip_rows(x, float(shard["dp"]["clip_norm"]))
-        u_a = x @ np.asarray(shard["weights"]) + float(shard["intercept"])
         passive_key = PublicKey.from_dict(shard["passive_key"])
         target_fp = target_fingerprint(self.key.public, passive_key)
         if target_fp.hex() != shard["target_fingerprint"]:
             raise FailedPrecondition("model_id: the model was trained under another key of this party")
-        enc = steps.third_encrypted_data(self.backend, self.key.public, u_a)
-        reply = self.peer.predict_scores(serde.step_header(model_id, 0, target_fp), ids, enc)
-        scores = reply.ciphers(self.key.public, "[[u_A + u_B]]_A")
-        probs = steps.decrypt_prediction(self.backend, self.key, scores, len(ids))
-        if not np.all(np.isfinite(probs)):
-            raise FailedPrecondition("prediction: the decrypted scores are not finite")
-        return probs
+        own = self.data.positions(ids, "ids")  # A's own data
+        alignment = self.alignments.record(str(shard.get("alignment_id", "")), "model's alignment_id")
+        index = alignment.index()
+        any_row = bool(shard.get("scores_any_row"))
+        population = set(shard.get("population", ()))
+        # (alignment id, [(request index, position in that alignment)])
+        groups = [(alignment.alignment_id, [(k, index[x]) for k, x in enumerate(ids) if x in index])]
+        if not any_row:
+            groups[0] = (groups[0][0], [(k, r) for k, r in groups[0][1] if ids[k] in population])
+        new = [k for k, x in enumerate(ids) if x not in index]
+        if new and align_new_ids and any_row:
+            extra = self.alignments.run_now([ids[k] for k in new], "prediction", model_id)
+            extra_index = extra.index()
+            groups.append((extra.alignment_id, [(k, extra_index[ids[k]]) for k in new if ids[k] in extra_index]))
+        x = Scaler.from_dict(shard["scaler"]).transform(self.data.features[own])
+        if shard.get("dp"):
+            x = dp.clip_rows(x, float(shard["dp"]["clip_norm"]))
+        u_a = x @ np.asarray(shard["weights"]) + float(shard["intercept"])
+        probs = np.full(len(ids), np.nan)
+        scored = np.zeros(len(ids), dtype=bool)
+        for alignment_id, pairs in groups:
+            if not pairs:
+                continue
+            at = np.asarray([k for k, _ in pairs], dtype=np.int64)
+            enc = steps.third_encrypted_data(self.backend, self.key.public, u_a[at])
+            header = serde.step_header(model_id, 0, target_fp)
+            reply = self.peer.predict_scores(header, alignment_id, [r for _, r in pairs], enc)
+            scores = reply.ciphers(self.key.public, "[[u_A + u_B]]_A")
+            part = steps.decrypt_prediction(self.backend, self.key, scores, len(at))
+            if not np.all(np.isfinite(part)):
+                raise FailedPrecondition("prediction: the decrypted scores are not finite")
+            probs[at], scored[at] = part, True
+        return Prediction(probs, scored)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Probabilities per requested id; NaN where `scored` is False (B holds
+    no row it scores for that id)."""
+
+    probabilities: np.ndarray
+    scored: np.ndarray
 
 
 def _with_intercept(x: np.ndarray) -> np.ndarray:

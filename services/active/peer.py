@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from common import serde
+from common import psi, serde
 from common.crypto.backend import CipherVector, PublicKey
 from common.crypto.pool import GATE
 from common.errors import PeerError, Unavailable
@@ -114,32 +114,82 @@ class PassiveClient:
         )
         return serde.public_key_from_proto(reply.passive_key, "passive_key", min_bits), reply.target_fingerprint
 
+    # --- alignment (PROTOCOL.md "Alignment"): points of 32 bytes, never ids ---
+
+    def start_alignment(self, alignment_id: str, active_size: int, purpose: int, model_id: str = "") -> int:
+        """Step 1: returns |B's set|."""
+        req = party_pb2.AlignmentOpen(
+            alignment_id=alignment_id, active_size=active_size, purpose=purpose, model_id=model_id
+        )
+        reply = self._call(
+            "StartAlignment",
+            lambda: self._received("StartAlignment", self._stub.StartAlignment(req, timeout=self.timeout_s)),
+        )
+        return int(reply.passive_size)
+
+    def blind_active_set(self, alignment_id: str, points: bytes) -> bytes:
+        """Step 2: A's blinded points out, the same raised to b back, in order."""
+        replies = self._call(
+            "BlindActiveSet",
+            lambda: self._received(
+                "BlindActiveSet", self._stub.BlindActiveSet(_psi_chunks(alignment_id, points), timeout=self.timeout_s)
+            ),
+        )
+        return self._call("BlindActiveSet", lambda: b"".join(r.points for r in replies))
+
+    def fetch_passive_set(self, alignment_id: str) -> Iterator[bytes]:
+        """Step 3: B's blinded points, chunk by chunk (A blinds each as it comes)."""
+        req = party_pb2.PsiFetch(alignment_id=alignment_id)
+        replies = self._call(
+            "FetchPassiveSet",
+            lambda: self._received("FetchPassiveSet", self._stub.FetchPassiveSet(req, timeout=self.timeout_s)),
+        )
+        stream = iter(replies)
+        while True:
+            chunk = self._call("FetchPassiveSet", lambda: next(stream, None))
+            if chunk is None:
+                return
+            yield chunk.points
+
+    def finish_alignment(self, alignment_id: str, tags: bytes) -> tuple[int, bytes]:
+        """Step 4: B's points after both scalars, back to B; (size, digest) as B found them."""
+        reply = self._call(
+            "FinishAlignment",
+            lambda: self._received(
+                "FinishAlignment", self._stub.FinishAlignment(_psi_chunks(alignment_id, tags), timeout=self.timeout_s)
+            ),
+        )
+        return int(reply.size), bytes(reply.digest)
+
     def setup_job(
         self,
         job_id: str,
         config: JobConfig,
         target_fp: bytes,
         active_features: int,
-        ids: Sequence[str],
-        holdout_ids: Sequence[str] = (),
+        alignment_id: str,
+        rows: Sequence[int],
+        holdout_rows: Sequence[int] = (),
         active_clip_norm: float = 0.0,
     ) -> party_pb2.SetupJobReply:
         spec = party_pb2.JobSpec(
             job_id=job_id,
             config=serde.config_to_proto(config),
-            n_rows=len(ids),
+            n_rows=len(rows),
             target_fingerprint=target_fp,
             active_features=active_features,
-            n_holdout=len(holdout_ids),
+            n_holdout=len(holdout_rows),
             active_clip_norm=active_clip_norm,
+            alignment_id=alignment_id,
         )
+        step = serde.MAX_ROWS_PER_CHUNK
 
         def chunks() -> Iterator[party_pb2.SetupJobChunk]:
             yield party_pb2.SetupJobChunk(spec=spec)
-            for s in range(0, len(ids), serde.MAX_IDS_PER_CHUNK):
-                yield party_pb2.SetupJobChunk(ids=ids[s : s + serde.MAX_IDS_PER_CHUNK])
-            for s in range(0, len(holdout_ids), serde.MAX_IDS_PER_CHUNK):
-                yield party_pb2.SetupJobChunk(holdout_ids=holdout_ids[s : s + serde.MAX_IDS_PER_CHUNK])
+            for s in range(0, len(rows), step):
+                yield party_pb2.SetupJobChunk(rows=[int(r) for r in rows[s : s + step]])
+            for s in range(0, len(holdout_rows), step):
+                yield party_pb2.SetupJobChunk(holdout_rows=[int(r) for r in holdout_rows[s : s + step]])
 
         reply: party_pb2.SetupJobReply = self._call(
             "SetupJob", lambda: self._received("SetupJob", self._stub.SetupJob(chunks(), timeout=self.timeout_s))
@@ -211,8 +261,16 @@ class PassiveClient:
         return bool(reply.stored)
 
     def predict_scores(
-        self, header: common_pb2.StepHeader, ids: Sequence[str], u_a_enc: CipherVector
+        self, header: common_pb2.StepHeader, alignment_id: str, rows: Sequence[int], u_a_enc: CipherVector
     ) -> serde.StepMessage:
-        return self._stream(
-            "PredictScores", self._stub.PredictScores, serde.to_chunks(header, ids=ids, ciphers=u_a_enc)
-        )
+        chunks = serde.to_chunks(header, rows=rows, alignment_id=alignment_id, ciphers=u_a_enc)
+        return self._stream("PredictScores", self._stub.PredictScores, chunks)
+
+
+def _psi_chunks(alignment_id: str, points: bytes) -> Iterator[party_pb2.PsiChunk]:
+    first = True
+    for part in psi.chunks(points):
+        yield party_pb2.PsiChunk(alignment_id=alignment_id if first else "", points=part)
+        first = False
+    if first:
+        yield party_pb2.PsiChunk(alignment_id=alignment_id)

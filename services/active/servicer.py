@@ -11,6 +11,7 @@ import grpc
 from common import serde
 from common.jobconfig import job_config
 from common.rpc import rpc_method
+from services.active.alignment import AlignmentRun
 from services.active.party import ActiveParty, Event, State, TrainingJob, final_loss
 from vfl.v1 import client_pb2, client_pb2_grpc
 
@@ -64,6 +65,7 @@ def _model_info(shard: dict[str, Any]) -> client_pb2.ModelInfo:
         passive_features=shard["passive_features"],
         train_rows=shard["train_rows"],
         iterations=shard["metrics"]["iterations"],
+        alignment_id=shard.get("alignment_id", ""),
     )
     loss = final_loss(shard)
     if loss is not None:
@@ -71,6 +73,30 @@ def _model_info(shard: dict[str, Any]) -> client_pb2.ModelInfo:
     spent = shard["metrics"].get("dp_epsilon_spent")
     if spent is not None:
         msg.dp_epsilon_spent = float(spent)
+    return msg
+
+
+_ALIGNMENT_STATES = {
+    "running": client_pb2.ALIGNMENT_STATE_RUNNING,
+    "succeeded": client_pb2.ALIGNMENT_STATE_SUCCEEDED,
+    "failed": client_pb2.ALIGNMENT_STATE_FAILED,
+}
+
+
+def _alignment(run: AlignmentRun, include_ids: bool = False) -> client_pb2.Alignment:
+    msg = client_pb2.Alignment(
+        alignment_id=run.alignment_id,
+        state=_ALIGNMENT_STATES[run.state],
+        active_size=run.active_size,
+        passive_size=run.passive_size,
+        created_unix=run.started,
+        error=run.error,
+        elapsed_s=run.elapsed_s,
+    )
+    if run.record is not None:
+        msg.size = run.record.size
+        if include_ids:
+            msg.ids.extend(run.record.ids)
     return msg
 
 
@@ -83,8 +109,28 @@ class TrainingServicer(client_pb2_grpc.TrainingServiceServicer):
         self, request: client_pb2.StartTrainingRequest, context: grpc.ServicerContext
     ) -> client_pb2.JobStatus:
         config = serde.config_from_proto(request.config)
-        job = self.party.start_training(request.job_id, config, list(request.train_ids), list(request.holdout_ids))
+        job = self.party.start_training(
+            request.job_id, config, list(request.train_ids), list(request.holdout_ids), request.alignment_id
+        )
         return _status(job)
+
+    @rpc_method
+    def StartAlignment(
+        self, request: client_pb2.StartAlignmentRequest, context: grpc.ServicerContext
+    ) -> client_pb2.Alignment:
+        return _alignment(self.party.alignments.start(request.alignment_id, list(request.ids)))
+
+    @rpc_method
+    def GetAlignment(
+        self, request: client_pb2.GetAlignmentRequest, context: grpc.ServicerContext
+    ) -> client_pb2.Alignment:
+        return _alignment(self.party.alignments.get(request.alignment_id), request.include_ids)
+
+    @rpc_method
+    def ListAlignments(
+        self, request: client_pb2.ListAlignmentsRequest, context: grpc.ServicerContext
+    ) -> client_pb2.ListAlignmentsReply:
+        return client_pb2.ListAlignmentsReply(alignments=[_alignment(r) for r in self.party.alignments.list()])
 
     @rpc_method
     def GetJobStatus(
@@ -105,8 +151,12 @@ class TrainingServicer(client_pb2_grpc.TrainingServiceServicer):
     @rpc_method
     def Predict(self, request: client_pb2.PredictRequest, context: grpc.ServicerContext) -> client_pb2.PredictReply:
         ids = list(request.ids)
-        probs = self.party.predict(request.model_id, ids)
-        return client_pb2.PredictReply(ids=ids, probabilities=probs.tolist())
+        out = self.party.predict(request.model_id, ids, request.align_new_ids)
+        status = [
+            client_pb2.PREDICTION_STATUS_SCORED if s else client_pb2.PREDICTION_STATUS_NOT_AT_PASSIVE
+            for s in out.scored
+        ]
+        return client_pb2.PredictReply(ids=ids, probabilities=out.probabilities.tolist(), status=status)
 
     @rpc_method
     def ListModels(

@@ -31,6 +31,8 @@ def main() -> None:
         dp_clip_norm=settings.dp_clip_norm,
         dp_share_clip=settings.dp_share_clip,
         max_dp_epsilon=settings.max_dp_epsilon,
+        max_alignment_size=settings.max_alignment_size,
+        max_open_alignments=settings.max_open_alignments,
     )
     party = PassiveParty(
         res.data, res.key, res.backend, settings.data_dir, policy, test_weights_seed=settings.test_initial_weights_seed

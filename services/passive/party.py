@@ -28,6 +28,7 @@ from typing import Any, cast
 import numpy as np
 
 from common import dp, metrics
+from common.alignments import AlignmentStore
 from common.checkpoint import JobCheckpoints, unusable_reason
 from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
 from common.crypto.pool import GATE
@@ -48,6 +49,7 @@ from common.protocol import steps
 from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check_batch_size, min_batch_size
 from common.serde import StepMessage, rows_array
 from common.storage import canonical_json
+from services.passive.alignment import PassiveAlignments
 from services.passive.policy import PassivePolicy, PredictionBudget
 
 log = logging.getLogger("vfl.passive")
@@ -62,6 +64,7 @@ SETUP_REQUEST = (
     "config",
     "target_fingerprint",
     "active_features",
+    "alignment_id",
     "ids",
     "holdout_ids",
     "active_clip_norm",
@@ -91,6 +94,7 @@ class PassiveJob:
     w: np.ndarray
     w0: np.ndarray  # B's own initial weights, from its CSPRNG
     peer: str  # the identity that set the job up
+    alignment_id: str  # the alignment whose rows the job trains on
     setup_digest: bytes  # of the set-up request, to answer a repeated one again
     population: frozenset[str]  # training and holdout ids: what the model may score
     clip_norm: float  # under DP: C_B, the norm of B's rows; else 0
@@ -157,6 +161,7 @@ class SetupReply:
     passive_features: int
     clip_norm: float  # under DP: C_B; else 0
     share_clip: float  # under DP: the bound on |b_i|; else 0
+    scores_any_row: bool = False  # VFL_PREDICT_SCOPE=any
 
 
 class PassiveParty:
@@ -177,6 +182,7 @@ class PassiveParty:
         self.models = ModelStore(data_dir)
         self.checkpoints = JobCheckpoints(data_dir)
         self.budget = PredictionBudget(data_dir, self.policy)
+        self.alignments = PassiveAlignments(data, AlignmentStore(data_dir), self.models, self.policy)
         self._targets: dict[bytes, PublicKey] = {}
         self._jobs: dict[str, PassiveJob] = {}
         # Jobs a restart could not restore: (target key or None if unknown, damaged, why).
@@ -269,8 +275,9 @@ class PassiveParty:
         target_fp: bytes,
         active_features: int,
         n_rows: int,
-        ids: list[str],
-        holdout_ids: Sequence[str] = (),
+        alignment_id: str,
+        rows: list[int],
+        holdout_rows: Sequence[int] = (),
         active_clip_norm: float = 0.0,
         peer: str = "",
     ) -> SetupReply:
@@ -278,12 +285,16 @@ class PassiveParty:
         active_key = self._targets.get(target_fp)
         if active_key is None:
             raise FailedPrecondition("spec.target_fingerprint: unknown target key; call ExchangeKeys first")
-        if len(ids) != n_rows:
-            raise InvalidArgument(f"ids: spec.n_rows says {n_rows}, got {len(ids)} ids")
-        if len(set(ids)) != len(ids):
-            raise InvalidArgument("ids: must be unique")
-        if len(set(holdout_ids)) != len(holdout_ids):
-            raise InvalidArgument("holdout_ids: must be unique")
+        if len(rows) != n_rows:
+            raise InvalidArgument(f"rows: spec.n_rows says {n_rows}, got {len(rows)} rows")
+        # Positions in the alignment, mapped to B's own ids here: no id travels.
+        alignment = self.alignments.load(alignment_id, peer)
+        if alignment.purpose != "training":
+            raise FailedPrecondition(f"spec.alignment_id: alignment {alignment_id!r} is for prediction, not training")
+        ids = alignment.ids_at(list(rows), "rows")
+        holdout_ids = alignment.ids_at(list(holdout_rows), "holdout_rows")
+        if set(ids) & set(holdout_ids):
+            raise InvalidArgument("holdout_rows: a row is also a training row")
         if active_features < 1:
             raise InvalidArgument("spec.active_features: expected at least 1")
         check_batch_size(config.batch_size, active_features, self.data.n_features, config.allow_small_batch)
@@ -295,6 +306,7 @@ class PassiveParty:
             "config": config.model_dump(),
             "target_fingerprint": target_fp.hex(),
             "active_features": active_features,
+            "alignment_id": alignment_id,
             "ids": ids,
             "holdout_ids": list(holdout_ids),
             "active_clip_norm": active_clip_norm,
@@ -323,7 +335,7 @@ class PassiveParty:
             self._jobs[job_id] = job
             self._unresumable.pop(job_id, None)  # a new job under the old id
         log.info("event=job_setup job=%s rows=%d features=%d", job_id, n_rows, self.data.n_features)
-        return SetupReply(self.data.n_features, job.clip_norm, self.policy.dp_share_clip if config.dp else 0.0)
+        return self._setup_reply(job)
 
     def _repeated_setup(self, request: dict[str, Any]) -> SetupReply | None:
         """The answer again to a SetupJob repeated because its answer was lost
@@ -339,7 +351,11 @@ class PassiveParty:
             if job.iteration or job.phase != Phase.SHARES or job.released_at >= 0 or job.restarts:
                 return None
         log.info("event=setup_replayed job=%s", job.job_id)
-        return SetupReply(self.data.n_features, job.clip_norm, self.policy.dp_share_clip if job.config.dp else 0.0)
+        return self._setup_reply(job)
+
+    def _setup_reply(self, job: PassiveJob) -> SetupReply:
+        share_clip = self.policy.dp_share_clip if job.config.dp else 0.0
+        return SetupReply(self.data.n_features, job.clip_norm, share_clip, self.policy.predict_scope == "any")
 
     def _build_job(self, setup: dict[str, Any]) -> PassiveJob:
         config = JobConfig.model_validate(setup["config"])
@@ -372,6 +388,7 @@ class PassiveParty:
             w=w0.copy(),
             w0=w0,
             peer=str(setup["peer"]),
+            alignment_id=str(setup.get("alignment_id", "")),
             setup_digest=setup_digest(setup),
             population=frozenset(ids) | frozenset(setup["holdout_ids"]),
             clip_norm=clip,
@@ -722,6 +739,7 @@ class PassiveParty:
                 "target_fingerprint": job.target_fp.hex(),
                 "active_key": job.active_key.to_dict(),
                 "peer": job.peer,
+                "alignment_id": job.alignment_id,
                 "population": sorted(job.population),
                 "feature_names": self.data.feature_names,
                 "weights": job.w.tolist(),
@@ -757,28 +775,39 @@ class PassiveParty:
 
     @GATE.working
     def predict(
-        self, model_id: str, target_fp: bytes, ids: list[str], msg: StepMessage, peer: str = ""
+        self, model_id: str, target_fp: bytes, alignment_id: str, rows: list[int], msg: StepMessage, peer: str = ""
     ) -> CipherVector:
         """Prediction: [[u_A]]_A + [[u_B]]_A, re-randomised; only for the
-        model's own peer, its population (unless B's policy allows any id),
-        and within B's prediction budgets."""
+        model's own peer, for rows of the model's alignment in its population
+        (or, if B's policy allows any id, of any alignment this peer ran for
+        the model), and within B's prediction budgets. No id travels: the
+        rows are positions in an alignment both parties hold."""
         shard = self.models.load(check_job_id(model_id, "header.job_id"))
         if bytes.fromhex(shard["target_fingerprint"]) != target_fp:
             raise FailedPrecondition("header.target_fingerprint: not the target key this model was trained under")
         if shard.get("peer") != peer:
             raise NotFound(f"header.job_id: no model {model_id!r} for identity {peer!r} at the passive party")
         active_key = PublicKey.from_dict(shard["active_key"])
-        if not ids:
-            raise InvalidArgument("ids: expected at least one id")
+        if not rows:
+            raise InvalidArgument("rows: expected at least one row")
         u_a_enc = msg.ciphers(active_key, "ciphertexts")
-        u_a_enc.require_length(len(ids), "ciphertexts")
+        u_a_enc.require_length(len(rows), "ciphertexts")
+        alignment = self.alignments.load(alignment_id, peer)
+        if alignment.alignment_id != shard.get("alignment_id") and not (
+            alignment.purpose == "prediction" and alignment.model_id == model_id
+        ):
+            raise FailedPrecondition(
+                f"alignment_id: alignment {alignment_id!r} is neither the model's nor one run to score with it"
+            )
+        ids = alignment.ids_at(rows, "rows")
         if self.policy.predict_scope == "population":
             population = set(shard.get("population", ()))
             outside = sum(1 for i in ids if i not in population)
             if outside:
+                # Positions A itself knows to be outside the population: no membership answered.
                 raise FailedPrecondition(
-                    f"ids: {outside} of {len(ids)} ids are outside the model's population (its training and "
-                    "holdout ids); the passive party scores only those (VFL_PREDICT_SCOPE at B)"
+                    f"rows: {outside} of {len(rows)} rows are outside the model's population (its training and "
+                    "holdout rows); the passive party scores only those (VFL_PREDICT_SCOPE at B)"
                 )
         raw = self.data.features[self.data.positions(ids, "ids")]
         x = Scaler.from_dict(shard["scaler"]).transform(raw)
@@ -790,5 +819,5 @@ class PassiveParty:
             share_clip = 4.0 * float(record["share_clip"])
             u_b = np.clip(u_b, -share_clip, share_clip)
         # Charged (on disk) before the scores leave B.
-        self.budget.charge(peer, model_id, len(ids))
+        self.budget.charge(peer, model_id, len(rows))
         return steps.target_prediction_data(self.backend, u_a_enc, u_b)

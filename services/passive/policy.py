@@ -41,6 +41,8 @@ class PassivePolicy:
     dp_clip_norm: float = 0.0  # 0: sqrt(p_B)
     dp_share_clip: float = 2.0
     max_dp_epsilon: float = 0.0  # 0: differential privacy not required
+    max_alignment_size: int = 10_000_000  # ids per PSI from A: each one is a membership test of A's choosing
+    max_open_alignments: int = 2  # PSIs a peer runs at once (each holds B's blinded set in memory)
 
     def models_per_peer(self, n_features: int) -> int:
         return self.max_models_per_peer or max(1, n_features // 4)

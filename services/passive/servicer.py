@@ -29,26 +29,63 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             passive_key=serde.public_key_to_proto(self.party.key.public), target_fingerprint=fp
         )
 
+    # Alignment (steps 1-4 of PROTOCOL.md "Alignment"): 32-byte points only.
+
+    @rpc_method
+    def StartAlignment(
+        self, request: party_pb2.AlignmentOpen, context: grpc.ServicerContext
+    ) -> party_pb2.AlignmentOpened:
+        purpose = _PURPOSES.get(request.purpose)
+        if purpose is None:
+            raise InvalidArgument("purpose: expected ALIGNMENT_PURPOSE_TRAINING or ALIGNMENT_PURPOSE_PREDICTION")
+        size = self.party.alignments.open(
+            request.alignment_id, request.active_size, purpose, request.model_id, caller(context)
+        )
+        return party_pb2.AlignmentOpened(passive_size=size)
+
+    @rpc_method
+    def BlindActiveSet(
+        self, request_iterator: Iterator[party_pb2.PsiChunk], context: grpc.ServicerContext
+    ) -> Iterator[party_pb2.PsiChunk]:
+        alignment_id, points = _psi_stream(request_iterator, "BlindActiveSet")
+        for tags in self.party.alignments.blind_active_set(alignment_id, caller(context), points):
+            yield party_pb2.PsiChunk(points=tags)
+
+    @rpc_method
+    def FetchPassiveSet(
+        self, request: party_pb2.PsiFetch, context: grpc.ServicerContext
+    ) -> Iterator[party_pb2.PsiChunk]:
+        for points in self.party.alignments.fetch_passive_set(request.alignment_id, caller(context)):
+            yield party_pb2.PsiChunk(points=points)
+
+    @rpc_method
+    def FinishAlignment(
+        self, request_iterator: Iterator[party_pb2.PsiChunk], context: grpc.ServicerContext
+    ) -> party_pb2.AlignmentFinished:
+        alignment_id, points = _psi_stream(request_iterator, "FinishAlignment")
+        record = self.party.alignments.finish(alignment_id, caller(context), points)
+        return party_pb2.AlignmentFinished(size=record.size, digest=record.digest)
+
     @rpc_method
     def SetupJob(
         self, request_iterator: Iterator[party_pb2.SetupJobChunk], context: grpc.ServicerContext
     ) -> party_pb2.SetupJobReply:
         spec = None
-        ids: list[str] = []
-        holdout: list[str] = []
+        rows: list[int] = []
+        holdout: list[int] = []
         for i, chunk in enumerate(request_iterator):
             if chunk.HasField("spec"):
                 if i != 0:
                     raise InvalidArgument("spec: only allowed on the first chunk")
                 spec = chunk.spec
-            if chunk.ids and holdout:
-                raise InvalidArgument("ids: every training id comes before the holdout ids")
-            ids.extend(chunk.ids)
-            holdout.extend(chunk.holdout_ids)
+            if chunk.rows and holdout:
+                raise InvalidArgument("rows: every training row comes before the holdout rows")
+            rows.extend(chunk.rows)
+            holdout.extend(chunk.holdout_rows)
         if spec is None:
             raise InvalidArgument("spec: the first chunk must carry the job spec")
         if len(holdout) != spec.n_holdout:
-            raise InvalidArgument(f"holdout_ids: spec.n_holdout says {spec.n_holdout}, got {len(holdout)} ids")
+            raise InvalidArgument(f"holdout_rows: spec.n_holdout says {spec.n_holdout}, got {len(holdout)} rows")
         config = serde.config_from_proto(spec.config)
         reply = self.party.setup_job(
             spec.job_id,
@@ -56,7 +93,8 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             spec.target_fingerprint,
             spec.active_features,
             spec.n_rows,
-            ids,
+            spec.alignment_id,
+            rows,
             holdout,
             spec.active_clip_norm,
             caller(context),
@@ -65,6 +103,7 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             passive_features=reply.passive_features,
             passive_clip_norm=reply.clip_norm,
             passive_share_clip=reply.share_clip,
+            scores_any_row=reply.scores_any_row,
         )
 
     # Steps 1-5: each streaming RPC and its unary twin share one implementation.
@@ -163,7 +202,7 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
     ) -> Iterator[common_pb2.StepChunk]:
         msg = serde.from_chunks(request_iterator, "PredictScores")
         h = msg.require_header("PredictScores")
-        scores = self.party.predict(h.job_id, h.target_fingerprint, msg.ids, msg, caller(context))
+        scores = self.party.predict(h.job_id, h.target_fingerprint, msg.alignment_id, msg.rows, msg, caller(context))
         yield from serde.to_chunks(h, ciphers=scores)
 
 
@@ -172,6 +211,28 @@ def caller(context: grpc.ServicerContext) -> str:
     ("insecure" for every caller of a plaintext test service)."""
     return peer_identity(context) or "insecure"
 
+
+def _psi_stream(chunks: Iterator[party_pb2.PsiChunk], method: str) -> tuple[str, Iterator[bytes]]:
+    """The alignment id of the stream's first chunk, and its points chunk by
+    chunk (consumed as they arrive: B works on one chunk at a time)."""
+    first = next(chunks, None)
+    if first is None or not first.alignment_id:
+        raise InvalidArgument(f"{method}: the first chunk must carry alignment_id")
+
+    def points() -> Iterator[bytes]:
+        yield first.points
+        for chunk in chunks:
+            if chunk.alignment_id:
+                raise InvalidArgument(f"{method}: alignment_id only allowed on the first chunk")
+            yield chunk.points
+
+    return first.alignment_id, points()
+
+
+_PURPOSES = {
+    party_pb2.ALIGNMENT_PURPOSE_TRAINING: "training",
+    party_pb2.ALIGNMENT_PURPOSE_PREDICTION: "prediction",
+}
 
 _PHASES = {
     Phase.SHARES: party_pb2.JOB_PHASE_SHARES,

@@ -48,6 +48,209 @@ JOB_STATE_FAILED: JobState.ValueType  # 3
 """Stopped on an error (see JobStatus.error); no model stored."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _AlignmentState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlignmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlignmentState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALIGNMENT_STATE_UNSPECIFIED: _AlignmentState.ValueType  # 0
+    ALIGNMENT_STATE_RUNNING: _AlignmentState.ValueType  # 1
+    """The private set intersection is running."""
+    ALIGNMENT_STATE_SUCCEEDED: _AlignmentState.ValueType  # 2
+    """Both parties hold the intersection under the alignment id."""
+    ALIGNMENT_STATE_FAILED: _AlignmentState.ValueType  # 3
+    """Stopped on an error (see Alignment.error); nothing usable stored."""
+
+class AlignmentState(_AlignmentState, metaclass=_AlignmentStateEnumTypeWrapper):
+    """Life cycle of an alignment."""
+
+ALIGNMENT_STATE_UNSPECIFIED: AlignmentState.ValueType  # 0
+ALIGNMENT_STATE_RUNNING: AlignmentState.ValueType  # 1
+"""The private set intersection is running."""
+ALIGNMENT_STATE_SUCCEEDED: AlignmentState.ValueType  # 2
+"""Both parties hold the intersection under the alignment id."""
+ALIGNMENT_STATE_FAILED: AlignmentState.ValueType  # 3
+"""Stopped on an error (see Alignment.error); nothing usable stored."""
+Global___AlignmentState: _TypeAlias = AlignmentState  # noqa: Y015
+
+class _PredictionStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PredictionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PredictionStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PREDICTION_STATUS_UNSPECIFIED: _PredictionStatus.ValueType  # 0
+    PREDICTION_STATUS_SCORED: _PredictionStatus.ValueType  # 1
+    """Scored by both parties' shards of the model."""
+    PREDICTION_STATUS_NOT_AT_PASSIVE: _PredictionStatus.ValueType  # 2
+    """The passive party holds no row it scores for this id: not in the
+    model's alignment (or, with align_new_ids, not in B's data), or outside
+    the model's population under B's policy. Its probability is NaN.
+    """
+
+class PredictionStatus(_PredictionStatus, metaclass=_PredictionStatusEnumTypeWrapper):
+    """What became of one requested id."""
+
+PREDICTION_STATUS_UNSPECIFIED: PredictionStatus.ValueType  # 0
+PREDICTION_STATUS_SCORED: PredictionStatus.ValueType  # 1
+"""Scored by both parties' shards of the model."""
+PREDICTION_STATUS_NOT_AT_PASSIVE: PredictionStatus.ValueType  # 2
+"""The passive party holds no row it scores for this id: not in the
+model's alignment (or, with align_new_ids, not in B's data), or outside
+the model's population under B's policy. Its probability is NaN.
+"""
+Global___PredictionStatus: _TypeAlias = PredictionStatus  # noqa: Y015
+
+@_typing.final
+class StartAlignmentRequest(_message.Message):
+    """Sent by a client to A."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    alignment_id: _builtins.str
+    """Optional alignment id (1-64 characters of [A-Za-z0-9_.-]); generated if empty."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A's ids to align; empty = every id in A's data. Each must be in A's
+        data, non-empty and listed once.
+        """
+
+    def __init__(
+        self,
+        *,
+        alignment_id: _builtins.str = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment_id", b"alignment_id", "ids", b"ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartAlignmentRequest: _TypeAlias = StartAlignmentRequest  # noqa: Y015
+
+@_typing.final
+class GetAlignmentRequest(_message.Message):
+    """Sent by a client to A."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_IDS_FIELD_NUMBER: _builtins.int
+    alignment_id: _builtins.str
+    include_ids: _builtins.bool
+    """Also return A's ids in the alignment, in its order (A's own ids only)."""
+    def __init__(
+        self,
+        *,
+        alignment_id: _builtins.str = ...,
+        include_ids: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment_id", b"alignment_id", "include_ids", b"include_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAlignmentRequest: _TypeAlias = GetAlignmentRequest  # noqa: Y015
+
+@_typing.final
+class Alignment(_message.Message):
+    """An alignment, as A knows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    ACTIVE_SIZE_FIELD_NUMBER: _builtins.int
+    PASSIVE_SIZE_FIELD_NUMBER: _builtins.int
+    CREATED_UNIX_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ELAPSED_S_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    alignment_id: _builtins.str
+    state: Global___AlignmentState.ValueType
+    size: _builtins.int
+    """Ids in the intersection (SUCCEEDED only)."""
+    active_size: _builtins.int
+    """Set sizes: A's ids aligned, and B's (each party learns the other's)."""
+    passive_size: _builtins.int
+    created_unix: _builtins.float
+    """Unix time the alignment was started, seconds."""
+    error: _builtins.str
+    """Why it failed (FAILED only)."""
+    elapsed_s: _builtins.float
+    """Wall time the alignment took (so far), seconds."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With GetAlignmentRequest.include_ids: A's ids in the alignment, in order."""
+
+    def __init__(
+        self,
+        *,
+        alignment_id: _builtins.str = ...,
+        state: Global___AlignmentState.ValueType = ...,
+        size: _builtins.int = ...,
+        active_size: _builtins.int = ...,
+        passive_size: _builtins.int = ...,
+        created_unix: _builtins.float = ...,
+        error: _builtins.str = ...,
+        elapsed_s: _builtins.float = ...,
+        ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_size", b"active_size", "alignment_id", b"alignment_id", "created_unix", b"created_unix", "elapsed_s", b"elapsed_s", "error", b"error", "ids", b"ids", "passive_size", b"passive_size", "size", b"size", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alignment: _TypeAlias = Alignment  # noqa: Y015
+
+@_typing.final
+class ListAlignmentsRequest(_message.Message):
+    """Sent by a client to A; no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlignmentsRequest: _TypeAlias = ListAlignmentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAlignmentsReply(_message.Message):
+    """Sent by A."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIGNMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def alignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Alignment]:
+        """Without their ids."""
+
+    def __init__(
+        self,
+        *,
+        alignments: _abc.Iterable[Global___Alignment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignments", b"alignments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAlignmentsReply: _TypeAlias = ListAlignmentsReply  # noqa: Y015
+
 @_typing.final
 class StartTrainingRequest(_message.Message):
     """Sent by a client to A."""
@@ -58,21 +261,28 @@ class StartTrainingRequest(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     TRAIN_IDS_FIELD_NUMBER: _builtins.int
     HOLDOUT_IDS_FIELD_NUMBER: _builtins.int
+    ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Optional job id (1-64 characters of [A-Za-z0-9_.-]); generated if empty."""
+    alignment_id: _builtins.str
+    """The alignment (StartAlignment) whose ids the job trains on. Required."""
     @_builtins.property
     def config(self) -> _common_pb2.TrainingConfig:
         """Hyper-parameters; unset fields take the defaults in common.proto."""
 
     @_builtins.property
     def train_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids of the training rows; empty = every id in A's data."""
+        """Ids (A's own) of the training rows, each in the alignment; empty =
+        every id of the alignment that is not a holdout id.
+        """
 
     @_builtins.property
     def holdout_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids that will be scored with the model but not trained on (e.g. the
-        test split). With train_ids they are the model's population: by
-        default B scores only ids of its population (B's VFL_PREDICT_SCOPE).
+        test split), each in the alignment. With train_ids they are the model's
+        population: by default B scores only its population (B's
+        VFL_PREDICT_SCOPE). A sends B their positions in the alignment, never
+        the ids.
         """
 
     def __init__(
@@ -82,10 +292,11 @@ class StartTrainingRequest(_message.Message):
         config: _common_pb2.TrainingConfig | None = ...,
         train_ids: _abc.Iterable[_builtins.str] | None = ...,
         holdout_ids: _abc.Iterable[_builtins.str] | None = ...,
+        alignment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "holdout_ids", b"holdout_ids", "job_id", b"job_id", "train_ids", b"train_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment_id", b"alignment_id", "config", b"config", "holdout_ids", b"holdout_ids", "job_id", b"job_id", "train_ids", b"train_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -261,21 +472,28 @@ class PredictRequest(_message.Message):
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     IDS_FIELD_NUMBER: _builtins.int
+    ALIGN_NEW_IDS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The model id (the job id of a finished job)."""
+    align_new_ids: _builtins.bool
+    """Ids outside the model's alignment are answered NOT_AT_PASSIVE unless
+    this is set: A then aligns them with B by a new private set
+    intersection first (B takes part only if its VFL_PREDICT_SCOPE is any).
+    """
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids to score, at most 100000 per call; each must be in both parties' data."""
+        """Ids to score, at most 100000 per call, each in A's data and listed once."""
 
     def __init__(
         self,
         *,
         model_id: _builtins.str = ...,
         ids: _abc.Iterable[_builtins.str] | None = ...,
+        align_new_ids: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "model_id", b"model_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["align_new_ids", b"align_new_ids", "ids", b"ids", "model_id", b"model_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -289,23 +507,29 @@ class PredictReply(_message.Message):
 
     IDS_FIELD_NUMBER: _builtins.int
     PROBABILITIES_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The request's ids, in order."""
 
     @_builtins.property
     def probabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """P(y = 1 | x), one per id."""
+        """P(y = 1 | x), one per id; NaN where status is not SCORED."""
+
+    @_builtins.property
+    def status(self) -> _containers.RepeatedScalarFieldContainer[Global___PredictionStatus.ValueType]:
+        """One per id."""
 
     def __init__(
         self,
         *,
         ids: _abc.Iterable[_builtins.str] | None = ...,
         probabilities: _abc.Iterable[_builtins.float] | None = ...,
+        status: _abc.Iterable[Global___PredictionStatus.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "probabilities", b"probabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "probabilities", b"probabilities", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,6 +565,7 @@ class ModelInfo(_message.Message):
     ACTIVE_FEATURES_FIELD_NUMBER: _builtins.int
     PASSIVE_FEATURES_FIELD_NUMBER: _builtins.int
     TRAIN_ROWS_FIELD_NUMBER: _builtins.int
+    ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
     ITERATIONS_FIELD_NUMBER: _builtins.int
     FINAL_LOSS_FIELD_NUMBER: _builtins.int
     DP_EPSILON_SPENT_FIELD_NUMBER: _builtins.int
@@ -355,6 +580,8 @@ class ModelInfo(_message.Message):
     passive_features: _builtins.int
     train_rows: _builtins.int
     """Training rows and iterations run."""
+    alignment_id: _builtins.str
+    """The alignment the model was trained on."""
     iterations: _builtins.int
     final_loss: _builtins.float
     """Taylor loss of the last checked batch."""
@@ -374,13 +601,14 @@ class ModelInfo(_message.Message):
         active_features: _builtins.int = ...,
         passive_features: _builtins.int = ...,
         train_rows: _builtins.int = ...,
+        alignment_id: _builtins.str = ...,
         iterations: _builtins.int = ...,
         final_loss: _builtins.float | None = ...,
         dp_epsilon_spent: _builtins.float | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_final_loss", b"_final_loss", "config", b"config", "dp_epsilon_spent", b"dp_epsilon_spent", "final_loss", b"final_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_final_loss", b"_final_loss", "active_features", b"active_features", "config", b"config", "created_unix", b"created_unix", "dp_epsilon_spent", b"dp_epsilon_spent", "final_loss", b"final_loss", "iterations", b"iterations", "model_id", b"model_id", "passive_features", b"passive_features", "target_fingerprint", b"target_fingerprint", "train_rows", b"train_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_final_loss", b"_final_loss", "active_features", b"active_features", "alignment_id", b"alignment_id", "config", b"config", "created_unix", b"created_unix", "dp_epsilon_spent", b"dp_epsilon_spent", "final_loss", b"final_loss", "iterations", b"iterations", "model_id", b"model_id", "passive_features", b"passive_features", "target_fingerprint", b"target_fingerprint", "train_rows", b"train_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dp_epsilon_spent: _TypeAlias = _typing.Literal["dp_epsilon_spent"]  # noqa: Y015
     _WhichOneofArgType__dp_epsilon_spent: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent"]  # noqa: Y015

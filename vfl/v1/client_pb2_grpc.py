@@ -34,6 +34,21 @@ class TrainingServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.StartAlignment = channel.unary_unary(
+                '/vfl.v1.TrainingService/StartAlignment',
+                request_serializer=vfl_dot_v1_dot_client__pb2.StartAlignmentRequest.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_client__pb2.Alignment.FromString,
+                _registered_method=True)
+        self.GetAlignment = channel.unary_unary(
+                '/vfl.v1.TrainingService/GetAlignment',
+                request_serializer=vfl_dot_v1_dot_client__pb2.GetAlignmentRequest.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_client__pb2.Alignment.FromString,
+                _registered_method=True)
+        self.ListAlignments = channel.unary_unary(
+                '/vfl.v1.TrainingService/ListAlignments',
+                request_serializer=vfl_dot_v1_dot_client__pb2.ListAlignmentsRequest.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_client__pb2.ListAlignmentsReply.FromString,
+                _registered_method=True)
         self.StartTraining = channel.unary_unary(
                 '/vfl.v1.TrainingService/StartTraining',
                 request_serializer=vfl_dot_v1_dot_client__pb2.StartTrainingRequest.SerializeToString,
@@ -64,10 +79,36 @@ class TrainingServiceStub:
 class TrainingServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def StartAlignment(self, request, context):
+        """Starts aligning A's ids with the passive party's by private set
+        intersection: neither party learns the other's ids outside the
+        intersection, only its size. Runs in the background; GetAlignment
+        follows it. Both parties keep the result under the alignment id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAlignment(self, request, context):
+        """An alignment's state and size (and, if asked, A's ids in it, in the
+        alignment's order). NOT_FOUND for an unknown alignment id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlignments(self, request, context):
+        """The alignments this active party holds, sorted by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartTraining(self, request, context):
-        """Starts a training job with the passive party. Key exchange and job set-up
-        run before this returns, so a missing id at B or a peer that is down is
-        reported here; the iterations then run in the background.
+        """Starts a training job with the passive party on the rows of an
+        alignment. Key exchange and job set-up run before this returns, so an
+        alignment B does not hold or a peer that is down is reported here; the
+        iterations then run in the background.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,6 +145,21 @@ class TrainingServiceServicer:
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'StartAlignment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartAlignment,
+                    request_deserializer=vfl_dot_v1_dot_client__pb2.StartAlignmentRequest.FromString,
+                    response_serializer=vfl_dot_v1_dot_client__pb2.Alignment.SerializeToString,
+            ),
+            'GetAlignment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAlignment,
+                    request_deserializer=vfl_dot_v1_dot_client__pb2.GetAlignmentRequest.FromString,
+                    response_serializer=vfl_dot_v1_dot_client__pb2.Alignment.SerializeToString,
+            ),
+            'ListAlignments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlignments,
+                    request_deserializer=vfl_dot_v1_dot_client__pb2.ListAlignmentsRequest.FromString,
+                    response_serializer=vfl_dot_v1_dot_client__pb2.ListAlignmentsReply.SerializeToString,
+            ),
             'StartTraining': grpc.unary_unary_rpc_method_handler(
                     servicer.StartTraining,
                     request_deserializer=vfl_dot_v1_dot_client__pb2.StartTrainingRequest.FromString,
@@ -139,6 +195,87 @@ def add_TrainingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TrainingService:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def StartAlignment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.TrainingService/StartAlignment',
+            vfl_dot_v1_dot_client__pb2.StartAlignmentRequest.SerializeToString,
+            vfl_dot_v1_dot_client__pb2.Alignment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAlignment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.TrainingService/GetAlignment',
+            vfl_dot_v1_dot_client__pb2.GetAlignmentRequest.SerializeToString,
+            vfl_dot_v1_dot_client__pb2.Alignment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlignments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.TrainingService/ListAlignments',
+            vfl_dot_v1_dot_client__pb2.ListAlignmentsRequest.SerializeToString,
+            vfl_dot_v1_dot_client__pb2.ListAlignmentsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def StartTraining(request,

@@ -33,10 +33,23 @@ class TrainingServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TrainingServiceAsyncStub: ...
+    StartAlignment: _grpc.UnaryUnaryMultiCallable[_client_pb2.StartAlignmentRequest, _client_pb2.Alignment]
+    """Starts aligning A's ids with the passive party's by private set
+    intersection: neither party learns the other's ids outside the
+    intersection, only its size. Runs in the background; GetAlignment
+    follows it. Both parties keep the result under the alignment id.
+    """
+    GetAlignment: _grpc.UnaryUnaryMultiCallable[_client_pb2.GetAlignmentRequest, _client_pb2.Alignment]
+    """An alignment's state and size (and, if asked, A's ids in it, in the
+    alignment's order). NOT_FOUND for an unknown alignment id.
+    """
+    ListAlignments: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListAlignmentsRequest, _client_pb2.ListAlignmentsReply]
+    """The alignments this active party holds, sorted by id."""
     StartTraining: _grpc.UnaryUnaryMultiCallable[_client_pb2.StartTrainingRequest, _client_pb2.JobStatus]
-    """Starts a training job with the passive party. Key exchange and job set-up
-    run before this returns, so a missing id at B or a peer that is down is
-    reported here; the iterations then run in the background.
+    """Starts a training job with the passive party on the rows of an
+    alignment. Key exchange and job set-up run before this returns, so an
+    alignment B does not hold or a peer that is down is reported here; the
+    iterations then run in the background.
     """
     GetJobStatus: _grpc.UnaryUnaryMultiCallable[_client_pb2.GetJobStatusRequest, _client_pb2.JobStatus]
     """Current status of a job. NOT_FOUND for an unknown job id."""
@@ -50,10 +63,23 @@ class TrainingServiceStub:
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
+    StartAlignment: _aio.UnaryUnaryMultiCallable[_client_pb2.StartAlignmentRequest, _client_pb2.Alignment]  # type: ignore[assignment]
+    """Starts aligning A's ids with the passive party's by private set
+    intersection: neither party learns the other's ids outside the
+    intersection, only its size. Runs in the background; GetAlignment
+    follows it. Both parties keep the result under the alignment id.
+    """
+    GetAlignment: _aio.UnaryUnaryMultiCallable[_client_pb2.GetAlignmentRequest, _client_pb2.Alignment]  # type: ignore[assignment]
+    """An alignment's state and size (and, if asked, A's ids in it, in the
+    alignment's order). NOT_FOUND for an unknown alignment id.
+    """
+    ListAlignments: _aio.UnaryUnaryMultiCallable[_client_pb2.ListAlignmentsRequest, _client_pb2.ListAlignmentsReply]  # type: ignore[assignment]
+    """The alignments this active party holds, sorted by id."""
     StartTraining: _aio.UnaryUnaryMultiCallable[_client_pb2.StartTrainingRequest, _client_pb2.JobStatus]  # type: ignore[assignment]
-    """Starts a training job with the passive party. Key exchange and job set-up
-    run before this returns, so a missing id at B or a peer that is down is
-    reported here; the iterations then run in the background.
+    """Starts a training job with the passive party on the rows of an
+    alignment. Key exchange and job set-up run before this returns, so an
+    alignment B does not hold or a peer that is down is reported here; the
+    iterations then run in the background.
     """
     GetJobStatus: _aio.UnaryUnaryMultiCallable[_client_pb2.GetJobStatusRequest, _client_pb2.JobStatus]  # type: ignore[assignment]
     """Current status of a job. NOT_FOUND for an unknown job id."""
@@ -66,14 +92,45 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
+    def StartAlignment(
+        self,
+        request: _client_pb2.StartAlignmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.Alignment, _abc.Awaitable[_client_pb2.Alignment]]:
+        """Starts aligning A's ids with the passive party's by private set
+        intersection: neither party learns the other's ids outside the
+        intersection, only its size. Runs in the background; GetAlignment
+        follows it. Both parties keep the result under the alignment id.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAlignment(
+        self,
+        request: _client_pb2.GetAlignmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.Alignment, _abc.Awaitable[_client_pb2.Alignment]]:
+        """An alignment's state and size (and, if asked, A's ids in it, in the
+        alignment's order). NOT_FOUND for an unknown alignment id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAlignments(
+        self,
+        request: _client_pb2.ListAlignmentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.ListAlignmentsReply, _abc.Awaitable[_client_pb2.ListAlignmentsReply]]:
+        """The alignments this active party holds, sorted by id."""
+
+    @_abc_1.abstractmethod
     def StartTraining(
         self,
         request: _client_pb2.StartTrainingRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.JobStatus, _abc.Awaitable[_client_pb2.JobStatus]]:
-        """Starts a training job with the passive party. Key exchange and job set-up
-        run before this returns, so a missing id at B or a peer that is down is
-        reported here; the iterations then run in the background.
+        """Starts a training job with the passive party on the rows of an
+        alignment. Key exchange and job set-up run before this returns, so an
+        alignment B does not hold or a peer that is down is reported here; the
+        iterations then run in the background.
         """
 
     @_abc_1.abstractmethod

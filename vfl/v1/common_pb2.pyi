@@ -179,20 +179,20 @@ class StepChunk(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
-    IDS_FIELD_NUMBER: _builtins.int
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
     RESIDUES_FIELD_NUMBER: _builtins.int
+    ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    alignment_id: _builtins.str
+    """Prediction only, first chunk: the alignment whose positions `rows` are."""
     @_builtins.property
     def header(self) -> Global___StepHeader:
         """Set on the first chunk of a stream only."""
 
     @_builtins.property
     def rows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Row positions of the mini-batch in the job's ordered id list (this part)."""
-
-    @_builtins.property
-    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Entity ids (prediction only), this part."""
+        """Row positions of the mini-batch in the job's ordered id list, or, in
+        prediction, in the alignment `alignment_id` (this part).
+        """
 
     @_builtins.property
     def ciphertexts(self) -> Global___CipherVector:
@@ -207,13 +207,13 @@ class StepChunk(_message.Message):
         *,
         header: Global___StepHeader | None = ...,
         rows: _abc.Iterable[_builtins.int] | None = ...,
-        ids: _abc.Iterable[_builtins.str] | None = ...,
         ciphertexts: Global___CipherVector | None = ...,
         residues: Global___ResidueVector | None = ...,
+        alignment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "header", b"header", "residues", b"residues"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "header", b"header", "ids", b"ids", "residues", b"residues", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment_id", b"alignment_id", "ciphertexts", b"ciphertexts", "header", b"header", "residues", b"residues", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,39 +25,51 @@ _sym_db = _symbol_database.Default()
 from vfl.v1 import common_pb2 as vfl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12vfl/v1/party.proto\x12\x06vfl.v1\x1a\x13vfl/v1/common.proto\";\n\x12KeyExchangeRequest\x12%\n\nactive_key\x18\x01 \x01(\x0b\x32\x11.vfl.v1.PublicKey\"V\n\x10KeyExchangeReply\x12&\n\x0bpassive_key\x18\x01 \x01(\x0b\x32\x11.vfl.v1.PublicKey\x12\x1a\n\x12target_fingerprint\x18\x02 \x01(\x0c\"\xb3\x01\n\x07JobSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.vfl.v1.TrainingConfig\x12\x0e\n\x06n_rows\x18\x03 \x01(\r\x12\x1a\n\x12target_fingerprint\x18\x04 \x01(\x0c\x12\x17\n\x0f\x61\x63tive_features\x18\x05 \x01(\r\x12\x11\n\tn_holdout\x18\x06 \x01(\r\x12\x18\n\x10\x61\x63tive_clip_norm\x18\x07 \x01(\x01\"P\n\rSetupJobChunk\x12\x1d\n\x04spec\x18\x01 \x01(\x0b\x32\x0f.vfl.v1.JobSpec\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x13\n\x0bholdout_ids\x18\x03 \x03(\t\"`\n\rSetupJobReply\x12\x18\n\x10passive_features\x18\x01 \x01(\r\x12\x19\n\x11passive_clip_norm\x18\x02 \x01(\x01\x12\x1a\n\x12passive_share_clip\x18\x03 \x01(\x01\"P\n\x12\x41pplyGradientReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x16\n\x0eupdate_sq_norm\x18\x02 \x01(\x01\"6\n\x10LossShareRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\"Y\n\x0eLossShareReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12#\n\x05share\x18\x02 \x01(\x0b\x32\x14.vfl.v1.CipherVector\"G\n\x10\x46inishJobRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x0f\n\x07\x61\x62orted\x18\x02 \x01(\x08\" \n\x0e\x46inishJobReply\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"5\n\x0fJobStateRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\"g\n\rJobStateReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x11\n\titeration\x18\x02 \x01(\x04\x12\x1f\n\x05phase\x18\x03 \x01(\x0e\x32\x10.vfl.v1.JobPhase*i\n\x08JobPhase\x12\x19\n\x15JOB_PHASE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_PHASE_SHARES\x10\x01\x12\x17\n\x13JOB_PHASE_GRADIENTS\x10\x02\x12\x13\n\x0fJOB_PHASE_APPLY\x10\x03\x32\xaa\x06\n\x0cPartyService\x12\x44\n\x0c\x45xchangeKeys\x12\x1a.vfl.v1.KeyExchangeRequest\x1a\x18.vfl.v1.KeyExchangeReply\x12:\n\x08SetupJob\x12\x15.vfl.v1.SetupJobChunk\x1a\x15.vfl.v1.SetupJobReply(\x01\x12\x42\n\x16\x45xchangeResidualShares\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x12\x43\n\x17\x45xchangeMaskedGradients\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x12@\n\rApplyGradient\x12\x11.vfl.v1.StepChunk\x1a\x1a.vfl.v1.ApplyGradientReply(\x01\x12\x43\n\x1b\x45xchangeResidualSharesUnary\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk\x12\x44\n\x1c\x45xchangeMaskedGradientsUnary\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk\x12\x43\n\x12\x41pplyGradientUnary\x12\x11.vfl.v1.StepChunk\x1a\x1a.vfl.v1.ApplyGradientReply\x12\x44\n\x10\x43omputeLossShare\x12\x18.vfl.v1.LossShareRequest\x1a\x16.vfl.v1.LossShareReply\x12=\n\x0bGetJobState\x12\x17.vfl.v1.JobStateRequest\x1a\x15.vfl.v1.JobStateReply\x12=\n\tFinishJob\x12\x18.vfl.v1.FinishJobRequest\x1a\x16.vfl.v1.FinishJobReply\x12\x39\n\rPredictScores\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12vfl/v1/party.proto\x12\x06vfl.v1\x1a\x13vfl/v1/common.proto\";\n\x12KeyExchangeRequest\x12%\n\nactive_key\x18\x01 \x01(\x0b\x32\x11.vfl.v1.PublicKey\"V\n\x10KeyExchangeReply\x12&\n\x0bpassive_key\x18\x01 \x01(\x0b\x32\x11.vfl.v1.PublicKey\x12\x1a\n\x12target_fingerprint\x18\x02 \x01(\x0c\"w\n\rAlignmentOpen\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tive_size\x18\x02 \x01(\x04\x12)\n\x07purpose\x18\x03 \x01(\x0e\x32\x18.vfl.v1.AlignmentPurpose\x12\x10\n\x08model_id\x18\x04 \x01(\t\"\'\n\x0f\x41lignmentOpened\x12\x14\n\x0cpassive_size\x18\x01 \x01(\x04\"0\n\x08PsiChunk\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x0c\" \n\x08PsiFetch\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\"1\n\x11\x41lignmentFinished\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\"\xc9\x01\n\x07JobSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.vfl.v1.TrainingConfig\x12\x0e\n\x06n_rows\x18\x03 \x01(\r\x12\x1a\n\x12target_fingerprint\x18\x04 \x01(\x0c\x12\x17\n\x0f\x61\x63tive_features\x18\x05 \x01(\r\x12\x11\n\tn_holdout\x18\x06 \x01(\r\x12\x18\n\x10\x61\x63tive_clip_norm\x18\x07 \x01(\x01\x12\x14\n\x0c\x61lignment_id\x18\x08 \x01(\t\"p\n\rSetupJobChunk\x12\x1d\n\x04spec\x18\x01 \x01(\x0b\x32\x0f.vfl.v1.JobSpec\x12\x0c\n\x04rows\x18\x04 \x03(\r\x12\x14\n\x0choldout_rows\x18\x05 \x03(\rJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x03idsR\x0bholdout_ids\"x\n\rSetupJobReply\x12\x18\n\x10passive_features\x18\x01 \x01(\r\x12\x19\n\x11passive_clip_norm\x18\x02 \x01(\x01\x12\x1a\n\x12passive_share_clip\x18\x03 \x01(\x01\x12\x16\n\x0escores_any_row\x18\x04 \x01(\x08\"P\n\x12\x41pplyGradientReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x16\n\x0eupdate_sq_norm\x18\x02 \x01(\x01\"6\n\x10LossShareRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\"Y\n\x0eLossShareReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12#\n\x05share\x18\x02 \x01(\x0b\x32\x14.vfl.v1.CipherVector\"G\n\x10\x46inishJobRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x0f\n\x07\x61\x62orted\x18\x02 \x01(\x08\" \n\x0e\x46inishJobReply\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"5\n\x0fJobStateRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\"g\n\rJobStateReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x11\n\titeration\x18\x02 \x01(\x04\x12\x1f\n\x05phase\x18\x03 \x01(\x0e\x32\x10.vfl.v1.JobPhase*w\n\x10\x41lignmentPurpose\x12!\n\x1d\x41LIGNMENT_PURPOSE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41LIGNMENT_PURPOSE_TRAINING\x10\x01\x12 \n\x1c\x41LIGNMENT_PURPOSE_PREDICTION\x10\x02*i\n\x08JobPhase\x12\x19\n\x15JOB_PHASE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_PHASE_SHARES\x10\x01\x12\x17\n\x13JOB_PHASE_GRADIENTS\x10\x02\x12\x13\n\x0fJOB_PHASE_APPLY\x10\x03\x32\xa1\x08\n\x0cPartyService\x12\x44\n\x0c\x45xchangeKeys\x12\x1a.vfl.v1.KeyExchangeRequest\x1a\x18.vfl.v1.KeyExchangeReply\x12@\n\x0eStartAlignment\x12\x15.vfl.v1.AlignmentOpen\x1a\x17.vfl.v1.AlignmentOpened\x12\x38\n\x0e\x42lindActiveSet\x12\x10.vfl.v1.PsiChunk\x1a\x10.vfl.v1.PsiChunk(\x01\x30\x01\x12\x37\n\x0f\x46\x65tchPassiveSet\x12\x10.vfl.v1.PsiFetch\x1a\x10.vfl.v1.PsiChunk0\x01\x12@\n\x0f\x46inishAlignment\x12\x10.vfl.v1.PsiChunk\x1a\x19.vfl.v1.AlignmentFinished(\x01\x12:\n\x08SetupJob\x12\x15.vfl.v1.SetupJobChunk\x1a\x15.vfl.v1.SetupJobReply(\x01\x12\x42\n\x16\x45xchangeResidualShares\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x12\x43\n\x17\x45xchangeMaskedGradients\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x12@\n\rApplyGradient\x12\x11.vfl.v1.StepChunk\x1a\x1a.vfl.v1.ApplyGradientReply(\x01\x12\x43\n\x1b\x45xchangeResidualSharesUnary\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk\x12\x44\n\x1c\x45xchangeMaskedGradientsUnary\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk\x12\x43\n\x12\x41pplyGradientUnary\x12\x11.vfl.v1.StepChunk\x1a\x1a.vfl.v1.ApplyGradientReply\x12\x44\n\x10\x43omputeLossShare\x12\x18.vfl.v1.LossShareRequest\x1a\x16.vfl.v1.LossShareReply\x12=\n\x0bGetJobState\x12\x17.vfl.v1.JobStateRequest\x1a\x15.vfl.v1.JobStateReply\x12=\n\tFinishJob\x12\x18.vfl.v1.FinishJobRequest\x1a\x16.vfl.v1.FinishJobReply\x12\x39\n\rPredictScores\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vfl.v1.party_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBPHASE']._serialized_start=1058
-  _globals['_JOBPHASE']._serialized_end=1163
+  _globals['_ALIGNMENTPURPOSE']._serialized_start=1433
+  _globals['_ALIGNMENTPURPOSE']._serialized_end=1552
+  _globals['_JOBPHASE']._serialized_start=1554
+  _globals['_JOBPHASE']._serialized_end=1659
   _globals['_KEYEXCHANGEREQUEST']._serialized_start=51
   _globals['_KEYEXCHANGEREQUEST']._serialized_end=110
   _globals['_KEYEXCHANGEREPLY']._serialized_start=112
   _globals['_KEYEXCHANGEREPLY']._serialized_end=198
-  _globals['_JOBSPEC']._serialized_start=201
-  _globals['_JOBSPEC']._serialized_end=380
-  _globals['_SETUPJOBCHUNK']._serialized_start=382
-  _globals['_SETUPJOBCHUNK']._serialized_end=462
-  _globals['_SETUPJOBREPLY']._serialized_start=464
-  _globals['_SETUPJOBREPLY']._serialized_end=560
-  _globals['_APPLYGRADIENTREPLY']._serialized_start=562
-  _globals['_APPLYGRADIENTREPLY']._serialized_end=642
-  _globals['_LOSSSHAREREQUEST']._serialized_start=644
-  _globals['_LOSSSHAREREQUEST']._serialized_end=698
-  _globals['_LOSSSHAREREPLY']._serialized_start=700
-  _globals['_LOSSSHAREREPLY']._serialized_end=789
-  _globals['_FINISHJOBREQUEST']._serialized_start=791
-  _globals['_FINISHJOBREQUEST']._serialized_end=862
-  _globals['_FINISHJOBREPLY']._serialized_start=864
-  _globals['_FINISHJOBREPLY']._serialized_end=896
-  _globals['_JOBSTATEREQUEST']._serialized_start=898
-  _globals['_JOBSTATEREQUEST']._serialized_end=951
-  _globals['_JOBSTATEREPLY']._serialized_start=953
-  _globals['_JOBSTATEREPLY']._serialized_end=1056
-  _globals['_PARTYSERVICE']._serialized_start=1166
-  _globals['_PARTYSERVICE']._serialized_end=1976
+  _globals['_ALIGNMENTOPEN']._serialized_start=200
+  _globals['_ALIGNMENTOPEN']._serialized_end=319
+  _globals['_ALIGNMENTOPENED']._serialized_start=321
+  _globals['_ALIGNMENTOPENED']._serialized_end=360
+  _globals['_PSICHUNK']._serialized_start=362
+  _globals['_PSICHUNK']._serialized_end=410
+  _globals['_PSIFETCH']._serialized_start=412
+  _globals['_PSIFETCH']._serialized_end=444
+  _globals['_ALIGNMENTFINISHED']._serialized_start=446
+  _globals['_ALIGNMENTFINISHED']._serialized_end=495
+  _globals['_JOBSPEC']._serialized_start=498
+  _globals['_JOBSPEC']._serialized_end=699
+  _globals['_SETUPJOBCHUNK']._serialized_start=701
+  _globals['_SETUPJOBCHUNK']._serialized_end=813
+  _globals['_SETUPJOBREPLY']._serialized_start=815
+  _globals['_SETUPJOBREPLY']._serialized_end=935
+  _globals['_APPLYGRADIENTREPLY']._serialized_start=937
+  _globals['_APPLYGRADIENTREPLY']._serialized_end=1017
+  _globals['_LOSSSHAREREQUEST']._serialized_start=1019
+  _globals['_LOSSSHAREREQUEST']._serialized_end=1073
+  _globals['_LOSSSHAREREPLY']._serialized_start=1075
+  _globals['_LOSSSHAREREPLY']._serialized_end=1164
+  _globals['_FINISHJOBREQUEST']._serialized_start=1166
+  _globals['_FINISHJOBREQUEST']._serialized_end=1237
+  _globals['_FINISHJOBREPLY']._serialized_start=1239
+  _globals['_FINISHJOBREPLY']._serialized_end=1271
+  _globals['_JOBSTATEREQUEST']._serialized_start=1273
+  _globals['_JOBSTATEREQUEST']._serialized_end=1326
+  _globals['_JOBSTATEREPLY']._serialized_start=1328
+  _globals['_JOBSTATEREPLY']._serialized_end=1431
+  _globals['_PARTYSERVICE']._serialized_start=1662
+  _globals['_PARTYSERVICE']._serialized_end=2719
 # @@protoc_insertion_point(module_scope)

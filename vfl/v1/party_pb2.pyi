@@ -24,6 +24,32 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AlignmentPurpose:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlignmentPurposeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlignmentPurpose.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALIGNMENT_PURPOSE_UNSPECIFIED: _AlignmentPurpose.ValueType  # 0
+    ALIGNMENT_PURPOSE_TRAINING: _AlignmentPurpose.ValueType  # 1
+    """The rows of training jobs (and their holdout rows)."""
+    ALIGNMENT_PURPOSE_PREDICTION: _AlignmentPurpose.ValueType  # 2
+    """New ids to score with the model `model_id`: B takes part only if its
+    policy scores ids outside a model's population (VFL_PREDICT_SCOPE=any).
+    """
+
+class AlignmentPurpose(_AlignmentPurpose, metaclass=_AlignmentPurposeEnumTypeWrapper):
+    """Why A aligns."""
+
+ALIGNMENT_PURPOSE_UNSPECIFIED: AlignmentPurpose.ValueType  # 0
+ALIGNMENT_PURPOSE_TRAINING: AlignmentPurpose.ValueType  # 1
+"""The rows of training jobs (and their holdout rows)."""
+ALIGNMENT_PURPOSE_PREDICTION: AlignmentPurpose.ValueType  # 2
+"""New ids to score with the model `model_id`: B takes part only if its
+policy scores ids outside a model's population (VFL_PREDICT_SCOPE=any).
+"""
+Global___AlignmentPurpose: _TypeAlias = AlignmentPurpose  # noqa: Y015
+
 class _JobPhase:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -103,6 +129,134 @@ class KeyExchangeReply(_message.Message):
 Global___KeyExchangeReply: _TypeAlias = KeyExchangeReply  # noqa: Y015
 
 @_typing.final
+class AlignmentOpen(_message.Message):
+    """Sent by A: step 1 of an alignment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    ACTIVE_SIZE_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    alignment_id: _builtins.str
+    """1-64 characters of [A-Za-z0-9_.-]; new at B."""
+    active_size: _builtins.int
+    """Number of points A will send in step 2 (its set size)."""
+    purpose: Global___AlignmentPurpose.ValueType
+    model_id: _builtins.str
+    """PREDICTION only: the model the new ids are to be scored with."""
+    def __init__(
+        self,
+        *,
+        alignment_id: _builtins.str = ...,
+        active_size: _builtins.int = ...,
+        purpose: Global___AlignmentPurpose.ValueType = ...,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_size", b"active_size", "alignment_id", b"alignment_id", "model_id", b"model_id", "purpose", b"purpose"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlignmentOpen: _TypeAlias = AlignmentOpen  # noqa: Y015
+
+@_typing.final
+class AlignmentOpened(_message.Message):
+    """Sent by B."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSIVE_SIZE_FIELD_NUMBER: _builtins.int
+    passive_size: _builtins.int
+    """Number of points B will send in step 3 (its set size)."""
+    def __init__(
+        self,
+        *,
+        passive_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["passive_size", b"passive_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlignmentOpened: _TypeAlias = AlignmentOpened  # noqa: Y015
+
+@_typing.final
+class PsiChunk(_message.Message):
+    """One bounded chunk of an alignment stream (at most 32768 points, 1 MiB)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    alignment_id: _builtins.str
+    """First chunk of a request stream only."""
+    points: _builtins.bytes
+    """Concatenated 32-byte encodings of ristretto255 elements, this part."""
+    def __init__(
+        self,
+        *,
+        alignment_id: _builtins.str = ...,
+        points: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment_id", b"alignment_id", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PsiChunk: _TypeAlias = PsiChunk  # noqa: Y015
+
+@_typing.final
+class PsiFetch(_message.Message):
+    """Sent by A: step 3."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    alignment_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        alignment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment_id", b"alignment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PsiFetch: _TypeAlias = PsiFetch  # noqa: Y015
+
+@_typing.final
+class AlignmentFinished(_message.Message):
+    """Sent by B: the end of step 4."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """Number of ids in the intersection, as B found it."""
+    digest: _builtins.bytes
+    """SHA-256 over the intersection's tags H(x)^ab in ascending byte order."""
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        digest: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlignmentFinished: _TypeAlias = AlignmentFinished  # noqa: Y015
+
+@_typing.final
 class JobSpec(_message.Message):
     """What B needs to know about a job. Sent by A on the first SetupJob chunk."""
 
@@ -115,18 +269,19 @@ class JobSpec(_message.Message):
     ACTIVE_FEATURES_FIELD_NUMBER: _builtins.int
     N_HOLDOUT_FIELD_NUMBER: _builtins.int
     ACTIVE_CLIP_NORM_FIELD_NUMBER: _builtins.int
+    ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job id: 1-64 characters of [A-Za-z0-9_.-]."""
     n_rows: _builtins.int
-    """Number of ids A will send (the job's training rows, in order)."""
+    """Number of rows A will send (the job's training rows, in order)."""
     target_fingerprint: _builtins.bytes
     """Target-key fingerprint of the job; every later step must carry it."""
     active_features: _builtins.int
     """A's feature count p_A (for B's batch-size guard)."""
     n_holdout: _builtins.int
-    """Number of holdout ids A will send after the training ids: ids A will
+    """Number of holdout rows A will send after the training rows: rows A will
     score with the model but not train on (e.g. its test split). With the
-    training ids they form the model's population, the only ids B scores
+    training rows they form the model's population, the only rows B scores
     unless B's own policy allows more.
     """
     active_clip_norm: _builtins.float
@@ -134,6 +289,8 @@ class JobSpec(_message.Message):
     feature rows (the intercept column excluded); B's noise on z_A is
     calibrated to it.
     """
+    alignment_id: _builtins.str
+    """The alignment (of purpose TRAINING) whose positions the rows are."""
     @_builtins.property
     def config(self) -> _common_pb2.TrainingConfig:
         """The job's hyper-parameters (B uses seed, init_scale, l2, learning_rate,
@@ -151,10 +308,11 @@ class JobSpec(_message.Message):
         active_features: _builtins.int = ...,
         n_holdout: _builtins.int = ...,
         active_clip_norm: _builtins.float = ...,
+        alignment_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_clip_norm", b"active_clip_norm", "active_features", b"active_features", "config", b"config", "job_id", b"job_id", "n_holdout", b"n_holdout", "n_rows", b"n_rows", "target_fingerprint", b"target_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_clip_norm", b"active_clip_norm", "active_features", b"active_features", "alignment_id", b"alignment_id", "config", b"config", "job_id", b"job_id", "n_holdout", b"n_holdout", "n_rows", b"n_rows", "target_fingerprint", b"target_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -167,32 +325,32 @@ class SetupJobChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
-    IDS_FIELD_NUMBER: _builtins.int
-    HOLDOUT_IDS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    HOLDOUT_ROWS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """First chunk only."""
 
     @_builtins.property
-    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The job's ordered training ids, this part."""
+    def rows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The job's ordered training rows (positions in the alignment), this part."""
 
     @_builtins.property
-    def holdout_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The job's holdout ids (see JobSpec.n_holdout), this part, after all the
-        training ids.
+    def holdout_rows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The job's holdout rows (see JobSpec.n_holdout), this part, after all the
+        training rows.
         """
 
     def __init__(
         self,
         *,
         spec: Global___JobSpec | None = ...,
-        ids: _abc.Iterable[_builtins.str] | None = ...,
-        holdout_ids: _abc.Iterable[_builtins.str] | None = ...,
+        rows: _abc.Iterable[_builtins.int] | None = ...,
+        holdout_rows: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["holdout_ids", b"holdout_ids", "ids", b"ids", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holdout_rows", b"holdout_rows", "rows", b"rows", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -207,6 +365,7 @@ class SetupJobReply(_message.Message):
     PASSIVE_FEATURES_FIELD_NUMBER: _builtins.int
     PASSIVE_CLIP_NORM_FIELD_NUMBER: _builtins.int
     PASSIVE_SHARE_CLIP_FIELD_NUMBER: _builtins.int
+    SCORES_ANY_ROW_FIELD_NUMBER: _builtins.int
     passive_features: _builtins.int
     """B's feature count p_B (for A's batch-size guard)."""
     passive_clip_norm: _builtins.float
@@ -217,16 +376,21 @@ class SetupJobReply(_message.Message):
     """With dp_epsilon: the bound to which B clips each residual share b_i
     (|b_i| <= passive_share_clip); B's noise on z_A is calibrated to it.
     """
+    scores_any_row: _builtins.bool
+    """B scores rows outside a model's population (VFL_PREDICT_SCOPE=any at
+    B): A answers such ids NOT_AT_PASSIVE without asking B otherwise.
+    """
     def __init__(
         self,
         *,
         passive_features: _builtins.int = ...,
         passive_clip_norm: _builtins.float = ...,
         passive_share_clip: _builtins.float = ...,
+        scores_any_row: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["passive_clip_norm", b"passive_clip_norm", "passive_features", b"passive_features", "passive_share_clip", b"passive_share_clip"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["passive_clip_norm", b"passive_clip_norm", "passive_features", b"passive_features", "passive_share_clip", b"passive_share_clip", "scores_any_row", b"scores_any_row"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -40,6 +40,26 @@ class PartyServiceStub:
                 request_serializer=vfl_dot_v1_dot_party__pb2.KeyExchangeRequest.SerializeToString,
                 response_deserializer=vfl_dot_v1_dot_party__pb2.KeyExchangeReply.FromString,
                 _registered_method=True)
+        self.StartAlignment = channel.unary_unary(
+                '/vfl.v1.PartyService/StartAlignment',
+                request_serializer=vfl_dot_v1_dot_party__pb2.AlignmentOpen.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_party__pb2.AlignmentOpened.FromString,
+                _registered_method=True)
+        self.BlindActiveSet = channel.stream_stream(
+                '/vfl.v1.PartyService/BlindActiveSet',
+                request_serializer=vfl_dot_v1_dot_party__pb2.PsiChunk.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_party__pb2.PsiChunk.FromString,
+                _registered_method=True)
+        self.FetchPassiveSet = channel.unary_stream(
+                '/vfl.v1.PartyService/FetchPassiveSet',
+                request_serializer=vfl_dot_v1_dot_party__pb2.PsiFetch.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_party__pb2.PsiChunk.FromString,
+                _registered_method=True)
+        self.FinishAlignment = channel.stream_unary(
+                '/vfl.v1.PartyService/FinishAlignment',
+                request_serializer=vfl_dot_v1_dot_party__pb2.PsiChunk.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_party__pb2.AlignmentFinished.FromString,
+                _registered_method=True)
         self.SetupJob = channel.stream_unary(
                 '/vfl.v1.PartyService/SetupJob',
                 request_serializer=vfl_dot_v1_dot_party__pb2.SetupJobChunk.SerializeToString,
@@ -108,10 +128,48 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartAlignment(self, request, context):
+        """Alignment: a Diffie-Hellman private set intersection (PSI) over
+        ristretto255 (docs/CRYPTO.md). Every message carries group elements of
+        32 bytes, never an id; both parties draw a fresh secret scalar for each
+        alignment and forget it at its end. A drives:
+        1. A opens the alignment (its id, A's set size); B draws its scalar b,
+        starts blinding its own ids to H(y)^b and answers its set size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BlindActiveSet(self, request_iterator, context):
+        """2. A -> B: A's blinded ids H(x)^a in a shuffled order. B -> A: each
+        point raised to b, H(x)^ab, in the order received.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchPassiveSet(self, request, context):
+        """3. B -> A: B's blinded ids H(y)^b in a shuffled order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishAlignment(self, request_iterator, context):
+        """4. A -> B: B's points raised to a, H(y)^ba, in the order B sent them.
+        B matches them against the H(x)^ab of step 2, stores its side of the
+        alignment (its own ids, ordered by tag), forgets b, and answers the
+        intersection's size and digest; A checks both against its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetupJob(self, request_iterator, context):
         """Job set-up. Stream: the first chunk carries the job spec, every chunk
-        may carry a part of the job's ordered ids. B refuses (FAILED_PRECONDITION)
-        if it lacks any id, and says how many.
+        may carry a part of the job's rows: positions in the alignment the spec
+        names (no id travels). B refuses (NOT_FOUND) an alignment it does not
+        hold for this peer, and (INVALID_ARGUMENT) a position outside it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,9 +249,11 @@ class PartyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PredictScores(self, request_iterator, context):
-        """Prediction. A -> B: header (job_id = model id), ids and ciphertexts =
-        [[u_A]]_A, the third encrypted data. B -> A: ciphertexts =
-        [[u_A + u_B]]_A, the target to-be-predicted data, re-randomised.
+        """Prediction. A -> B: header (job_id = model id), alignment_id, rows
+        (positions in that alignment: the model's own, or one A ran for the
+        request's new ids) and ciphertexts = [[u_A]]_A, the third encrypted
+        data. B -> A: ciphertexts = [[u_A + u_B]]_A, the target
+        to-be-predicted data, re-randomised.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -206,6 +266,26 @@ def add_PartyServiceServicer_to_server(servicer, server):
                     servicer.ExchangeKeys,
                     request_deserializer=vfl_dot_v1_dot_party__pb2.KeyExchangeRequest.FromString,
                     response_serializer=vfl_dot_v1_dot_party__pb2.KeyExchangeReply.SerializeToString,
+            ),
+            'StartAlignment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartAlignment,
+                    request_deserializer=vfl_dot_v1_dot_party__pb2.AlignmentOpen.FromString,
+                    response_serializer=vfl_dot_v1_dot_party__pb2.AlignmentOpened.SerializeToString,
+            ),
+            'BlindActiveSet': grpc.stream_stream_rpc_method_handler(
+                    servicer.BlindActiveSet,
+                    request_deserializer=vfl_dot_v1_dot_party__pb2.PsiChunk.FromString,
+                    response_serializer=vfl_dot_v1_dot_party__pb2.PsiChunk.SerializeToString,
+            ),
+            'FetchPassiveSet': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchPassiveSet,
+                    request_deserializer=vfl_dot_v1_dot_party__pb2.PsiFetch.FromString,
+                    response_serializer=vfl_dot_v1_dot_party__pb2.PsiChunk.SerializeToString,
+            ),
+            'FinishAlignment': grpc.stream_unary_rpc_method_handler(
+                    servicer.FinishAlignment,
+                    request_deserializer=vfl_dot_v1_dot_party__pb2.PsiChunk.FromString,
+                    response_serializer=vfl_dot_v1_dot_party__pb2.AlignmentFinished.SerializeToString,
             ),
             'SetupJob': grpc.stream_unary_rpc_method_handler(
                     servicer.SetupJob,
@@ -290,6 +370,114 @@ class PartyService:
             '/vfl.v1.PartyService/ExchangeKeys',
             vfl_dot_v1_dot_party__pb2.KeyExchangeRequest.SerializeToString,
             vfl_dot_v1_dot_party__pb2.KeyExchangeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartAlignment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.PartyService/StartAlignment',
+            vfl_dot_v1_dot_party__pb2.AlignmentOpen.SerializeToString,
+            vfl_dot_v1_dot_party__pb2.AlignmentOpened.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BlindActiveSet(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vfl.v1.PartyService/BlindActiveSet',
+            vfl_dot_v1_dot_party__pb2.PsiChunk.SerializeToString,
+            vfl_dot_v1_dot_party__pb2.PsiChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchPassiveSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vfl.v1.PartyService/FetchPassiveSet',
+            vfl_dot_v1_dot_party__pb2.PsiFetch.SerializeToString,
+            vfl_dot_v1_dot_party__pb2.PsiChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishAlignment(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/vfl.v1.PartyService/FinishAlignment',
+            vfl_dot_v1_dot_party__pb2.PsiChunk.SerializeToString,
+            vfl_dot_v1_dot_party__pb2.AlignmentFinished.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,10 +40,31 @@ class PartyServiceStub:
     """Key exchange: A sends pk_A, B answers pk_B and the target-key fingerprint
     it computed; A checks it against its own.
     """
+    StartAlignment: _grpc.UnaryUnaryMultiCallable[_party_pb2.AlignmentOpen, _party_pb2.AlignmentOpened]
+    """Alignment: a Diffie-Hellman private set intersection (PSI) over
+    ristretto255 (docs/CRYPTO.md). Every message carries group elements of
+    32 bytes, never an id; both parties draw a fresh secret scalar for each
+    alignment and forget it at its end. A drives:
+    1. A opens the alignment (its id, A's set size); B draws its scalar b,
+       starts blinding its own ids to H(y)^b and answers its set size.
+    """
+    BlindActiveSet: _grpc.StreamStreamMultiCallable[_party_pb2.PsiChunk, _party_pb2.PsiChunk]
+    """2. A -> B: A's blinded ids H(x)^a in a shuffled order. B -> A: each
+       point raised to b, H(x)^ab, in the order received.
+    """
+    FetchPassiveSet: _grpc.UnaryStreamMultiCallable[_party_pb2.PsiFetch, _party_pb2.PsiChunk]
+    """3. B -> A: B's blinded ids H(y)^b in a shuffled order."""
+    FinishAlignment: _grpc.StreamUnaryMultiCallable[_party_pb2.PsiChunk, _party_pb2.AlignmentFinished]
+    """4. A -> B: B's points raised to a, H(y)^ba, in the order B sent them.
+       B matches them against the H(x)^ab of step 2, stores its side of the
+       alignment (its own ids, ordered by tag), forgets b, and answers the
+       intersection's size and digest; A checks both against its own.
+    """
     SetupJob: _grpc.StreamUnaryMultiCallable[_party_pb2.SetupJobChunk, _party_pb2.SetupJobReply]
     """Job set-up. Stream: the first chunk carries the job spec, every chunk
-    may carry a part of the job's ordered ids. B refuses (FAILED_PRECONDITION)
-    if it lacks any id, and says how many.
+    may carry a part of the job's rows: positions in the alignment the spec
+    names (no id travels). B refuses (NOT_FOUND) an alignment it does not
+    hold for this peer, and (INVALID_ARGUMENT) a position outside it.
     """
     ExchangeResidualShares: _grpc.StreamStreamMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]
     """Steps 1-2. A -> B: header, rows (batch positions in the job's ids) and
@@ -80,9 +101,11 @@ class PartyServiceStub:
     FinishJob: _grpc.UnaryUnaryMultiCallable[_party_pb2.FinishJobRequest, _party_pb2.FinishJobReply]
     """End of training: B stores its model shard under the job id."""
     PredictScores: _grpc.StreamStreamMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]
-    """Prediction. A -> B: header (job_id = model id), ids and ciphertexts =
-    [[u_A]]_A, the third encrypted data. B -> A: ciphertexts =
-    [[u_A + u_B]]_A, the target to-be-predicted data, re-randomised.
+    """Prediction. A -> B: header (job_id = model id), alignment_id, rows
+    (positions in that alignment: the model's own, or one A ran for the
+    request's new ids) and ciphertexts = [[u_A]]_A, the third encrypted
+    data. B -> A: ciphertexts = [[u_A + u_B]]_A, the target
+    to-be-predicted data, re-randomised.
     """
 
 @_typing.type_check_only
@@ -92,10 +115,31 @@ class PartyServiceAsyncStub(PartyServiceStub):
     """Key exchange: A sends pk_A, B answers pk_B and the target-key fingerprint
     it computed; A checks it against its own.
     """
+    StartAlignment: _aio.UnaryUnaryMultiCallable[_party_pb2.AlignmentOpen, _party_pb2.AlignmentOpened]  # type: ignore[assignment]
+    """Alignment: a Diffie-Hellman private set intersection (PSI) over
+    ristretto255 (docs/CRYPTO.md). Every message carries group elements of
+    32 bytes, never an id; both parties draw a fresh secret scalar for each
+    alignment and forget it at its end. A drives:
+    1. A opens the alignment (its id, A's set size); B draws its scalar b,
+       starts blinding its own ids to H(y)^b and answers its set size.
+    """
+    BlindActiveSet: _aio.StreamStreamMultiCallable[_party_pb2.PsiChunk, _party_pb2.PsiChunk]  # type: ignore[assignment]
+    """2. A -> B: A's blinded ids H(x)^a in a shuffled order. B -> A: each
+       point raised to b, H(x)^ab, in the order received.
+    """
+    FetchPassiveSet: _aio.UnaryStreamMultiCallable[_party_pb2.PsiFetch, _party_pb2.PsiChunk]  # type: ignore[assignment]
+    """3. B -> A: B's blinded ids H(y)^b in a shuffled order."""
+    FinishAlignment: _aio.StreamUnaryMultiCallable[_party_pb2.PsiChunk, _party_pb2.AlignmentFinished]  # type: ignore[assignment]
+    """4. A -> B: B's points raised to a, H(y)^ba, in the order B sent them.
+       B matches them against the H(x)^ab of step 2, stores its side of the
+       alignment (its own ids, ordered by tag), forgets b, and answers the
+       intersection's size and digest; A checks both against its own.
+    """
     SetupJob: _aio.StreamUnaryMultiCallable[_party_pb2.SetupJobChunk, _party_pb2.SetupJobReply]  # type: ignore[assignment]
     """Job set-up. Stream: the first chunk carries the job spec, every chunk
-    may carry a part of the job's ordered ids. B refuses (FAILED_PRECONDITION)
-    if it lacks any id, and says how many.
+    may carry a part of the job's rows: positions in the alignment the spec
+    names (no id travels). B refuses (NOT_FOUND) an alignment it does not
+    hold for this peer, and (INVALID_ARGUMENT) a position outside it.
     """
     ExchangeResidualShares: _aio.StreamStreamMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]  # type: ignore[assignment]
     """Steps 1-2. A -> B: header, rows (batch positions in the job's ids) and
@@ -132,9 +176,11 @@ class PartyServiceAsyncStub(PartyServiceStub):
     FinishJob: _aio.UnaryUnaryMultiCallable[_party_pb2.FinishJobRequest, _party_pb2.FinishJobReply]  # type: ignore[assignment]
     """End of training: B stores its model shard under the job id."""
     PredictScores: _aio.StreamStreamMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]  # type: ignore[assignment]
-    """Prediction. A -> B: header (job_id = model id), ids and ciphertexts =
-    [[u_A]]_A, the third encrypted data. B -> A: ciphertexts =
-    [[u_A + u_B]]_A, the target to-be-predicted data, re-randomised.
+    """Prediction. A -> B: header (job_id = model id), alignment_id, rows
+    (positions in that alignment: the model's own, or one A ran for the
+    request's new ids) and ciphertexts = [[u_A]]_A, the third encrypted
+    data. B -> A: ciphertexts = [[u_A + u_B]]_A, the target
+    to-be-predicted data, re-randomised.
     """
 
 class PartyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -149,14 +195,59 @@ class PartyServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def StartAlignment(
+        self,
+        request: _party_pb2.AlignmentOpen,
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.AlignmentOpened, _abc.Awaitable[_party_pb2.AlignmentOpened]]:
+        """Alignment: a Diffie-Hellman private set intersection (PSI) over
+        ristretto255 (docs/CRYPTO.md). Every message carries group elements of
+        32 bytes, never an id; both parties draw a fresh secret scalar for each
+        alignment and forget it at its end. A drives:
+        1. A opens the alignment (its id, A's set size); B draws its scalar b,
+           starts blinding its own ids to H(y)^b and answers its set size.
+        """
+
+    @_abc_1.abstractmethod
+    def BlindActiveSet(
+        self,
+        request_iterator: _MaybeAsyncIterator[_party_pb2.PsiChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_party_pb2.PsiChunk], _abc.AsyncIterator[_party_pb2.PsiChunk]]:
+        """2. A -> B: A's blinded ids H(x)^a in a shuffled order. B -> A: each
+           point raised to b, H(x)^ab, in the order received.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchPassiveSet(
+        self,
+        request: _party_pb2.PsiFetch,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_party_pb2.PsiChunk], _abc.AsyncIterator[_party_pb2.PsiChunk]]:
+        """3. B -> A: B's blinded ids H(y)^b in a shuffled order."""
+
+    @_abc_1.abstractmethod
+    def FinishAlignment(
+        self,
+        request_iterator: _MaybeAsyncIterator[_party_pb2.PsiChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.AlignmentFinished, _abc.Awaitable[_party_pb2.AlignmentFinished]]:
+        """4. A -> B: B's points raised to a, H(y)^ba, in the order B sent them.
+           B matches them against the H(x)^ab of step 2, stores its side of the
+           alignment (its own ids, ordered by tag), forgets b, and answers the
+           intersection's size and digest; A checks both against its own.
+        """
+
+    @_abc_1.abstractmethod
     def SetupJob(
         self,
         request_iterator: _MaybeAsyncIterator[_party_pb2.SetupJobChunk],
         context: _ServicerContext,
     ) -> _typing.Union[_party_pb2.SetupJobReply, _abc.Awaitable[_party_pb2.SetupJobReply]]:
         """Job set-up. Stream: the first chunk carries the job spec, every chunk
-        may carry a part of the job's ordered ids. B refuses (FAILED_PRECONDITION)
-        if it lacks any id, and says how many.
+        may carry a part of the job's rows: positions in the alignment the spec
+        names (no id travels). B refuses (NOT_FOUND) an alignment it does not
+        hold for this peer, and (INVALID_ARGUMENT) a position outside it.
         """
 
     @_abc_1.abstractmethod
@@ -253,9 +344,11 @@ class PartyServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_common_pb2.StepChunk],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_common_pb2.StepChunk], _abc.AsyncIterator[_common_pb2.StepChunk]]:
-        """Prediction. A -> B: header (job_id = model id), ids and ciphertexts =
-        [[u_A]]_A, the third encrypted data. B -> A: ciphertexts =
-        [[u_A + u_B]]_A, the target to-be-predicted data, re-randomised.
+        """Prediction. A -> B: header (job_id = model id), alignment_id, rows
+        (positions in that alignment: the model's own, or one A ran for the
+        request's new ids) and ciphertexts = [[u_A]]_A, the third encrypted
+        data. B -> A: ciphertexts = [[u_A + u_B]]_A, the target
+        to-be-predicted data, re-randomised.
         """
 
 def add_PartyServiceServicer_to_server(servicer: PartyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

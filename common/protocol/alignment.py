@@ -1,0 +1,76 @@
+"""The "Alignment" section of PROTOCOL.md: a Diffie-Hellman private set
+intersection, one function per step. Pure: ids and 32-byte group elements
+in and out, no gRPC (services/*/alignment.py move the bytes).
+
+Each party P holds a fresh secret scalar k_P for this alignment only, and:
+1. blinds its own ids, H(x)^k_P, in a shuffled order, and sends them
+   (`blind_own_ids`);
+2. raises the other party's points to its own scalar, in the order received
+   (`blind_peer_points`): both orders of exponentiation give the same tag
+   H(x)^(k_A k_B);
+3. finds which of its own ids have a tag the other party also has, and puts
+   them in the canonical order, ascending tag bytes, which both parties
+   derive alike (`intersect`).
+The shuffle hides the order of each party's list; the tags are pseudorandom
+to anyone who holds at most one of the two scalars (DDH in the random-oracle
+model; docs/CRYPTO.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from common import psi
+from common.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class BlindedSet:
+    """A party's own ids, blinded: points[i] = H(ids[order[i]])^k."""
+
+    order: np.ndarray
+    points: bytes
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+@dataclass(frozen=True)
+class Intersection:
+    """Indices into the party's own id list, in the canonical order, and the
+    digest of their tags (both parties must find the same)."""
+
+    rows: np.ndarray
+    digest: bytes
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def blind_own_ids(secret: psi.PsiSecret, ids: Sequence[str]) -> BlindedSet:
+    """Step 1, each party on its own ids: hash to the group, raise to its own
+    scalar, shuffle (the sent order would otherwise be the party's list order)."""
+    order = psi.random_permutation(len(ids))
+    return BlindedSet(order, secret.blind_ids([ids[i] for i in order]))
+
+
+def blind_peer_points(secret: psi.PsiSecret, points: bytes, field: str) -> bytes:
+    """Step 2, each party on the other's points: raise each to its own scalar,
+    keeping their order (the sender alone can map them back)."""
+    return secret.blind_points(points, field)
+
+
+def intersect(own: BlindedSet, own_tags: bytes, peer_tags: bytes) -> Intersection:
+    """Step 3: `own_tags` are the party's own points after both scalars, in
+    the order it sent them; `peer_tags` the other party's, likewise. The
+    rows are the party's own indices whose tag the other party holds too."""
+    if len(own_tags) != len(own) * psi.POINT_BYTES:
+        raise InvalidArgument(
+            f"tags: expected {len(own)} tags of {psi.POINT_BYTES} bytes for this party's points, "
+            f"got {len(own_tags)} bytes"
+        )
+    shuffled = psi.canonical_order(own_tags, psi.match(own_tags, peer_tags))
+    return Intersection(own.order[shuffled], psi.digest(own_tags, shuffled))

@@ -1,0 +1,205 @@
+"""A's side of an alignment (PROTOCOL.md "Alignment"; the steps are in
+common/protocol/alignment.py): A drives the four calls, keeps its fresh
+scalar only for the alignment, checks that B found the same intersection,
+and stores its own ids in the alignment's order.
+
+Step 2 (B raises A's points) and step 3 (A raises B's points) run at once,
+after each party has blinded its own set (B starts at step 1), so both
+parties' cores work through the two rounds of exponentiations together.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from common import psi
+from common.alignments import AlignmentRecord, AlignmentStore
+from common.data import PartyData, check_ids
+from common.errors import AlreadyExists, FailedPrecondition, NotFound, VflError
+from common.models import check_job_id
+from common.oserrors import owned_by
+from common.protocol.alignment import blind_own_ids, blind_peer_points, intersect
+from services.active.peer import PassiveClient
+from vfl.v1 import party_pb2
+
+log = logging.getLogger("vfl.active.alignment")
+
+PURPOSE_CODES = {
+    "training": party_pb2.ALIGNMENT_PURPOSE_TRAINING,
+    "prediction": party_pb2.ALIGNMENT_PURPOSE_PREDICTION,
+}
+
+
+@dataclass
+class AlignmentRun:
+    """An alignment as the client sees it: running, succeeded or failed."""
+
+    alignment_id: str
+    active_size: int
+    started: float = field(default_factory=time.time)
+    state: str = "running"  # running | succeeded | failed
+    passive_size: int = 0
+    error: str = ""
+    record: AlignmentRecord | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    ended: float | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        if self.record is not None:
+            return self.record.elapsed_s
+        return (self.ended or time.time()) - self.started
+
+    @classmethod
+    def stored(cls, record: AlignmentRecord) -> AlignmentRun:
+        run = cls(record.alignment_id, record.active_size, record.created_unix, "succeeded", record.passive_size)
+        run.record = record
+        run.done.set()
+        return run
+
+
+class ActiveAlignments:
+    def __init__(self, data: PartyData, data_dir_store: AlignmentStore, peer: PassiveClient) -> None:
+        self.data = data
+        self.store = data_dir_store
+        self.peer = peer
+        self._runs: dict[str, AlignmentRun] = {}
+        self._lock = threading.Lock()
+
+    # --- client API -----------------------------------------------------
+
+    def start(self, alignment_id: str, ids: Sequence[str]) -> AlignmentRun:
+        """StartAlignment: checks here, so that their errors reach the
+        caller; the intersection runs in the background."""
+        run, ids = self._reserve(alignment_id, ids)
+        threading.Thread(
+            target=self._run_logged, args=(run, ids), name=f"align-{run.alignment_id}", daemon=True
+        ).start()
+        return run
+
+    def run_now(self, ids: Sequence[str], purpose: str, model_id: str = "") -> AlignmentRecord:
+        """An alignment in the caller's thread (Predict's new ids)."""
+        run, ids = self._reserve("", ids, prefix="predict-")
+        self._run_logged(run, ids, purpose, model_id)
+        if run.record is None:
+            raise FailedPrecondition(f"align_new_ids: {run.error}")
+        return run.record
+
+    def get(self, alignment_id: str) -> AlignmentRun:
+        check_job_id(alignment_id, "alignment_id")
+        with self._lock:
+            run = self._runs.get(alignment_id)
+        if run is not None:
+            return run
+        try:
+            return AlignmentRun.stored(self.store.load(alignment_id))
+        except NotFound:
+            raise NotFound(f"alignment_id: no alignment {alignment_id!r}") from None
+
+    def record(self, alignment_id: str, field_name: str = "alignment_id") -> AlignmentRecord:
+        """A finished alignment, or a clear error naming the field."""
+        check_job_id(alignment_id, field_name)
+        run = self.get(alignment_id)
+        if run.record is None:
+            raise FailedPrecondition(f"{field_name}: alignment {alignment_id!r} is {run.state}, not succeeded")
+        return run.record
+
+    def list(self) -> list[AlignmentRun]:
+        stored = {r.alignment_id: AlignmentRun.stored(r) for r in self.store.load_all()}
+        with self._lock:
+            stored.update(self._runs)
+        return [stored[k] for k in sorted(stored)]
+
+    # --- the alignment ----------------------------------------------------
+
+    def _reserve(self, alignment_id: str, ids: Sequence[str], prefix: str = "align-") -> tuple[AlignmentRun, list[str]]:
+        alignment_id = (
+            check_job_id(alignment_id, "alignment_id") if alignment_id else f"{prefix}{uuid.uuid4().hex[:12]}"
+        )
+        ids = list(ids) if ids else list(self.data.ids)
+        check_ids(ids, "ids")
+        self.data.positions(ids, "ids")  # A's own data: the caller may know what is missing
+        with self._lock:
+            earlier = self._runs.get(alignment_id)
+            if (earlier is not None and earlier.state != "failed") or self.store.exists(alignment_id):
+                raise AlreadyExists(f"alignment_id: alignment {alignment_id!r} already exists")
+            run = AlignmentRun(alignment_id, len(ids))
+            self._runs[alignment_id] = run
+        return run, ids
+
+    def _run_logged(self, run: AlignmentRun, ids: list[str], purpose: str = "training", model_id: str = "") -> None:
+        try:
+            record = self._align(run, ids, purpose, model_id)
+        except VflError as exc:
+            run.state, run.error = "failed", str(owned_by("active", exc))
+            log.warning("event=alignment_failed alignment=%s error=%r", run.alignment_id, run.error)
+        except Exception as exc:  # a bug: the alignment fails, the service stays up
+            run.state, run.error = "failed", f"internal error: {type(exc).__name__}"
+            log.exception("event=alignment_failed alignment=%s", run.alignment_id)
+        else:
+            run.record, run.state = record, "succeeded"
+            with self._lock:
+                self._runs.pop(run.alignment_id, None)  # the store answers from now on
+            log.info(
+                "event=alignment_stored alignment=%s size=%d active=%d passive=%d seconds=%.2f",
+                run.alignment_id,
+                record.size,
+                record.active_size,
+                record.passive_size,
+                record.elapsed_s,
+            )
+        finally:
+            run.ended = time.time()
+            run.done.set()
+
+    def _align(self, run: AlignmentRun, ids: list[str], purpose: str, model_id: str) -> AlignmentRecord:
+        secret = psi.PsiSecret()
+        try:
+            run.passive_size = self.peer.start_alignment(run.alignment_id, len(ids), PURPOSE_CODES[purpose], model_id)
+            own = blind_own_ids(secret, ids)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="active-psi") as pool:
+                passive = pool.submit(self._blind_passive_set, secret, run.alignment_id)
+                own_tags = self.peer.blind_active_set(run.alignment_id, own.points)
+                passive_tags = passive.result()
+            if len(passive_tags) != run.passive_size * psi.POINT_BYTES:
+                raise FailedPrecondition(
+                    f"alignment {run.alignment_id!r}: the passive party announced {run.passive_size} points "
+                    f"and sent {len(passive_tags) // psi.POINT_BYTES}"
+                )
+            size, digest = self.peer.finish_alignment(run.alignment_id, passive_tags)
+            found = intersect(own, own_tags, passive_tags)
+        finally:
+            secret.forget()
+        if (size, digest) != (len(found), found.digest):
+            # Not a result either party may use: the two sides differ.
+            raise FailedPrecondition(
+                f"alignment {run.alignment_id!r}: the passive party found {size} ids in the intersection and this "
+                f"party {len(found)}, or different ones (digests differ); the alignment is not stored"
+            )
+        record = AlignmentRecord(
+            alignment_id=run.alignment_id,
+            created_unix=run.started,
+            ids=tuple(ids[int(i)] for i in found.rows),
+            active_size=len(ids),
+            passive_size=run.passive_size,
+            digest=found.digest,
+            purpose=purpose,
+            model_id=model_id,
+            elapsed_s=time.time() - run.started,
+        )
+        self.store.save(record)
+        return record
+
+    def _blind_passive_set(self, secret: psi.PsiSecret, alignment_id: str) -> bytes:
+        """Step 3 at A: each chunk of B's points raised to a as it arrives."""
+        out = bytearray()
+        for i, chunk in enumerate(self.peer.fetch_passive_set(alignment_id)):
+            out += blind_peer_points(secret, chunk, f"passive points (chunk {i})")
+        return bytes(out)
