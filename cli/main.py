@@ -203,7 +203,16 @@ def read_labels(labels_csv: Path, id_column: str, label_column: str, option: str
     return dict(zip(data.ids, data.labels.tolist(), strict=True))
 
 
-def split_ids(ids: Sequence[str], test_size: float, split_seed: int) -> tuple[list[str], list[str]]:
+def split_ids(
+    labels_csv: Path, id_column: str, label_column: str, test_size: float, split_seed: int, option: str = "--labels-csv"
+) -> tuple[list[str], list[str], dict[str, float]]:
+    """The split of all the label holder's rows (in file order), and its labels."""
+    labels = read_labels(labels_csv, id_column, label_column, option)
+    train, test = split_aligned(list(labels), test_size, split_seed)
+    return train, test, labels
+
+
+def split_aligned(ids: Sequence[str], test_size: float, split_seed: int) -> tuple[list[str], list[str]]:
     """scikit-learn's train_test_split over `ids` (the intersection, in the
     label holder's file order: the same split whatever the alignment's order)."""
     from sklearn.model_selection import train_test_split
@@ -257,7 +266,7 @@ def train_and_evaluate(
         try:
             aligned = align_with_report(client)
             common = set(aligned.ids)
-            train_ids, test_ids = split_ids([i for i in labels if i in common], test_size, split_seed)
+            train_ids, test_ids = split_aligned([i for i in labels if i in common], test_size, split_seed)
             # The held-out ids are the job's holdout: B scores only the model's population.
             final = train_with_progress(
                 client, config, train_ids, holdout_ids=test_ids, alignment_id=aligned.alignment_id

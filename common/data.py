@@ -229,8 +229,8 @@ def check_ids(ids: Sequence[str], what: str) -> None:
     if empty:
         raise InvalidArgument(f"{what}: {len(empty)} empty ids (the first at position {empty[0]})")
     if len(set(ids)) != len(ids):
-        seen: set[str] = set()
-        repeated = [k for k, i in enumerate(ids) if i in seen or seen.add(i)]
+        first: dict[str, int] = {}
+        repeated = [k for k, i in enumerate(ids) if first.setdefault(i, k) != k]
         raise InvalidArgument(
             f"{what}: {len(repeated)} ids are listed more than once (the first repeat at position {repeated[0]})"
         )

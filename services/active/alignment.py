@@ -160,46 +160,63 @@ class ActiveAlignments:
             run.done.set()
 
     def _align(self, run: AlignmentRun, ids: list[str], purpose: str, model_id: str) -> AlignmentRecord:
-        secret = psi.PsiSecret()
-        try:
-            run.passive_size = self.peer.start_alignment(run.alignment_id, len(ids), PURPOSE_CODES[purpose], model_id)
-            own = blind_own_ids(secret, ids)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="active-psi") as pool:
-                passive = pool.submit(self._blind_passive_set, secret, run.alignment_id)
-                own_tags = self.peer.blind_active_set(run.alignment_id, own.points)
-                passive_tags = passive.result()
-            if len(passive_tags) != run.passive_size * psi.POINT_BYTES:
-                raise FailedPrecondition(
-                    f"alignment {run.alignment_id!r}: the passive party announced {run.passive_size} points "
-                    f"and sent {len(passive_tags) // psi.POINT_BYTES}"
-                )
-            size, digest = self.peer.finish_alignment(run.alignment_id, passive_tags)
-            found = intersect(own, own_tags, passive_tags)
-        finally:
-            secret.forget()
-        if (size, digest) != (len(found), found.digest):
-            # Not a result either party may use: the two sides differ.
-            raise FailedPrecondition(
-                f"alignment {run.alignment_id!r}: the passive party found {size} ids in the intersection and this "
-                f"party {len(found)}, or different ones (digests differ); the alignment is not stored"
-            )
-        record = AlignmentRecord(
-            alignment_id=run.alignment_id,
-            created_unix=run.started,
-            ids=tuple(ids[int(i)] for i in found.rows),
-            active_size=len(ids),
-            passive_size=run.passive_size,
-            digest=found.digest,
-            purpose=purpose,
-            model_id=model_id,
-            elapsed_s=time.time() - run.started,
-        )
+        record = align_as_active(self.peer, run.alignment_id, ids, purpose, model_id, run)
         self.store.save(record)
         return record
 
-    def _blind_passive_set(self, secret: psi.PsiSecret, alignment_id: str) -> bytes:
-        """Step 3 at A: each chunk of B's points raised to a as it arrives."""
-        out = bytearray()
-        for i, chunk in enumerate(self.peer.fetch_passive_set(alignment_id)):
-            out += blind_peer_points(secret, chunk, f"passive points (chunk {i})")
-        return bytes(out)
+
+def align_as_active(
+    peer: PassiveClient,
+    alignment_id: str,
+    ids: list[str],
+    purpose: str = "training",
+    model_id: str = "",
+    run: AlignmentRun | None = None,
+) -> AlignmentRecord:
+    """The four calls of an alignment, A's side; A's ids in the intersection,
+    in the alignment's order. Fails unless B found the same intersection."""
+    started = run.started if run is not None else time.time()
+    secret = psi.PsiSecret()
+    try:
+        passive_size = peer.start_alignment(alignment_id, len(ids), PURPOSE_CODES[purpose], model_id)
+        if run is not None:
+            run.passive_size = passive_size
+        own = blind_own_ids(secret, ids)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="active-psi") as pool:
+            passive = pool.submit(_blind_passive_set, peer, secret, alignment_id)
+            own_tags = peer.blind_active_set(alignment_id, own.points)
+            passive_tags = passive.result()
+        if len(passive_tags) != passive_size * psi.POINT_BYTES:
+            raise FailedPrecondition(
+                f"alignment {alignment_id!r}: the passive party announced {passive_size} points "
+                f"and sent {len(passive_tags) // psi.POINT_BYTES}"
+            )
+        size, digest = peer.finish_alignment(alignment_id, passive_tags)
+        found = intersect(own, own_tags, passive_tags)
+    finally:
+        secret.forget()
+    if (size, digest) != (len(found), found.digest):
+        # Not a result either party may use: the two sides differ.
+        raise FailedPrecondition(
+            f"alignment {alignment_id!r}: the passive party found {size} ids in the intersection and this "
+            f"party {len(found)}, or different ones (digests differ); the alignment is not stored"
+        )
+    return AlignmentRecord(
+        alignment_id=alignment_id,
+        created_unix=started,
+        ids=tuple(ids[int(i)] for i in found.rows),
+        active_size=len(ids),
+        passive_size=passive_size,
+        digest=found.digest,
+        purpose=purpose,
+        model_id=model_id,
+        elapsed_s=time.time() - started,
+    )
+
+
+def _blind_passive_set(peer: PassiveClient, secret: psi.PsiSecret, alignment_id: str) -> bytes:
+    """Step 3 at A: each chunk of B's points raised to a as it arrives."""
+    out = bytearray()
+    for i, chunk in enumerate(peer.fetch_passive_set(alignment_id)):
+        out += blind_peer_points(secret, chunk, f"passive points (chunk {i})")
+    return bytes(out)

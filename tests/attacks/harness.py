@@ -21,6 +21,7 @@ import pytest
 from cli.federation import LocalFederation
 from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
 from common import serde
+from common.alignments import AlignmentRecord
 from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey
 from common.data import Scaler, load_party_csv
 from common.errors import PeerError
@@ -28,6 +29,7 @@ from common.jobconfig import JobConfig
 from common.protocol import steps
 from common.protocol.batching import BatchSchedule, batch_schedule, min_batch_size
 from common.protocol.reference import with_intercept
+from services.active.alignment import align_as_active
 from services.active.peer import PassiveClient
 from tests.conftest import TEST_KEY_BITS
 from vfl.v1 import common_pb2, party_pb2
@@ -107,6 +109,7 @@ class MaliciousActive:
         self.job_id = ""
         self.p_passive = 0
         self.schedule: BatchSchedule | None = None
+        self.alignment: AlignmentRecord | None = None
 
     def reconnect(self, address: str) -> None:
         """A fresh channel (after B restarted)."""
@@ -120,9 +123,23 @@ class MaliciousActive:
         self.passive_key, self.fp = self.client.exchange_keys(self.key.public, TEST_KEY_BITS)
         return self.passive_key
 
-    def setup(self, config: JobConfig, job_id: str = "") -> party_pb2.SetupJobReply:
+    def align(self, ids: list[str] | None = None, alignment_id: str = "") -> AlignmentRecord:
+        """An honest private set intersection of `ids` (default: the job's
+        ids) with B's, as A runs it."""
+        alignment_id = alignment_id or f"attack-align-{secrets.token_hex(4)}"
+        return align_as_active(self.client, alignment_id, list(self.ids if ids is None else ids))
+
+    def rows_of(self, alignment: AlignmentRecord, ids: list[str]) -> list[int]:
+        return alignment.positions(ids, "ids")
+
+    def setup(
+        self, config: JobConfig, job_id: str = "", alignment: AlignmentRecord | None = None
+    ) -> party_pb2.SetupJobReply:
+        """Set up a job on the job's ids, aligned first unless `alignment` is given."""
         job_id = job_id or f"attack-{secrets.token_hex(4)}"
-        reply = self.client.setup_job(job_id, config, self.fp, self.view.p_active, self.ids)
+        self.alignment = alignment or self.align()
+        rows = self.alignment.positions(self.ids, "ids")
+        reply = self.client.setup_job(job_id, config, self.fp, self.view.p_active, self.alignment.alignment_id, rows)
         self.job_id, self.p_passive = job_id, int(reply.passive_features)
         floor = min_batch_size(self.view.p_active, self.p_passive, config.allow_small_batch)
         self.schedule = batch_schedule(
