@@ -6,7 +6,9 @@ and B refuses a job on an alignment it does not hold."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import json
 from pathlib import Path
 
 import grpc
@@ -49,18 +51,28 @@ def overlap(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("overlap")
     header_a, rows_a = _rows(BUNDLED_ACTIVE)
     header_b, rows_b = _rows(BUNDLED_PASSIVE)
-    kept_a = [r for k, r in enumerate(rows_a) if k % 10]
-    kept_b = [r for k, r in enumerate(rows_b) if k % 7]
+    # Long ids (a bank's customer numbers), so that a search of raw bytes for them means something.
+    kept_a = [[customer(r[0]), *r[1:]] for k, r in enumerate(rows_a) if k % 10]
+    kept_b = [[customer(r[0]), *r[1:]] for k, r in enumerate(rows_b) if k % 7]
     only_a = [[f"a-only-{k}-é", *r[1:]] for k, r in enumerate(rows_a[:40])]
     only_b = [[f"b-only-{k}-{'字' * 50}", *r[1:]] for k, r in enumerate(rows_b[:30])]
     active = _write(root / "active.csv", header_a, kept_a + only_a)
     passive = _write(root / "passive.csv", header_b, kept_b + only_b)
     ids_a = [r[0] for r in kept_a + only_a]
     ids_b = {r[0] for r in kept_b + only_b}
-    with make_federation(root / "fed", active_csv=active, passive_csv=passive) as fed:
+    with make_federation(root / "fed", active_csv=active, passive_csv=passive, transcripts=True) as fed:
         with VflClient(fed.active_address, timeout_s=120) as client:
             client.wait_ready(60)
             yield {"fed": fed, "client": client, "ids_a": ids_a, "ids_b": ids_b, "common": set(ids_a) & ids_b}
+
+
+def customer(bundled_id: str) -> str:
+    return f"customer-{int(bundled_id):06d}-é"
+
+
+def bundled(ids: list[str]) -> list[str]:
+    """The bundled files' ids of overlap customers (for the numpy reference)."""
+    return [str(int(i.removeprefix("customer-").removesuffix("-é"))) for i in ids]
 
 
 def _passive_record(fed, alignment_id: str) -> AlignmentRecord:
@@ -105,7 +117,7 @@ def test_training_on_the_alignment_matches_plain_numpy_on_the_joined_rows(overla
     final = client.wait("on-overlap")
     assert final.state == client_pb2.JOB_STATE_SUCCEEDED, final.error
     a, b = read_shard(fed, "active", "on-overlap"), read_shard(fed, "passive", "on-overlap")
-    reference = reference_from_shards(a, b, CONFIG, train_ids)
+    reference = reference_from_shards(a, b, CONFIG, bundled(train_ids))
     w_active = np.r_[a["weights"], a["intercept"]]
     assert np.linalg.norm(w_active - reference.w_active) / np.linalg.norm(reference.w_active) < 1e-4
     assert np.linalg.norm(b["weights"] - reference.w_passive) / np.linalg.norm(reference.w_passive) < 1e-4
@@ -116,7 +128,7 @@ def test_training_on_the_alignment_matches_plain_numpy_on_the_joined_rows(overla
     scored = client_pb2.PREDICTION_STATUS_SCORED
     assert list(reply.status) == [scored] * 10 + [client_pb2.PREDICTION_STATUS_NOT_AT_PASSIVE] * 5
     assert np.isnan(reply.probabilities[10:]).all()
-    np.testing.assert_allclose(reply.probabilities[:10], reference.predict(test_ids[:10]), atol=1e-6)
+    np.testing.assert_allclose(reply.probabilities[:10], reference.predict(bundled(test_ids[:10])), atol=1e-6)
 
 
 def test_new_ids_are_scored_after_a_fresh_psi_only_when_asked(overlap):
@@ -163,3 +175,22 @@ def test_duplicate_or_empty_ids_are_counted_not_echoed(overlap):
     with pytest.raises(grpc.RpcError) as info:
         client.start_alignment([*ids, "", ""])
     assert "2 empty ids" in info.value.details()
+
+
+def test_no_id_of_either_party_reaches_the_other_in_the_clear(overlap):
+    """After the alignments, jobs and predictions above (and one more of
+    each here): the raw bytes of every message each party received hold no
+    id of the other's file, nor of its own, as a protobuf string carries it
+    (or bare, for the long ones)."""
+    client, fed = overlap["client"], overlap["fed"]
+    aligned = client.align()
+    client.start_training(CONFIG, [], "for-transcript", alignment_id=aligned.alignment_id)
+    assert client.wait("for-transcript").state == client_pb2.JOB_STATE_SUCCEEDED
+    client.predict("for-transcript", overlap["ids_a"][:50])
+    every_id = [i.encode() for i in set(overlap["ids_a"]) | overlap["ids_b"]]
+    for party in ("active", "passive"):
+        raw = (fed.workdir / f"{party}.transcript.jsonl").read_text()
+        payloads = b"".join(base64.b64decode(json.loads(line)["payload"]) for line in raw.splitlines())
+        assert len(payloads) > 100_000  # the whole traffic: alignments, steps, predictions
+        leaked = [i for i in every_id if i in payloads]
+        assert not leaked, f"{party} received {len(leaked)} ids in the clear"

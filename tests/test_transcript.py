@@ -23,12 +23,14 @@ from google.protobuf.descriptor import FieldDescriptor
 from scipy.stats import binomtest
 
 from cli.client import VflClient
-from common import serde
+from common import psi, serde
+from common.alignments import AlignmentRecord
 from common.crypto import get_backend
 from common.crypto.backend import CipherVector, PublicKey, target_fingerprint
 from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
 from common.jobconfig import JobConfig
 from common.protocol.steps import HIDDEN_VALUE_BITS
+from common.storage import read_record
 from tests.conftest import make_federation, read_private_key, read_shard, tls_client
 from tests.reference_run import reference_from_shards
 from vfl.v1 import client_pb2, party_pb2
@@ -227,6 +229,7 @@ def test_every_integer_a_party_receives_is_public(run, breast):
     n_iter, p_a, p_b = len(ref.batches), ref.x_active.shape[1], ref.x_passive.shape[1]
     config = CONFIG.model_dump()
     rows_seen = 0
+    alignment_rows: dict[str, list[int]] = defaultdict(list)
     for party, records in transcripts.items():
         for method, _, msg in records:
             found = fields_of(msg)
@@ -237,7 +240,22 @@ def test_every_integer_a_party_receives_is_public(run, breast):
                 if key in (("StepHeader", "iteration"), ("JobStateReply", "iteration")):
                     assert value <= n_iter
                 elif key == ("StepChunk", "rows"):
-                    assert (party, method) == ("passive", "ExchangeResidualShares"), f"rows in {method} to {party}"
+                    assert party == "passive" and method in ("ExchangeResidualShares", "PredictScores"), (
+                        f"rows in {method} to {party}"
+                    )
+                    if method == "PredictScores":
+                        assert value in alignment_rows["holdout_rows"], "a scored row outside the holdout"
+                elif key in (("SetupJobChunk", "rows"), ("SetupJobChunk", "holdout_rows")):
+                    # Positions in the alignment, never ids: those of the job's own ids.
+                    alignment_rows[name].append(value)
+                elif key == ("AlignmentOpen", "active_size"):
+                    assert party == "passive" and value == len(breast.labels)
+                elif key == ("AlignmentOpened", "passive_size"):
+                    assert party == "active" and value == len(breast.labels)
+                elif key == ("AlignmentFinished", "size"):
+                    assert party == "active" and value == len(breast.labels)
+                elif key in (("AlignmentOpen", "purpose"), ("SetupJobReply", "scores_any_row")):
+                    pass  # an enum and B's public policy
                 elif owner == "TrainingConfig":
                     assert value == config[name], f"{party} received config.{name}={value}"
                 elif key == ("JobSpec", "n_rows"):
@@ -252,38 +270,60 @@ def test_every_integer_a_party_receives_is_public(run, breast):
                     pass  # the step order and an acknowledgement
                 else:
                     raise AssertionError(f"{party} received an integer {owner}.{name} in {method}")
-            if rows:
+            if rows and method == "ExchangeResidualShares":
                 # proto3 leaves iteration 0 unset; a batch's rows come in one unary message here.
                 (t,) = iterations or {0}
                 assert rows == ref.batches[t].rows.tolist(), f"rows of iteration {t} off the schedule"
                 rows_seen += 1
     assert rows_seen >= n_iter
+    assert alignment_rows["rows"] == positions(run, breast.train_ids)
+    assert alignment_rows["holdout_rows"] == positions(run, breast.test_ids)
 
 
-def test_strings_received_are_public_names_or_ids_the_receiver_holds(run, breast):
-    """A receives no id at all (before [3/6]'s PSI, B receives the ids of the
-    job's population, in A's order, and the ids A scores); any other string
-    fails."""
+def positions(run, ids: list[str]) -> list[int]:
+    """Where the ids sit in the run's alignment, as A holds it."""
+    workdir = run[0]
+    (path,) = (workdir / "active" / "data" / "alignments").glob("*.json")
+    record = AlignmentRecord.from_dict(read_record(path, "alignment"))
+    return record.positions(ids, "ids")
+
+
+def test_strings_received_are_public_names_and_no_id_travels(run):
+    """Neither party receives an id: the only strings are the job's and the
+    alignment's names and the key scheme. (tests/test_alignment.py also
+    searches the raw bytes for ids, with ids long enough for that to mean
+    something: the breast ids are numerals of 1-3 digits.)"""
     _, _, _, transcripts = run
-    ids: dict[str, list[str]] = defaultdict(list)
+    names = {name: set() for name in ("alignment_id", "job_id")}
     for party, records in transcripts.items():
         for method, _, msg in records:
             for owner, name, value in fields_of(msg)["strings"]:
-                if name == "job_id":
-                    assert value == "transcript"
+                if name in names:
+                    names[name].add(value)
                 elif (owner, name) == ("PublicKey", "scheme"):
                     assert value in ("ou", "paillier")
-                elif party == "passive" and (owner, name) in (
-                    ("SetupJobChunk", "ids"),
-                    ("SetupJobChunk", "holdout_ids"),
-                ):
-                    ids[name].append(value)
-                elif (party, method, owner, name) == ("passive", "PredictScores", "StepChunk", "ids"):
-                    ids["predicted"].append(value)
                 else:
                     raise AssertionError(f"{party} received a string {owner}.{name} in {method}")
-    assert ids["ids"] == breast.train_ids and ids["holdout_ids"] == breast.test_ids
-    assert ids["predicted"] == breast.test_ids
+    assert names["job_id"] == {"transcript"}
+    (alignment_id,) = names["alignment_id"]
+    assert alignment_id.startswith("align-")
+
+
+def test_psi_points_b_receives_are_blinded(run, breast):
+    """Every point B receives in an alignment is a valid group element and
+    none is an unblinded hash H(x) of an id: A raised them to its secret.
+    (A planted regression that sent H(x) would fail here.)"""
+    _, _, _, transcripts = run
+    hashed = psi.hash_to_group(list(breast.labels))
+    plain = {hashed[i : i + psi.POINT_BYTES] for i in range(0, len(hashed), psi.POINT_BYTES)}
+    received = bytearray()
+    for method, _, msg in transcripts["passive"]:
+        if method in ("BlindActiveSet", "FinishAlignment"):
+            received += msg.points
+    assert len(received) == 2 * psi.POINT_BYTES * len(breast.labels)
+    points = {bytes(received[i : i + psi.POINT_BYTES]) for i in range(0, len(received), psi.POINT_BYTES)}
+    assert not points & plain
+    assert len(points) == 2 * len(breast.labels)  # no repeats: every one fresh
 
 
 def test_bytes_received_are_keys_and_fingerprints(run):
@@ -300,6 +340,10 @@ def test_bytes_received_are_keys_and_fingerprints(run):
             for owner, name, value in fields_of(msg)["bytes"]:
                 if name == "target_fingerprint":
                     assert value == target
+                elif (owner, name) == ("PsiChunk", "points"):
+                    assert len(value) % psi.POINT_BYTES == 0  # group elements (see the test above)
+                elif (owner, name) == ("AlignmentFinished", "digest"):
+                    assert party == "active" and len(value) == 32
                 elif owner == "PublicKey":
                     assert value in allowed, f"{party} received a key that is not its peer's"
                 else:

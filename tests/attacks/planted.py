@@ -309,5 +309,21 @@ def _no_active_range_checks() -> None:
     steps.active_loss = active_loss
 
 
+@plant("unblinded-psi-points")
+def _unblinded_psi_points() -> None:
+    """tests/attacks/test_membership.py: the party sends its ids hashed to
+    the group but not raised to its secret scalar, H(x) instead of H(x)^k
+    (a PSI with one exponentiation skipped). The peer's dictionary attack
+    then reads the party's whole list off the points."""
+    from common import psi
+    from common.protocol import alignment
+
+    def blind_own_ids(secret, ids):  # type: ignore[no-untyped-def]
+        order = psi.random_permutation(len(ids))
+        return alignment.BlindedSet(order, psi.hash_to_group([ids[i] for i in order]))
+
+    alignment.blind_own_ids = blind_own_ids
+
+
 if __name__ == "__main__":
     main()
