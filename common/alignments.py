@@ -6,6 +6,7 @@ and at B without an id ever travelling."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -50,8 +51,13 @@ class AlignmentRecord:
             )
         return [index[i] for i in ids]
 
-    def index(self) -> dict[str, int]:
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
         return {x: i for i, x in enumerate(self.ids)}
+
+    def index(self) -> dict[str, int]:
+        """Position by id (built once per record: Predict asks on every call)."""
+        return self._index
 
     def ids_at(self, rows: list[int], field: str) -> list[str]:
         """This party's ids at positions `rows`; a position outside is an error."""

@@ -304,6 +304,7 @@ class TmpfsFederation:
     ids: list[str]
     test_ids: list[str]
     kept: np.ndarray  # a stored model's scores of test_ids
+    alignment_id: str  # the alignment the jobs train on
 
     def job_files(self, party: str) -> list[str]:
         jobs = self.data[party] / "jobs"
@@ -328,10 +329,14 @@ def tmpfs_federation(tmp_path_factory: pytest.TempPathFactory, breast: BreastSpl
         with make_federation(workdir) as fed, VflClient(fed.active_address, timeout_s=120) as client:
             client.wait_ready(30)
             ids = breast.train_ids[:192]
-            client.start_training(job_config(epochs=4, batch_size=64), ids, job_id="kept")
+            aligned = client.align(ids)
+            assert aligned.state == client_pb2.ALIGNMENT_STATE_SUCCEEDED, aligned.error
+            config = job_config(epochs=4, batch_size=64)
+            client.start_training(config, ids, job_id="kept", alignment_id=aligned.alignment_id)
             assert client.wait("kept").state == client_pb2.JOB_STATE_SUCCEEDED
             test_ids = breast.train_ids[:8]
-            yield TmpfsFederation(fed, data, client, ids, test_ids, client.predict("kept", test_ids))
+            kept = client.predict("kept", test_ids)
+            yield TmpfsFederation(fed, data, client, ids, test_ids, kept, aligned.alignment_id)
     finally:
         for path in data.values():
             subprocess.run(["umount", "-l", str(path)], check=False)
@@ -342,8 +347,28 @@ def no_space(party: str, path: Path) -> str:
 
 
 def train_again(t: TmpfsFederation, job_id: str) -> None:
-    t.client.start_training(job_config(epochs=4, batch_size=64), t.ids, job_id=job_id)
+    t.client.start_training(job_config(epochs=4, batch_size=64), t.ids, job_id=job_id, alignment_id=t.alignment_id)
     assert t.client.wait(job_id).state == client_pb2.JOB_STATE_SUCCEEDED
+
+
+@pytest.mark.parametrize("party", ["active", "passive"])
+def test_disk_full_at_alignment(tmpfs_federation: TmpfsFederation, party: str) -> None:
+    """The alignment fails with one line naming the party's directory; nothing
+    stored is lost, and the next alignment (a fresh PSI) succeeds."""
+    t = tmpfs_federation
+    filler = fill(t.data[party])
+    try:
+        done = t.client.align(t.ids)
+        assert done.state == client_pb2.ALIGNMENT_STATE_FAILED
+        expected = no_space(party, t.data[party] / "alignments")
+        if party == "passive":
+            expected = "passive party refused FinishAlignment: " + expected.removeprefix("passive party: ")
+        assert done.error == expected
+    finally:
+        filler.unlink()
+    t.assert_unharmed()
+    again = t.client.align(t.ids)
+    assert again.state == client_pb2.ALIGNMENT_STATE_SUCCEEDED and again.size == len(t.ids)
 
 
 @pytest.mark.parametrize("party", ["active", "passive"])
@@ -356,7 +381,9 @@ def test_disk_full_at_start_training(tmpfs_federation: TmpfsFederation, party: s
         if party == "passive":
             expected = "passive party refused SetupJob: " + expected.removeprefix("passive party: ")
         assert_refused(
-            lambda: t.client.start_training(job_config(epochs=4, batch_size=64), t.ids, job_id=job_id),
+            lambda: t.client.start_training(
+                job_config(epochs=4, batch_size=64), t.ids, job_id=job_id, alignment_id=t.alignment_id
+            ),
             Code.RESOURCE_EXHAUSTED,
             expected,
         )
@@ -371,7 +398,7 @@ def test_disk_full_at_start_training(tmpfs_federation: TmpfsFederation, party: s
 def test_disk_full_mid_job(tmpfs_federation: TmpfsFederation, party: str) -> None:
     t = tmpfs_federation
     job_id = f"full-mid-job-{party}"
-    t.client.start_training(job_config(epochs=40, batch_size=64), t.ids, job_id=job_id)
+    t.client.start_training(job_config(epochs=40, batch_size=64), t.ids, job_id=job_id, alignment_id=t.alignment_id)
     deadline = time.monotonic() + 60
     while t.client.status(job_id).iteration < 3:
         assert time.monotonic() < deadline, "the job made no progress"

@@ -188,6 +188,14 @@ def test_cli_train_status_predict_models_against_running_services(tmp_path, brea
         def vfl(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([*base, *args, *addr], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
+        # Align by PSI first; the intersection is the whole bundled split.
+        r = vfl("align", "--alignment-id", "cli-align", "--out", str(tmp_path / "aligned.txt"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "aligned cli-align: 569 ids in the intersection (active 569, passive 569)" in " ".join(r.stdout.split())
+        assert sorted((tmp_path / "aligned.txt").read_text().split()) == sorted(breast.labels)
+        r = vfl("alignments")
+        assert "cli-align" in r.stdout and "succeeded" in r.stdout
+
         # B's defaults: at least 10 iterations, and it scores only the model's training and holdout ids.
         r = vfl(
             "train",
@@ -199,6 +207,8 @@ def test_cli_train_status_predict_models_against_running_services(tmp_path, brea
             str(ids_csv),
             "--holdout-ids-csv",
             str(test_csv),
+            "--alignment-id",
+            "cli-align",
         )
         assert r.returncode == 0, r.stdout + r.stderr
         assert "model cli-job" in r.stdout
@@ -207,8 +217,14 @@ def test_cli_train_status_predict_models_against_running_services(tmp_path, brea
         r = vfl("predict", "cli-job", "--ids-csv", str(test_csv), "--out", str(tmp_path / "p.csv"))
         assert r.returncode == 0, r.stderr
         lines = (tmp_path / "p.csv").read_text().splitlines()
-        assert lines[0] == "id,probability" and len(lines) == 16
+        assert lines[0] == "id,probability,status" and len(lines) == 16
         assert all(0.0 <= float(line.split(",")[1]) <= 1.0 for line in lines[1:])
+        assert all(line.endswith(",scored") for line in lines[1:])
+        # An id outside the model's population is marked, not an error (B's default scope).
+        outside = write_csv(tmp_path / "outside.csv", ["id"], [[breast.test_ids[20]]])
+        r = vfl("predict", "cli-job", "--ids-csv", str(outside))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip().splitlines()[-1] == f"{breast.test_ids[20]},,not_at_passive"
         r = vfl("models")
         assert "cli-job" in r.stdout
         r = vfl("status", "no-such-job")

@@ -109,7 +109,7 @@ def test_client_with_a_certificate_from_another_ca_is_refused(tls_fed, tmp_path)
 
 def test_service_certificate_cannot_call_the_training_service(tls_fed):
     with tls_client(tls_fed, "passive", timeout_s=10) as c:
-        err = refused(lambda: c.start_training(CONFIG, [], "not-allowed"))
+        err = refused(lambda: c.start_training(CONFIG, [], "not-allowed", alignment_id="any"))
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         assert err.details() == "identity 'passive' may not call /vfl.v1.TrainingService/StartTraining"
         assert refused(c.list_models).code() == grpc.StatusCode.PERMISSION_DENIED

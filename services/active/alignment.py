@@ -183,7 +183,7 @@ def align_as_active(
             run.passive_size = passive_size
         own = blind_own_ids(secret, ids)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="active-psi") as pool:
-            passive = pool.submit(_blind_passive_set, peer, secret, alignment_id)
+            passive = pool.submit(_blind_passive_set, peer, secret, alignment_id, passive_size)
             own_tags = peer.blind_active_set(alignment_id, own.points)
             passive_tags = passive.result()
         if len(passive_tags) != passive_size * psi.POINT_BYTES:
@@ -214,9 +214,9 @@ def align_as_active(
     )
 
 
-def _blind_passive_set(peer: PassiveClient, secret: psi.PsiSecret, alignment_id: str) -> bytes:
+def _blind_passive_set(peer: PassiveClient, secret: psi.PsiSecret, alignment_id: str, passive_size: int) -> bytes:
     """Step 3 at A: each chunk of B's points raised to a as it arrives."""
     out = bytearray()
-    for i, chunk in enumerate(peer.fetch_passive_set(alignment_id)):
+    for i, chunk in enumerate(peer.fetch_passive_set(alignment_id, passive_size)):
         out += blind_peer_points(secret, chunk, f"passive points (chunk {i})")
     return bytes(out)

@@ -46,6 +46,7 @@ from common.crypto.backend import CipherVector
 from common.errors import PeerError
 from common.jobconfig import JobConfig
 from common.tls import TlsConfig
+from services.active.alignment import align_as_active
 from services.active.peer import PassiveClient
 from tests.attacks.mitm import APPLICATION_DATA, MaliciousRelay, tls_records
 from tests.conftest import TEST_KEY_BITS, BreastSplit, make_federation, read_private_key, read_shard, tls_client
@@ -129,7 +130,9 @@ def originate(fed: LocalFederation, address: str, breast: BreastSplit, job_id: s
     peer = assistant_client(fed, address)
     try:
         _, target_fp = peer.exchange_keys(key.public, TEST_KEY_BITS)
-        return int(peer.setup_job(job_id, CONFIG, target_fp, 10, breast.train_ids).passive_features)
+        aligned = align_as_active(peer, f"{job_id}-align", breast.train_ids)
+        rows = aligned.positions(breast.train_ids, "ids")
+        return int(peer.setup_job(job_id, CONFIG, target_fp, 10, aligned.alignment_id, rows).passive_features)
     finally:
         peer.close()
 
@@ -142,7 +145,7 @@ def test_assistant_certificate_cannot_call_the_passive_party(real: LocalFederati
     peer = assistant_client(real, real.services["passive"].address)
     try:
         with pytest.raises(PeerError) as info:
-            peer.setup_job("c-as-a", CONFIG, b"\0" * 32, 10, breast.train_ids)
+            peer.setup_job("c-as-a", CONFIG, b"\0" * 32, 10, "an-alignment", list(range(len(breast.train_ids))))
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
     finally:
         peer.close()
