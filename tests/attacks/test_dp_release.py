@@ -60,9 +60,13 @@ def probe_scores(workdir: Path, plants: dict[str, str]) -> tuple[np.ndarray, np.
         attacker.exchange_keys()
         assert attacker.passive_key is not None
         p_a = attacker.view.p_active
+        aligned = attacker.align()
+        rows_in_alignment = aligned.positions(TRAIN_IDS, "ids")
         for k in range(PROBES):
             job_id = f"probe-{k}"
-            reply = attacker.client.setup_job(job_id, config, attacker.fp, p_a, TRAIN_IDS, (), STATED_CLIP)
+            reply = attacker.client.setup_job(
+                job_id, config, attacker.fp, p_a, aligned.alignment_id, rows_in_alignment, (), STATED_CLIP
+            )
             attacker.job_id, attacker.p_passive = job_id, int(reply.passive_features)
             floor = min_batch_size(p_a, attacker.p_passive, False)
             attacker.schedule = batch_schedule(len(TRAIN_IDS), 64, config.epochs, config.seed, floor)
