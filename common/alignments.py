@@ -34,6 +34,7 @@ class AlignmentRecord:
     model_id: str = ""  # prediction alignments: the model they score for
     peer: str = ""  # at B: the identity that ran it (only it may use it)
     elapsed_s: float = 0.0
+    finish_digest: str = ""  # at B: SHA-256 of step 4's request, to answer a retry of it again
 
     @property
     def size(self) -> int:
@@ -83,6 +84,7 @@ class AlignmentRecord:
             "model_id": self.model_id,
             "peer": self.peer,
             "elapsed_s": self.elapsed_s,
+            "finish_digest": self.finish_digest,
         }
 
     @classmethod
@@ -98,6 +100,7 @@ class AlignmentRecord:
             model_id=str(d.get("model_id", "")),
             peer=str(d.get("peer", "")),
             elapsed_s=float(d.get("elapsed_s", 0.0)),
+            finish_digest=str(d.get("finish_digest", "")),
         )
 
 

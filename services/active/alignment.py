@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from common import psi
 from common.alignments import AlignmentRecord, AlignmentStore
 from common.data import PartyData, check_ids
-from common.errors import AlreadyExists, FailedPrecondition, NotFound, VflError
+from common.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable, VflError
 from common.models import check_job_id
 from common.oserrors import owned_by
-from common.protocol.alignment import blind_own_ids, blind_peer_points, intersect
+from common.protocol.alignment import BlindedSet, blind_own_ids, blind_peer_points, intersect
 from services.active.peer import PassiveClient
 from vfl.v1 import party_pb2
 
@@ -66,10 +66,11 @@ class AlignmentRun:
 
 
 class ActiveAlignments:
-    def __init__(self, data: PartyData, data_dir_store: AlignmentStore, peer: PassiveClient) -> None:
+    def __init__(self, data: PartyData, store: AlignmentStore, peer: PassiveClient, recovery_s: float = 120.0) -> None:
         self.data = data
-        self.store = data_dir_store
+        self.store = store
         self.peer = peer
+        self.recovery_s = recovery_s
         self._runs: dict[str, AlignmentRun] = {}
         self._lock = threading.Lock()
 
@@ -160,7 +161,7 @@ class ActiveAlignments:
             run.done.set()
 
     def _align(self, run: AlignmentRun, ids: list[str], purpose: str, model_id: str) -> AlignmentRecord:
-        record = align_as_active(self.peer, run.alignment_id, ids, purpose, model_id, run)
+        record = align_as_active(self.peer, run.alignment_id, ids, purpose, model_id, run, self.recovery_s)
         self.store.save(record)
         return record
 
@@ -172,29 +173,42 @@ def align_as_active(
     purpose: str = "training",
     model_id: str = "",
     run: AlignmentRun | None = None,
+    recovery_s: float = 0.0,
 ) -> AlignmentRecord:
     """The four calls of an alignment, A's side; A's ids in the intersection,
-    in the alignment's order. Fails unless B found the same intersection."""
+    in the alignment's order. Fails unless B found the same intersection.
+    While B cannot be reached (for up to recovery_s), steps 1-3 start again
+    from the beginning with fresh scalars, and step 4 is re-sent as it was."""
     started = run.started if run is not None else time.time()
-    secret = psi.PsiSecret()
-    try:
-        passive_size = peer.start_alignment(alignment_id, len(ids), PURPOSE_CODES[purpose], model_id)
-        if run is not None:
-            run.passive_size = passive_size
-        own = blind_own_ids(secret, ids)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="active-psi") as pool:
-            passive = pool.submit(_blind_passive_set, peer, secret, alignment_id, passive_size)
-            own_tags = peer.blind_active_set(alignment_id, own.points)
-            passive_tags = passive.result()
-        if len(passive_tags) != passive_size * psi.POINT_BYTES:
-            raise FailedPrecondition(
-                f"alignment {alignment_id!r}: the passive party announced {passive_size} points "
-                f"and sent {len(passive_tags) // psi.POINT_BYTES}"
+    deadline = time.monotonic() + recovery_s
+    delay = 0.1
+    while True:
+        secret = psi.PsiSecret()
+        try:
+            passive_size, own, own_tags, passive_tags = _blind_both_sets(
+                peer, secret, alignment_id, ids, purpose, model_id
             )
-        size, digest = peer.finish_alignment(alignment_id, passive_tags)
-        found = intersect(own, own_tags, passive_tags)
-    finally:
-        secret.forget()
+            break
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("event=alignment_restarted alignment=%s", alignment_id)
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+        finally:
+            secret.forget()
+    if run is not None:
+        run.passive_size = passive_size
+    while True:
+        try:
+            size, digest = peer.finish_alignment(alignment_id, passive_tags)
+            break
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+    found = intersect(own, own_tags, passive_tags)
     if (size, digest) != (len(found), found.digest):
         # Not a result either party may use: the two sides differ.
         raise FailedPrecondition(
@@ -212,6 +226,24 @@ def align_as_active(
         model_id=model_id,
         elapsed_s=time.time() - started,
     )
+
+
+def _blind_both_sets(
+    peer: PassiveClient, secret: psi.PsiSecret, alignment_id: str, ids: list[str], purpose: str, model_id: str
+) -> tuple[int, BlindedSet, bytes, bytes]:
+    """Steps 1-3: (|B's set|, A's blinded set, its tags H(x)^ab, B's tags H(y)^ba)."""
+    passive_size = peer.start_alignment(alignment_id, len(ids), PURPOSE_CODES[purpose], model_id)
+    own = blind_own_ids(secret, ids)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="active-psi") as pool:
+        passive = pool.submit(_blind_passive_set, peer, secret, alignment_id, passive_size)
+        own_tags = peer.blind_active_set(alignment_id, own.points)
+        passive_tags = passive.result()
+    if len(passive_tags) != passive_size * psi.POINT_BYTES:
+        raise FailedPrecondition(
+            f"alignment {alignment_id!r}: the passive party announced {passive_size} points "
+            f"and sent {len(passive_tags) // psi.POINT_BYTES}"
+        )
+    return passive_size, own, own_tags, passive_tags
 
 
 def _blind_passive_set(peer: PassiveClient, secret: psi.PsiSecret, alignment_id: str, passive_size: int) -> bytes:

@@ -11,6 +11,7 @@ gets one answer, and a fresh scalar next time.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -79,6 +80,11 @@ class PassiveAlignments:
             raise InvalidArgument("model_id: only for purpose PREDICTION")
         self._expire()
         with self._lock:
+            earlier = self._sessions.get(alignment_id)
+        if earlier is not None and earlier.peer == peer:
+            # Its own peer starts it again (the connection broke mid-way): a fresh run, fresh scalars.
+            self._close(earlier, "started again")
+        with self._lock:
             if alignment_id in self._sessions or self.store.exists(alignment_id):
                 raise AlreadyExists(f"alignment_id: alignment {alignment_id!r} already exists at the passive party")
             open_now = sum(1 for s in self._sessions.values() if s.peer == peer)
@@ -134,13 +140,22 @@ class PassiveAlignments:
 
     def finish(self, alignment_id: str, peer: str, chunks: Iterable[bytes]) -> AlignmentRecord:
         """Step 4 at B: B's points after both scalars come back from A in
-        B's order; B intersects, stores its side and forgets b."""
+        B's order; B intersects, stores its side and forgets b. The same
+        request again (its answer was lost) gets the same answer."""
+        tags = b"".join(chunks)
+        request = hashlib.sha256(tags).hexdigest()
+        with self._lock:
+            running = alignment_id in self._sessions
+        if not running and self.store.exists(check_job_id(alignment_id, "alignment_id")):
+            done = self.load(alignment_id, peer)
+            if done.finish_digest == request:
+                log.info("event=alignment_finish_replayed alignment=%s", alignment_id)
+                return done
         session = self._session(alignment_id, peer)
         with self._ending_on_error(session):
             if not (session.active_done and session.fetched):
                 raise FailedPrecondition(f"alignment_id: alignment {alignment_id!r} needs its steps 2 and 3 first")
             own = session.own.result()
-            tags = b"".join(chunks)
             if len(tags) != len(own) * psi.POINT_BYTES:
                 raise InvalidArgument(
                     f"points: expected {len(own)} tags (this party's set), got {len(tags) / psi.POINT_BYTES:g}"
@@ -157,6 +172,7 @@ class PassiveAlignments:
                 model_id=session.model_id,
                 peer=peer,
                 elapsed_s=time.time() - session.started,
+                finish_digest=request,
             )
             self.store.save(record)
         self._close(session, "finished")
