@@ -118,11 +118,17 @@ def wait_terminal(client: VflClient, job_id: str, deadline: float) -> client_pb2
 def start(
     client: VflClient, config: JobConfig, ids: list[str], job_id: str, tries: int = START_TRIES
 ) -> tuple[bool, list[str]]:
-    """StartTraining, tried again on UNAVAILABLE with the same job id: (started, errors of failed tries)."""
+    """An alignment (A retries it inside while B cannot be reached), then
+    StartTraining on it, tried again on UNAVAILABLE with the same job id:
+    (started, errors of failed tries)."""
     errors: list[str] = []
     for _ in range(tries):
         try:
-            client.start_training(config, ids, job_id=job_id)
+            aligned = client.align()
+            if aligned.state != client_pb2.ALIGNMENT_STATE_SUCCEEDED:
+                errors.append(f"StartAlignment FAILED: {aligned.error}")
+                continue
+            client.start_training(config, ids, job_id=job_id, alignment_id=aligned.alignment_id)
             return True, errors
         except grpc.RpcError as exc:
             errors.append(f"StartTraining {exc.code().name}: {exc.details()}")
