@@ -89,6 +89,89 @@ def measure_rates(threads: int, sample: int = RATE_SAMPLE) -> dict[str, Any]:
     return out
 
 
+def _sodium_fn(name: str, *argtypes: type) -> Callable[..., int]:
+    return ctypes.CFUNCTYPE(ctypes.c_int, *argtypes)((name, psi.pysodium.sodium))
+
+
+def _x25519_twist_fraction(count: int) -> float:
+    """Of `count` u-coordinates from SHA-256 (top bit cleared, as X25519
+    reads them), the fraction whose point lies on the twist: u^3 + A u^2 + u
+    a non-square mod p (Euler's criterion)."""
+    import hashlib
+
+    p, a = 2**255 - 19, 486662
+    twist = 0
+    for i in range(count):
+        u = int.from_bytes(hashlib.sha256(b"twist-%d" % i).digest(), "little") & ((1 << 255) - 1)
+        rhs = (u * u * u + a * u * u + u) % p
+        twist += rhs != 0 and pow(rhs, (p - 1) // 2, p) != 1
+    return twist / count
+
+
+def measure_alternatives(sample: int = 5000) -> dict[str, Any]:
+    """One-thread rates of the groups considered for the PSI (docs/CRYPTO.md):
+    ristretto255 through pysodium's wrappers and through common.psi's
+    buffers; ed25519 (from_uniform, noclamp scalarmult) through the same
+    libsodium; X25519 through OpenSSL (the `cryptography` package), whose
+    hash to a u-coordinate is a bare SHA-256."""
+    import hashlib
+
+    import pysodium
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    digests = [hashlib.sha512(b"alt-%d" % i).digest() for i in range(sample)]
+    out: dict[str, Any] = {"sample": sample, "load_average_before": round(os.getloadavg()[0], 2)}
+
+    # ristretto255, pysodium's own wrappers (a new ctypes buffer per call).
+    scalar = pysodium.crypto_core_ristretto255_scalar_random()
+    points = [pysodium.crypto_core_ristretto255_from_hash(d) for d in digests]
+    out["ristretto255_pysodium_hash_per_s"] = round(
+        _best_rate(sample, lambda: [pysodium.crypto_core_ristretto255_from_hash(d) for d in digests])
+    )
+    out["ristretto255_pysodium_mult_per_s"] = round(
+        _best_rate(sample, lambda: [pysodium.crypto_scalarmult_ristretto255(scalar, p) for p in points])
+    )
+    ids = [f"alt-{i}" for i in range(sample)]
+    secret = psi.PsiSecret(workers=1)
+    joined = b"".join(points)
+    out["ristretto255_common_psi_hash_per_s"] = round(_best_rate(sample, lambda: psi.hash_to_group(ids, 1)))
+    out["ristretto255_common_psi_mult_per_s"] = round(_best_rate(sample, lambda: secret.blind_points(joined)))
+    secret.forget()
+
+    # ed25519: the one-way map on 32 bytes, then scalar multiplication without clamping.
+    vp = ctypes.c_void_p
+    from_uniform = _sodium_fn("crypto_core_ed25519_from_uniform", vp, vp)
+    mult_noclamp = _sodium_fn("crypto_scalarmult_ed25519_noclamp", vp, vp, vp)
+    ed_scalar = ctypes.create_string_buffer(32)
+    _sodium_fn("crypto_core_ed25519_scalar_random", vp)(ed_scalar)
+    buf = ctypes.create_string_buffer(32 * sample)
+    res = ctypes.create_string_buffer(32 * sample)
+    base, dst = ctypes.addressof(buf), ctypes.addressof(res)
+
+    def ed_hash() -> None:
+        for i, d in enumerate(digests):
+            if from_uniform(base + 32 * i, d[:32]) != 0:
+                raise AssertionError("ed25519 from_uniform failed")
+
+    def ed_mult() -> None:
+        for i in range(sample):
+            if mult_noclamp(dst + 32 * i, ed_scalar, base + 32 * i) != 0:
+                raise AssertionError("ed25519 scalarmult failed")
+
+    out["ed25519_hash_per_s"] = round(_best_rate(sample, ed_hash))
+    out["ed25519_mult_per_s"] = round(_best_rate(sample, ed_mult))
+
+    # X25519 through OpenSSL: a key object per point, as the PSI would need.
+    key = X25519PrivateKey.generate()
+    us = [hashlib.sha256(d).digest() for d in digests]
+    out["x25519_hash_per_s"] = round(_best_rate(sample, lambda: [hashlib.sha256(d).digest() for d in digests]))
+    out["x25519_mult_per_s"] = round(
+        _best_rate(sample, lambda: [key.exchange(X25519PublicKey.from_public_bytes(u)) for u in us])
+    )
+    out["x25519_twist_fraction"] = round(_x25519_twist_fraction(2000), 3)
+    return out
+
+
 def _reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False if not possible."""
     try:
@@ -192,7 +275,9 @@ def measure_size(n: int, threads: int, rates: dict[str, Any]) -> dict[str, Any]:
     reset = _reset_peak_rss()
     rss_before = _rss("VmRSS")
     load_before = os.getloadavg()[0]
+    cpu_before = time.process_time()
     run = run_two_parties(a, b, threads)
+    cpu = time.process_time() - cpu_before
     peak = _rss("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cores = _cores()
     t_hash = 1 / rates["hash_per_s_1_thread"]
@@ -205,6 +290,10 @@ def measure_size(n: int, threads: int, rates: dict[str, Any]) -> dict[str, Any]:
         "params": {"n_per_side": n, "overlap": OVERLAP, "threads_per_party": threads, "cores": cores},
         **run,
         "floor_s": round(floor, 3),
+        # CPU seconds of all threads: unlike the wall time, not inflated when
+        # other processes hold the cores; compare with floor_s * cores.
+        "cpu_s": round(cpu, 3),
+        "group_work_s": round(floor * cores, 3),
         "wall_over_floor": round(run["wall_s"] / floor, 2),
         "ids_per_s_per_side": round(n / run["wall_s"]),
         "rss_before_bytes": rss_before,
@@ -243,7 +332,9 @@ def run_psi_bench(
 
 def workload(quick: bool) -> list[dict[str, Any]]:
     """For benchmarks/workloads.py: `make bench BENCH=psi` (--quick: 2,000 ids)."""
-    return run_psi_bench(QUICK_SIZES if quick else DEFAULT_SIZES)
+    records = run_psi_bench(QUICK_SIZES if quick else DEFAULT_SIZES)
+    alternatives = measure_alternatives(500 if quick else 5000)
+    return [*records, {"name": "psi", "case": "alternatives", "backend": "", **alternatives}]
 
 
 def _mib(value: int | None) -> str:
@@ -258,6 +349,8 @@ def table(records: Sequence[dict[str, Any]]) -> list[str]:
         "wall s",
         "floor s",
         "wall / floor",
+        "CPU s (group work s)",
+        "load avg before / after",
         "A: blind own / peer / intersect s",
         "B: blind own / peer / intersect s",
         "RSS before MiB",
@@ -271,6 +364,8 @@ def table(records: Sequence[dict[str, Any]]) -> list[str]:
             f"{r['wall_s']:.2f}",
             f"{r['floor_s']:.2f}",
             f"{r['wall_over_floor']:.2f}",
+            f"{r['cpu_s']:.1f} ({r['group_work_s']:.1f})" if "cpu_s" in r else "-",
+            " / ".join(f"{x:.1f}" for x in r.get("load_average_before_after", [])) or "-",
         ]
         for party in ("active", "passive"):
             ph = r["phases_s"][party]
@@ -282,10 +377,12 @@ def table(records: Sequence[dict[str, Any]]) -> list[str]:
 
 def report_section(records: Sequence[dict[str, Any]]) -> list[str]:
     """The BENCHMARKS.md section, from the psi records of the results file."""
-    runs = [r for r in records if r.get("name") == "psi" and "error" not in r]
+    psi_records = [r for r in records if r.get("name") == "psi" and "error" not in r]
+    runs = [r for r in psi_records if str(r.get("case", "")).startswith("n=")]
     lines = ["## Private set intersection (in-process)", ""]
+    errors = [f"- {r.get('case', '')}: {r['error']}" for r in records if r.get("name") == "psi" and "error" in r]
     if not runs:
-        return lines + ["Not run yet.", ""]
+        return lines + (errors or ["Not run yet."]) + [""]
     rates, p = runs[0]["rates"], runs[0]["params"]
     t = rates["threads"]
     lines += [
@@ -300,7 +397,19 @@ def report_section(records: Sequence[dict[str, Any]]) -> list[str]:
         *table(runs),
         "",
     ]
-    return lines
+    for alt in (r for r in psi_records if r.get("case") == "alternatives"):
+        lines += [
+            f"The groups considered (one thread, {alt['sample']:,} points; docs/CRYPTO.md), hash / scalar "
+            "multiplication per s: "
+            f"ristretto255 via common.psi {alt['ristretto255_common_psi_hash_per_s']:,} / "
+            f"{alt['ristretto255_common_psi_mult_per_s']:,}, via pysodium's wrappers "
+            f"{alt['ristretto255_pysodium_hash_per_s']:,} / {alt['ristretto255_pysodium_mult_per_s']:,}; "
+            f"ed25519 (from_uniform, noclamp) {alt['ed25519_hash_per_s']:,} / {alt['ed25519_mult_per_s']:,}; "
+            f"X25519 via OpenSSL (SHA-256 to u) {alt['x25519_hash_per_s']:,} / {alt['x25519_mult_per_s']:,}, "
+            f"with {alt['x25519_twist_fraction']:.1%} of hashed u on the twist.",
+            "",
+        ]
+    return lines + errors + ([""] if errors else [])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -310,10 +419,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="ids per side, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="worker threads per party (default: every core)")
     parser.add_argument("--json", type=Path, default=None, help="write the records here")
+    parser.add_argument(
+        "--alternatives", action="store_true", help="also the one-thread rates of the groups considered (CRYPTO.md)"
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    records = run_psi_bench(sizes, args.threads)
+    records = run_psi_bench(sizes, args.threads) if sizes else []
     print("\n".join(table(records)))
+    if args.alternatives:
+        alternatives = measure_alternatives()
+        print(json.dumps(alternatives, indent=1))
+        records.append({"name": "psi", "case": "alternatives", "backend": "", **alternatives})
     if args.json is not None:
         args.json.write_text(json.dumps(records, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -84,11 +84,10 @@ def _writable(n_bytes: int) -> tuple[bytearray, int]:
     return buf, ctypes.addressof((ctypes.c_char * n_bytes).from_buffer(buf)) if n_bytes else 0
 
 
-def _readable(data: bytes) -> tuple[ctypes.Array[ctypes.c_char], int]:
-    """`data` copied once into C memory, and its address. (bytes cannot be
-    addressed with an offset without a copy per point.)"""
-    arr = (ctypes.c_char * max(1, len(data))).from_buffer_copy(data or b"\0")
-    return arr, ctypes.addressof(arr)
+def _address(data: bytes) -> int:
+    """The address of a bytes object's own buffer, read in place (C only
+    reads it; the caller keeps `data` alive): no copy of a 32 MB input."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 
 def _parallel(n: int, workers: int, work: Callable[[int, int], int | None]) -> int | None:
@@ -104,13 +103,10 @@ def _parallel(n: int, workers: int, work: Callable[[int, int], int | None]) -> i
     return min(bad) if bad else None
 
 
-def _hash_into(ids: Sequence[str], lo: int, hi: int, out: int) -> None:
-    """H(ids[i]) into out + 32 i for i in [lo, hi)."""
-    from_hash = _SODIUM.from_hash
-    sha512 = hashlib.sha512
-    for i in range(lo, hi):
-        # from_hash has no failure case (it returns 0 for any 64 bytes).
-        from_hash(out + POINT_BYTES * i, sha512(_PREFIX + ids[i].encode("utf-8")).digest())
+def _hash_one(x: str, out: int) -> None:
+    """H(x) into the 32 bytes at out. (from_hash has no failure case: it
+    returns 0 for any 64 bytes.)"""
+    _SODIUM.from_hash(out, hashlib.sha512(_PREFIX + x.encode("utf-8")).digest())
 
 
 def _check_encodable(ids: Sequence[str], field: str) -> None:
@@ -141,7 +137,8 @@ def hash_to_group(ids: Sequence[str], workers: int | None = None) -> bytes:
     buf, out = _writable(n * POINT_BYTES)
 
     def work(lo: int, hi: int) -> None:
-        _hash_into(ids, lo, hi, out)
+        for i in range(lo, hi):
+            _hash_one(ids[i], out + POINT_BYTES * i)
 
     _parallel(n, workers or os.cpu_count() or 1, work)
     return bytes(buf)
@@ -216,17 +213,18 @@ class PsiSecret:
         """H(id)^k for each id, n*32 bytes in the order given."""
         _check_encodable(ids, "ids")
         n = len(ids)
-        hashed, src = _writable(n * POINT_BYTES)
         buf, out = _writable(n * POINT_BYTES)
         scalar = self._acquire()
         try:
 
             def work(lo: int, hi: int) -> int | None:
-                _hash_into(ids, lo, hi, src)
+                scratch = ctypes.create_string_buffer(POINT_BYTES)  # H(x), one per thread
+                at = ctypes.addressof(scratch)
                 mult = _SODIUM.scalarmult
                 for i in range(lo, hi):
-                    if mult(out + POINT_BYTES * i, scalar, src + POINT_BYTES * i) != 0:
-                        return i  # unreachable: H(x) is never the identity in practice (2^-252)
+                    _hash_one(ids[i], at)
+                    if mult(out + POINT_BYTES * i, scalar, at) != 0:
+                        return i  # H(x) the identity: probability 2^-252
                 return None
 
             bad = _parallel(n, self.workers, work)
@@ -247,7 +245,8 @@ class PsiSecret:
                 f"(expected a whole number of {POINT_BYTES}-byte ristretto255 points)"
             )
         n = len(points) // POINT_BYTES
-        arr, src = _readable(points)
+        data = points if type(points) is bytes else bytes(points)
+        src = _address(data)
         buf, out = _writable(n * POINT_BYTES)
         bad = self._raise_all(src, n, out)
         if bad is not None:
@@ -257,7 +256,6 @@ class PsiSecret:
                 f"{field}: point {bad} is {what} (expected the canonical {POINT_BYTES}-byte encoding "
                 "of a non-identity ristretto255 element)"
             )
-        del arr
         return bytes(buf)
 
     def forget(self) -> None:
