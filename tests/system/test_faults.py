@@ -116,19 +116,21 @@ def wait_terminal(client: VflClient, job_id: str, deadline: float) -> client_pb2
 
 
 def start(
-    client: VflClient, config: JobConfig, ids: list[str], job_id: str, tries: int = START_TRIES
+    client: VflClient, config: JobConfig, ids: list[str], job_id: str, tries: int = START_TRIES, alignment_id: str = ""
 ) -> tuple[bool, list[str]]:
     """An alignment (A retries it inside while B cannot be reached), then
-    StartTraining on it, tried again on UNAVAILABLE with the same job id:
-    (started, errors of failed tries)."""
+    StartTraining on it, tried again on UNAVAILABLE with the same job id and
+    alignment, as a client repeats its request: (started, errors of failed tries)."""
     errors: list[str] = []
     for _ in range(tries):
         try:
-            aligned = client.align()
-            if aligned.state != client_pb2.ALIGNMENT_STATE_SUCCEEDED:
-                errors.append(f"StartAlignment FAILED: {aligned.error}")
-                continue
-            client.start_training(config, ids, job_id=job_id, alignment_id=aligned.alignment_id)
+            if not alignment_id:
+                aligned = client.align()
+                if aligned.state != client_pb2.ALIGNMENT_STATE_SUCCEEDED:
+                    errors.append(f"StartAlignment FAILED: {aligned.error}")
+                    continue
+                alignment_id = aligned.alignment_id
+            client.start_training(config, ids, job_id=job_id, alignment_id=alignment_id)
             return True, errors
         except grpc.RpcError as exc:
             errors.append(f"StartTraining {exc.code().name}: {exc.details()}")
@@ -342,9 +344,11 @@ def test_a_set_up_job_a_could_not_release_is_answered_again(
     proxy.set_faults(down=Faults(latency_s=HOLD_S))
     down = Faults(reset_conn_p=1.0, reset_within_s=0.0)  # every new connection reset at once
     active_log = Path(faulty.services["active"].log_path)
+    aligned = client.align()
+    assert aligned.state == client_pb2.ALIGNMENT_STATE_SUCCEEDED, aligned.error
     # The link goes down, for every new connection, the moment B has set the job up.
     with reset_when_logged(faulty, "passive", f"event=job_setup job={job_id} ", proxy, then=down) as fired:
-        started, errors = start(client, SHORT_JOB, breast.train_ids, job_id, tries=1)
+        started, errors = start(client, SHORT_JOB, breast.train_ids, job_id, 1, aligned.alignment_id)
     assert fired.is_set()
     assert not started and "UNAVAILABLE" in errors[0], errors
     deadline = time.monotonic() + 60
@@ -354,7 +358,7 @@ def test_a_set_up_job_a_could_not_release_is_answered_again(
     proxy.set_faults(Faults())
     assert _orphans_at_passive(faulty, [job_id]) == [job_id]  # B holds it
     # Tries enough to outlast A's reconnection backoff (up to 2 s) after the long outage.
-    started, errors = start(client, SHORT_JOB, breast.train_ids, job_id, EACH_FAULT_START_TRIES)
+    started, errors = start(client, SHORT_JOB, breast.train_ids, job_id, EACH_FAULT_START_TRIES, aligned.alignment_id)
     assert started, errors
     final = wait_terminal(client, job_id, time.monotonic() + DEADLINE_S)
     assert final.state == client_pb2.JOB_STATE_SUCCEEDED, final.error
