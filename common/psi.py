@@ -234,14 +234,15 @@ class PsiSecret:
             raise InvalidArgument(f"ids: id at position {bad} hashes to the identity (expected a non-identity point)")
         return bytes(buf)
 
-    def blind_points(self, points: bytes, field: str = "points") -> bytes:
+    def blind_points(self, points: bytes, field: str = "points", *, first_index: int = 0) -> bytes:
         """P^k for each 32-byte point P, n*32 bytes in the order given.
         InvalidArgument (one line: the field, the first bad index, what was
         expected; never a point's bytes) unless every point is the canonical
-        encoding of a non-identity element."""
+        encoding of a non-identity element. `first_index`: the index of the
+        first point in the whole set, when `points` is one chunk of it."""
         if len(points) % POINT_BYTES:
             raise InvalidArgument(
-                f"{field}: {len(points)} bytes, so point {len(points) // POINT_BYTES} is incomplete "
+                f"{field}: {len(points)} bytes, so point {first_index + len(points) // POINT_BYTES} is incomplete "
                 f"(expected a whole number of {POINT_BYTES}-byte ristretto255 points)"
             )
         n = len(points) // POINT_BYTES
@@ -253,7 +254,7 @@ class PsiSecret:
             off = POINT_BYTES * bad
             what = "the identity" if _SODIUM.is_valid_point(src + off) == 1 else "not a canonical encoding"
             raise InvalidArgument(
-                f"{field}: point {bad} is {what} (expected the canonical {POINT_BYTES}-byte encoding "
+                f"{field}: point {first_index + bad} is {what} (expected the canonical {POINT_BYTES}-byte encoding "
                 "of a non-identity ristretto255 element)"
             )
         return bytes(buf)

@@ -168,6 +168,13 @@ def test_wrong_length_named() -> None:
     assert psi.PsiSecret().blind_points(b"") == b""
 
 
+def test_chunk_offset_in_the_index() -> None:
+    points = bytearray(GOOD[: 10 * P])
+    points[4 * P : 5 * P] = bytes(32)
+    with pytest.raises(InvalidArgument, match=r"^points: point 32772 is the identity "):
+        psi.PsiSecret().blind_points(bytes(points), first_index=psi.CHUNK_POINTS)
+
+
 def test_check_ids_counts_and_never_echoes() -> None:
     psi.check_ids(["a", "b"], "ids")
     with pytest.raises(InvalidArgument, match=r"^ids: 2 empty ids \(first at position 1\)$"):
