@@ -81,7 +81,7 @@ def _stamp(
 
 def _skip_records(workload: str, skipped: dict[str, str]) -> list[dict[str, Any]]:
     # The sweep, the load and the soak use one backend by design: an absent one is not a gap there.
-    if workload in ("sweep", "load", "soak"):
+    if workload in ("sweep", "load", "soak", "psi"):
         return []
     return [{"name": workload, "case": "", "backend": b, "skipped": why} for b, why in skipped.items()]
 

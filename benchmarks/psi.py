@@ -378,7 +378,7 @@ def table(records: Sequence[dict[str, Any]]) -> list[str]:
 def report_section(records: Sequence[dict[str, Any]]) -> list[str]:
     """The BENCHMARKS.md section, from the psi records of the results file."""
     psi_records = [r for r in records if r.get("name") == "psi" and "error" not in r]
-    runs = [r for r in psi_records if str(r.get("case", "")).startswith("n=")]
+    runs = [r for r in psi_records if str(r.get("case", "")).startswith("n=") and "through C" not in r["case"]]
     lines = ["## Private set intersection (in-process)", ""]
     errors = [f"- {r.get('case', '')}: {r['error']}" for r in records if r.get("name") == "psi" and "error" in r]
     if not runs:

@@ -363,6 +363,15 @@ def soak_workload(ctx: Context) -> list[dict[str, Any]]:
     return [rec]
 
 
+def psi_workload(ctx: Context) -> list[dict[str, Any]]:
+    """The private set intersection: in-process (benchmarks/psi.py: 10^4 and
+    10^5 ids per side, and the groups considered) and through the federation
+    with C (benchmarks/psi_federation.py: 10^4, 10^5, 10^6); --quick 2,000."""
+    from benchmarks import psi, psi_federation
+
+    return psi.workload(ctx.quick) + psi_federation.workload(ctx.quick)
+
+
 WORKLOADS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "primitives": primitive_rates,
     "breast": breast,
@@ -370,6 +379,7 @@ WORKLOADS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "sweep": sweep,
     "load": load_workload,
     "soak": soak_workload,
+    "psi": psi_workload,
 }
 # Too long for `make bench` (all): run on its own.
 NOT_IN_ALL = ("soak",)
