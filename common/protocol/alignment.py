@@ -57,10 +57,11 @@ def blind_own_ids(secret: psi.PsiSecret, ids: Sequence[str]) -> BlindedSet:
     return BlindedSet(order, secret.blind_ids([ids[i] for i in order]))
 
 
-def blind_peer_points(secret: psi.PsiSecret, points: bytes, field: str) -> bytes:
+def blind_peer_points(secret: psi.PsiSecret, points: bytes, field: str, first_index: int = 0) -> bytes:
     """Step 2, each party on the other's points: raise each to its own scalar,
-    keeping their order (the sender alone can map them back)."""
-    return secret.blind_points(points, field)
+    keeping their order (the sender alone can map them back). `first_index`:
+    where this chunk starts in the whole set (for the error's index)."""
+    return secret.blind_points(points, field, first_index=first_index)
 
 
 def intersect(own: BlindedSet, own_tags: bytes, peer_tags: bytes) -> Intersection:

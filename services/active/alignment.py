@@ -249,6 +249,6 @@ def _blind_both_sets(
 def _blind_passive_set(peer: PassiveClient, secret: psi.PsiSecret, alignment_id: str, passive_size: int) -> bytes:
     """Step 3 at A: each chunk of B's points raised to a as it arrives."""
     out = bytearray()
-    for i, chunk in enumerate(peer.fetch_passive_set(alignment_id, passive_size)):
-        out += blind_peer_points(secret, chunk, f"passive points (chunk {i})")
+    for chunk in peer.fetch_passive_set(alignment_id, passive_size):
+        out += blind_peer_points(secret, chunk, "passive points", first_index=len(out) // psi.POINT_BYTES)
     return bytes(out)

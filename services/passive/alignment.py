@@ -117,8 +117,9 @@ class PassiveAlignments:
         with self._ending_on_error(session):
             if session.active_done or session.active_tags:
                 raise FailedPrecondition(f"alignment_id: alignment {alignment_id!r} has had its step 2")
-            for i, chunk in enumerate(chunks):
-                tags = blind_peer_points(session.secret, chunk, f"points (chunk {i})")
+            for chunk in chunks:
+                done = len(session.active_tags) // psi.POINT_BYTES
+                tags = blind_peer_points(session.secret, chunk, "points", first_index=done)
                 if len(session.active_tags) + len(tags) > session.active_size * psi.POINT_BYTES:
                     raise InvalidArgument(f"points: more than the {session.active_size} points of active_size")
                 session.active_tags += tags
