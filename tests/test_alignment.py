@@ -20,7 +20,7 @@ from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_aligned
 from common.alignments import AlignmentRecord
 from common.errors import PeerError
 from common.jobconfig import JobConfig
-from common.storage import read_record
+from common.storage import read_record, write_record
 from services.active.peer import PassiveClient
 from tests.conftest import make_federation, read_private_key, read_shard
 from tests.reference_run import reference_from_shards
@@ -194,3 +194,22 @@ def test_no_id_of_either_party_reaches_the_other_in_the_clear(overlap):
         assert len(payloads) > 100_000  # the whole traffic: alignments, steps, predictions
         leaked = [i for i in every_id if i in payloads]
         assert not leaked, f"{party} received {len(leaked)} ids in the clear"
+
+
+def test_an_alignment_cut_short_by_a_restart_of_a_is_reported_failed(overlap):
+    """A notes each alignment while it runs; a restart in the middle leaves
+    it FAILED with the reason (its client would otherwise get NOT_FOUND)."""
+    client, fed = overlap["client"], overlap["fed"]
+    marker = fed.workdir / "active" / "data" / "alignments-running" / "cut-short.json"
+    fed.services["active"].stop()
+    write_record(marker, "alignment-running", {"started": 1.0e9, "active_size": 12})
+    fed.start("active")
+    client.wait_ready(60)
+    cut = client.alignment("cut-short")
+    assert cut.state == client_pb2.ALIGNMENT_STATE_FAILED and cut.active_size == 12
+    assert cut.error == "the active party restarted during the alignment; start a new one"
+    assert not marker.exists()
+    # The id is free again, and every stored alignment survived the restart.
+    again = client.align(alignment_id="cut-short")
+    assert again.state == client_pb2.ALIGNMENT_STATE_SUCCEEDED and again.size == len(overlap["common"])
+    assert "all-of-a" in {a.alignment_id for a in client.list_alignments()}

@@ -358,12 +358,15 @@ def test_disk_full_at_alignment(tmpfs_federation: TmpfsFederation, party: str) -
     t = tmpfs_federation
     filler = fill(t.data[party])
     try:
-        done = t.client.align(t.ids)
-        assert done.state == client_pb2.ALIGNMENT_STATE_FAILED
-        expected = no_space(party, t.data[party] / "alignments")
-        if party == "passive":
-            expected = "passive party refused FinishAlignment: " + expected.removeprefix("passive party: ")
-        assert done.error == expected
+        if party == "active":
+            # A cannot note the alignment as running: StartAlignment is refused at once.
+            expected = no_space(party, t.data[party] / "alignments-running")
+            assert_refused(lambda: t.client.start_alignment(t.ids), Code.RESOURCE_EXHAUSTED, expected)
+        else:
+            done = t.client.align(t.ids)
+            assert done.state == client_pb2.ALIGNMENT_STATE_FAILED
+            expected = "passive party refused FinishAlignment: " + no_space(party, t.data[party] / "alignments")
+            assert done.error == expected.replace("FinishAlignment: passive party: ", "FinishAlignment: ")
     finally:
         filler.unlink()
     t.assert_unharmed()

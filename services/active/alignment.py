@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common import psi
 from common.alignments import AlignmentRecord, AlignmentStore
@@ -25,11 +26,13 @@ from common.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailab
 from common.models import check_job_id
 from common.oserrors import owned_by
 from common.protocol.alignment import BlindedSet, blind_own_ids, blind_peer_points, intersect
+from common.storage import read_record, write_record
 from services.active.peer import PassiveClient
 from vfl.v1 import party_pb2
 
 log = logging.getLogger("vfl.active.alignment")
 
+RUNNING_KIND = "alignment-running"
 PURPOSE_CODES = {
     "training": party_pb2.ALIGNMENT_PURPOSE_TRAINING,
     "prediction": party_pb2.ALIGNMENT_PURPOSE_PREDICTION,
@@ -66,13 +69,24 @@ class AlignmentRun:
 
 
 class ActiveAlignments:
-    def __init__(self, data: PartyData, store: AlignmentStore, peer: PassiveClient, recovery_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        data: PartyData,
+        store: AlignmentStore,
+        peer: PassiveClient,
+        recovery_s: float = 120.0,
+        running_dir: Path | None = None,
+    ) -> None:
         self.data = data
         self.store = store
         self.peer = peer
         self.recovery_s = recovery_s
         self._runs: dict[str, AlignmentRun] = {}
         self._lock = threading.Lock()
+        # A marker per alignment in progress: after a restart of A, its
+        # client learns that the alignment was cut short (FAILED), not NOT_FOUND.
+        self._running_dir = running_dir
+        self._interrupted()
 
     # --- client API -----------------------------------------------------
 
@@ -120,6 +134,27 @@ class ActiveAlignments:
 
     # --- the alignment ----------------------------------------------------
 
+    def _marker(self, alignment_id: str) -> Path | None:
+        return None if self._running_dir is None else self._running_dir / f"{alignment_id}.json"
+
+    def _interrupted(self) -> None:
+        if self._running_dir is None or not self._running_dir.is_dir():
+            return
+        for path in self._running_dir.glob("*.json"):
+            try:
+                alignment_id = check_job_id(path.stem)
+                marker = read_record(path, RUNNING_KIND)
+            except (VflError, OSError, KeyError, ValueError):
+                path.unlink(missing_ok=True)
+                continue
+            if not self.store.exists(alignment_id):
+                run = AlignmentRun(alignment_id, int(marker.get("active_size", 0)), float(marker.get("started", 0)))
+                run.state, run.ended = "failed", run.started
+                run.error = "the active party restarted during the alignment; start a new one"
+                run.done.set()
+                self._runs[alignment_id] = run
+            path.unlink(missing_ok=True)
+
     def _reserve(self, alignment_id: str, ids: Sequence[str], prefix: str = "align-") -> tuple[AlignmentRun, list[str]]:
         alignment_id = (
             check_job_id(alignment_id, "alignment_id") if alignment_id else f"{prefix}{uuid.uuid4().hex[:12]}"
@@ -133,6 +168,16 @@ class ActiveAlignments:
                 raise AlreadyExists(f"alignment_id: alignment {alignment_id!r} already exists")
             run = AlignmentRun(alignment_id, len(ids))
             self._runs[alignment_id] = run
+        marker = self._marker(alignment_id)
+        if marker is not None:
+            try:
+                write_record(marker, RUNNING_KIND, {"started": run.started, "active_size": len(ids)}, durable=False)
+            except BaseException as exc:
+                with self._lock:
+                    self._runs.pop(alignment_id, None)
+                if isinstance(exc, VflError):
+                    raise owned_by("active", exc) from None  # a full disk: refused at once, as StartTraining
+                raise
         return run, ids
 
     def _run_logged(self, run: AlignmentRun, ids: list[str], purpose: str = "training", model_id: str = "") -> None:
@@ -158,6 +203,9 @@ class ActiveAlignments:
             )
         finally:
             run.ended = time.time()
+            marker = self._marker(run.alignment_id)
+            if marker is not None:
+                marker.unlink(missing_ok=True)
             run.done.set()
 
     def _align(self, run: AlignmentRun, ids: list[str], purpose: str, model_id: str) -> AlignmentRecord:

@@ -201,7 +201,9 @@ class ActiveParty:
         self.key = key
         self.backend = backend
         self.models = ModelStore(data_dir)
-        self.alignments = ActiveAlignments(data, AlignmentStore(data_dir), peer, recovery_s)
+        self.alignments = ActiveAlignments(
+            data, AlignmentStore(data_dir), peer, recovery_s, running_dir=data_dir / "alignments-running"
+        )
         self.peer = peer
         # Calls to B that overlap A's own work (loss share, B's step 5).
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="active-io")
