@@ -213,3 +213,15 @@ def test_an_alignment_cut_short_by_a_restart_of_a_is_reported_failed(overlap):
     again = client.align(alignment_id="cut-short")
     assert again.state == client_pb2.ALIGNMENT_STATE_SUCCEEDED and again.size == len(overlap["common"])
     assert "all-of-a" in {a.alignment_id for a in client.list_alignments()}
+
+
+def test_disjoint_sets_align_to_nothing_and_a_job_on_them_is_refused(overlap):
+    client = overlap["client"]
+    only_a = [i for i in overlap["ids_a"] if i not in overlap["ids_b"]]
+    empty = client.align(only_a, include_ids=True)
+    assert empty.state == client_pb2.ALIGNMENT_STATE_SUCCEEDED
+    assert (empty.size, list(empty.ids), empty.active_size) == (0, [], len(only_a))
+    with pytest.raises(grpc.RpcError) as info:
+        client.start_training(CONFIG, [], "on-nothing", alignment_id=empty.alignment_id)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "alignment" in info.value.details()

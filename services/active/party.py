@@ -246,6 +246,11 @@ class ActiveParty:
         else:
             held = set(holdout)
             ids = [i for i in alignment.ids if i not in held]
+            if not ids:
+                raise InvalidArgument(
+                    f"alignment_id: alignment {alignment_id!r} holds {alignment.size} ids in the intersection, "
+                    "none to train on besides the holdout ids"
+                )
         if set(ids) & set(holdout):
             raise InvalidArgument("holdout_ids: an id is also a training id")
         rows = alignment.positions(ids, "train_ids")
