@@ -3,8 +3,8 @@ intersection, one function per step. Pure: ids and 32-byte group elements
 in and out, no gRPC (services/*/alignment.py move the bytes).
 
 Each party P holds a fresh secret scalar k_P for this alignment only, and:
-1. blinds its own ids, H(x)^k_P, in a shuffled order, and sends them
-   (`blind_own_ids`);
+1. blinds its own ids, H(x)^k_P, in a shuffled order (`shuffle_own_ids`),
+   and sends them chunk by chunk as it computes them (`blind_own_ids`);
 2. raises the other party's points to its own scalar, in the order received
    (`blind_peer_points`): both orders of exponentiation give the same tag
    H(x)^(k_A k_B);
@@ -18,7 +18,7 @@ model; docs/CRYPTO.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,11 +28,11 @@ from common.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
-class BlindedSet:
-    """A party's own ids, blinded: points[i] = H(ids[order[i]])^k."""
+class Shuffle:
+    """The order a party sends its own ids in: the i-th point it sends is
+    H(ids[order[i]])^k. It keeps only this, not the points it sent."""
 
     order: np.ndarray
-    points: bytes
 
     def __len__(self) -> int:
         return len(self.order)
@@ -50,11 +50,21 @@ class Intersection:
         return len(self.rows)
 
 
-def blind_own_ids(secret: psi.PsiSecret, ids: Sequence[str]) -> BlindedSet:
-    """Step 1, each party on its own ids: hash to the group, raise to its own
-    scalar, shuffle (the sent order would otherwise be the party's list order)."""
-    order = psi.random_permutation(len(ids))
-    return BlindedSet(order, secret.blind_ids([ids[i] for i in order]))
+def shuffle_own_ids(n: int) -> Shuffle:
+    """Step 1, first: a fresh uniform order (the sent order would otherwise be
+    the party's list order)."""
+    return Shuffle(psi.random_permutation(n))
+
+
+def blind_own_ids(
+    secret: psi.PsiSecret, ids: Sequence[str], shuffle: Shuffle, chunk_points: int = psi.CHUNK_POINTS
+) -> Iterator[bytes]:
+    """Step 1, each party on its own ids: hash to the group and raise to its
+    own scalar, in the shuffled order, one message's worth at a time, as the
+    stream sends them: the whole blinded set is never held, and the peer
+    works on one chunk while this party computes the next."""
+    for lo in range(0, len(shuffle), chunk_points):
+        yield secret.blind_ids([ids[i] for i in shuffle.order[lo : lo + chunk_points]])
 
 
 def blind_peer_points(secret: psi.PsiSecret, points: bytes, field: str, first_index: int = 0) -> bytes:
@@ -64,7 +74,7 @@ def blind_peer_points(secret: psi.PsiSecret, points: bytes, field: str, first_in
     return secret.blind_points(points, field, first_index=first_index)
 
 
-def intersect(own: BlindedSet, own_tags: bytes, peer_tags: bytes) -> Intersection:
+def intersect(own: Shuffle, own_tags: bytes, peer_tags: bytes) -> Intersection:
     """Step 3: `own_tags` are the party's own points after both scalars, in
     the order it sent them; `peer_tags` the other party's, likewise. The
     rows are the party's own indices whose tag the other party holds too."""

@@ -3,9 +3,10 @@ common/protocol/alignment.py): A drives the four calls, keeps its fresh
 scalar only for the alignment, checks that B found the same intersection,
 and stores its own ids in the alignment's order.
 
-Step 2 (B raises A's points) and step 3 (A raises B's points) run at once,
-after each party has blinded its own set (B starts at step 1), so both
-parties' cores work through the two rounds of exponentiations together.
+Step 2 (A's points, blinded chunk by chunk as they are sent, raised by B)
+and step 3 (B's points, likewise, raised by A) run at once, so both parties'
+cores work through both rounds of exponentiations together, and neither
+party holds its whole blinded set.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from common.data import PartyData, check_ids
 from common.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable, VflError
 from common.models import check_job_id
 from common.oserrors import owned_by
-from common.protocol.alignment import BlindedSet, blind_own_ids, blind_peer_points, intersect
+from common.protocol.alignment import Shuffle, blind_own_ids, blind_peer_points, intersect, shuffle_own_ids
 from common.storage import read_record, write_record
 from services.active.peer import PassiveClient
 from vfl.v1 import party_pb2
@@ -278,13 +279,13 @@ def align_as_active(
 
 def _blind_both_sets(
     peer: PassiveClient, secret: psi.PsiSecret, alignment_id: str, ids: list[str], purpose: str, model_id: str
-) -> tuple[int, BlindedSet, bytes, bytes]:
+) -> tuple[int, Shuffle, bytes, bytes]:
     """Steps 1-3: (|B's set|, A's blinded set, its tags H(x)^ab, B's tags H(y)^ba)."""
     passive_size = peer.start_alignment(alignment_id, len(ids), PURPOSE_CODES[purpose], model_id)
-    own = blind_own_ids(secret, ids)
+    own = shuffle_own_ids(len(ids))
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="active-psi") as pool:
         passive = pool.submit(_blind_passive_set, peer, secret, alignment_id, passive_size)
-        own_tags = peer.blind_active_set(alignment_id, own.points)
+        own_tags = peer.blind_active_set(alignment_id, blind_own_ids(secret, ids, own), len(ids))
         passive_tags = passive.result()
     if len(passive_tags) != passive_size * psi.POINT_BYTES:
         raise FailedPrecondition(

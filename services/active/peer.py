@@ -6,7 +6,7 @@ that say which hop failed."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -134,16 +134,24 @@ class PassiveClient:
         # B exponentiates every point within the call: its deadline grows with the set.
         return self.timeout_s + points / PSI_POINTS_PER_S
 
-    def blind_active_set(self, alignment_id: str, points: bytes) -> bytes:
-        """Step 2: A's blinded points out, the same raised to b back, in order."""
-        timeout = self._psi_timeout(len(points) // psi.POINT_BYTES)
+    def blind_active_set(self, alignment_id: str, points: Iterable[bytes], count: int) -> bytes:
+        """Step 2: A's `count` blinded points out (chunks, computed as they
+        are sent), the same raised to b back, in order."""
+        timeout = self._psi_timeout(2 * count)
         replies = self._call(
             "BlindActiveSet",
             lambda: self._received(
                 "BlindActiveSet", self._stub.BlindActiveSet(_psi_chunks(alignment_id, points), timeout=timeout)
             ),
         )
-        return self._call("BlindActiveSet", lambda: b"".join(r.points for r in replies))
+
+        def collect() -> bytes:
+            out = bytearray()
+            for reply in replies:
+                out += reply.points
+            return bytes(out)
+
+        return self._call("BlindActiveSet", collect)
 
     def fetch_passive_set(self, alignment_id: str, passive_size: int) -> Iterator[bytes]:
         """Step 3: B's blinded points, chunk by chunk (A blinds each as it comes)."""
@@ -168,7 +176,8 @@ class PassiveClient:
             lambda: self._received(
                 "FinishAlignment",
                 self._stub.FinishAlignment(
-                    _psi_chunks(alignment_id, tags), timeout=self._psi_timeout(len(tags) // psi.POINT_BYTES // 8)
+                    _psi_chunks(alignment_id, psi.chunks(tags)),
+                    timeout=self._psi_timeout(len(tags) // psi.POINT_BYTES // 8),
                 ),
             ),
         )
@@ -280,9 +289,9 @@ class PassiveClient:
         return self._stream("PredictScores", self._stub.PredictScores, chunks)
 
 
-def _psi_chunks(alignment_id: str, points: bytes) -> Iterator[party_pb2.PsiChunk]:
+def _psi_chunks(alignment_id: str, parts: Iterable[bytes]) -> Iterator[party_pb2.PsiChunk]:
     first = True
-    for part in psi.chunks(points):
+    for part in parts:
         yield party_pb2.PsiChunk(alignment_id=alignment_id if first else "", points=part)
         first = False
     if first:

@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -25,7 +24,7 @@ from common.alignments import AlignmentRecord, AlignmentStore
 from common.data import PartyData
 from common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from common.models import ModelStore, check_job_id
-from common.protocol.alignment import BlindedSet, blind_own_ids, blind_peer_points, intersect
+from common.protocol.alignment import Shuffle, blind_own_ids, blind_peer_points, intersect, shuffle_own_ids
 from services.passive.policy import PassivePolicy
 
 log = logging.getLogger("vfl.passive.alignment")
@@ -43,11 +42,13 @@ class AlignmentSession:
     model_id: str
     active_size: int
     secret: psi.PsiSecret
-    own: Future[BlindedSet]
+    own: Shuffle
     started: float = field(default_factory=time.time)
     # H(x)^ab of A's points, in A's order, as B computed them in step 2.
     active_tags: bytearray = field(default_factory=bytearray)
+    blind_started: bool = False
     active_done: bool = False
+    fetch_started: bool = False
     fetched: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -60,12 +61,11 @@ class PassiveAlignments:
         self.policy = policy
         self._sessions: dict[str, AlignmentSession] = {}
         self._lock = threading.Lock()
-        # B blinds its own set while A blinds its own (step 1 at both at once).
-        self._own = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passive-psi")
 
     def open(self, alignment_id: str, active_size: int, purpose: str, model_id: str, peer: str) -> int:
-        """Step 1 at B: check A's request against B's policy, draw b, start
-        blinding B's own ids. Returns |B's set|."""
+        """Step 1 at B: check A's request against B's policy, draw b and B's
+        order. Returns |B's set|. B blinds its ids as A fetches them (step 3),
+        while it raises A's points (step 2): both streams run at once."""
         check_job_id(alignment_id, "alignment_id")
         if purpose not in PURPOSES:
             raise InvalidArgument(f"purpose: expected one of {', '.join(PURPOSES)}")
@@ -94,7 +94,7 @@ class PassiveAlignments:
                     f"(VFL_MAX_OPEN_ALIGNMENTS at B)"
                 )
             secret = psi.PsiSecret()
-            own = self._own.submit(blind_own_ids, secret, self.data.ids)
+            own = shuffle_own_ids(len(self.data.ids))
             self._sessions[alignment_id] = AlignmentSession(
                 alignment_id, peer, purpose, model_id, active_size, secret, own
             )
@@ -115,8 +115,10 @@ class PassiveAlignments:
         """Step 2 at B: A's points raised to b, chunk by chunk, in order."""
         session = self._session(alignment_id, peer)
         with self._ending_on_error(session):
-            if session.active_done or session.active_tags:
-                raise FailedPrecondition(f"alignment_id: alignment {alignment_id!r} has had its step 2")
+            with session.lock:
+                if session.blind_started:
+                    raise FailedPrecondition(f"alignment_id: alignment {alignment_id!r} has had its step 2")
+                session.blind_started = True
             for chunk in chunks:
                 done = len(session.active_tags) // psi.POINT_BYTES
                 tags = blind_peer_points(session.secret, chunk, "points", first_index=done)
@@ -130,14 +132,16 @@ class PassiveAlignments:
             session.active_done = True
 
     def fetch_passive_set(self, alignment_id: str, peer: str) -> Iterator[bytes]:
-        """Step 3 at B: B's own blinded ids, shuffled, in bounded chunks."""
+        """Step 3 at B: B's own blinded ids, shuffled, in bounded chunks,
+        each computed as it is sent."""
         session = self._session(alignment_id, peer)
         with self._ending_on_error(session):
-            if session.fetched:
-                raise FailedPrecondition(f"alignment_id: alignment {alignment_id!r} has had its step 3")
+            with session.lock:
+                if session.fetch_started:
+                    raise FailedPrecondition(f"alignment_id: alignment {alignment_id!r} has had its step 3")
+                session.fetch_started = True
+            yield from blind_own_ids(session.secret, self.data.ids, session.own)
             session.fetched = True
-            own = session.own.result()
-        yield from psi.chunks(own.points)
 
     def finish(self, alignment_id: str, peer: str, chunks: Iterable[bytes]) -> AlignmentRecord:
         """Step 4 at B: B's points after both scalars come back from A in
@@ -156,7 +160,7 @@ class PassiveAlignments:
         with self._ending_on_error(session):
             if not (session.active_done and session.fetched):
                 raise FailedPrecondition(f"alignment_id: alignment {alignment_id!r} needs its steps 2 and 3 first")
-            own = session.own.result()
+            own = session.own
             if len(tags) != len(own) * psi.POINT_BYTES:
                 raise InvalidArgument(
                     f"points: expected {len(own)} tags (this party's set), got {len(tags) / psi.POINT_BYTES:g}"

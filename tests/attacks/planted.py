@@ -318,9 +318,9 @@ def _unblinded_psi_points() -> None:
     from common import psi
     from common.protocol import alignment
 
-    def blind_own_ids(secret, ids):  # type: ignore[no-untyped-def]
-        order = psi.random_permutation(len(ids))
-        return alignment.BlindedSet(order, psi.hash_to_group([ids[i] for i in order]))
+    def blind_own_ids(secret, ids, shuffle, chunk_points=psi.CHUNK_POINTS):  # type: ignore[no-untyped-def]
+        for lo in range(0, len(shuffle), chunk_points):
+            yield psi.hash_to_group([ids[i] for i in shuffle.order[lo : lo + chunk_points]])
 
     alignment.blind_own_ids = blind_own_ids
 
