@@ -27,6 +27,7 @@ from cli.client import VflClient
 from cli.federation import LocalFederation
 from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
 from common import healthcheck, serde
+from common.alignments import AlignmentRecord
 from common.crypto import get_backend
 from common.crypto.backend import PrivateKey, PublicKey
 from common.data import load_party_csv
@@ -34,6 +35,9 @@ from common.jobconfig import job_config
 from common.protocol import steps
 from common.protocol.batching import batch_schedule
 from common.rpc import open_channel
+from common.storage import read_record
+from services.active.alignment import align_as_active
+from services.active.peer import PassiveClient
 from tests.conftest import RELAXED_POLICY, TEST_KEY_BITS, BreastSplit, make_federation, read_shard
 from vfl.v1 import client_pb2, common_pb2, party_pb2, party_pb2_grpc
 
@@ -96,21 +100,31 @@ def retry_unavailable(call: Callable[[], T], timeout_s: float = 20.0) -> T:
             time.sleep(0.2)
 
 
-def train(client: VflClient, job_id: str, ids: list[str], **config: Any) -> client_pb2.JobStatus:
-    """A small training job, run to its end; fails the test unless it succeeds."""
+def align(client: VflClient, alignment_id: str, ids: list[str] | None = None) -> client_pb2.Alignment:
+    """An alignment of A's ids (all of them by default) with B's, run to its
+    end; fails the test unless it succeeds."""
+    aligned = client.align(ids or [], alignment_id, include_ids=True)
+    assert aligned.state == client_pb2.ALIGNMENT_STATE_SUCCEEDED, aligned.error
+    return aligned
+
+
+def train(client: VflClient, job_id: str, ids: list[str], alignment_id: str, **config: Any) -> client_pb2.JobStatus:
+    """A small training job on an alignment, run to its end; fails the test unless it succeeds."""
     opts: dict[str, Any] = {"epochs": 1, "batch_size": 64}
     opts.update(config)
-    client.start_training(job_config(**opts), ids, job_id=job_id)
+    client.start_training(job_config(**opts), ids, job_id=job_id, alignment_id=alignment_id)
     status = client.wait(job_id)
     assert status.state == client_pb2.JOB_STATE_SUCCEEDED, status.error
     return status
 
 
-def start_request(job_id: str = "", ids: list[str] | None = None, **config: Any) -> client_pb2.StartTrainingRequest:
+def start_request(
+    job_id: str = "", ids: list[str] | None = None, alignment_id: str = "", **config: Any
+) -> client_pb2.StartTrainingRequest:
     """A StartTrainingRequest built from raw proto fields, so that values the
     client-side JobConfig would refuse (NaN, negative) reach the server."""
     return client_pb2.StartTrainingRequest(
-        job_id=job_id, config=common_pb2.TrainingConfig(**config), train_ids=ids or []
+        job_id=job_id, config=common_pb2.TrainingConfig(**config), train_ids=ids or [], alignment_id=alignment_id
     )
 
 
@@ -161,10 +175,21 @@ class StoredModel:
 
 
 @pytest.fixture(scope="module")
-def model(federation: LocalFederation, breast: BreastSplit) -> StoredModel:
+def aligned(federation: LocalFederation) -> str:
+    """The id of an alignment of all of A's ids with B's (the bundled files
+    hold the same ids: all 569 are in it), held by both parties."""
     with VflClient(federation.active_address, timeout_s=60) as c:
         c.wait_ready(30)
-        train(c, "errors-model", breast.train_ids[:128])
+        done = align(c, "errors-all")
+    assert done.size == 569
+    return done.alignment_id
+
+
+@pytest.fixture(scope="module")
+def model(federation: LocalFederation, breast: BreastSplit, aligned: str) -> StoredModel:
+    with VflClient(federation.active_address, timeout_s=60) as c:
+        c.wait_ready(30)
+        train(c, "errors-model", breast.train_ids[:128], aligned)
         ids = breast.test_ids[:16]
         probs = c.predict("errors-model", ids)
     return StoredModel(
@@ -180,24 +205,36 @@ class DirectParty:
     """PartyService at B called directly, as a (possibly misbehaving) A would."""
 
     def __init__(self, address: str) -> None:
+        self.address = address
         self.channel = open_channel(address)
         self.stub = party_pb2_grpc.PartyServiceStub(self.channel)
         self.backend = get_backend("ou")
+
+    def align(self, alignment_id: str, ids: list[str]) -> AlignmentRecord:
+        """An honest private set intersection of `ids` with B's, as A runs it
+        (B keeps its side for this caller's identity: "insecure" in plaintext)."""
+        peer = PassiveClient(self.address, timeout_s=30)
+        try:
+            return align_as_active(peer, alignment_id, ids)
+        finally:
+            peer.close()
 
     def exchange_keys(self, key: PublicKey) -> tuple[PublicKey, bytes]:
         req = party_pb2.KeyExchangeRequest(active_key=serde.public_key_to_proto(key))
         reply = self.stub.ExchangeKeys(req, timeout=30)
         return serde.public_key_from_proto(reply.passive_key, "passive_key", 256), reply.target_fingerprint
 
-    def setup_job(self, job_id: str, target_fp: bytes, ids: list[str]) -> int:
+    def setup_job(self, job_id: str, target_fp: bytes, alignment_id: str, rows: list[int]) -> int:
+        """A job on `rows`, positions in the alignment (no id travels)."""
         spec = party_pb2.JobSpec(
             job_id=job_id,
             config=serde.config_to_proto(job_config(epochs=1, batch_size=64)),
-            n_rows=len(ids),
+            n_rows=len(rows),
             target_fingerprint=target_fp,
             active_features=P_ACTIVE,
+            alignment_id=alignment_id,
         )
-        chunks = [party_pb2.SetupJobChunk(spec=spec), party_pb2.SetupJobChunk(ids=ids)]
+        chunks = [party_pb2.SetupJobChunk(spec=spec), party_pb2.SetupJobChunk(rows=rows)]
         return int(self.stub.SetupJob(iter(chunks), timeout=30).passive_features)
 
     def shares(self, header: common_pb2.StepHeader, rows: list[int], a_enc: Any) -> serde.StepMessage:
@@ -227,7 +264,13 @@ class DirectJob:
     passive_key: PublicKey
     target_fp: bytes
     rows: list[int]  # iteration 0's rows of the agreed schedule
+    alignment: AlignmentRecord
     ids: list[str]
+
+    @property
+    def job_rows(self) -> list[int]:
+        """The job's rows: its ids' positions in the alignment."""
+        return self.alignment.positions(self.ids, "ids")
 
     def header(self, iteration: int = 0, target_fp: bytes | None = None) -> common_pb2.StepHeader:
         return serde.step_header(self.job_id, iteration, target_fp or self.target_fp)
@@ -244,7 +287,7 @@ class DirectJob:
     def fresh(self) -> DirectJob:
         """Another job like this one: any refusal ends a job at B."""
         job_id = f"{self.job_id[:56]}-{secrets.token_hex(3)}"
-        assert self.party.setup_job(job_id, self.target_fp, self.ids) == P_PASSIVE
+        assert self.party.setup_job(job_id, self.target_fp, self.alignment.alignment_id, self.job_rows) == P_PASSIVE
         return replace(self, job_id=job_id)
 
     def assert_ended(self) -> None:
@@ -268,21 +311,35 @@ def keys() -> tuple[PrivateKey, PrivateKey]:
     return backend.generate_keypair(TEST_KEY_BITS), backend.generate_keypair(TEST_KEY_BITS)
 
 
+@pytest.fixture(scope="module")
+def direct_alignment(federation: LocalFederation, passive_ids: list[str]) -> AlignmentRecord:
+    """The test's own alignment with B, as a would-be A holding B's ids runs it."""
+    party = DirectParty(federation.services["passive"].address)
+    try:
+        record = party.align("errors-direct", passive_ids)
+    finally:
+        party.channel.close()
+    assert record.size == len(passive_ids)
+    return record
+
+
 @pytest.fixture()
 def direct_job(
     federation: LocalFederation,
     keys: tuple[PrivateKey, PrivateKey],
     passive_ids: list[str],
+    direct_alignment: AlignmentRecord,
     request: pytest.FixtureRequest,
 ) -> Iterator[DirectJob]:
     party = DirectParty(federation.services["passive"].address)
     passive_key, target_fp = party.exchange_keys(keys[0].public)
     job_id = f"direct-{request.node.name[:40]}"
     ids = passive_ids[:120]
-    assert party.setup_job(job_id, target_fp, ids) == P_PASSIVE
+    job_rows = direct_alignment.positions(ids, "ids")
+    assert party.setup_job(job_id, target_fp, direct_alignment.alignment_id, job_rows) == P_PASSIVE
     # B accepts only the rows of the agreed schedule (120 rows: one batch).
     rows = batch_schedule(len(ids), 64, 1, job_config().seed, MIN_BATCH)[0].rows.tolist()
-    job = DirectJob(party, job_id, keys[0], passive_key, target_fp, rows, ids)
+    job = DirectJob(party, job_id, keys[0], passive_key, target_fp, rows, direct_alignment, ids)
     yield job
     try:
         party.finish(job.header(), aborted=True)
@@ -295,26 +352,61 @@ def direct_job(
 # --- 1. ids missing at B ---------------------------------------------------------
 
 
-def test_ids_missing_at_passive_party_refused_at_start(tmp_path: Path, breast: BreastSplit) -> None:
+def test_ids_missing_at_passive_party_are_left_out_of_the_alignment(tmp_path: Path, breast: BreastSplit) -> None:
+    """B lacks 7 of A's ids. The alignment holds the other 562, in one order at
+    both parties, and its sizes count the sets without naming an id. A job
+    names ids of the alignment: one with ids B lacks is refused by A as
+    outside it (counted, not listed), and the job id stays free. Predict
+    marks the ids B lacks NOT_AT_PASSIVE (NaN), an error for none of them;
+    an id missing from A's own data is still A's error."""
     short_csv = write_csv_variant(BUNDLED_PASSIVE, tmp_path / "host_short.csv", drop_rows=7)
-    dropped = set(load_party_csv(BUNDLED_PASSIVE).ids) - set(load_party_csv(short_csv).ids)
+    dropped = sorted(set(load_party_csv(BUNDLED_PASSIVE).ids) - set(load_party_csv(short_csv).ids))
     assert len(dropped) == 7
     fed = LocalFederation(
         tmp_path / "fed", BUNDLED_ACTIVE, short_csv, key_bits=TEST_KEY_BITS, tls=False, extra_env=RELAXED_POLICY
     )
     with fed, VflClient(fed.active_address, 60) as c:
         c.wait_ready(30)
+        aligned = align(c, "short")
+        assert (aligned.size, aligned.active_size, aligned.passive_size) == (562, 569, 562)
+        assert not set(dropped) & set(aligned.ids)
+        at_b = read_record(fed.workdir / "passive" / "data" / "alignments" / "short.json", "alignment")
+        assert at_b["ids"] == list(aligned.ids)  # position k names the same customer at both
+        kept = [i for i in breast.train_ids if i not in dropped]
+        ids = kept[:121] + dropped
         details = assert_refused(
-            lambda: c.stub.StartTraining(start_request("short"), timeout=60),
-            Code.FAILED_PRECONDITION,
-            "7 of 569",
-            "ids",
+            lambda: c.stub.StartTraining(start_request("short", ids, "short"), timeout=60),
+            Code.INVALID_ARGUMENT,
+            "train_ids",
+            "7 of 128 ids are not in alignment 'short'",
         )
         assert not any(i in details.split() for i in dropped), "details should count missing ids, not list them"
         assert_serving(fed, "active", "assistant", "passive")
-        # Nothing of the refused job stays behind: the same id trains on the ids B has.
-        ids = [i for i in breast.train_ids if i not in dropped][:128]
-        train(c, "short", ids)
+        # Nothing of the refused job stays behind: the same id trains on ids of the alignment.
+        train(c, "short", kept[:128], "short")
+        # Prediction: the ids B lacks are marked, not an error; the others scored.
+        probe = [*kept[:5], *dropped, *breast.test_ids[:3]]
+        probe = list(dict.fromkeys(probe))
+        lacking = [i in dropped for i in probe]
+        scored, absent = client_pb2.PREDICTION_STATUS_SCORED, client_pb2.PREDICTION_STATUS_NOT_AT_PASSIVE
+        for align_new_ids in (False, True):  # a fresh PSI (B's scope is any here) finds them missing too
+            reply = c.predict_reply("short", probe, align_new_ids=align_new_ids)
+            assert list(reply.ids) == probe
+            assert list(reply.status) == [absent if x else scored for x in lacking]
+            probs = np.asarray(reply.probabilities)
+            assert np.isnan(probs[lacking]).all() and np.isfinite(probs[~np.asarray(lacking)]).all()
+        # An id A itself lacks is A's own error, for Predict and for a job.
+        assert_refused(
+            lambda: c.predict_reply("short", [*kept[:3], "not-in-a"]),
+            Code.FAILED_PRECONDITION,
+            "ids: 1 of 4 ids are not in this party's data",
+        )
+        assert_refused(
+            lambda: c.stub.StartTraining(start_request("short-2", [*kept[:127], "not-in-a"], "short"), timeout=60),
+            Code.INVALID_ARGUMENT,
+            "train_ids: 1 of 128 ids are not in alignment 'short'",
+        )
+        assert_serving(fed, "active", "assistant", "passive")
 
 
 # --- 2. wrong number of features at prediction ------------------------------------
@@ -336,10 +428,12 @@ def test_predict_with_passive_feature_count_changed_refused(
     model.assert_unchanged(federation, client)
 
 
-# --- 3. unknown job / model -------------------------------------------------------
+# --- 3. unknown job / model / alignment ---------------------------------------------
 
 
-def test_unknown_job_and_model_not_found(federation: LocalFederation, model: StoredModel, client: VflClient) -> None:
+def test_unknown_job_model_and_alignment_not_found(
+    federation: LocalFederation, model: StoredModel, client: VflClient, keys: tuple[PrivateKey, PrivateKey]
+) -> None:
     stub = client.stub
     assert_refused(
         lambda: stub.GetJobStatus(client_pb2.GetJobStatusRequest(job_id="no-such-job"), timeout=30),
@@ -359,10 +453,31 @@ def test_unknown_job_and_model_not_found(federation: LocalFederation, model: Sto
         "model_id",
         "no-such-model",
     )
+    assert_refused(
+        lambda: stub.GetAlignment(client_pb2.GetAlignmentRequest(alignment_id="no-such-alignment"), timeout=30),
+        Code.NOT_FOUND,
+        "alignment_id",
+        "no-such-alignment",
+    )
+    assert_refused(
+        lambda: stub.StartTraining(start_request("on-nothing", alignment_id="no-such-alignment"), timeout=60),
+        Code.NOT_FOUND,
+        "alignment_id",
+        "no-such-alignment",
+    )
     party = DirectParty(federation.services["passive"].address)
     try:
         header = serde.step_header("no-such-job", 0, b"\x01" * 32)
         assert_refused(lambda: party.shares(header, [0], None), Code.NOT_FOUND, "header.job_id", "no-such-job")
+        # B holds no such alignment for this caller: no job on it.
+        _, target_fp = party.exchange_keys(keys[0].public)
+        assert_refused(
+            lambda: party.setup_job("on-nothing", target_fp, "no-such-alignment", list(range(120))),
+            Code.NOT_FOUND,
+            "alignment_id",
+            "no alignment 'no-such-alignment'",
+            "run StartAlignment first",
+        )
     finally:
         party.channel.close()
     assert_serving(federation, "active", "assistant", "passive")
@@ -373,35 +488,44 @@ def test_unknown_job_and_model_not_found(federation: LocalFederation, model: Sto
 # --- 4. a peer that is down --------------------------------------------------------
 
 
-def check_passive_down_then_back(fed: LocalFederation, client: VflClient, ids: list[str]) -> None:
-    """With B stopped, StartTraining is UNAVAILABLE naming B; A (and C) stay up;
-    once B is back, the same job id trains."""
+def check_passive_down_then_back(fed: LocalFederation, client: VflClient, ids: list[str], alignment_id: str) -> None:
+    """With B stopped, StartTraining (on an alignment both hold) is
+    UNAVAILABLE naming B, and an alignment fails naming B; A (and C) stay up;
+    once B is back (its alignments kept), the same job id trains."""
     passive_address = fed.services["passive"].address
     with passive_restarted(fed):
         assert_refused(
-            lambda: client.stub.StartTraining(start_request("after-outage", ids, epochs=1), timeout=60),
+            lambda: client.stub.StartTraining(start_request("after-outage", ids, alignment_id, epochs=1), timeout=60),
             Code.UNAVAILABLE,
             "passive party",
             passive_address,
         )
+        failed = client.align(ids, f"outage-{secrets.token_hex(3)}")
+        assert failed.state == client_pb2.ALIGNMENT_STATE_FAILED
+        assert "passive party" in failed.error and passive_address in failed.error, failed.error
+        assert not SECRET_DIGITS.search(failed.error)
         assert_serving(fed, "active", *(["assistant"] if fed.assistant else []))
         assert_refused(
             lambda: client.status("after-outage"), Code.NOT_FOUND, "after-outage"
         )  # the refused job left nothing behind
     assert_serving(fed, "passive")
-    retry_unavailable(lambda: client.start_training(job_config(epochs=1, batch_size=64), ids, job_id="after-outage"))
+    retry_unavailable(
+        lambda: client.start_training(
+            job_config(epochs=1, batch_size=64), ids, job_id="after-outage", alignment_id=alignment_id
+        )
+    )
     assert client.wait("after-outage").state == client_pb2.JOB_STATE_SUCCEEDED
 
 
 def test_passive_party_down_through_assistant_unavailable(
-    federation: LocalFederation, model: StoredModel, client: VflClient, breast: BreastSplit
+    federation: LocalFederation, model: StoredModel, client: VflClient, breast: BreastSplit, aligned: str
 ) -> None:
-    check_passive_down_then_back(federation, client, breast.train_ids[:128])
+    check_passive_down_then_back(federation, client, breast.train_ids[:128], aligned)
     model.assert_unchanged(federation, client)
 
 
 def test_assistant_down_unavailable_names_the_assistant(
-    federation: LocalFederation, model: StoredModel, client: VflClient, breast: BreastSplit
+    federation: LocalFederation, model: StoredModel, client: VflClient, breast: BreastSplit, aligned: str
 ) -> None:
     """With C stopped, StartTraining is UNAVAILABLE naming the assistant, not
     B; once C is back (same port), the same job id trains through it."""
@@ -409,7 +533,9 @@ def test_assistant_down_unavailable_names_the_assistant(
     assistant.stop()
     try:
         details = assert_refused(
-            lambda: client.stub.StartTraining(start_request("c-outage", breast.train_ids[:128], epochs=1), timeout=60),
+            lambda: client.stub.StartTraining(
+                start_request("c-outage", breast.train_ids[:128], aligned, epochs=1), timeout=60
+            ),
             Code.UNAVAILABLE,
             f"assistant at {assistant.address}",
         )
@@ -419,7 +545,9 @@ def test_assistant_down_unavailable_names_the_assistant(
         federation.start("assistant")
     assert_serving(federation, "assistant")
     retry_unavailable(
-        lambda: client.start_training(job_config(epochs=1, batch_size=64), breast.train_ids[:128], job_id="c-outage")
+        lambda: client.start_training(
+            job_config(epochs=1, batch_size=64), breast.train_ids[:128], job_id="c-outage", alignment_id=aligned
+        )
     )
     assert client.wait("c-outage").state == client_pb2.JOB_STATE_SUCCEEDED
     model.assert_unchanged(federation, client)
@@ -428,7 +556,7 @@ def test_assistant_down_unavailable_names_the_assistant(
 def test_passive_party_down_without_assistant_unavailable(tmp_path: Path, breast: BreastSplit) -> None:
     with make_federation(tmp_path, assistant=False) as fed, VflClient(fed.active_address, 60) as c:
         c.wait_ready(30)
-        check_passive_down_then_back(fed, c, breast.train_ids[:128])
+        check_passive_down_then_back(fed, c, breast.train_ids[:128], align(c, "before-outage").alignment_id)
 
 
 # --- 5. messages under the wrong key, steps out of order ---------------------------
@@ -518,10 +646,10 @@ def test_steps_out_of_order_and_second_decryption_refused(direct_job: DirectJob)
 
 
 def test_batch_size_under_leakage_floor_refused(
-    federation: LocalFederation, model: StoredModel, client: VflClient
+    federation: LocalFederation, model: StoredModel, client: VflClient, aligned: str
 ) -> None:
     details = assert_refused(
-        lambda: client.stub.StartTraining(start_request(batch_size=MIN_BATCH - 1), timeout=60),
+        lambda: client.stub.StartTraining(start_request(alignment_id=aligned, batch_size=MIN_BATCH - 1), timeout=60),
         Code.INVALID_ARGUMENT,
         "config.batch_size",
         f"at least {MIN_BATCH}",
@@ -538,10 +666,10 @@ def test_batch_size_under_leakage_floor_refused(
     ids=["nan", "negative", "zero"],
 )
 def test_bad_learning_rate_refused(
-    federation: LocalFederation, client: VflClient, learning_rate: float, expected: str
+    federation: LocalFederation, client: VflClient, aligned: str, learning_rate: float, expected: str
 ) -> None:
     assert_refused(
-        lambda: client.stub.StartTraining(start_request(learning_rate=learning_rate), timeout=60),
+        lambda: client.stub.StartTraining(start_request(alignment_id=aligned, learning_rate=learning_rate), timeout=60),
         Code.INVALID_ARGUMENT,
         "config.learning_rate",
         expected,
@@ -550,9 +678,9 @@ def test_bad_learning_rate_refused(
 
 
 @pytest.mark.parametrize("job_id", ["has space", "../escape", "x" * 65, "."], ids=["space", "path", "too-long", "dot"])
-def test_malformed_job_id_refused(federation: LocalFederation, client: VflClient, job_id: str) -> None:
+def test_malformed_job_id_refused(federation: LocalFederation, client: VflClient, aligned: str, job_id: str) -> None:
     assert_refused(
-        lambda: client.stub.StartTraining(start_request(job_id), timeout=60),
+        lambda: client.stub.StartTraining(start_request(job_id, alignment_id=aligned), timeout=60),
         Code.INVALID_ARGUMENT,
         "job_id",
         "1-64 characters of [A-Za-z0-9_.-]",
@@ -560,9 +688,11 @@ def test_malformed_job_id_refused(federation: LocalFederation, client: VflClient
     assert_serving(federation, "active")
 
 
-def test_duplicate_job_id_already_exists(federation: LocalFederation, model: StoredModel, client: VflClient) -> None:
+def test_duplicate_job_id_already_exists(
+    federation: LocalFederation, model: StoredModel, client: VflClient, aligned: str
+) -> None:
     assert_refused(
-        lambda: client.stub.StartTraining(start_request(model.model_id), timeout=60),
+        lambda: client.stub.StartTraining(start_request(model.model_id, alignment_id=aligned), timeout=60),
         Code.ALREADY_EXISTS,
         "job_id",
         model.model_id,
@@ -572,16 +702,16 @@ def test_duplicate_job_id_already_exists(federation: LocalFederation, model: Sto
 
 
 def test_too_few_train_rows_refused_and_job_id_reusable(
-    federation: LocalFederation, client: VflClient, breast: BreastSplit
+    federation: LocalFederation, client: VflClient, breast: BreastSplit, aligned: str
 ) -> None:
     assert_refused(
-        lambda: client.stub.StartTraining(start_request("few-rows", breast.train_ids[:50]), timeout=60),
+        lambda: client.stub.StartTraining(start_request("few-rows", breast.train_ids[:50], aligned), timeout=60),
         Code.INVALID_ARGUMENT,
         "training rows",
         f"at least {MIN_BATCH}",
     )
     # The user fixes the ids and retries under the same job id.
-    train(client, "few-rows", breast.train_ids[:128])
+    train(client, "few-rows", breast.train_ids[:128], aligned)
 
 
 # --- 7. messages never carry secrets -----------------------------------------------------
