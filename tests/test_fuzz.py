@@ -60,15 +60,18 @@ from hypothesis import strategies as st
 from cli.client import VflClient
 from cli.federation import LocalFederation
 from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
-from common import serde
+from common import psi, serde
 from common.crypto import get_backend
 from common.crypto.backend import CipherVector, PrivateKey, PublicKey
 from common.data import load_party_csv
 from common.jobconfig import job_config
 from common.protocol import steps
 from common.protocol.batching import batch_schedule
+from common.psi import POINT_BYTES
 from common.rpc import open_channel
 from common.storage import decode_record
+from services.active.alignment import align_as_active
+from services.active.peer import PassiveClient
 from tests.conftest import TEST_KEY_BITS, BreastSplit, make_federation
 from vfl.v1 import client_pb2, common_pb2, party_pb2
 
@@ -84,6 +87,7 @@ ALLOWED = frozenset(
         Code.ALREADY_EXISTS,
         Code.PERMISSION_DENIED,
         Code.UNAVAILABLE,
+        Code.RESOURCE_EXHAUSTED,  # e.g. B's cap on a peer's open alignments
     }
 )
 CALL_TIMEOUT_S = 10.0  # a call still running after this is a hang
@@ -231,6 +235,18 @@ class Baseline:
     target_fp: bytes  # target key of the real A with B
 
 
+@dataclass
+class PsiSession:
+    """A running alignment at B as the fuzzer opened it."""
+
+    active_size: int
+    passive_size: int
+    blinded: bool = False  # step 2 done
+    blind_started: bool = False
+    fetched: bool = False  # step 3 done
+    fetch_started: bool = False
+
+
 @dataclass(repr=False)
 class World:
     """The federation, the fuzzer's own keys and jobs at B, and the values a
@@ -244,6 +260,7 @@ class World:
     passive_key: PublicKey  # B's real key
     active_ids: list[str]
     passive_ids: list[str]
+    alignment_id: str  # the fuzzer's own alignment of all of B's ids, at B
     targets: dict[bytes, PrivateKey | None] = field(default_factory=dict)  # target fps B knows -> our key, if ours
     a_jobs: set[str] = field(default_factory=set)  # job ids A accepted (the baseline's too)
     b_models: dict[str, bytes] = field(default_factory=dict)  # models at B -> their target fp
@@ -251,6 +268,14 @@ class World:
     primary: str = ""  # the live job requests are steered to
     blobs: dict[str, bytes] = field(default_factory=dict)  # vector payloads
     counter: int = 0
+    # Alignments: stored at B for this identity (-> size, None if unknown),
+    # known to A, and running at B (-> what the fuzzer knows of the session).
+    b_alignments: dict[str, int | None] = field(default_factory=dict)
+    a_alignments: set[str] = field(default_factory=set)
+    # Started at A by the fuzzer: each may have failed in the background
+    # (B already holds that id, say), and A lets a failed id be started again.
+    a_maybe_failed: set[str] = field(default_factory=set)
+    psi_open: dict[str, PsiSession] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # hypothesis prints the arguments of a failing example
         return f"World(live={sorted(self.live)}, a_jobs={sorted(self.a_jobs)})"
@@ -286,12 +311,26 @@ class World:
             n_rows=n_ids,
             target_fingerprint=fp,
             active_features=P_ACTIVE,
+            alignment_id=self.alignment_id,
         )
-        chunks = [party_pb2.SetupJobChunk(spec=spec), party_pb2.SetupJobChunk(ids=self.passive_ids[:n_ids])]
+        chunks = [party_pb2.SetupJobChunk(spec=spec), party_pb2.SetupJobChunk(rows=range(n_ids))]
         out = call_raw(self.channels["passive"], PARTY_BY_NAME["SetupJob"], [c.SerializeToString() for c in chunks])
         assert out.code == Code.OK, out.details
         self.live[job_id] = fp
         return fp
+
+    def setup_chunks(self, job_id: str, key: PrivateKey | None = None) -> list[bytes]:
+        """A SetupJob stream of DIRECT_ROWS rows of the fuzzer's alignment."""
+        spec = party_pb2.JobSpec(
+            job_id=job_id,
+            config=serde.config_to_proto(job_config(epochs=1, batch_size=MIN_BATCH)),
+            n_rows=DIRECT_ROWS,
+            target_fingerprint=self.target(key or self.key),
+            active_features=P_ACTIVE,
+            alignment_id=self.alignment_id,
+        )
+        chunks = [party_pb2.SetupJobChunk(spec=spec), party_pb2.SetupJobChunk(rows=range(DIRECT_ROWS))]
+        return [c.SerializeToString() for c in chunks]
 
     def finish(self, job_id: str) -> None:
         fp = self.live.pop(job_id, None)
@@ -346,15 +385,29 @@ def make_blobs(backend: Any, key: PrivateKey, passive_key: PublicKey) -> dict[st
     }
 
 
+def make_points() -> list[bytes]:
+    """PSI payloads: valid ristretto255 points (1, 8 and B's set size 569
+    of them, as steps 2 and 4 need) and invalid ones."""
+    points = psi.hash_to_group([f"p{i}" for i in range(569)])
+    return [points[:POINT_BYTES], points[: 8 * POINT_BYTES], points, b"\xff" * POINT_BYTES, points[:-1]]
+
+
+POINTS = make_points()
+
+
 @pytest.fixture(scope="module")
 def world(federation: LocalFederation, breast: BreastSplit) -> Iterator[World]:
     with VflClient(federation.active_address, timeout_s=60) as client:
         client.wait_ready(30)
-        client.start_training(job_config(epochs=1, batch_size=64), breast.train_ids[:128], job_id=MODEL_ID)
+        aligned = client.align(alignment_id="fuzz-baseline")
+        assert aligned.state == client_pb2.ALIGNMENT_STATE_SUCCEEDED, aligned.error
+        ids = breast.test_ids[:16]
+        config = job_config(epochs=1, batch_size=64)
+        client.start_training(config, breast.train_ids[:128], MODEL_ID, ids, alignment_id=aligned.alignment_id)
         final = client.wait(MODEL_ID)
         assert final.state == client_pb2.JOB_STATE_SUCCEEDED, final.error
-        ids = breast.test_ids[:16]
         probs = client.predict(MODEL_ID, ids)
+        assert not np.isnan(probs).any()
     shards = {p: shard_path(federation, p, MODEL_ID).read_bytes() for p in ("active", "passive")}
     active_shard = decode_record(shards["active"], shard_path(federation, "active", MODEL_ID), "model")
     target_fp = bytes.fromhex(active_shard["target_fingerprint"])
@@ -367,6 +420,14 @@ def world(federation: LocalFederation, breast: BreastSplit) -> Iterator[World]:
     )
     backend = get_backend("ou")
     keys = [backend.generate_keypair(TEST_KEY_BITS) for _ in range(2)]
+    passive_ids = load_party_csv(BUNDLED_PASSIVE).ids
+    # The fuzzer's own alignment at B, run as an honest A would (plaintext:
+    # B keeps it for the same identity as A's).
+    peer = PassiveClient(federation.services["passive"].address, timeout_s=30)
+    try:
+        mine = align_as_active(peer, "fuzz-direct", passive_ids)
+    finally:
+        peer.close()
     reply = party_pb2.KeyExchangeReply.FromString(
         call_raw(
             channels["passive"],
@@ -383,9 +444,12 @@ def world(federation: LocalFederation, breast: BreastSplit) -> Iterator[World]:
         keys=keys,
         passive_key=passive_key,
         active_ids=load_party_csv(BUNDLED_ACTIVE, "id", "y").ids,
-        passive_ids=load_party_csv(BUNDLED_PASSIVE).ids,
+        passive_ids=passive_ids,
+        alignment_id=mine.alignment_id,
         a_jobs={MODEL_ID},
         b_models={MODEL_ID: target_fp},
+        b_alignments={mine.alignment_id: mine.size, aligned.alignment_id: aligned.size},
+        a_alignments={aligned.alignment_id},
     )
     for key in keys:
         w.exchange(key)
@@ -500,6 +564,16 @@ def pick(values: Callable[[], Sequence[Any]]) -> S[Any]:
 BAD_IDS = ["", ".", "..", "../x", "a b", "x" * 65, "é", "job\n", "a/b", "-" * 64]
 
 
+def alignment_ids(w: World) -> S[str]:
+    return st.one_of(
+        pick(lambda: [w.alignment_id, *w.psi_open]),
+        pick(lambda: sorted(w.b_alignments) + sorted(w.a_alignments) + sorted(w.psi_open)),
+        st.builds(lambda: w.fresh_id("fz-al")),
+        st.sampled_from(BAD_IDS),
+        generic_strings(),
+    )
+
+
 def job_ids(w: World) -> S[str]:
     return st.one_of(
         pick(lambda: [w.primary or MODEL_ID]),
@@ -599,11 +673,18 @@ def hints_for(w: World) -> Hints:
             "active_features": ints(0, MAX_U32, [P_ACTIVE, 20, 21]),
             "scheme": st.one_of(st.sampled_from(["ou", "paillier", "", "OU"]), generic_strings()),
             "service": st.one_of(st.sampled_from(registered), generic_strings()),
+            "alignment_id": alignment_ids(w),
+            "points": st.one_of(st.sampled_from(POINTS), generic_bytes()),
+            "active_size": ints(0, MAX_U64, [1, 8, 569, 570, 10**7, 10**7 + 1]),
+            "n_holdout": ints(0, MAX_U32, [0, 1, 16]),
+            "purpose": st.sampled_from([0, 1, 2, 3]),
         },
         lists={
-            "ids": id_lists(w.passive_ids),
+            "ids": id_lists(w.active_ids),
             "train_ids": id_lists(w.active_ids),
+            "holdout_ids": id_lists(w.active_ids),
             "rows": row_lists(),
+            "holdout_rows": row_lists(),
         },
         messages={"config": training_configs(), "active_key": public_keys(w)},
     )
@@ -759,24 +840,43 @@ def ok_allowed(rpc: Rpc, msgs: Sequence[Message], w: World, target: str) -> bool
     if name in ("GetJobStatus", "WatchJob"):
         return m.job_id in w.a_jobs
     if name == "Predict":
+        # Ids outside the model's alignment are answered, not refused: no membership oracle.
         ids = list(m.ids)
-        known = set(w.active_ids) & set(w.passive_ids)
-        return m.model_id in w.a_jobs and 0 < len(ids) == len(set(ids)) and set(ids) <= known
+        return m.model_id in w.a_jobs and 0 < len(ids) == len(set(ids)) and set(ids) <= set(w.active_ids)
     if name == "StartTraining":
-        ids = list(m.train_ids)
+        ids = list(m.train_ids) + list(m.holdout_ids)
         return (
             (m.job_id == "" or contract_job_id(m.job_id) or newline_job_id(m.job_id))
             and m.job_id not in w.a_jobs
+            and m.alignment_id in w.a_alignments
             and config_valid(m.config)
             and len(ids) == len(set(ids))
             and set(ids) <= set(w.active_ids)
         )
+    if target == "active" and name == "StartAlignment":
+        ids = list(m.ids)
+        return (
+            (m.alignment_id == "" or contract_job_id(m.alignment_id))
+            and (m.alignment_id not in w.a_alignments or m.alignment_id in w.a_maybe_failed)
+            and len(ids) == len(set(ids))
+            and set(ids) <= set(w.active_ids)
+        )
+    if name == "GetAlignment":
+        return m.alignment_id in w.a_alignments
+    if name == "ListAlignments":
+        return True
+    if name in PSI_STEPS:
+        return psi_ok_allowed(name, msgs, w)
     if name == "ExchangeKeys":
         return valid_key(m.active_key, w)
     if name == "SetupJob":
         if not msgs or not m.HasField("spec"):
             return False
-        spec, ids = m.spec, [i for chunk in msgs for i in chunk.ids]
+        spec = m.spec
+        rows = [r for chunk in msgs for r in chunk.rows]
+        holdout = [r for chunk in msgs for r in chunk.holdout_rows]
+        known = spec.alignment_id in w.b_alignments or spec.alignment_id in w.a_alignments
+        size = w.b_alignments.get(spec.alignment_id)
         return (
             spec.target_fingerprint in w.targets
             and (contract_job_id(spec.job_id) or newline_job_id(spec.job_id))
@@ -784,8 +884,11 @@ def ok_allowed(rpc: Rpc, msgs: Sequence[Message], w: World, target: str) -> bool
             and spec.job_id not in w.b_models
             and config_valid(spec.config)
             and spec.active_features >= 1
-            and len(ids) == spec.n_rows == len(set(ids))
-            and set(ids) <= set(w.passive_ids)
+            and known
+            and len(rows) == spec.n_rows
+            and len(holdout) == spec.n_holdout
+            and len(set(rows + holdout)) == len(rows) + len(holdout)
+            and (size is None or max(rows + holdout, default=-1) < size)
         )
     heads = headers_in(msgs[:1])
     if not heads:
@@ -796,6 +899,40 @@ def ok_allowed(rpc: Rpc, msgs: Sequence[Message], w: World, target: str) -> bool
     if name == "PredictScores":
         return w.b_models.get(h.job_id) == h.target_fingerprint
     return w.live.get(h.job_id) == h.target_fingerprint
+
+
+PSI_STEPS = ("StartAlignment", "BlindActiveSet", "FetchPassiveSet", "FinishAlignment")  # at B
+
+
+def psi_ok_allowed(name: str, msgs: Sequence[Message], w: World) -> bool:
+    """OK for an alignment step at B only in its order, with the counts the
+    session was opened with. Alignments A runs itself (the same identity
+    at B in plaintext) are not followed: any answer is allowed for them."""
+    m = msgs[0] if msgs else None
+    if m is None:
+        return False
+    alignment_id = m.alignment_id
+    if name == "StartAlignment":
+        return (
+            contract_job_id(alignment_id)
+            and m.purpose == party_pb2.ALIGNMENT_PURPOSE_TRAINING  # PREDICTION: B's scope is "population"
+            and m.model_id == ""
+            and 1 <= m.active_size <= 10**7
+            and alignment_id not in w.b_alignments
+        )
+    if alignment_id in w.a_alignments:
+        return True
+    n_points = sum(len(c.points) for c in msgs) / POINT_BYTES
+    if name == "FinishAlignment" and alignment_id in w.b_alignments:
+        return True  # the same request again gets the stored answer
+    session = w.psi_open.get(alignment_id)
+    if session is None:
+        return False
+    if name == "BlindActiveSet":
+        return not session.blind_started and n_points == session.active_size
+    if name == "FetchPassiveSet":
+        return not session.fetch_started
+    return session.blinded and session.fetched and n_points == session.passive_size
 
 
 UNDECODABLE = "Exception deserializing request!"
@@ -830,7 +967,7 @@ def judge(test: str, where: str, rpc: Rpc, msgs: list[Message] | None, out: Outc
     assert out.code in ALLOWED, f"{what}: not one of the clear codes"
 
 
-def after_ok(rpc: Rpc, msgs: list[Message], out: Outcome, w: World) -> None:
+def after_ok(target: str, rpc: Rpc, msgs: list[Message], out: Outcome, w: World) -> None:
     """What a successful call changed, for the oracle of later calls."""
     name = rpc.name
     if name == "StartTraining":
@@ -840,6 +977,22 @@ def after_ok(rpc: Rpc, msgs: list[Message], out: Outcome, w: World) -> None:
         w.targets.setdefault(fp, None)  # B knows it now (the fuzzer may not have the private key)
     elif name == "SetupJob":
         w.live[msgs[0].spec.job_id] = msgs[0].spec.target_fingerprint
+    elif name == "StartAlignment" and target == "active":
+        started = client_pb2.Alignment.FromString(out.replies[0]).alignment_id
+        w.a_alignments.add(started)
+        w.a_maybe_failed.add(started)
+    elif name == "StartAlignment":
+        size = party_pb2.AlignmentOpened.FromString(out.replies[0]).passive_size
+        w.psi_open[msgs[0].alignment_id] = PsiSession(msgs[0].active_size, size)
+    elif name in PSI_STEPS and msgs[0].alignment_id in w.psi_open:
+        session = w.psi_open[msgs[0].alignment_id]
+        if name == "BlindActiveSet":
+            session.blind_started = session.blinded = True
+        elif name == "FetchPassiveSet":
+            session.fetch_started = session.fetched = True
+        else:
+            w.b_alignments[msgs[0].alignment_id] = party_pb2.AlignmentFinished.FromString(out.replies[0]).size
+            del w.psi_open[msgs[0].alignment_id]
     elif name == "FinishJob":
         h = msgs[0].header
         if w.live.pop(h.job_id, None) is not None and not msgs[0].aborted:
@@ -856,7 +1009,7 @@ def fuzz_call(test: str, target: str, rpc: Rpc, payloads: list[bytes], w: World)
     out = call_raw(w.channels[target], rpc, payloads)
     judge(test, target, rpc, msgs, out, w)
     if out.code == Code.OK and msgs is not None:
-        after_ok(rpc, msgs, out, w)
+        after_ok(target, rpc, msgs, out, w)
     w.ensure_primary()
     return out
 
@@ -1167,17 +1320,7 @@ def test_undecodable_request_is_invalid_argument(world: World, target: str, meth
 
 def test_refused_setup_stream_leaves_no_job(world: World) -> None:
     job_id = world.fresh_id("fz-partial")
-    spec = party_pb2.JobSpec(
-        job_id=job_id,
-        config=serde.config_to_proto(job_config(epochs=1, batch_size=MIN_BATCH)),
-        n_rows=DIRECT_ROWS,
-        target_fingerprint=world.target(world.key),
-        active_features=P_ACTIVE,
-    )
-    chunks = [
-        party_pb2.SetupJobChunk(spec=spec).SerializeToString(),
-        party_pb2.SetupJobChunk(ids=world.passive_ids[:DIRECT_ROWS]).SerializeToString(),
-    ]
+    chunks = world.setup_chunks(job_id)
 
     def stream() -> Iterator[bytes]:
         yield from chunks
@@ -1190,7 +1333,7 @@ def test_refused_setup_stream_leaves_no_job(world: World) -> None:
     assert refused.value.code() != Code.OK
     time.sleep(1.0)  # B's handler goes on after the caller has its status
     rpc = PARTY_BY_NAME["SetupJob"]
-    world.live[job_id] = spec.target_fingerprint  # finished at the end either way
+    world.live[job_id] = world.target(world.key)  # finished at the end either way
     retry = call_raw(world.channels["passive"], rpc, chunks)
     assert retry.code == Code.OK, f"the refused stream left the job behind: {retry.code.name} {retry.details}"
 
@@ -1219,23 +1362,17 @@ def test_job_id_with_trailing_newline_refused(world: World, breast: BreastSplit,
             job_id=job_id,
             config=serde.config_to_proto(job_config(epochs=1, batch_size=64, max_iterations=1)),
             train_ids=breast.train_ids[:128],
+            alignment_id="fuzz-baseline",
         )
         out = call_raw(world.channels["active"], TRAINING_BY_NAME["StartTraining"], [req.SerializeToString()])
         if out.code == Code.OK:
             world.a_jobs.add(job_id)  # waited for by the last test
     else:
-        spec = party_pb2.JobSpec(
-            job_id=job_id,
-            config=serde.config_to_proto(job_config(epochs=1, batch_size=MIN_BATCH)),
-            n_rows=DIRECT_ROWS,
-            target_fingerprint=world.target(world.key),
-            active_features=P_ACTIVE,
-        )
-        chunks = [party_pb2.SetupJobChunk(spec=spec), party_pb2.SetupJobChunk(ids=world.passive_ids[:DIRECT_ROWS])]
-        out = call_raw(world.channels["passive"], PARTY_BY_NAME["SetupJob"], [c.SerializeToString() for c in chunks])
+        out = call_raw(world.channels["passive"], PARTY_BY_NAME["SetupJob"], world.setup_chunks(job_id))
         if out.code == Code.OK:
-            world.live[job_id] = spec.target_fingerprint
+            world.live[job_id] = world.target(world.key)
     assert out.code == Code.INVALID_ARGUMENT, f"{out.code.name} {out.details}"
+    assert "job_id" in out.details, out.details
 
 
 def test_refused_shares_end_the_job_and_never_restart_the_iteration(world: World) -> None:
@@ -1301,6 +1438,11 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederatio
 
 
 def test_huge_key_modulus_is_refused_and_does_not_stall(scratch: LocalFederation, breast: BreastSplit) -> None:
+    peer = PassiveClient(scratch.services["passive"].address, timeout_s=30)
+    try:
+        aligned = align_as_active(peer, "after-huge-key", breast.train_ids)
+    finally:
+        peer.close()
     nbytes = 16 << 10
     n = int.from_bytes(b"\xc3" * nbytes, "big") | 1
     huge = serde.public_key_to_proto(PublicKey(n, "ou", 2, 3))
@@ -1320,8 +1462,9 @@ def test_huge_key_modulus_is_refused_and_does_not_stall(scratch: LocalFederation
             n_rows=DIRECT_ROWS,
             target_fingerprint=fp,
             active_features=P_ACTIVE,
+            alignment_id=aligned.alignment_id,
         )
-        chunks = [party_pb2.SetupJobChunk(spec=spec), party_pb2.SetupJobChunk(ids=breast.train_ids[:DIRECT_ROWS])]
+        chunks = [party_pb2.SetupJobChunk(spec=spec), party_pb2.SetupJobChunk(rows=range(DIRECT_ROWS))]
         out = call_raw(channel, PARTY_BY_NAME["SetupJob"], [c.SerializeToString() for c in chunks])
         assert out.code == Code.OK, out.details
         a_enc = steps.first_encrypted_data(backend, key.public, np.linspace(-0.5, 0.5, MIN_BATCH))
@@ -1332,8 +1475,14 @@ def test_huge_key_modulus_is_refused_and_does_not_stall(scratch: LocalFederation
 
 
 def test_large_epochs_do_not_block_start_training(scratch: LocalFederation) -> None:
+    with VflClient(scratch.active_address, timeout_s=60) as client:
+        aligned = client.align(alignment_id="many-epochs")
+    assert aligned.state == client_pb2.ALIGNMENT_STATE_SUCCEEDED, aligned.error
     config = job_config(epochs=100_000, batch_size=64, max_iterations=1)
-    req = client_pb2.StartTrainingRequest(job_id="many-epochs", config=serde.config_to_proto(config))
+    req = client_pb2.StartTrainingRequest(
+        job_id="many-epochs", config=serde.config_to_proto(config), alignment_id=aligned.alignment_id
+    )
     with open_channel(scratch.active_address) as channel:
         out = call_raw(channel, TRAINING_BY_NAME["StartTraining"], [req.SerializeToString()], timeout_s=3)
     assert out.code != Code.DEADLINE_EXCEEDED, "StartTraining did not answer within 3 s"
+    assert out.code == Code.OK, f"{out.code.name} {out.details}"
