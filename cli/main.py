@@ -47,7 +47,19 @@ BUNDLED_PASSIVE = bundled_data_dir() / "breast_hetero_host.csv"
 Address = Annotated[str, typer.Option("--address", "-a", envvar="VFL_ACTIVE_ADDRESS", help="active party host:port")]
 Epochs = Annotated[int, typer.Option(help="passes over the training rows")]
 BatchSize = Annotated[int, typer.Option(help="rows per mini-batch (at least 3 * max(p_A, p_B))")]
-LearningRate = Annotated[float, typer.Option(help="SGD step size")]
+LearningRate = Annotated[float, typer.Option(help="step size (before --lr-decay)")]
+Optimizer = Annotated[
+    str, typer.Option(help="each party's update rule: sgd, momentum, nesterov, adagrad, rmsprop or adam")
+]
+LrDecay = Annotated[str, typer.Option(help="learning-rate schedule: none, step, exponential or inverse_time")]
+ConfigSet = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="any other training setting as FIELD=VALUE, repeatable (momentum, beta1, beta2, rho, epsilon, "
+        "decay_rate, decay_steps, tol, loss_every, max_iterations, ...)",
+    ),
+]
 L2 = Annotated[float, typer.Option(help="L2 penalty")]
 Seed = Annotated[int, typer.Option(help="seed of batch order and initial weights")]
 TlsDir = Annotated[
@@ -79,7 +91,15 @@ DpEpsilon = Annotated[
 
 
 def _config(
-    epochs: int, batch_size: int, learning_rate: float, l2: float, seed: int, dp_epsilon: float = 0.0
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    l2: float,
+    seed: int,
+    dp_epsilon: float = 0.0,
+    optimizer: str = "sgd",
+    lr_decay: str = "none",
+    settings: list[str] | None = None,
 ) -> JobConfig:
     fields: dict[str, object] = {
         "epochs": epochs,
@@ -87,10 +107,18 @@ def _config(
         "learning_rate": learning_rate,
         "l2": l2,
         "seed": seed,
+        "optimizer": optimizer,
+        "lr_decay": lr_decay,
     }
     if dp_epsilon:
         # The loss share is not noised: no loss checks under DP.
         fields.update(dp_epsilon=dp_epsilon, loss_every=0)
+    for item in settings or []:
+        name, sep, value = item.partition("=")
+        if not sep or name not in JobConfig.model_fields:
+            errors.print(f"[red]error:[/red] --set: expected FIELD=VALUE with a training setting, got {item!r}")
+            raise typer.Exit(2)
+        fields[name] = value  # pydantic parses the text and names the field if it is not valid
     try:
         return job_config(**fields)
     except VflError as exc:
@@ -293,6 +321,9 @@ def demo(
     test_size: Annotated[float, typer.Option(help="held-out fraction")] = 0.2,
     split_seed: Annotated[int, typer.Option(help="random_state of the split")] = 42,
     dp_epsilon: DpEpsilon = 0.0,
+    optimizer: Optimizer = "sgd",
+    lr_decay: LrDecay = "none",
+    setting: ConfigSet = None,
     workdir: Annotated[
         Path | None, typer.Option(help="keys, models, certificates and logs (default: a temporary dir)")
     ] = None,
@@ -301,7 +332,7 @@ def demo(
     """Start A, B (and C) locally, train, predict the held-out rows, print the AUC, stop.
     Every connection uses mutual TLS with certificates made in WORKDIR/certs, unless --insecure."""
     started = time.time()
-    config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon)
+    config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon, optimizer, lr_decay, setting)
     try:
         # Both files checked here, with the options' names, before any service starts.
         labels = read_labels(active_csv, id_column, label_column, option="--active-csv")
@@ -357,6 +388,9 @@ def demo_client(
     seed: Seed = 42,
     wait_s: Annotated[float, typer.Option(help="how long to wait for the active party")] = 120.0,
     dp_epsilon: DpEpsilon = 0.0,
+    optimizer: Optimizer = "sgd",
+    lr_decay: LrDecay = "none",
+    setting: ConfigSet = None,
     tls_dir: TlsDir = None,
     tls_name: TlsName = CLIENT_IDENTITY,
     tls_server_name: TlsServerName = None,
@@ -365,7 +399,7 @@ def demo_client(
     """Against running services: train on 80 %, predict the held-out 20 %, print the AUC."""
     started = time.time()
     tls = _tls(tls_dir, tls_name, insecure)
-    config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon)
+    config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon, optimizer, lr_decay, setting)
     labels = read_labels(labels_csv, id_column, label_column)
     train_and_evaluate(address, config, labels, 0.2, 42, started, wait_s, tls, tls_server_name)
 
@@ -394,6 +428,9 @@ def train(
         str, typer.Option(help="the alignment to train on (vfl align); empty: align all of A's ids first")
     ] = "",
     dp_epsilon: DpEpsilon = 0.0,
+    optimizer: Optimizer = "sgd",
+    lr_decay: LrDecay = "none",
+    setting: ConfigSet = None,
     tls_dir: TlsDir = None,
     tls_name: TlsName = CLIENT_IDENTITY,
     tls_server_name: TlsServerName = None,
@@ -401,7 +438,7 @@ def train(
 ) -> None:
     """Train a model with running services; shows progress and the final status."""
     tls = _tls(tls_dir, tls_name, insecure)
-    config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon)
+    config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon, optimizer, lr_decay, setting)
     ids = _read_ids(ids_csv, id_column, "--ids-csv") if ids_csv else []
     holdout = _read_ids(holdout_ids_csv, id_column, "--holdout-ids-csv") if holdout_ids_csv else []
     with VflClient(address, tls=tls, server_name=tls_server_name) as client:

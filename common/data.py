@@ -17,7 +17,8 @@ from common.errors import ConfigError, FailedPrecondition, InvalidArgument
 
 @dataclass(frozen=True)
 class PartyData:
-    """One party's columns: ids, features, and (at A only) 0/1 labels."""
+    """One party's columns: ids, features, and (at A only) labels: 0/1 for
+    logistic regression, any numbers within LABEL_BOUND for linear."""
 
     ids: list[str]
     features: np.ndarray  # rows x features, float64
@@ -40,7 +41,9 @@ class PartyData:
         return np.fromiter((self._index[i] for i in ids), dtype=np.int64, count=len(ids))
 
 
-LABEL_VALUES = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0}
+# Labels beyond this would let A's residual share u_A - y leave the
+# fixed-point range every homomorphic sum is bounded by.
+LABEL_BOUND = 2.0**16
 
 
 def _text_lines(fh: BinaryIO, where: str) -> Iterator[str]:
@@ -140,11 +143,12 @@ def load_party_csv(
                 values.extend(cells)
                 if label_idx is not None:
                     value = row[label_idx].strip()
-                    if value not in LABEL_VALUES:
+                    if not _finite(value) or abs(float(value)) > LABEL_BOUND:
                         raise ConfigError(
-                            f"{where}: line {line}, column {label_column!r}: expected 0 or 1, got {_shown(value)}"
+                            f"{where}: line {line}, column {label_column!r}: expected a label (0 or 1, or a number "
+                            f"within +-{LABEL_BOUND:g} for linear regression), got {_shown(value)}"
                         )
-                    label_values.append(LABEL_VALUES[value])
+                    label_values.append(float(value))
         except StopIteration:
             raise ConfigError(f"{where}: empty file; expected a header row") from None
         except csv.Error as exc:

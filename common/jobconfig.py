@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import InvalidArgument
+from common.protocol.residual import ResidualModel, residual_model
 
 
 class JobConfig(BaseModel):
     model_config = ConfigDict(frozen=True, allow_inf_nan=False, extra="forbid")
 
-    learning_rate: float = Field(0.15, gt=0, le=100, description="SGD step size")
+    learning_rate: float = Field(0.15, gt=0, le=100, description="step size (before decay)")
     batch_size: int = Field(64, ge=2, le=1_000_000, description="rows per mini-batch")
     epochs: int = Field(5, ge=1, le=100_000, description="passes over the training rows")
     l2: float = Field(0.01, ge=0, le=1e6, description="L2 penalty, intercept excluded")
@@ -25,6 +28,22 @@ class JobConfig(BaseModel):
     max_iterations: int = Field(0, ge=0, le=2**32 - 1, description="stop after this many iterations (0 = no limit)")
     dp_epsilon: float = Field(0.0, ge=0, le=1e3, description="differential privacy target epsilon (0 = off)")
     dp_delta: float = Field(1e-5, gt=0, lt=0.1, description="differential privacy delta")
+    model: Literal["logistic", "linear"] = Field(
+        "logistic", description="logistic regression (Taylor residual) or linear regression (squared loss)"
+    )
+    optimizer: Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"] = Field(
+        "sgd", description="each party's update rule (each keeps its own state)"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum / nesterov: velocity decay")
+    beta1: float = Field(0.9, ge=0, lt=1, description="adam: first-moment decay")
+    beta2: float = Field(0.999, ge=0, lt=1, description="adam: second-moment decay")
+    rho: float = Field(0.9, ge=0, lt=1, description="rmsprop: squared-gradient decay")
+    epsilon: float = Field(1e-8, gt=0, le=1, description="adagrad / rmsprop / adam: denominator floor")
+    lr_decay: Literal["none", "step", "exponential", "inverse_time"] = Field(
+        "none", description="learning-rate schedule over iterations"
+    )
+    decay_rate: float = Field(0.5, gt=0, le=100, description="lr_decay's rate r")
+    decay_steps: int = Field(100, ge=1, le=2**32 - 1, description="lr_decay's period k in iterations")
 
     @model_validator(mode="after")
     def _dp_needs_no_loss_share(self) -> JobConfig:
@@ -34,6 +53,24 @@ class JobConfig(BaseModel):
         if self.dp_epsilon > 0 and self.tol > 0:
             raise ValueError("tol: expected 0 with dp_epsilon set (early stopping needs the loss)")
         return self
+
+    @model_validator(mode="after")
+    def _decay_lowers_the_rate(self) -> JobConfig:
+        if self.lr_decay in ("step", "exponential") and self.decay_rate > 1:
+            raise ValueError(f"decay_rate: expected at most 1 for {self.lr_decay} decay (it would grow the rate)")
+        return self
+
+    @model_validator(mode="after")
+    def _dp_is_for_logistic(self) -> JobConfig:
+        # The DP calibration bounds the logistic residual share; a linear
+        # residual u - y has no such bound.
+        if self.dp_epsilon > 0 and self.model == "linear":
+            raise ValueError("dp_epsilon: expected 0 with model linear (DP is calibrated for logistic regression)")
+        return self
+
+    @property
+    def residual(self) -> ResidualModel:
+        return residual_model(self.model)
 
     @property
     def dp(self) -> bool:

@@ -4,14 +4,16 @@ weights, same batches."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
 from common.data import Scaler, load_party_csv
 from common.jobconfig import JobConfig
 from common.protocol.batching import batch_schedule, min_batch_size
+from common.protocol.optimizers import OptimizerSettings
 from common.protocol.reference import train_plain, with_intercept
-from common.protocol.steps import sigmoid
 
 
 class ReferenceRun:
@@ -25,9 +27,12 @@ class ReferenceRun:
         train_ids: list[str],
         w0_active: np.ndarray | None = None,
         w0_passive: np.ndarray | None = None,
+        active_csv: Path = BUNDLED_ACTIVE,
+        passive_csv: Path = BUNDLED_PASSIVE,
     ) -> None:
-        self.active = load_party_csv(BUNDLED_ACTIVE, "id", "y")
-        self.passive = load_party_csv(BUNDLED_PASSIVE, "id")
+        self.model = config.residual
+        self.active = load_party_csv(active_csv, "id", "y")
+        self.passive = load_party_csv(passive_csv, "id")
         pos_a = self.active.positions(train_ids, "ids")
         pos_b = self.passive.positions(train_ids, "ids")
         self.scaler_a = Scaler.fit(self.active.features[pos_a], config.standardize)
@@ -53,18 +58,21 @@ class ReferenceRun:
             np.random.default_rng(0).normal(0.0, config.init_scale, p_a + 1) if w0_active is None else w0_active,
             np.random.default_rng(1).normal(0.0, config.init_scale, p_b) if w0_passive is None else w0_passive,
             self.batches,
-            config.learning_rate,
+            OptimizerSettings.of(config),
             config.l2,
             self.trace,
+            self.model,
         )
 
     def predict(self, ids: list[str]) -> np.ndarray:
         xa = with_intercept(self.scaler_a.transform(self.active.features[self.active.positions(ids, "ids")]))
         xb = self.scaler_b.transform(self.passive.features[self.passive.positions(ids, "ids")])
-        return sigmoid(xa @ self.w_active + xb @ self.w_passive)
+        return self.model.link(xa @ self.w_active + xb @ self.w_passive)
 
 
-def reference_from_shards(a_shard: dict, b_shard: dict, config: JobConfig, train_ids: list[str]) -> ReferenceRun:
+def reference_from_shards(
+    a_shard: dict, b_shard: dict, config: JobConfig, train_ids: list[str], **csvs: Path
+) -> ReferenceRun:
     """The plain run from the initial weights each party recorded in its own
     shard (drawn from its own CSPRNG: nothing else could give them)."""
     return ReferenceRun(
@@ -72,4 +80,5 @@ def reference_from_shards(a_shard: dict, b_shard: dict, config: JobConfig, train
         train_ids,
         np.asarray(a_shard["initial_weights"], dtype=np.float64),
         np.asarray(b_shard["initial_weights"], dtype=np.float64),
+        **csvs,
     )

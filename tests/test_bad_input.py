@@ -84,7 +84,10 @@ FILE_CASES = [
     (b"", "empty file; expected a header row"),
     (f"{HEADER}\n1,0,1,2\n2,1,3\n".encode(), "line 3: 3 fields, expected 4 as in the header"),
     (f"{HEADER}\n1,0,1,2\n1,1,3,4\n".encode(), "line 3, column 'id': the id of line 2 again; expected unique ids"),
-    (f"{HEADER}\n1,0,1,2\n2,yes,3,4\n".encode(), "line 3, column 'y': expected 0 or 1, got 'yes'"),
+    (
+        f"{HEADER}\n1,0,1,2\n2,yes,3,4\n".encode(),
+        "line 3, column 'y': expected a label (0 or 1, or a number within +-65536 for linear regression), got 'yes'",
+    ),
     (b"id,y\n1,0\n", "line 1: no feature columns besides 'id'"),
 ]
 

@@ -12,7 +12,9 @@ from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, si
 from common.errors import FailedPrecondition, InvalidArgument, OutOfRange
 from common.protocol import steps
 from common.protocol.batching import batch_schedule, check_batch_size, min_batch_size
+from common.protocol.optimizers import OptimizerSettings
 from common.protocol.reference import train_plain, with_intercept
+from common.protocol.residual import LINEAR
 
 # Test-size keys per backend (OU's plaintext space is a third of its modulus).
 BITS = {"phe": 512, "paillier": 512, "ou": 1024}
@@ -93,6 +95,26 @@ def test_loss_share_matches_numpy(backend, keys, batch):
     u = u_a + u_b
     expected = np.mean(np.log(2) - (2 * y - 1) * u / 2 + u**2 / 8)
     assert loss == pytest.approx(expected, rel=1e-7)
+
+
+def test_linear_loss_share_and_prediction_match_numpy(backend, keys, batch):
+    """Linear regression: a = u_A - y, b = u_B; B's loss share carries
+    sum a u_B + sum u_B^2 / 2; prediction is u itself."""
+    sk_a, _ = keys
+    xa, xb, _, wa, wb = batch
+    y = np.random.default_rng(9).normal(3.0, 2.0, size=len(xa))
+    a = steps.active_residual_share(xa, wa, y, LINEAR)
+    b = steps.passive_residual_share(xb, wb, LINEAR)
+    u_a, u_b = xa @ wa, xb @ wb
+    np.testing.assert_allclose(a + b, u_a + u_b - y)
+    share = steps.passive_loss_share(backend, steps.first_encrypted_data(backend, sk_a.public, a), u_b, LINEAR)
+    loss = steps.active_loss(u_a, y, share, backend, sk_a, LINEAR)
+    assert loss == pytest.approx(np.mean((u_a + u_b - y) ** 2) / 2, rel=1e-7)
+    # The Taylor coefficients on the same share give another number.
+    assert steps.active_loss(u_a, y, share, backend, sk_a) != pytest.approx(loss, rel=1e-3)
+    target = steps.target_prediction_data(backend, steps.third_encrypted_data(backend, sk_a.public, u_a), u_b)
+    values = steps.decrypt_prediction(backend, sk_a, target, len(u_a), LINEAR)
+    np.testing.assert_allclose(values, u_a + u_b, rtol=0, atol=1e-6)
 
 
 def test_prediction_matches_numpy(backend, keys, batch):
@@ -198,7 +220,7 @@ def test_plain_reference_learns(batch):
         steps.private_initial_weights(4, 0.01),
         steps.private_initial_weights(3, 0.01),
         sched,
-        0.3,
+        OptimizerSettings(learning_rate=0.3),
         0.0,
     )
     acc = np.mean(((with_intercept(x[:, :3]) @ wa + x[:, 3:] @ wb) > 0) == y)

@@ -20,7 +20,11 @@ from common.jobconfig import JobConfig
 from tests.conftest import SAME_START, make_federation, read_shard
 from vfl.v1 import client_pb2
 
-CONFIG = JobConfig(epochs=25, batch_size=64, seed=5, loss_every=3)
+# Adam with a decaying rate: each party's optimiser state (moments, step
+# count) must come back from its own checkpoint for the model to be the same.
+CONFIG = JobConfig(
+    epochs=25, batch_size=64, seed=5, loss_every=3, optimizer="adam", learning_rate=0.02, lr_decay="inverse_time"
+)
 KILL_AT = 25  # iterations done before the kill (of 175)
 
 

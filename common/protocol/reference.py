@@ -9,7 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from common.protocol.batching import Batch
-from common.protocol.steps import active_residual_share, gradient_from_shares, passive_residual_share, sgd_update
+from common.protocol.optimizers import OptimizerSettings, initial_state, optimizer_update
+from common.protocol.residual import LOGISTIC, ResidualModel
+from common.protocol.steps import active_residual_share, gradient_from_shares, passive_residual_share
 
 
 def with_intercept(x: np.ndarray) -> np.ndarray:
@@ -23,20 +25,24 @@ def train_plain(
     w_active: np.ndarray,
     w_passive: np.ndarray,
     batches: Sequence[Batch],
-    learning_rate: float,
+    optimizer: OptimizerSettings,
     l2: float,
     trace: list[dict[str, np.ndarray]] | None = None,
+    model: ResidualModel = LOGISTIC,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mini-batch SGD on the Taylor loss; w_active includes the intercept last.
+    """Mini-batch training on the model's residual (the Taylor one for
+    logistic regression), each party's weights with its own optimiser state;
+    w_active includes the intercept last.
     If `trace` is given, each iteration's secrets are appended to it (tests
     check that no party ever receives them)."""
     xa = with_intercept(x_active)
     pen_a = np.r_[np.ones(x_active.shape[1]), 0.0]
     pen_b = np.ones(x_passive.shape[1])
+    state_a, state_b = initial_state(optimizer, len(w_active)), initial_state(optimizer, len(w_passive))
     for batch in batches:
         s = batch.rows
-        a = active_residual_share(xa[s], w_active, y[s])
-        b = passive_residual_share(x_passive[s], w_passive)
+        a = active_residual_share(xa[s], w_active, y[s], model)
+        b = passive_residual_share(x_passive[s], w_passive, model)
         h_a, h_b = xa[s].T @ b, x_passive[s].T @ a
         if trace is not None:
             trace.append(
@@ -44,6 +50,6 @@ def train_plain(
             )
         g_a = gradient_from_shares(xa[s], a, h_a, w_active, l2, pen_a)
         g_b = gradient_from_shares(x_passive[s], b, h_b, w_passive, l2, pen_b)
-        w_active = sgd_update(w_active, g_a, learning_rate)
-        w_passive = sgd_update(w_passive, g_b, learning_rate)
+        w_active, state_a = optimizer_update(optimizer, w_active, g_a, state_a)
+        w_passive, state_b = optimizer_update(optimizer, w_passive, g_b, state_b)
     return w_active, w_passive

@@ -34,6 +34,9 @@ from common.crypto.fixedpoint import (
     to_fixed,
 )
 from common.errors import OutOfRange
+from common.protocol.residual import LOGISTIC, ResidualModel, sigmoid
+
+__all__ = ["sigmoid"]  # re-exported: callers score with steps.sigmoid
 
 # Largest |value| of a residual share, score or standardised feature that the
 # fixed-point encoding accepts; it bounds every homomorphic sum below.
@@ -43,10 +46,6 @@ FEATURE_BOUND = float(2**30)
 # below 2^HIDDEN_VALUE_BITS in magnitude: checked by the party that masks it,
 # and, where the plaintext modulus is secret (OU), by the party that decrypts.
 HIDDEN_VALUE_BITS = 128
-
-
-def sigmoid(u: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * u))
 
 
 # --- initial weights (each party, before the first iteration) --------------
@@ -79,14 +78,17 @@ def initial_weights(test_seed: int | None, job_id: str, length: int, scale: floa
 # --- plaintext shares (each party, on its own data) -------------------------
 
 
-def active_residual_share(x_active: np.ndarray, w_active: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """A's part of the Taylor residual, a = u_A/4 + 1/2 - y (intercept in w_active)."""
-    return np.asarray((x_active @ w_active) / 4.0 + 0.5 - y, dtype=np.float64)
+def active_residual_share(
+    x_active: np.ndarray, w_active: np.ndarray, y: np.ndarray, model: ResidualModel = LOGISTIC
+) -> np.ndarray:
+    """A's part of the residual (intercept in w_active): a = u_A/4 + 1/2 - y
+    for the Taylor residual, u_A - y for linear regression."""
+    return model.active_share(x_active @ w_active, y)
 
 
-def passive_residual_share(x_passive: np.ndarray, w_passive: np.ndarray) -> np.ndarray:
-    """B's part of the Taylor residual, b = u_B/4."""
-    return np.asarray((x_passive @ w_passive) / 4.0, dtype=np.float64)
+def passive_residual_share(x_passive: np.ndarray, w_passive: np.ndarray, model: ResidualModel = LOGISTIC) -> np.ndarray:
+    """B's part of the residual: b = u_B/4 (Taylor), u_B (linear)."""
+    return model.passive_share(x_passive @ w_passive)
 
 
 def encrypt_share(backend: HEBackend, key: PublicKey, share: np.ndarray, hiding: bool = False) -> CipherVector:
@@ -223,44 +225,48 @@ def gradient_from_shares(
     return np.asarray((x.T @ own_share + cross) / m + l2 * w * penalised, dtype=np.float64)
 
 
-def sgd_update(w: np.ndarray, gradient: np.ndarray, learning_rate: float) -> np.ndarray:
-    return w - learning_rate * gradient
-
-
 # --- loss check --------------------------------------------------------------
 
 LOSS_SCALE_BITS = 2 * RESIDUAL_SCALE_BITS
 
 
-def passive_loss_share(backend: HEBackend, a_enc: CipherVector, u_passive: np.ndarray) -> CipherVector:
-    """B: [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, at scale 2^LOSS_SCALE_BITS.
+def passive_loss_share(
+    backend: HEBackend, a_enc: CipherVector, u_passive: np.ndarray, model: ResidualModel = LOGISTIC
+) -> CipherVector:
+    """B: [[sum_i a_i u_B,i + c sum_i u_B,i^2]]_A (c = 1/8 Taylor, 1/2 linear),
+    at scale 2^LOSS_SCALE_BITS.
     The fresh hiding encryption re-randomises the result (it hides the
     randomness of the product, as in step 3)."""
     key = a_enc.key
     u_fixed = to_fixed(u_passive.reshape(1, -1), RESIDUAL_SCALE_BITS, SHARE_BOUND)
     cross = backend.matvec(u_fixed, a_enc)
-    own = encode(np.array([float(np.sum(u_passive**2)) / 8.0]), LOSS_SCALE_BITS, key.n, SHARE_BOUND**2)
+    own = encode(np.array([float(np.sum(u_passive**2)) * model.loss_square]), LOSS_SCALE_BITS, key.n, SHARE_BOUND**2)
     return backend.add(cross, backend.encrypt(key, own, hiding=True))
 
 
-def loss_share_bound(m: int) -> float:
-    """Largest |sum_i a_i u_B,i + sum_i u_B,i^2 / 8| over m rows of valid shares."""
-    return m * (SHARE_BOUND * SHARE_BOUND + SHARE_BOUND * SHARE_BOUND / 8.0)
+def loss_share_bound(m: int, model: ResidualModel = LOGISTIC) -> float:
+    """Largest |sum_i a_i u_B,i + c sum_i u_B,i^2| over m rows of valid shares."""
+    return m * SHARE_BOUND * SHARE_BOUND * (1.0 + model.loss_square)
 
 
-def active_loss(u_active: np.ndarray, y: np.ndarray, share: CipherVector, backend: HEBackend, key: PrivateKey) -> float:
-    """A: the batch's Taylor loss from its own terms and B's decrypted share."""
+def active_loss(
+    u_active: np.ndarray,
+    y: np.ndarray,
+    share: CipherVector,
+    backend: HEBackend,
+    key: PrivateKey,
+    model: ResidualModel = LOGISTIC,
+) -> float:
+    """A: the batch's loss from its own terms and B's decrypted share."""
     share.require_key(key.public, "loss share")
     share.require_length(1, "loss share")
     m = len(y)
     raw = signed(backend.decrypt(key, share), key.plaintext_modulus)[0]
     # Range-checked before use: with OU, whether a crafted value decrypts
     # above or below p/2 would otherwise be a sign oracle on A's secret p.
-    if abs(raw) > loss_share_bound(m) * float(1 << LOSS_SCALE_BITS):
+    if abs(raw) > loss_share_bound(m, model) * float(1 << LOSS_SCALE_BITS):
         raise OutOfRange("loss share: the decrypted value is outside the range a valid share allows")
-    cross = raw / float(1 << LOSS_SCALE_BITS)
-    y_pm = 2.0 * y - 1.0
-    return math.log(2.0) + (-float(np.sum(y_pm * u_active)) / 2.0 + float(np.sum(u_active**2)) / 8.0 + cross) / m
+    return model.active_loss(u_active, y, raw / float(1 << LOSS_SCALE_BITS))
 
 
 # --- prediction --------------------------------------------------------------
@@ -278,8 +284,11 @@ def target_prediction_data(backend: HEBackend, u_active_enc: CipherVector, u_pas
     return backend.add(u_active_enc, encrypt_share(backend, u_active_enc.key, u_passive, hiding=True))
 
 
-def decrypt_prediction(backend: HEBackend, key: PrivateKey, scores: CipherVector, expected_length: int) -> np.ndarray:
-    """Prediction (A): decrypt u_A + u_B and apply the sigmoid."""
+def decrypt_prediction(
+    backend: HEBackend, key: PrivateKey, scores: CipherVector, expected_length: int, model: ResidualModel = LOGISTIC
+) -> np.ndarray:
+    """Prediction (A): decrypt u_A + u_B and apply the model's link (the
+    sigmoid for logistic regression)."""
     scores.require_key(key.public, "prediction scores")
     scores.require_length(expected_length, "prediction scores")
     raw = signed(backend.decrypt(key, scores), key.plaintext_modulus)
@@ -288,4 +297,4 @@ def decrypt_prediction(backend: HEBackend, key: PrivateKey, scores: CipherVector
     limit = int(2 * SHARE_BOUND) << RESIDUAL_SCALE_BITS
     if any(abs(v) > limit for v in raw):
         raise OutOfRange("prediction scores: a decrypted score is outside the range valid shares allow")
-    return sigmoid(np.array(raw, dtype=np.float64) / float(1 << RESIDUAL_SCALE_BITS))
+    return model.link(np.array(raw, dtype=np.float64) / float(1 << RESIDUAL_SCALE_BITS))

@@ -40,6 +40,14 @@ from common.models import ModelStore, check_job_id
 from common.oserrors import owned_by
 from common.protocol import steps
 from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check_batch_size, min_batch_size
+from common.protocol.optimizers import (
+    OptimizerSettings,
+    OptimizerState,
+    initial_state,
+    optimizer_update,
+    restored_state,
+)
+from common.protocol.residual import residual_model
 from services.active.alignment import ActiveAlignments
 from services.active.peer import PassiveClient
 from vfl.v1 import party_pb2
@@ -132,6 +140,9 @@ class _Session:
     # B's step 5 of the previous iteration while it is not confirmed.
     next_iteration: int = 0
     prev_w: np.ndarray | None = None
+    # A's own optimiser state (never sent), now and before the last update.
+    optimizer: OptimizerState | None = None
+    prev_optimizer: OptimizerState | None = None
     pending_z_b: list[int] | None = None
     # The requests of the current iteration, re-sent as they were on a retry
     # (B replays its answer instead of computing with fresh randomness).
@@ -255,6 +266,11 @@ class ActiveParty:
             raise InvalidArgument("holdout_ids: an id is also a training id")
         rows = alignment.positions(ids, "train_ids")
         positions = self.data.positions(ids, "train_ids")
+        if config.model == "logistic" and not np.all((self.labels[positions] == 0) | (self.labels[positions] == 1)):
+            raise FailedPrecondition(
+                "config.model: logistic regression needs 0/1 labels, and the training rows' labels hold "
+                "other values (model linear fits them as numbers)"
+            )
         p_a = self.data.n_features
         with self._lock:
             if job_id in self._jobs or job_id in self._reserved or self.models.exists(job_id):
@@ -472,6 +488,10 @@ class ActiveParty:
         job.dp_epsilon_spent = s.epsilon_spent()
         s.next_iteration = job.iteration
         s.prev_w = None if state["prev_w"] is None else np.asarray(state["prev_w"], dtype=np.float64)
+        settings = OptimizerSettings.of(config)
+        s.optimizer = restored_state(state.get("optimizer"), settings, len(w), job.iteration)
+        if s.prev_w is not None:
+            s.prev_optimizer = restored_state(state.get("prev_optimizer"), settings, len(w), job.iteration - 1)
         s.pending_z_b = None if state["pending_z_b"] is None else [int(v, 16) for v in state["pending_z_b"]]
         return s
 
@@ -555,6 +575,8 @@ class ActiveParty:
             "next_iteration": s.next_iteration,
             "w": s.w.tolist(),
             "prev_w": None if s.prev_w is None else s.prev_w.tolist(),
+            "optimizer": None if s.optimizer is None else s.optimizer.to_record(),
+            "prev_optimizer": None if s.prev_optimizer is None else s.prev_optimizer.to_record(),
             "pending_z_b": None if s.pending_z_b is None else [f"{v:x}" for v in s.pending_z_b],
             "epoch": job.epoch,
             "loss": job.loss,
@@ -707,6 +729,7 @@ class ActiveParty:
             elif b_iteration == t - 1 and s.prev_w is not None:
                 # B lost that iteration's state (it restarted): both redo it.
                 s.w, s.prev_w, s.pending_z_b, s.next_iteration = s.prev_w, None, None, t - 1
+                s.optimizer, s.prev_optimizer = s.prev_optimizer, None
             else:
                 raise FailedPrecondition(f"job {job.job_id}: B is at iteration {b_iteration}, A at {t}")
         elif b_iteration != t:
@@ -722,7 +745,7 @@ class ActiveParty:
         header = serde.step_header(s.job.job_id, t, s.target_fp)
         x, y = s.x[batch.rows], s.y[batch.rows]
         u_a = x @ s.w
-        a = steps.active_residual_share(x, s.w, y)
+        a = steps.active_residual_share(x, s.w, y, s.job.config.residual)
         # Steps 1-2: send [[a_S]]_A, receive [[b_S]]_B. A retried iteration
         # re-sends the same ciphertexts, which B answers by replay.
         if s.sent_shares is not None and s.sent_shares[0] == t:
@@ -764,14 +787,19 @@ class ActiveParty:
             s.job.dp_epsilon_spent = s.epsilon_spent()
         loss = None
         if loss_share is not None:
-            loss = steps.active_loss(u_a, y, loss_share.result(), self.backend, self.key)
+            loss = steps.active_loss(u_a, y, loss_share.result(), self.backend, self.key, s.job.config.residual)
         # Step 5 at A: remove R_A, add X_A^T a, update w_A; checkpoint; then
         # B's step 5, in flight while A starts the next iteration.
         noise_std = 0.0 if s.dp is None else s.dp.passive_noise_std
         cross = steps.unmask_gradient(z_a, grad_a.mask, s.passive_key, steps.cross_gradient_bound(x), noise_std)
         penalised = np.r_[np.ones(len(s.w) - 1), 0.0]
         grad = steps.gradient_from_shares(x, a, cross, s.w, s.job.config.l2, penalised)
-        s.prev_w, s.w = s.w, steps.sgd_update(s.w, grad, s.job.config.learning_rate)
+        settings = OptimizerSettings.of(s.job.config)
+        if s.optimizer is None:
+            s.optimizer = initial_state(settings, len(s.w))
+        new_w, new_state = optimizer_update(settings, s.w, grad, s.optimizer)
+        s.prev_w, s.w = s.w, new_w
+        s.prev_optimizer, s.optimizer = s.optimizer, new_state
         s.next_iteration, s.pending_z_b = t + 1, z_b
         s.sent_shares = s.sent_gradient = None
         apply = self._io.submit(self._checkpoint_then_apply, s.job.job_id, self._state(s), header, z_b)
@@ -859,6 +887,7 @@ class ActiveParty:
         if shard.get("dp"):
             x = dp.clip_rows(x, float(shard["dp"]["clip_norm"]))
         u_a = x @ np.asarray(shard["weights"]) + float(shard["intercept"])
+        model = residual_model(str(shard["config"].get("model", "logistic")))
         probs = np.full(len(ids), np.nan)
         scored = np.zeros(len(ids), dtype=bool)
         for alignment_id, pairs in groups:
@@ -869,7 +898,7 @@ class ActiveParty:
             header = serde.step_header(model_id, 0, target_fp)
             reply = self.peer.predict_scores(header, alignment_id, [r for _, r in pairs], enc)
             scores = reply.ciphers(self.key.public, "[[u_A + u_B]]_A")
-            part = steps.decrypt_prediction(self.backend, self.key, scores, len(at))
+            part = steps.decrypt_prediction(self.backend, self.key, scores, len(at), model)
             if not np.all(np.isfinite(part)):
                 raise FailedPrecondition("prediction: the decrypted scores are not finite")
             probs[at], scored[at] = part, True

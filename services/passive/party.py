@@ -47,6 +47,15 @@ from common.metrics import CLOCK
 from common.models import ModelStore, check_job_id
 from common.protocol import steps
 from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check_batch_size, min_batch_size
+from common.protocol.optimizers import (
+    OptimizerSettings,
+    OptimizerState,
+    initial_state,
+    optimizer_update,
+    restored_state,
+    smallest_learning_rate,
+)
+from common.protocol.residual import ResidualModel
 from common.serde import StepMessage, rows_array
 from common.storage import canonical_json
 from services.passive.alignment import PassiveAlignments
@@ -114,6 +123,7 @@ class PassiveJob:
     expected: Sequence[Batch] = ()
     next_share: Future[tuple[int, np.ndarray, CipherVector] | None] | None = None
     last_update_sq_norm: float | None = None
+    optimizer: OptimizerState | None = None  # B's own, never sent
     # Replay of retried steps: this iteration's answers by request digest, and
     # the last step 5 (kept across B's restart in the checkpoint).
     answered: dict[str, tuple[bytes, Any]] = field(default_factory=dict)
@@ -233,6 +243,13 @@ class PassiveParty:
             raise InvalidArgument(
                 f"config.learning_rate: the passive party requires at least {p.min_learning_rate:g} "
                 f"(VFL_MIN_LEARNING_RATE at B), got {config.learning_rate:g}"
+            )
+        last_rate = smallest_learning_rate(OptimizerSettings.of(config), iterations)
+        if last_rate < p.min_learning_rate:
+            # A decay to nothing would be a small learning rate by another name.
+            raise InvalidArgument(
+                f"config.lr_decay: the learning rate decays to {last_rate:.3g} by the last iteration; the passive "
+                f"party requires at least {p.min_learning_rate:g} (VFL_MIN_LEARNING_RATE at B)"
             )
         if iterations < p.min_iterations:
             raise InvalidArgument(
@@ -405,6 +422,7 @@ class PassiveParty:
             {
                 "iteration": job.iteration,
                 "w": job.w.tolist(),
+                "optimizer": None if job.optimizer is None else job.optimizer.to_record(),
                 "last_update_sq_norm": job.last_update_sq_norm,
                 "last_apply": None if last is None else [last[0], last[1].hex(), last[2]],
                 "restarts": job.restarts,
@@ -434,6 +452,8 @@ class PassiveParty:
                 job = self._build_job(setup)
                 job.iteration = int(state["iteration"])
                 job.w = np.asarray(state["w"], dtype=np.float64)
+                settings = OptimizerSettings.of(job.config)
+                job.optimizer = restored_state(state.get("optimizer"), settings, len(job.w), job.iteration)
                 job.last_update_sq_norm = state["last_update_sq_norm"]
                 if state["last_apply"] is not None:
                     t, digest, norm = state["last_apply"]
@@ -533,7 +553,7 @@ class PassiveParty:
             job.loss = None
             job.step4_sent.clear()
             if job.loss_iteration(iteration):
-                job.loss = self._loss.submit(self._loss_after_step4, job.step4_sent, a_enc, u)
+                job.loss = self._loss.submit(self._loss_after_step4, job.step4_sent, a_enc, u, job.config.residual)
             job.rows, job.a_enc, job.u, job.b, job.loss_sent = rows, a_enc, u, b, False
             job.phase = Phase.GRADIENTS
             job.answered = {"shares": (digest, b_enc)}
@@ -565,12 +585,14 @@ class PassiveParty:
         )
 
     def _share(self, job: PassiveJob, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """u_B and b = u_B / 4 for the rows; under DP, b clipped to the bound
+        """u_B and B's residual share b for the rows (b = u_B / 4 for the
+        Taylor residual, u_B for linear); under DP, b clipped to the bound
         B's noise on z_A is calibrated to (and u_B = 4 b with it)."""
-        b = job.x[rows] @ job.w / 4.0
+        model = job.config.residual
+        b = steps.passive_residual_share(job.x[rows], job.w, model)
         if job.config.dp:
             b = np.clip(b, -self.policy.dp_share_clip, self.policy.dp_share_clip)
-        return 4.0 * b, b
+        return model.passive_score(b), b
 
     def _encrypt_share(self, job: PassiveJob, iteration: int) -> tuple[int, np.ndarray, CipherVector] | None:
         """Step 2 ahead of time: B's share for the batch it expects next, under
@@ -651,7 +673,9 @@ class PassiveParty:
             noise_std = job.noise_multiplier * dp.label_sensitivity(job.clip_norm)
             cross = steps.unmask_gradient(z_b, own.mask, job.active_key, steps.cross_gradient_bound(x), noise_std)
             grad = steps.gradient_from_shares(x, job.b, cross, job.w, job.config.l2, np.ones_like(job.w))
-            new_w = steps.sgd_update(job.w, grad, job.config.learning_rate)
+            settings = OptimizerSettings.of(job.config)
+            state = job.optimizer if job.optimizer is not None else initial_state(settings, len(job.w))
+            new_w, job.optimizer = optimizer_update(settings, job.w, grad, state)
             # Under DP the norm would be an un-noised function of X_B: not reported.
             update = 0.0 if job.config.dp else float(np.sum((new_w - job.w) ** 2))
             job.last_update_sq_norm = update
@@ -688,19 +712,23 @@ class PassiveParty:
                 assert job.a_enc is not None and job.u is not None
                 job.loss_sent = True
                 if job.loss is None:
-                    job.loss = self._loss.submit(steps.passive_loss_share, self.backend, job.a_enc, job.u)
+                    job.loss = self._loss.submit(
+                        steps.passive_loss_share, self.backend, job.a_enc, job.u, job.config.residual
+                    )
                 pending = job.loss
                 job.answered["loss"] = (b"", pending)
         # Outside the lock: A's step 4 may run meanwhile.
         return cast(CipherVector, pending.result())
 
-    def _loss_after_step4(self, step4_sent: threading.Event, a_enc: CipherVector, u: np.ndarray) -> CipherVector:
+    def _loss_after_step4(
+        self, step4_sent: threading.Event, a_enc: CipherVector, u: np.ndarray, model: ResidualModel
+    ) -> CipherVector:
         # After B's answer to step 4, while A decrypts: off the critical path
         # and not competing with step 4 for the GIL. If step 4 does not come
         # soon, compute it anyway rather than hold a thread.
         step4_sent.wait(timeout=LOSS_WAIT_S)
         with GATE.busy():
-            return steps.passive_loss_share(self.backend, a_enc, u)
+            return steps.passive_loss_share(self.backend, a_enc, u, model)
 
     def finish_job(self, job_id: str, target_fp: bytes, aborted: bool) -> bool:
         if job_id not in self._jobs and not aborted and self.models.exists(job_id):

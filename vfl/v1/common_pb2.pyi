@@ -240,6 +240,16 @@ class TrainingConfig(_message.Message):
     MAX_ITERATIONS_FIELD_NUMBER: _builtins.int
     DP_EPSILON_FIELD_NUMBER: _builtins.int
     DP_DELTA_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_FIELD_NUMBER: _builtins.int
+    MOMENTUM_FIELD_NUMBER: _builtins.int
+    BETA1_FIELD_NUMBER: _builtins.int
+    BETA2_FIELD_NUMBER: _builtins.int
+    RHO_FIELD_NUMBER: _builtins.int
+    EPSILON_FIELD_NUMBER: _builtins.int
+    LR_DECAY_FIELD_NUMBER: _builtins.int
+    DECAY_RATE_FIELD_NUMBER: _builtins.int
+    DECAY_STEPS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Step size of mini-batch SGD. Default 0.15. Must be > 0."""
     batch_size: _builtins.int
@@ -288,6 +298,34 @@ class TrainingConfig(_message.Message):
     """
     dp_delta: _builtins.float
     """Differential privacy delta (with dp_epsilon). Default 1e-5."""
+    optimizer: _builtins.str
+    """Each party's update rule in step 5: "sgd" (default), "momentum",
+    "nesterov", "adagrad", "rmsprop" or "adam". Each party keeps its own
+    optimiser state in its own checkpoint; nothing more crosses the wire.
+    """
+    momentum: _builtins.float
+    """momentum / nesterov: velocity decay mu. Default 0.9."""
+    beta1: _builtins.float
+    """adam: first- and second-moment decays. Defaults 0.9 and 0.999."""
+    beta2: _builtins.float
+    rho: _builtins.float
+    """rmsprop: squared-gradient decay. Default 0.9."""
+    epsilon: _builtins.float
+    """adagrad / rmsprop / adam: denominator floor. Default 1e-8."""
+    lr_decay: _builtins.str
+    """Learning-rate schedule over iterations t: "none" (default), "step"
+    (lr r^floor(t/k)), "exponential" (lr r^(t/k)) or "inverse_time"
+    (lr / (1 + r t / k)), with r = decay_rate (default 0.5) and
+    k = decay_steps (default 100).
+    """
+    decay_rate: _builtins.float
+    decay_steps: _builtins.int
+    model: _builtins.str
+    """"logistic" (default): logistic regression on the Taylor residual
+    u/4 + 1/2 - y, prediction P(y = 1). "linear": linear regression on the
+    residual u - y (squared loss), prediction the value u; labels may be any
+    numbers. Not with dp_epsilon.
+    """
     def __init__(
         self,
         *,
@@ -304,21 +342,41 @@ class TrainingConfig(_message.Message):
         max_iterations: _builtins.int | None = ...,
         dp_epsilon: _builtins.float | None = ...,
         dp_delta: _builtins.float | None = ...,
+        optimizer: _builtins.str | None = ...,
+        momentum: _builtins.float | None = ...,
+        beta1: _builtins.float | None = ...,
+        beta2: _builtins.float | None = ...,
+        rho: _builtins.float | None = ...,
+        epsilon: _builtins.float | None = ...,
+        lr_decay: _builtins.str | None = ...,
+        decay_rate: _builtins.float | None = ...,
+        decay_steps: _builtins.int | None = ...,
+        model: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_beta1", b"_beta1", "_beta2", b"_beta2", "_decay_rate", b"_decay_rate", "_decay_steps", b"_decay_steps", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_epsilon", b"_epsilon", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_lr_decay", b"_lr_decay", "_max_iterations", b"_max_iterations", "_model", b"_model", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_rho", b"_rho", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "beta1", b"beta1", "beta2", b"beta2", "decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "epsilon", b"epsilon", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "lr_decay", b"lr_decay", "max_iterations", b"max_iterations", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "rho", b"rho", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_max_iterations", b"_max_iterations", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "max_iterations", b"max_iterations", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_beta1", b"_beta1", "_beta2", b"_beta2", "_decay_rate", b"_decay_rate", "_decay_steps", b"_decay_steps", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_epsilon", b"_epsilon", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_lr_decay", b"_lr_decay", "_max_iterations", b"_max_iterations", "_model", b"_model", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_rho", b"_rho", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "beta1", b"beta1", "beta2", b"beta2", "decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "epsilon", b"epsilon", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "lr_decay", b"lr_decay", "max_iterations", b"max_iterations", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "rho", b"rho", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_small_batch: _TypeAlias = _typing.Literal["allow_small_batch"]  # noqa: Y015
     _WhichOneofArgType__allow_small_batch: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch"]  # noqa: Y015
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
+    _WhichOneofReturnType__beta1: _TypeAlias = _typing.Literal["beta1"]  # noqa: Y015
+    _WhichOneofArgType__beta1: _TypeAlias = _typing.Literal["_beta1", b"_beta1"]  # noqa: Y015
+    _WhichOneofReturnType__beta2: _TypeAlias = _typing.Literal["beta2"]  # noqa: Y015
+    _WhichOneofArgType__beta2: _TypeAlias = _typing.Literal["_beta2", b"_beta2"]  # noqa: Y015
+    _WhichOneofReturnType__decay_rate: _TypeAlias = _typing.Literal["decay_rate"]  # noqa: Y015
+    _WhichOneofArgType__decay_rate: _TypeAlias = _typing.Literal["_decay_rate", b"_decay_rate"]  # noqa: Y015
+    _WhichOneofReturnType__decay_steps: _TypeAlias = _typing.Literal["decay_steps"]  # noqa: Y015
+    _WhichOneofArgType__decay_steps: _TypeAlias = _typing.Literal["_decay_steps", b"_decay_steps"]  # noqa: Y015
     _WhichOneofReturnType__dp_delta: _TypeAlias = _typing.Literal["dp_delta"]  # noqa: Y015
     _WhichOneofArgType__dp_delta: _TypeAlias = _typing.Literal["_dp_delta", b"_dp_delta"]  # noqa: Y015
     _WhichOneofReturnType__dp_epsilon: _TypeAlias = _typing.Literal["dp_epsilon"]  # noqa: Y015
     _WhichOneofArgType__dp_epsilon: _TypeAlias = _typing.Literal["_dp_epsilon", b"_dp_epsilon"]  # noqa: Y015
     _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
     _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__epsilon: _TypeAlias = _typing.Literal["epsilon"]  # noqa: Y015
+    _WhichOneofArgType__epsilon: _TypeAlias = _typing.Literal["_epsilon", b"_epsilon"]  # noqa: Y015
     _WhichOneofReturnType__init_scale: _TypeAlias = _typing.Literal["init_scale"]  # noqa: Y015
     _WhichOneofArgType__init_scale: _TypeAlias = _typing.Literal["_init_scale", b"_init_scale"]  # noqa: Y015
     _WhichOneofReturnType__l2: _TypeAlias = _typing.Literal["l2"]  # noqa: Y015
@@ -327,8 +385,18 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__loss_every: _TypeAlias = _typing.Literal["loss_every"]  # noqa: Y015
     _WhichOneofArgType__loss_every: _TypeAlias = _typing.Literal["_loss_every", b"_loss_every"]  # noqa: Y015
+    _WhichOneofReturnType__lr_decay: _TypeAlias = _typing.Literal["lr_decay"]  # noqa: Y015
+    _WhichOneofArgType__lr_decay: _TypeAlias = _typing.Literal["_lr_decay", b"_lr_decay"]  # noqa: Y015
     _WhichOneofReturnType__max_iterations: _TypeAlias = _typing.Literal["max_iterations"]  # noqa: Y015
     _WhichOneofArgType__max_iterations: _TypeAlias = _typing.Literal["_max_iterations", b"_max_iterations"]  # noqa: Y015
+    _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
+    _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
+    _WhichOneofReturnType__momentum: _TypeAlias = _typing.Literal["momentum"]  # noqa: Y015
+    _WhichOneofArgType__momentum: _TypeAlias = _typing.Literal["_momentum", b"_momentum"]  # noqa: Y015
+    _WhichOneofReturnType__optimizer: _TypeAlias = _typing.Literal["optimizer"]  # noqa: Y015
+    _WhichOneofArgType__optimizer: _TypeAlias = _typing.Literal["_optimizer", b"_optimizer"]  # noqa: Y015
+    _WhichOneofReturnType__rho: _TypeAlias = _typing.Literal["rho"]  # noqa: Y015
+    _WhichOneofArgType__rho: _TypeAlias = _typing.Literal["_rho", b"_rho"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__standardize: _TypeAlias = _typing.Literal["standardize"]  # noqa: Y015
@@ -340,11 +408,21 @@ class TrainingConfig(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta1) -> _WhichOneofReturnType__beta1 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__beta2) -> _WhichOneofReturnType__beta2 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__decay_rate) -> _WhichOneofReturnType__decay_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__decay_steps) -> _WhichOneofReturnType__decay_steps | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_delta) -> _WhichOneofReturnType__dp_delta | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_epsilon) -> _WhichOneofReturnType__dp_epsilon | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__epsilon) -> _WhichOneofReturnType__epsilon | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__init_scale) -> _WhichOneofReturnType__init_scale | None: ...
     @_typing.overload
@@ -354,7 +432,17 @@ class TrainingConfig(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss_every) -> _WhichOneofReturnType__loss_every | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_decay) -> _WhichOneofReturnType__lr_decay | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_iterations) -> _WhichOneofReturnType__max_iterations | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__model) -> _WhichOneofReturnType__model | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__momentum) -> _WhichOneofReturnType__momentum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__optimizer) -> _WhichOneofReturnType__optimizer | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rho) -> _WhichOneofReturnType__rho | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
