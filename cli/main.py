@@ -428,6 +428,9 @@ def train(
         str, typer.Option(help="the alignment to train on (vfl align); empty: align all of A's ids first")
     ] = "",
     dp_epsilon: DpEpsilon = 0.0,
+    model: Annotated[
+        str, typer.Option(help="logistic (P(y = 1)) or linear (regression on numeric labels)")
+    ] = "logistic",
     optimizer: Optimizer = "sgd",
     lr_decay: LrDecay = "none",
     setting: ConfigSet = None,
@@ -438,7 +441,17 @@ def train(
 ) -> None:
     """Train a model with running services; shows progress and the final status."""
     tls = _tls(tls_dir, tls_name, insecure)
-    config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon, optimizer, lr_decay, setting)
+    config = _config(
+        epochs,
+        batch_size,
+        learning_rate,
+        l2,
+        seed,
+        dp_epsilon,
+        optimizer,
+        lr_decay,
+        [f"model={model}", *(setting or [])],
+    )
     ids = _read_ids(ids_csv, id_column, "--ids-csv") if ids_csv else []
     holdout = _read_ids(holdout_ids_csv, id_column, "--holdout-ids-csv") if holdout_ids_csv else []
     with VflClient(address, tls=tls, server_name=tls_server_name) as client:

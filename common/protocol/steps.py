@@ -4,7 +4,9 @@
 Pure: numpy arrays and ciphertext vectors in and out, no gRPC. Both parties
 call the same functions for the symmetric steps; the docstrings say who calls
 what. Notation: for A, X is [X_A, 1] (the intercept is a column of ones) and
-the share is a = u_A/4 + 1/2 - y; for B, X is X_B and the share is b = u_B/4.
+the share is a = u_A/4 + 1/2 - y; for B, X is X_B and the share is b = u_B/4
+(the Taylor residual of logistic regression; linear regression's shares,
+a = u_A - y and b = u_B, come from the job's ResidualModel in residual.py).
 """
 
 from __future__ import annotations

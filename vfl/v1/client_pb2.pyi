@@ -514,7 +514,9 @@ class PredictReply(_message.Message):
 
     @_builtins.property
     def probabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """P(y = 1 | x), one per id; NaN where status is not SCORED."""
+        """One per id: P(y = 1 | x) for a logistic model, the predicted value u
+        for a linear one; NaN where status is not SCORED.
+        """
 
     @_builtins.property
     def status(self) -> _containers.RepeatedScalarFieldContainer[Global___PredictionStatus.ValueType]:
