@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 import grpc
 import numpy as np
@@ -51,11 +52,11 @@ class VflClient:
 
     def start_alignment(self, ids: Sequence[str] = (), alignment_id: str = "") -> client_pb2.Alignment:
         req = client_pb2.StartAlignmentRequest(alignment_id=alignment_id, ids=list(ids))
-        return self.stub.StartAlignment(req, timeout=self.timeout_s)
+        return cast(client_pb2.Alignment, self.stub.StartAlignment(req, timeout=self.timeout_s))
 
     def alignment(self, alignment_id: str, include_ids: bool = False) -> client_pb2.Alignment:
         req = client_pb2.GetAlignmentRequest(alignment_id=alignment_id, include_ids=include_ids)
-        return self.stub.GetAlignment(req, timeout=self.timeout_s)
+        return cast(client_pb2.Alignment, self.stub.GetAlignment(req, timeout=self.timeout_s))
 
     def list_alignments(self) -> list[client_pb2.Alignment]:
         return list(self.stub.ListAlignments(client_pb2.ListAlignmentsRequest(), timeout=self.timeout_s).alignments)
@@ -95,13 +96,14 @@ class VflClient:
             holdout_ids=list(holdout_ids),
             alignment_id=alignment_id,
         )
-        return self.stub.StartTraining(req, timeout=self.timeout_s)
+        return cast(client_pb2.JobStatus, self.stub.StartTraining(req, timeout=self.timeout_s))
 
     def status(self, job_id: str) -> client_pb2.JobStatus:
-        return self.stub.GetJobStatus(client_pb2.GetJobStatusRequest(job_id=job_id), timeout=self.timeout_s)
+        req = client_pb2.GetJobStatusRequest(job_id=job_id)
+        return cast(client_pb2.JobStatus, self.stub.GetJobStatus(req, timeout=self.timeout_s))
 
     def watch(self, job_id: str) -> Iterator[client_pb2.JobEvent]:
-        return self.stub.WatchJob(client_pb2.WatchJobRequest(job_id=job_id))
+        return cast(Iterator[client_pb2.JobEvent], self.stub.WatchJob(client_pb2.WatchJobRequest(job_id=job_id)))
 
     def wait(self, job_id: str, on_event: Callable[[client_pb2.JobEvent], None] | None = None) -> client_pb2.JobStatus:
         """Follow the watch stream to the job's end; return the final status."""
@@ -117,7 +119,7 @@ class VflClient:
 
     def predict_reply(self, model_id: str, ids: Sequence[str], align_new_ids: bool = False) -> client_pb2.PredictReply:
         req = client_pb2.PredictRequest(model_id=model_id, ids=list(ids), align_new_ids=align_new_ids)
-        return self.stub.Predict(req, timeout=self.timeout_s)
+        return cast(client_pb2.PredictReply, self.stub.Predict(req, timeout=self.timeout_s))
 
     def list_models(self) -> list[client_pb2.ModelInfo]:
         return list(self.stub.ListModels(client_pb2.ListModelsRequest(), timeout=self.timeout_s).models)

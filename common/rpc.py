@@ -24,7 +24,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.errors import ConfigError, InvalidArgument, VflError
+from common.errors import (
+    AlreadyExists,
+    ConfigError,
+    DamagedFile,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PeerError,
+    ResourceExhausted,
+    Unavailable,
+    VflError,
+)
 from common.metrics import CLOCK
 from common.storage import atomic_write_text
 from common.tls import SPIFFE_PREFIX, TlsConfig
@@ -294,11 +306,36 @@ class AuthzInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The one table from domain errors to gRPC status codes (the domain knows
+# nothing of gRPC). A subclass takes its nearest listed ancestor's code.
+STATUS_OF: dict[type[VflError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DamagedFile: grpc.StatusCode.DATA_LOSS,
+}
+
+
+def status_of(exc: VflError) -> grpc.StatusCode:
+    """The status a domain error is answered with; a peer's refusal keeps
+    the peer's code."""
+    if isinstance(exc, PeerError):
+        return grpc.StatusCode[exc.status] if exc.status in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
+    for cls in type(exc).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]
+    return grpc.StatusCode.INTERNAL
+
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
     if isinstance(exc, VflError):
-        log.info("event=rpc_refused method=%s code=%s detail=%r", method, exc.code.name, str(exc))
-        context.abort(exc.code, str(exc))
+        code = status_of(exc)
+        log.info("event=rpc_refused method=%s code=%s detail=%r", method, code.name, str(exc))
+        context.abort(code, str(exc))
     if isinstance(exc, grpc.RpcError) and not context.is_active():
         # Reading the request stream failed because the caller cancelled or its
         # connection was lost: a network event, not a bug, and no one to answer.

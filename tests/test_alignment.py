@@ -20,6 +20,7 @@ from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_aligned
 from common.alignments import AlignmentRecord
 from common.errors import PeerError
 from common.jobconfig import JobConfig
+from common.rpc import status_of
 from common.storage import read_record, write_record
 from services.active.peer import PassiveClient
 from tests.conftest import make_federation, read_private_key, read_shard
@@ -159,7 +160,7 @@ def test_a_job_needs_an_alignment_and_b_refuses_one_it_does_not_hold(overlap):
         _, fp = peer.exchange_keys(read_private_key(fed, "active").public, 0)
         with pytest.raises(PeerError) as refused:
             peer.setup_job("on-nothing", CONFIG, fp, 10, "never-aligned", list(range(64)))
-        assert refused.value.code == grpc.StatusCode.NOT_FOUND
+        assert status_of(refused.value) == grpc.StatusCode.NOT_FOUND
         assert "no alignment 'never-aligned'" in str(refused.value)
     finally:
         peer.close()

@@ -20,6 +20,7 @@ from common.crypto import get_backend
 from common.crypto.keystore import KEY_FILE, load_or_create_keypair
 from common.errors import ConfigError, DamagedFile, NotFound
 from common.models import ModelStore
+from common.rpc import status_of
 from common.storage import (
     atomic_write_text,
     decode_record,
@@ -87,7 +88,7 @@ def test_each_damage_is_named(tmp_path, how, reason):
         read_record(path, "model")
     assert info.value.reason == reason
     assert str(info.value) == f"{path}: {reason}"
-    assert info.value.code == grpc.StatusCode.DATA_LOSS
+    assert status_of(info.value) == grpc.StatusCode.DATA_LOSS
     assert SECRET not in str(info.value)
 
 
@@ -202,7 +203,7 @@ def test_damaged_shard_is_quarantined_named_and_the_others_listed(tmp_path):
     with pytest.raises(DamagedFile) as info:
         store.load("b")
     assert str(info.value) == f"model 'b': models/b.json was damaged and moved to quarantine/{moved.name}"
-    assert info.value.code == grpc.StatusCode.DATA_LOSS
+    assert status_of(info.value) == grpc.StatusCode.DATA_LOSS
     with pytest.raises(NotFound):
         store.load("z")
 

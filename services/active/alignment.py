@@ -11,6 +11,7 @@ party holds its whole blinded set.
 
 from __future__ import annotations
 
+import builtins  # the class's list() method shadows the type in its annotations
 import logging
 import threading
 import time
@@ -156,7 +157,9 @@ class ActiveAlignments:
                 self._runs[alignment_id] = run
             path.unlink(missing_ok=True)
 
-    def _reserve(self, alignment_id: str, ids: Sequence[str], prefix: str = "align-") -> tuple[AlignmentRun, list[str]]:
+    def _reserve(
+        self, alignment_id: str, ids: Sequence[str], prefix: str = "align-"
+    ) -> tuple[AlignmentRun, builtins.list[str]]:
         alignment_id = (
             check_job_id(alignment_id, "alignment_id") if alignment_id else f"{prefix}{uuid.uuid4().hex[:12]}"
         )
@@ -181,7 +184,9 @@ class ActiveAlignments:
                 raise
         return run, ids
 
-    def _run_logged(self, run: AlignmentRun, ids: list[str], purpose: str = "training", model_id: str = "") -> None:
+    def _run_logged(
+        self, run: AlignmentRun, ids: builtins.list[str], purpose: str = "training", model_id: str = ""
+    ) -> None:
         try:
             record = self._align(run, ids, purpose, model_id)
         except VflError as exc:
@@ -209,7 +214,7 @@ class ActiveAlignments:
                 marker.unlink(missing_ok=True)
             run.done.set()
 
-    def _align(self, run: AlignmentRun, ids: list[str], purpose: str, model_id: str) -> AlignmentRecord:
+    def _align(self, run: AlignmentRun, ids: builtins.list[str], purpose: str, model_id: str) -> AlignmentRecord:
         record = align_as_active(self.peer, run.alignment_id, ids, purpose, model_id, run, self.recovery_s)
         self.store.save(record)
         return record

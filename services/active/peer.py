@@ -77,7 +77,7 @@ class PassiveClient:
             if code in _DOWN or (code in _TRANSPORT_CODES and _TRANSPORT.search(exc.details() or "")):
                 details = exc.details() or ""
                 raise Unavailable(f"{self.failed_hop(details)}: {method} failed ({code.name}): {details}") from None
-            raise PeerError(code, f"passive party refused {method}: {exc.details()}") from None
+            raise PeerError(code.name, f"passive party refused {method}: {exc.details()}") from None
 
     def failed_hop(self, details: str) -> str:
         """Which hop failed, from gRPC's details: the assistant (down, or it
@@ -119,7 +119,9 @@ class PassiveClient:
 
     # --- alignment (PROTOCOL.md "Alignment"): points of 32 bytes, never ids ---
 
-    def start_alignment(self, alignment_id: str, active_size: int, purpose: int, model_id: str = "") -> int:
+    def start_alignment(
+        self, alignment_id: str, active_size: int, purpose: party_pb2.AlignmentPurpose.ValueType, model_id: str = ""
+    ) -> int:
         """Step 1: returns |B's set|."""
         req = party_pb2.AlignmentOpen(
             alignment_id=alignment_id, active_size=active_size, purpose=purpose, model_id=model_id

@@ -45,6 +45,7 @@ from common.crypto import get_backend
 from common.crypto.backend import CipherVector
 from common.errors import PeerError
 from common.jobconfig import JobConfig
+from common.rpc import status_of
 from common.tls import TlsConfig
 from services.active.alignment import align_as_active
 from services.active.peer import PassiveClient
@@ -140,13 +141,13 @@ def originate(fed: LocalFederation, address: str, breast: BreastSplit, job_id: s
 def test_assistant_certificate_cannot_call_the_passive_party(real: LocalFederation, breast: BreastSplit) -> None:
     with pytest.raises(PeerError) as info:
         originate(real, real.services["passive"].address, breast, "c-as-a")
-    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert status_of(info.value) == grpc.StatusCode.PERMISSION_DENIED
     assert "identity 'assistant' may not call /vfl.v1.PartyService/ExchangeKeys" in str(info.value)
     peer = assistant_client(real, real.services["passive"].address)
     try:
         with pytest.raises(PeerError) as info:
             peer.setup_job("c-as-a", CONFIG, b"\0" * 32, 10, "an-alignment", list(range(len(breast.train_ids))))
-        assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert status_of(info.value) == grpc.StatusCode.PERMISSION_DENIED
     finally:
         peer.close()
     log = real.services["passive"].log_path.read_text()

@@ -37,6 +37,7 @@ from common.crypto.backend import PrivateKey, get_backend
 from common.errors import PeerError
 from common.jobconfig import JobConfig
 from common.protocol.batching import min_batch_size
+from common.rpc import status_of
 from tests.attacks.harness import MaliciousActive, attack_federation, refused
 from tests.attacks.planted import CRAFTED_SCORE_BITS
 from tests.conftest import BreastSplit, make_federation
@@ -91,9 +92,9 @@ def attacker(fed: LocalFederation, key: PrivateKey, breast: BreastSplit) -> Iter
 def assert_job_ended(a: MaliciousActive) -> None:
     """B forgot the job: any further call about it is NOT_FOUND."""
     err = refused(a.job_state)
-    assert err.code == Code.NOT_FOUND, err
+    assert status_of(err) == Code.NOT_FOUND, err
     err = refused(a.shares, 0)
-    assert err.code == Code.NOT_FOUND, err
+    assert status_of(err) == Code.NOT_FOUND, err
 
 
 # --- 1. A restarts an iteration with other rows ------------------------------
@@ -121,7 +122,7 @@ def test_restart_with_other_rows_is_refused_and_ends_the_job(
     with attacker(real_b, key, breast) as a:
         decryptions, err = restart_with_other_rows(a)
         assert decryptions == 1
-        assert err is not None and err.code == Code.INVALID_ARGUMENT, err
+        assert err is not None and status_of(err) == Code.INVALID_ARGUMENT, err
         assert "rows: not the rows of iteration 0" in str(err)
         assert_job_ended(a)
 
@@ -162,7 +163,7 @@ def test_crashes_of_b_give_at_most_two_decryptions(tmp_path: Path, key: PrivateK
         # The first crash: a restart of the iteration (allowed once, on disk);
         # the second: refused, the restart is on disk too.
         assert count == 2
-        assert [e.code for e in refusals] == [Code.FAILED_PRECONDITION]
+        assert [status_of(e) for e in refusals] == [Code.FAILED_PRECONDITION]
         assert "was already started" in str(refusals[0])
         assert_job_ended(a)
 
@@ -197,9 +198,9 @@ def probe_decryptions(a: MaliciousActive) -> tuple[PeerError, PeerError | list[i
 def test_an_out_of_range_decryption_ends_the_job(real_b: LocalFederation, key: PrivateKey, breast: BreastSplit) -> None:
     with attacker(real_b, key, breast) as a:
         first, second = probe_decryptions(a)
-        assert first.code == Code.OUT_OF_RANGE and "masked gradient" in str(first)
+        assert status_of(first) == Code.OUT_OF_RANGE and "masked gradient" in str(first)
         # One bit per job: the second probe finds no job.
-        assert isinstance(second, PeerError) and second.code == Code.NOT_FOUND, second
+        assert isinstance(second, PeerError) and status_of(second) == Code.NOT_FOUND, second
         assert_job_ended(a)
 
 
@@ -209,8 +210,8 @@ def test_planted_refusal_keeps_job_is_caught(tmp_path: Path, key: PrivateKey, br
     with passive(tmp_path, "refusal-keeps-job") as fed, attacker(fed, key, breast) as a:
         assert a.passive_key is not None
         first, second = probe_decryptions(a)
-        assert first.code == Code.OUT_OF_RANGE
-        assert isinstance(second, PeerError) and second.code == Code.OUT_OF_RANGE, second
+        assert status_of(first) == Code.OUT_OF_RANGE
+        assert isinstance(second, PeerError) and status_of(second) == Code.OUT_OF_RANGE, second
         crafted = BACKEND.encrypt(a.passive_key, [5] * (P_A + 1))
         assert a.gradients(0, None, crafted=crafted).z_a == [5] * (P_A + 1)
 
@@ -234,7 +235,7 @@ def test_loss_share_on_a_non_loss_iteration_is_refused(
 ) -> None:
     with attacker(real_b, key, breast) as a:
         answer = loss_share_off_schedule(a)
-        assert isinstance(answer, PeerError) and answer.code == Code.FAILED_PRECONDITION, answer
+        assert isinstance(answer, PeerError) and status_of(answer) == Code.FAILED_PRECONDITION, answer
         assert "not a loss check" in str(answer)
         assert_job_ended(a)
 
@@ -258,17 +259,17 @@ def test_small_batches_need_b_consent(real_b: LocalFederation, key: PrivateKey, 
     assert SMALL == 42
     with attacker(real_b, key, breast) as a:
         err = refused(a.setup, SMALL_CONFIG)
-        assert err.code == Code.FAILED_PRECONDITION, err
+        assert status_of(err) == Code.FAILED_PRECONDITION, err
         assert "does not consent to small batches" in str(err) and "VFL_ALLOW_SMALL_BATCH" in str(err)
         # Without the flag, B's wider floor: 3 * max(p_A, p_B) = 60.
         err = refused(a.setup, CONFIG.model_copy(update={"batch_size": 59}))
-        assert err.code == Code.INVALID_ARGUMENT and "expected at least 60" in str(err), err
+        assert status_of(err) == Code.INVALID_ARGUMENT and "expected at least 60" in str(err), err
 
 
 def test_small_batches_with_b_consent_keep_the_floor(tmp_path: Path, key: PrivateKey, breast: BreastSplit) -> None:
     with passive(tmp_path, VFL_ALLOW_SMALL_BATCH="true") as fed, attacker(fed, key, breast) as a:
         err = refused(a.setup, SMALL_CONFIG.model_copy(update={"batch_size": SMALL - 1}))
-        assert err.code == Code.INVALID_ARGUMENT and f"expected at least {SMALL}" in str(err), err
+        assert status_of(err) == Code.INVALID_ARGUMENT and f"expected at least {SMALL}" in str(err), err
         a.setup(SMALL_CONFIG)
         assert a.job_state() == (0, 1)  # JOB_PHASE_SHARES of iteration 0
 
@@ -302,9 +303,13 @@ def floors(fed: LocalFederation, a: MaliciousActive) -> tuple[object, object, ob
 def test_training_floors_are_b_own(real_b: LocalFederation, key: PrivateKey, breast: BreastSplit) -> None:
     with attacker(real_b, key, breast) as a:
         lr, one, early, stored = floors(real_b, a)
-        assert isinstance(lr, PeerError) and lr.code == Code.INVALID_ARGUMENT and "VFL_MIN_LEARNING_RATE" in str(lr)
-        assert isinstance(one, PeerError) and one.code == Code.INVALID_ARGUMENT and "VFL_MIN_ITERATIONS" in str(one)
-        assert isinstance(early, PeerError) and early.code == Code.FAILED_PRECONDITION, early
+        assert (
+            isinstance(lr, PeerError) and status_of(lr) == Code.INVALID_ARGUMENT and "VFL_MIN_LEARNING_RATE" in str(lr)
+        )
+        assert (
+            isinstance(one, PeerError) and status_of(one) == Code.INVALID_ARGUMENT and "VFL_MIN_ITERATIONS" in str(one)
+        )
+        assert isinstance(early, PeerError) and status_of(early) == Code.FAILED_PRECONDITION, early
         assert "ran 2 of its 12 iterations" in str(early) and "VFL_MIN_ITERATIONS" in str(early)
         assert not stored
         assert_job_ended(a)
