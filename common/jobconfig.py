@@ -44,12 +44,20 @@ class JobConfig(BaseModel):
     )
     decay_rate: float = Field(0.5, gt=0, le=100, description="lr_decay's rate r")
     decay_steps: int = Field(100, ge=1, le=2**32 - 1, description="lr_decay's period k in iterations")
+    validation_every: int = Field(
+        0, ge=0, le=2**32 - 1, description="validation loss on the holdout rows every this many iterations (0 = off)"
+    )
+    patience: int = Field(0, ge=0, le=2**32 - 1, description="stop after this many checks without improvement")
 
     @model_validator(mode="after")
     def _dp_needs_no_loss_share(self) -> JobConfig:
         # The loss share is an un-noised function of both parties' data.
         if self.dp_epsilon > 0 and self.loss_every:
             raise ValueError("loss_every: expected 0 with dp_epsilon set (the loss share is not noised)")
+        if self.dp_epsilon > 0 and self.validation_every:
+            raise ValueError("validation_every: expected 0 with dp_epsilon set (the validation loss is not noised)")
+        if self.patience and not self.validation_every:
+            raise ValueError("patience: needs validation_every (the checks it counts)")
         if self.dp_epsilon > 0 and self.tol > 0:
             raise ValueError("tol: expected 0 with dp_epsilon set (early stopping needs the loss)")
         return self
@@ -71,6 +79,12 @@ class JobConfig(BaseModel):
     @property
     def residual(self) -> ResidualModel:
         return residual_model(self.model)
+
+    def validation_due(self, iteration: int, total: int) -> bool:
+        """Whether the weights at the start of `iteration` (after `iteration`
+        updates; `total` = after the last) are checked on the validation rows."""
+        every = self.validation_every
+        return bool(every) and 0 < iteration <= total and (iteration % every == 0 or iteration == total)
 
     @property
     def dp(self) -> bool:

@@ -71,6 +71,7 @@ class StepMessage:
     header: common_pb2.StepHeader | None = None
     rows: list[int] = field(default_factory=list)
     alignment_id: str = ""
+    best_iteration: int | None = None
     cipher_fp: bytes | None = None
     cipher_width: int = 0
     cipher_data: bytearray = field(default_factory=bytearray)
@@ -86,6 +87,7 @@ class StepMessage:
             h.update(self.header.SerializeToString(deterministic=True))
         h.update(np.asarray(self.rows, dtype=np.int64).tobytes())
         h.update(b"|" + self.alignment_id.encode())
+        h.update(b"|" + (b"" if self.best_iteration is None else str(self.best_iteration).encode()))
         for fp, width, data in (
             (self.cipher_fp, self.cipher_width, self.cipher_data),
             (self.residue_fp, self.residue_width, self.residue_data),
@@ -147,10 +149,13 @@ def to_chunks(
     alignment_id: str = "",
     ciphers: CipherVector | None = None,
     residues: tuple[PublicKey, Sequence[int]] | None = None,
+    best_iteration: int | None = None,
 ) -> Iterator[common_pb2.StepChunk]:
     """Split a step message into StepChunks of bounded size (at least one)."""
     with CLOCK.phase("serialise"):
         parts = _build_chunks(header, rows, alignment_id, ciphers, residues)
+        if best_iteration is not None:
+            parts[0].best_iteration = best_iteration
         CLOCK.add_bytes_sent(sum(p.ByteSize() for p in parts))
     yield from parts
 
@@ -227,6 +232,10 @@ def from_chunks(chunks: Iterable[common_pb2.StepChunk], what: str, max_bytes: in
             if i != 0:
                 raise InvalidArgument(f"{what}: alignment_id only allowed on the first chunk")
             msg.alignment_id = chunk.alignment_id
+        if chunk.HasField("best_iteration"):
+            if i != 0:
+                raise InvalidArgument(f"{what}: best_iteration only allowed on the first chunk")
+            msg.best_iteration = chunk.best_iteration
         msg.rows.extend(chunk.rows)
         if chunk.HasField("ciphertexts"):
             cv = chunk.ciphertexts

@@ -90,6 +90,8 @@ class TrainingJob:
     error: str = ""
     losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, batch loss)
     dp_epsilon_spent: float | None = None  # under DP: on y, by the z_B released so far
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (checked iteration, loss)
+    best_iteration: int | None = None  # the check with the lowest validation loss
     events: list[Event] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -143,6 +145,15 @@ class _Session:
     # A's own optimiser state (never sent), now and before the last update.
     optimizer: OptimizerState | None = None
     prev_optimizer: OptimizerState | None = None
+    # Validation (config.validation_every): A's holdout rows [X_A, 1] with the
+    # training statistics, their labels, and the best check so far.
+    val_x: np.ndarray | None = None
+    val_y: np.ndarray | None = None
+    best_loss: float | None = None
+    best_w: np.ndarray | None = None
+    stale_checks: int = 0  # checks since the best one
+    sent_validation: tuple[int, CipherVector] | None = None
+    validated_at: int = -1  # the last iteration checked in this process
     pending_z_b: list[int] | None = None
     # The requests of the current iteration, re-sent as they were on a retry
     # (B replays its answer instead of computing with fresh randomness).
@@ -266,10 +277,15 @@ class ActiveParty:
             raise InvalidArgument("holdout_ids: an id is also a training id")
         rows = alignment.positions(ids, "train_ids")
         positions = self.data.positions(ids, "train_ids")
-        if config.model == "logistic" and not np.all((self.labels[positions] == 0) | (self.labels[positions] == 1)):
+        if config.validation_every and not holdout:
+            raise InvalidArgument("config.validation_every: needs holdout_ids, the rows A validates on")
+        labelled = (
+            np.r_[positions, self.data.positions(holdout, "holdout_ids")] if config.validation_every else positions
+        )
+        if config.model == "logistic" and not np.all((self.labels[labelled] == 0) | (self.labels[labelled] == 1)):
             raise FailedPrecondition(
-                "config.model: logistic regression needs 0/1 labels, and the training rows' labels hold "
-                "other values (model linear fits them as numbers)"
+                "config.model: logistic regression needs 0/1 labels, and the training (or validation) rows' "
+                "labels hold other values (model linear fits them as numbers)"
             )
         p_a = self.data.n_features
         with self._lock:
@@ -448,7 +464,11 @@ class ActiveParty:
         x = scaler.transform(raw)
         if terms is not None:
             x = dp.clip_rows(x, terms.clip_norm)
-        return _Session(
+        val_x = val_y = None
+        if job.config.validation_every:
+            held = self.data.positions(holdout, "holdout_ids")
+            val_x, val_y = _with_intercept(scaler.transform(self.data.features[held])), self.labels[held]
+        session = _Session(
             job=job,
             passive_key=passive_key,
             target_fp=target_fp,
@@ -463,6 +483,8 @@ class ActiveParty:
             holdout_ids=holdout,
             dp=terms,
         )
+        session.val_x, session.val_y = val_x, val_y
+        return session
 
     def _session_from_checkpoint(self, setup: dict[str, Any], state: dict[str, Any]) -> _Session:
         config = JobConfig.model_validate(setup["config"])
@@ -488,6 +510,12 @@ class ActiveParty:
         job.dp_epsilon_spent = s.epsilon_spent()
         s.next_iteration = job.iteration
         s.prev_w = None if state["prev_w"] is None else np.asarray(state["prev_w"], dtype=np.float64)
+        job.validation_losses = [(int(i), float(v)) for i, v in state.get("validation_losses", [])]
+        best = state.get("best_iteration")
+        job.best_iteration = None if best is None else int(best)
+        s.best_loss = None if state.get("best_loss") is None else float(state["best_loss"])
+        s.best_w = None if state.get("best_w") is None else np.asarray(state["best_w"], dtype=np.float64)
+        s.stale_checks = int(state.get("stale_checks", 0))
         settings = OptimizerSettings.of(config)
         s.optimizer = restored_state(state.get("optimizer"), settings, len(w), job.iteration)
         if s.prev_w is not None:
@@ -576,6 +604,11 @@ class ActiveParty:
             "w": s.w.tolist(),
             "prev_w": None if s.prev_w is None else s.prev_w.tolist(),
             "optimizer": None if s.optimizer is None else s.optimizer.to_record(),
+            "validation_losses": list(job.validation_losses),
+            "best_iteration": job.best_iteration,
+            "best_loss": s.best_loss,
+            "best_w": None if s.best_w is None else s.best_w.tolist(),
+            "stale_checks": s.stale_checks,
             "prev_optimizer": None if s.prev_optimizer is None else s.prev_optimizer.to_record(),
             "pending_z_b": None if s.pending_z_b is None else [f"{v:x}" for v in s.pending_z_b],
             "epoch": job.epoch,
@@ -621,6 +654,12 @@ class ActiveParty:
                 log.log(
                     level, "event=iteration job=%s iteration=%d epoch=%d loss=%s", job.job_id, t + 1, batch.epoch, loss
                 )
+                patience = job.config.patience
+                if not message and patience and s.stale_checks >= patience:
+                    message = (
+                        f"early stop: no better validation loss in {patience} checks; "
+                        f"keeping iteration {job.best_iteration}"
+                    )
                 if message:
                     job.publish(message)
                     break
@@ -636,6 +675,15 @@ class ActiveParty:
                 except Unavailable as exc:
                     pending = None
                     self._recover(s, exc)
+            while job.config.validation_due(job.iteration, len(s.batches)) and job.iteration == len(s.batches):
+                try:
+                    self._validation_check(s, job.iteration)  # the final weights: after B's last step 5
+                    break
+                except Unavailable as exc:
+                    self._recover(s, exc)
+            if s.best_w is not None:
+                s.w = s.best_w  # the best check's weights, as B keeps its own
+                job.publish(f"validation: keeping iteration {job.best_iteration} (loss {s.best_loss:.6g})")
             self._finish_at_passive(s)
             self._store_model(s)
             self.checkpoints.remove(job.job_id)
@@ -672,7 +720,7 @@ class ActiveParty:
         delay = 0.1
         while True:
             try:
-                self.peer.finish_job(header, aborted=False)
+                self.peer.finish_job(header, aborted=False, keep_iteration=job.best_iteration)
                 return
             except Unavailable as exc:
                 if time.monotonic() > deadline:
@@ -735,6 +783,33 @@ class ActiveParty:
         elif b_iteration != t:
             raise FailedPrecondition(f"job {job.job_id}: B is at iteration {b_iteration}, A at {t}")
 
+    def _validation_check(self, s: _Session, t: int) -> None:
+        """Validation (config.validation_every): the loss of w^t on the
+        holdout rows, from A's own terms and B's share under A's key, as the
+        loss check; the best check's weights are the ones both parties keep."""
+        job = s.job
+        if s.validated_at == t or s.val_x is None or s.val_y is None:
+            return  # a retried iteration: checked already
+        u_val = s.val_x @ s.w
+        if s.sent_validation is not None and s.sent_validation[0] == t:
+            a_val = s.sent_validation[1]  # re-sent as it was: B answers a retry by replay
+        else:
+            a_val = steps.encrypt_share(self.backend, self.key.public, job.config.residual.active_share(u_val, s.val_y))
+            s.sent_validation = (t, a_val)
+        # The best so far, which B keeps; never this check itself (redone after
+        # B lost an iteration, it is still the best, and B keeps it anew).
+        best = job.best_iteration if job.best_iteration is not None and job.best_iteration < t else None
+        header = serde.step_header(job.job_id, t, s.target_fp)
+        share = self.peer.validation_share(header, best, a_val, self.key.public)
+        loss = steps.active_loss(u_val, s.val_y, share, self.backend, self.key, job.config.residual)
+        s.validated_at = t
+        job.validation_losses = [(i, v) for i, v in job.validation_losses if i != t] + [(t, loss)]
+        if job.best_iteration == t or s.best_loss is None or loss < s.best_loss:
+            s.best_loss, s.best_w, job.best_iteration, s.stale_checks = loss, s.w.copy(), t, 0
+        else:
+            s.stale_checks += 1
+        log.info("event=validation job=%s iteration=%d loss=%.6g best=%s", job.job_id, t, loss, job.best_iteration)
+
     @GATE.working
     def _train_iteration(
         self, s: _Session, t: int, batch: Batch, previous_apply: Future[float] | None
@@ -759,6 +834,8 @@ class ActiveParty:
         reply = self.peer.exchange_residual_shares(header, batch.rows.tolist(), a_enc, s.passive_key.cipher_width)
         b_enc = reply.ciphers(s.passive_key, "[[b_S]]_B")
         b_enc.require_length(len(batch.rows), "[[b_S]]_B")
+        if s.job.config.validation_due(t, len(s.batches)):
+            self._validation_check(s, t)  # w^t at both parties: after step 2, before either's step 5
         every = s.job.config.loss_every
         want_loss = bool(every) and ((t + 1) % every == 0 or t + 1 == len(s.batches))
         # B computes the loss share beside its step 3; fetch it while A computes.
@@ -819,6 +896,8 @@ class ActiveParty:
                 "feature_names": self.data.feature_names,
                 "weights": s.w[:-1].tolist(),
                 "intercept": float(s.w[-1]),
+                "kept_iteration": job.best_iteration,
+                "validation_losses": list(job.validation_losses),
                 "initial_weights": s.w0.tolist(),
                 "scaler": s.scaler.to_dict(),
                 "dp": self._dp_record(s),

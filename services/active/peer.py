@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -277,8 +277,19 @@ class PassiveClient:
         )
         return int(reply.iteration), int(reply.phase)
 
-    def finish_job(self, header: common_pb2.StepHeader, aborted: bool) -> bool:
-        req = party_pb2.FinishJobRequest(header=header, aborted=aborted)
+    def validation_share(
+        self, header: common_pb2.StepHeader, best_iteration: int | None, a_val: CipherVector, key: PublicKey
+    ) -> CipherVector:
+        def call() -> party_pb2.LossShareReply:
+            chunks = serde.to_chunks(header, ciphers=a_val, best_iteration=best_iteration)
+            reply = self._stub.ComputeValidationShare(chunks, timeout=self.timeout_s)
+            return cast(party_pb2.LossShareReply, self._received("ComputeValidationShare", reply))
+
+        reply = self._call("ComputeValidationShare", call)
+        return serde.cipher_vector_from_proto(reply.share, key, "validation share")
+
+    def finish_job(self, header: common_pb2.StepHeader, aborted: bool, keep_iteration: int | None = None) -> bool:
+        req = party_pb2.FinishJobRequest(header=header, aborted=aborted, keep_iteration=keep_iteration)
         reply = self._call(
             "FinishJob", lambda: self._received("FinishJob", self._stub.FinishJob(req, timeout=self.timeout_s))
         )

@@ -36,6 +36,10 @@ def _status(job: TrainingJob) -> client_pb2.JobStatus:
         msg.loss = job.loss
     if job.dp_epsilon_spent is not None:
         msg.dp_epsilon_spent = job.dp_epsilon_spent
+    if job.validation_losses:
+        msg.validation_loss = job.validation_losses[-1][1]
+    if job.best_iteration is not None:
+        msg.best_iteration = job.best_iteration
     return msg
 
 

@@ -124,6 +124,12 @@ class PassiveJob:
     next_share: Future[tuple[int, np.ndarray, CipherVector] | None] | None = None
     last_update_sq_norm: float | None = None
     optimizer: OptimizerState | None = None  # B's own, never sent
+    # Validation (config.validation_every): the holdout rows, standardised
+    # with the training statistics, in the set-up order; and B's weights of
+    # the checked iterations A may still keep (its best so far, the latest).
+    x_val: np.ndarray | None = None
+    kept_iteration: int | None = None  # the checked iteration stored as the model
+    candidates: dict[int, np.ndarray] = field(default_factory=dict)
     # Replay of retried steps: this iteration's answers by request digest, and
     # the last step 5 (kept across B's restart in the checkpoint).
     answered: dict[str, tuple[bytes, Any]] = field(default_factory=dict)
@@ -318,6 +324,13 @@ class PassiveParty:
         floor = min_batch_size(active_features, self.data.n_features, config.allow_small_batch)
         if n_rows < floor:
             raise InvalidArgument(f"spec.n_rows: expected at least {floor} training rows, got {n_rows}")
+        if config.validation_every and len(set(holdout_ids)) < floor:
+            # The validation loss is one scalar over these rows: as few rows as
+            # a batch may have, or fewer unknowns would fit in it.
+            raise InvalidArgument(
+                f"config.validation_every: expected at least {floor} distinct holdout rows to validate on, "
+                f"got {len(set(holdout_ids))}"
+            )
         request = {
             "job_id": job_id,
             "config": config.model_dump(),
@@ -394,6 +407,9 @@ class PassiveParty:
             releases = dp.releases_per_row(len(expected), expected.per_epoch)
             multiplier = dp.noise_multiplier(config.dp_epsilon, config.dp_delta, releases)
         w0 = np.asarray(setup["w0"], dtype=np.float64)
+        x_val = None
+        if config.validation_every:
+            x_val = scaler.transform(self.data.features[self.data.positions(list(setup["holdout_ids"]), "holdout_ids")])
         job = PassiveJob(
             job_id=setup["job_id"],
             config=config,
@@ -413,6 +429,7 @@ class PassiveParty:
             noise_multiplier=multiplier,
         )
         job.expected = expected
+        job.x_val = x_val
         return job
 
     def _save_state(self, job: PassiveJob, durable: bool = False) -> None:
@@ -423,6 +440,7 @@ class PassiveParty:
                 "iteration": job.iteration,
                 "w": job.w.tolist(),
                 "optimizer": None if job.optimizer is None else job.optimizer.to_record(),
+                "candidates": {str(t): w.tolist() for t, w in job.candidates.items()},
                 "last_update_sq_norm": job.last_update_sq_norm,
                 "last_apply": None if last is None else [last[0], last[1].hex(), last[2]],
                 "restarts": job.restarts,
@@ -454,6 +472,11 @@ class PassiveParty:
                 job.w = np.asarray(state["w"], dtype=np.float64)
                 settings = OptimizerSettings.of(job.config)
                 job.optimizer = restored_state(state.get("optimizer"), settings, len(job.w), job.iteration)
+                job.candidates = {
+                    int(t): np.asarray(w, dtype=np.float64) for t, w in (state.get("candidates") or {}).items()
+                }
+                if any(w.shape != job.w.shape for w in job.candidates.values()):
+                    raise ValueError("candidates: weights of another width")
                 job.last_update_sq_norm = state["last_update_sq_norm"]
                 if state["last_apply"] is not None:
                     t, digest, norm = state["last_apply"]
@@ -730,7 +753,47 @@ class PassiveParty:
         with GATE.busy():
             return steps.passive_loss_share(self.backend, a_enc, u, model)
 
-    def finish_job(self, job_id: str, target_fp: bytes, aborted: bool) -> bool:
+    @GATE.working
+    def validation_share(self, job_id: str, target_fp: bytes, msg: StepMessage) -> CipherVector:
+        """Validation check: [[sum_i a_i u_B,i + c sum_i u_B,i^2]]_A over the
+        job's holdout rows, with B's weights of the checked iteration (before
+        its step 5; after the last iteration, the final ones). B keeps those
+        weights until A names a better check."""
+        job = self._job(job_id, target_fp)
+        t = int(msg.require_header("ComputeValidationShare").iteration)
+        with job.lock, self._refusal_ends_job(job):
+            digest = msg.digest()
+            done = job.answered.get("validation")
+            if done is not None and job.iteration == t:
+                if done[0] == digest:
+                    return cast(CipherVector, done[1])  # a retry: the same answer, never a second one
+                raise FailedPrecondition(f"header.iteration: the validation share of iteration {t} was computed")
+            total = len(job.expected)
+            if job.x_val is None or not job.config.validation_due(t, total):
+                raise FailedPrecondition(
+                    f"header.iteration: iteration {t} is not a validation check of this job "
+                    "(config.validation_every, and the end)"
+                )
+            if job.iteration != t or (t < total and job.phase == Phase.SHARES):
+                raise FailedPrecondition(
+                    f"header.iteration: the validation share of iteration {t} is available after that "
+                    "iteration's residual shares, or after the last iteration"
+                )
+            best = msg.best_iteration
+            if best is not None and best not in job.candidates:
+                raise InvalidArgument(f"best_iteration: {best} is not a validation check of this job")
+            a_val = msg.ciphers(job.active_key, "[[a_V]]_A")
+            a_val.require_length(len(job.x_val), "[[a_V]]_A")
+            with GATE.busy():
+                share = steps.passive_loss_share(self.backend, a_val, job.x_val @ job.w, job.config.residual)
+            job.candidates = {k: w for k, w in job.candidates.items() if k == best}
+            job.candidates[t] = job.w.copy()
+            job.answered["validation"] = (digest, share)
+            if t == total:
+                self._save_state(job)  # no step 5 follows to write it
+            return share
+
+    def finish_job(self, job_id: str, target_fp: bytes, aborted: bool, keep_iteration: int | None = None) -> bool:
         if job_id not in self._jobs and not aborted and self.models.exists(job_id):
             # A retried FinishJob: the shard is stored. Only the job's own
             # target key learns that, so the call is no oracle for model ids.
@@ -751,6 +814,15 @@ class PassiveParty:
                     f"passive party stores a model only after its schedule, or after at least "
                     f"{self.policy.min_iterations} iterations (VFL_MIN_ITERATIONS at B)"
                 )
+            if keep_iteration is not None:
+                if keep_iteration not in job.candidates:
+                    self._end_job(job, "asked to keep weights it never checked")
+                    raise FailedPrecondition(
+                        f"keep_iteration: iteration {keep_iteration} is not a validation check whose weights "
+                        "the passive party keeps"
+                    )
+                job.w = job.candidates[keep_iteration]
+                job.kept_iteration = keep_iteration
             self._end_job(job, "finished")
             self._store_model(job)
         log.info("event=model_stored job=%s iterations=%d", job_id, job.iteration)
@@ -771,6 +843,7 @@ class PassiveParty:
                 "population": sorted(job.population),
                 "feature_names": self.data.feature_names,
                 "weights": job.w.tolist(),
+                "kept_iteration": job.kept_iteration,
                 "initial_weights": job.w0.tolist(),
                 "scaler": job.scaler.to_dict(),
                 "dp": self._dp_record(job),

@@ -186,6 +186,15 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         return party_pb2.LossShareReply(header=h, share=serde.cipher_vector_to_proto(share))
 
     @rpc_method
+    def ComputeValidationShare(
+        self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext
+    ) -> party_pb2.LossShareReply:
+        msg = serde.from_chunks(request_iterator, "ComputeValidationShare")
+        h = msg.require_header("ComputeValidationShare")
+        share = self.party.validation_share(h.job_id, h.target_fingerprint, msg)
+        return party_pb2.LossShareReply(header=h, share=serde.cipher_vector_to_proto(share))
+
+    @rpc_method
     def GetJobState(self, request: party_pb2.JobStateRequest, context: grpc.ServicerContext) -> party_pb2.JobStateReply:
         h = request.header
         iteration, phase = self.party.job_state(h.job_id, h.target_fingerprint)
@@ -194,7 +203,9 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
     @rpc_method
     def FinishJob(self, request: party_pb2.FinishJobRequest, context: grpc.ServicerContext) -> party_pb2.FinishJobReply:
         h = request.header
-        return party_pb2.FinishJobReply(stored=self.party.finish_job(h.job_id, h.target_fingerprint, request.aborted))
+        keep = request.keep_iteration if request.HasField("keep_iteration") else None
+        stored = self.party.finish_job(h.job_id, h.target_fingerprint, request.aborted, keep)
+        return party_pb2.FinishJobReply(stored=stored)
 
     @rpc_method
     def PredictScores(

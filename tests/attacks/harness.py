@@ -133,13 +133,20 @@ class MaliciousActive:
         return alignment.positions(ids, "ids")
 
     def setup(
-        self, config: JobConfig, job_id: str = "", alignment: AlignmentRecord | None = None
+        self,
+        config: JobConfig,
+        job_id: str = "",
+        alignment: AlignmentRecord | None = None,
+        holdout_ids: list[str] | None = None,
     ) -> party_pb2.SetupJobReply:
         """Set up a job on the job's ids, aligned first unless `alignment` is given."""
         job_id = job_id or f"attack-{secrets.token_hex(4)}"
         self.alignment = alignment or self.align()
         rows = self.alignment.positions(self.ids, "ids")
-        reply = self.client.setup_job(job_id, config, self.fp, self.view.p_active, self.alignment.alignment_id, rows)
+        holdout = self.alignment.positions(holdout_ids or [], "holdout_ids")
+        reply = self.client.setup_job(
+            job_id, config, self.fp, self.view.p_active, self.alignment.alignment_id, rows, holdout
+        )
         self.job_id, self.p_passive = job_id, int(reply.passive_features)
         floor = min_batch_size(self.view.p_active, self.p_passive, config.allow_small_batch)
         self.schedule = batch_schedule(
@@ -203,5 +210,13 @@ class MaliciousActive:
     def job_state(self, t: int = 0) -> tuple[int, int]:
         return self.client.job_state(self.header(t))
 
-    def finish(self, t: int, aborted: bool) -> bool:
-        return self.client.finish_job(self.header(t), aborted)
+    def finish(self, t: int, aborted: bool, keep_iteration: int | None = None) -> bool:
+        return self.client.finish_job(self.header(t), aborted, keep_iteration)
+
+    def validation(self, t: int, holdout_ids: list[str], best: int | None = None) -> CipherVector:
+        """A validation check at iteration t: [[a_V]]_A of the holdout rows
+        (fresh each call) and B's loss share over them."""
+        view = active_view(holdout_ids)
+        a = steps.active_residual_share(view.x, self.w, view.y)
+        a_enc = steps.first_encrypted_data(self.backend, self.key.public, a)
+        return self.client.validation_share(self.header(t), best, a_enc, self.key.public)

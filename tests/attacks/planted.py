@@ -270,10 +270,10 @@ def _malicious_passive() -> None:
         big = 1 << CRAFTED_SCORE_BITS
         return [big if i % 2 == 0 else key.n - big for i in range(count)]
 
-    def target_prediction_data(backend, u_active_enc, u_passive):  # type: ignore[no-untyped-def]
+    def target_prediction_data(backend, u_active_enc, u_passive, *model):  # type: ignore[no-untyped-def]
         return backend.encrypt(u_active_enc.key, crafted(u_active_enc.key, len(u_active_enc)), hiding=True)
 
-    def passive_loss_share(backend, a_enc, u_passive):  # type: ignore[no-untyped-def]
+    def passive_loss_share(backend, a_enc, u_passive, *model):  # type: ignore[no-untyped-def]
         return backend.encrypt(a_enc.key, crafted(a_enc.key, 1), hiding=True)
 
     steps.target_prediction_data = target_prediction_data
@@ -284,26 +284,22 @@ def _malicious_passive() -> None:
 def _no_active_range_checks() -> None:
     """A uses whatever B's loss share and prediction scores decrypt to (the
     old behaviour): decode and go on, no range check."""
-    import math
-
-    import numpy as np
 
     from common.crypto.fixedpoint import RESIDUAL_SCALE_BITS, decode, signed
     from common.protocol import steps
+    from common.protocol.residual import LOGISTIC
 
-    def decrypt_prediction(backend, key, scores, expected_length):  # type: ignore[no-untyped-def]
+    def decrypt_prediction(backend, key, scores, expected_length, model=LOGISTIC):  # type: ignore[no-untyped-def]
         scores.require_key(key.public, "prediction scores")
         scores.require_length(expected_length, "prediction scores")
         u = decode(backend.decrypt(key, scores), RESIDUAL_SCALE_BITS, key.plaintext_modulus)
-        return steps.sigmoid(u)
+        return model.link(u)
 
-    def active_loss(u_active, y, share, backend, key):  # type: ignore[no-untyped-def]
+    def active_loss(u_active, y, share, backend, key, model=LOGISTIC):  # type: ignore[no-untyped-def]
         share.require_key(key.public, "loss share")
         share.require_length(1, "loss share")
         cross = signed(backend.decrypt(key, share), key.plaintext_modulus)[0] / float(1 << steps.LOSS_SCALE_BITS)
-        m = len(y)
-        y_pm = 2.0 * y - 1.0
-        return math.log(2.0) + (-float(np.sum(y_pm * u_active)) / 2.0 + float(np.sum(u_active**2)) / 8.0 + cross) / m
+        return model.active_loss(u_active, y, cross)
 
     steps.decrypt_prediction = decrypt_prediction
     steps.active_loss = active_loss

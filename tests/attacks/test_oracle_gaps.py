@@ -370,3 +370,41 @@ def test_planted_no_active_range_checks_is_caught(tmp_path: Path, breast: Breast
         assert math.isfinite(final.loss)
         probs = client.predict("with-loss", breast.test_ids[:8])
         np.testing.assert_array_equal(probs, [1.0, 0.0] * 4)
+
+
+def test_validation_is_no_extra_oracle(real_b: LocalFederation, key: PrivateKey, breast: BreastSplit) -> None:
+    """A malicious A asks for validation shares B's schedule does not owe
+    (an iteration that is not a check, a second answer for a check with
+    other ciphertexts) and for a model of weights B never checked: B
+    refuses each and ends the job, so each probe costs A its job."""
+    config = CONFIG.model_copy(update={"validation_every": 3})
+    holdout = breast.test_ids
+    with attacker(real_b, key, breast) as a:
+        alignment = a.align(breast.train_ids + holdout)
+        # Not a check (3, 6, 9 and the end, 12, are).
+        a.setup(config, alignment=alignment, holdout_ids=holdout)
+        a.iteration(0)
+        a.shares(1)
+        err = refused(a.validation, 1, holdout)
+        assert status_of(err) == Code.FAILED_PRECONDITION and "not a validation check" in str(err), err
+        assert status_of(refused(a.shares, 1)) == Code.NOT_FOUND  # the job is over
+        # One answer per check: a second request with fresh ciphertexts is refused.
+        a.setup(config, alignment=alignment, holdout_ids=holdout)
+        for t in range(3):
+            a.iteration(t)
+        a.shares(3)
+        a.validation(3, holdout)
+        err = refused(a.validation, 3, holdout)
+        assert status_of(err) == Code.FAILED_PRECONDITION and "was computed" in str(err), err
+        # Keep weights of an iteration that was never checked: refused, nothing stored.
+        a.setup(config, alignment=alignment, holdout_ids=holdout)
+        for t in range(12):
+            step4 = a.gradients(t, a.shares(t))
+            if t in (3, 6, 9):
+                a.validation(t, holdout, best=3 if t > 3 else None)
+            a.apply(t, step4)
+        a.validation(12, holdout, best=3)
+        err = refused(a.finish, 12, False, 5)
+        assert status_of(err) == Code.FAILED_PRECONDITION and "keep_iteration" in str(err), err
+        assert not (real_b.workdir / "passive" / "data" / "models" / f"{a.job_id}.json").exists()
+        a.job_id = ""

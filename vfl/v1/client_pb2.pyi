@@ -361,6 +361,8 @@ class JobStatus(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     ELAPSED_S_FIELD_NUMBER: _builtins.int
     DP_EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    VALIDATION_LOSS_FIELD_NUMBER: _builtins.int
+    BEST_ITERATION_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id (also the model id once it succeeded)."""
     state: Global___JobState.ValueType
@@ -380,6 +382,12 @@ class JobStatus(_message.Message):
     """Differential privacy: the epsilon spent so far (at dp_delta), from
     A's accountant of the noise it added to z_B; unset without DP.
     """
+    validation_loss: _builtins.float
+    """With config.validation_every: the latest validation loss (on the
+    holdout rows), and the checked iteration with the best one so far,
+    whose weights the model keeps.
+    """
+    best_iteration: _builtins.int
     def __init__(
         self,
         *,
@@ -392,19 +400,29 @@ class JobStatus(_message.Message):
         error: _builtins.str = ...,
         elapsed_s: _builtins.float = ...,
         dp_epsilon_spent: _builtins.float | None = ...,
+        validation_loss: _builtins.float | None = ...,
+        best_iteration: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "dp_epsilon_spent", b"dp_epsilon_spent", "loss", b"loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "_validation_loss", b"_validation_loss", "best_iteration", b"best_iteration", "dp_epsilon_spent", b"dp_epsilon_spent", "loss", b"loss", "validation_loss", b"validation_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "dp_epsilon_spent", b"dp_epsilon_spent", "elapsed_s", b"elapsed_s", "epoch", b"epoch", "error", b"error", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "state", b"state", "total_iterations", b"total_iterations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "_validation_loss", b"_validation_loss", "best_iteration", b"best_iteration", "dp_epsilon_spent", b"dp_epsilon_spent", "elapsed_s", b"elapsed_s", "epoch", b"epoch", "error", b"error", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "state", b"state", "total_iterations", b"total_iterations", "validation_loss", b"validation_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__best_iteration: _TypeAlias = _typing.Literal["best_iteration"]  # noqa: Y015
+    _WhichOneofArgType__best_iteration: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration"]  # noqa: Y015
     _WhichOneofReturnType__dp_epsilon_spent: _TypeAlias = _typing.Literal["dp_epsilon_spent"]  # noqa: Y015
     _WhichOneofArgType__dp_epsilon_spent: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent"]  # noqa: Y015
     _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
     _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
+    _WhichOneofReturnType__validation_loss: _TypeAlias = _typing.Literal["validation_loss"]  # noqa: Y015
+    _WhichOneofArgType__validation_loss: _TypeAlias = _typing.Literal["_validation_loss", b"_validation_loss"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__best_iteration) -> _WhichOneofReturnType__best_iteration | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_epsilon_spent) -> _WhichOneofReturnType__dp_epsilon_spent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss) -> _WhichOneofReturnType__loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_loss) -> _WhichOneofReturnType__validation_loss | None: ...
 
 Global___JobStatus: _TypeAlias = JobStatus  # noqa: Y015
 

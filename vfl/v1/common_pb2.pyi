@@ -182,8 +182,14 @@ class StepChunk(_message.Message):
     CIPHERTEXTS_FIELD_NUMBER: _builtins.int
     RESIDUES_FIELD_NUMBER: _builtins.int
     ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    BEST_ITERATION_FIELD_NUMBER: _builtins.int
     alignment_id: _builtins.str
     """Prediction only, first chunk: the alignment whose positions `rows` are."""
+    best_iteration: _builtins.int
+    """Validation only, first chunk: the checked iteration whose weights A
+    keeps as the best so far (absent before the first check). B keeps its
+    own weights of that iteration and of this one, and drops the rest.
+    """
     @_builtins.property
     def header(self) -> Global___StepHeader:
         """Set on the first chunk of a stream only."""
@@ -210,12 +216,15 @@ class StepChunk(_message.Message):
         ciphertexts: Global___CipherVector | None = ...,
         residues: Global___ResidueVector | None = ...,
         alignment_id: _builtins.str = ...,
+        best_iteration: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ciphertexts", b"ciphertexts", "header", b"header", "residues", b"residues"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "best_iteration", b"best_iteration", "ciphertexts", b"ciphertexts", "header", b"header", "residues", b"residues"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alignment_id", b"alignment_id", "ciphertexts", b"ciphertexts", "header", b"header", "residues", b"residues", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "alignment_id", b"alignment_id", "best_iteration", b"best_iteration", "ciphertexts", b"ciphertexts", "header", b"header", "residues", b"residues", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__best_iteration: _TypeAlias = _typing.Literal["best_iteration"]  # noqa: Y015
+    _WhichOneofArgType__best_iteration: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__best_iteration) -> _WhichOneofReturnType__best_iteration | None: ...
 
 Global___StepChunk: _TypeAlias = StepChunk  # noqa: Y015
 
@@ -250,6 +259,8 @@ class TrainingConfig(_message.Message):
     DECAY_RATE_FIELD_NUMBER: _builtins.int
     DECAY_STEPS_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    VALIDATION_EVERY_FIELD_NUMBER: _builtins.int
+    PATIENCE_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Step size of mini-batch SGD. Default 0.15. Must be > 0."""
     batch_size: _builtins.int
@@ -326,6 +337,18 @@ class TrainingConfig(_message.Message):
     residual u - y (squared loss), prediction the value u; labels may be any
     numbers. Not with dp_epsilon.
     """
+    validation_every: _builtins.int
+    """Early stopping on a validation split held by A: every this many
+    iterations, and after the last, the loss of the current weights on the
+    job's holdout rows (one scalar, decrypted by A, as the loss check), and
+    the best checked weights are the model each party keeps. 0 = off
+    (default). Needs holdout ids, at least as many as the batch floor, and
+    dp_epsilon = 0.
+    """
+    patience: _builtins.int
+    """With validation_every: stop after this many checks without a better
+    validation loss (0 = never stop early, keep the best). Default 0.
+    """
     def __init__(
         self,
         *,
@@ -352,10 +375,12 @@ class TrainingConfig(_message.Message):
         decay_rate: _builtins.float | None = ...,
         decay_steps: _builtins.int | None = ...,
         model: _builtins.str | None = ...,
+        validation_every: _builtins.int | None = ...,
+        patience: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_beta1", b"_beta1", "_beta2", b"_beta2", "_decay_rate", b"_decay_rate", "_decay_steps", b"_decay_steps", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_epsilon", b"_epsilon", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_lr_decay", b"_lr_decay", "_max_iterations", b"_max_iterations", "_model", b"_model", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_rho", b"_rho", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "beta1", b"beta1", "beta2", b"beta2", "decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "epsilon", b"epsilon", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "lr_decay", b"lr_decay", "max_iterations", b"max_iterations", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "rho", b"rho", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_beta1", b"_beta1", "_beta2", b"_beta2", "_decay_rate", b"_decay_rate", "_decay_steps", b"_decay_steps", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_epsilon", b"_epsilon", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_lr_decay", b"_lr_decay", "_max_iterations", b"_max_iterations", "_model", b"_model", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_patience", b"_patience", "_rho", b"_rho", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "_validation_every", b"_validation_every", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "beta1", b"beta1", "beta2", b"beta2", "decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "epsilon", b"epsilon", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "lr_decay", b"lr_decay", "max_iterations", b"max_iterations", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "patience", b"patience", "rho", b"rho", "seed", b"seed", "standardize", b"standardize", "tol", b"tol", "validation_every", b"validation_every"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_beta1", b"_beta1", "_beta2", b"_beta2", "_decay_rate", b"_decay_rate", "_decay_steps", b"_decay_steps", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_epsilon", b"_epsilon", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_lr_decay", b"_lr_decay", "_max_iterations", b"_max_iterations", "_model", b"_model", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_rho", b"_rho", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "beta1", b"beta1", "beta2", b"beta2", "decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "epsilon", b"epsilon", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "lr_decay", b"lr_decay", "max_iterations", b"max_iterations", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "rho", b"rho", "seed", b"seed", "standardize", b"standardize", "tol", b"tol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_beta1", b"_beta1", "_beta2", b"_beta2", "_decay_rate", b"_decay_rate", "_decay_steps", b"_decay_steps", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_epsilon", b"_epsilon", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_lr_decay", b"_lr_decay", "_max_iterations", b"_max_iterations", "_model", b"_model", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_patience", b"_patience", "_rho", b"_rho", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "_validation_every", b"_validation_every", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "beta1", b"beta1", "beta2", b"beta2", "decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "epsilon", b"epsilon", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "lr_decay", b"lr_decay", "max_iterations", b"max_iterations", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "patience", b"patience", "rho", b"rho", "seed", b"seed", "standardize", b"standardize", "tol", b"tol", "validation_every", b"validation_every"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_small_batch: _TypeAlias = _typing.Literal["allow_small_batch"]  # noqa: Y015
     _WhichOneofArgType__allow_small_batch: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch"]  # noqa: Y015
@@ -395,6 +420,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__momentum: _TypeAlias = _typing.Literal["_momentum", b"_momentum"]  # noqa: Y015
     _WhichOneofReturnType__optimizer: _TypeAlias = _typing.Literal["optimizer"]  # noqa: Y015
     _WhichOneofArgType__optimizer: _TypeAlias = _typing.Literal["_optimizer", b"_optimizer"]  # noqa: Y015
+    _WhichOneofReturnType__patience: _TypeAlias = _typing.Literal["patience"]  # noqa: Y015
+    _WhichOneofArgType__patience: _TypeAlias = _typing.Literal["_patience", b"_patience"]  # noqa: Y015
     _WhichOneofReturnType__rho: _TypeAlias = _typing.Literal["rho"]  # noqa: Y015
     _WhichOneofArgType__rho: _TypeAlias = _typing.Literal["_rho", b"_rho"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
@@ -403,6 +430,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__standardize: _TypeAlias = _typing.Literal["_standardize", b"_standardize"]  # noqa: Y015
     _WhichOneofReturnType__tol: _TypeAlias = _typing.Literal["tol"]  # noqa: Y015
     _WhichOneofArgType__tol: _TypeAlias = _typing.Literal["_tol", b"_tol"]  # noqa: Y015
+    _WhichOneofReturnType__validation_every: _TypeAlias = _typing.Literal["validation_every"]  # noqa: Y015
+    _WhichOneofArgType__validation_every: _TypeAlias = _typing.Literal["_validation_every", b"_validation_every"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__allow_small_batch) -> _WhichOneofReturnType__allow_small_batch | None: ...
     @_typing.overload
@@ -442,6 +471,8 @@ class TrainingConfig(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__optimizer) -> _WhichOneofReturnType__optimizer | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__patience) -> _WhichOneofReturnType__patience | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rho) -> _WhichOneofReturnType__rho | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
@@ -449,5 +480,7 @@ class TrainingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__standardize) -> _WhichOneofReturnType__standardize | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__tol) -> _WhichOneofReturnType__tol | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_every) -> _WhichOneofReturnType__validation_every | None: ...
 
 Global___TrainingConfig: _TypeAlias = TrainingConfig  # noqa: Y015

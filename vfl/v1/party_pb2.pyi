@@ -489,8 +489,13 @@ class FinishJobRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     ABORTED_FIELD_NUMBER: _builtins.int
+    KEEP_ITERATION_FIELD_NUMBER: _builtins.int
     aborted: _builtins.bool
     """True if A stopped the job on an error: B discards its state, stores nothing."""
+    keep_iteration: _builtins.int
+    """With validation: the checked iteration whose weights B stores as its
+    model shard (the best validation loss). Absent: the last weights.
+    """
     @_builtins.property
     def header(self) -> _common_pb2.StepHeader:
         """Job, iterations done, and target key."""
@@ -500,12 +505,15 @@ class FinishJobRequest(_message.Message):
         *,
         header: _common_pb2.StepHeader | None = ...,
         aborted: _builtins.bool = ...,
+        keep_iteration: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_keep_iteration", b"_keep_iteration", "header", b"header", "keep_iteration", b"keep_iteration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted", b"aborted", "header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_keep_iteration", b"_keep_iteration", "aborted", b"aborted", "header", b"header", "keep_iteration", b"keep_iteration"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__keep_iteration: _TypeAlias = _typing.Literal["keep_iteration"]  # noqa: Y015
+    _WhichOneofArgType__keep_iteration: _TypeAlias = _typing.Literal["_keep_iteration", b"_keep_iteration"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__keep_iteration) -> _WhichOneofReturnType__keep_iteration | None: ...
 
 Global___FinishJobRequest: _TypeAlias = FinishJobRequest  # noqa: Y015
 

@@ -100,6 +100,11 @@ class PartyServiceStub:
                 request_serializer=vfl_dot_v1_dot_party__pb2.LossShareRequest.SerializeToString,
                 response_deserializer=vfl_dot_v1_dot_party__pb2.LossShareReply.FromString,
                 _registered_method=True)
+        self.ComputeValidationShare = channel.stream_unary(
+                '/vfl.v1.PartyService/ComputeValidationShare',
+                request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_party__pb2.LossShareReply.FromString,
+                _registered_method=True)
         self.GetJobState = channel.unary_unary(
                 '/vfl.v1.PartyService/GetJobState',
                 request_serializer=vfl_dot_v1_dot_party__pb2.JobStateRequest.SerializeToString,
@@ -232,6 +237,19 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeValidationShare(self, request_iterator, context):
+        """Validation check (config.validation_every). A -> B: header (the
+        iteration whose step 2 B has answered, or, after the last iteration, the
+        iteration count), best_iteration, and ciphertexts = [[a_V]]_A, A's
+        residual share of the job's holdout rows in their set-up order, under A's
+        current weights. B -> A: [[sum_i a_i u_B,i + c sum_i u_B,i^2]]_A over
+        those rows with B's weights of the same iteration, re-randomised. Once
+        per checked iteration; a retry is answered by replay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetJobState(self, request, context):
         """Where B is in a job: the iteration and the step it expects next. A asks
         after a failed call (or after its own restart) to resume the job from
@@ -325,6 +343,11 @@ def add_PartyServiceServicer_to_server(servicer, server):
             'ComputeLossShare': grpc.unary_unary_rpc_method_handler(
                     servicer.ComputeLossShare,
                     request_deserializer=vfl_dot_v1_dot_party__pb2.LossShareRequest.FromString,
+                    response_serializer=vfl_dot_v1_dot_party__pb2.LossShareReply.SerializeToString,
+            ),
+            'ComputeValidationShare': grpc.stream_unary_rpc_method_handler(
+                    servicer.ComputeValidationShare,
+                    request_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
                     response_serializer=vfl_dot_v1_dot_party__pb2.LossShareReply.SerializeToString,
             ),
             'GetJobState': grpc.unary_unary_rpc_method_handler(
@@ -693,6 +716,33 @@ class PartyService:
             target,
             '/vfl.v1.PartyService/ComputeLossShare',
             vfl_dot_v1_dot_party__pb2.LossShareRequest.SerializeToString,
+            vfl_dot_v1_dot_party__pb2.LossShareReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeValidationShare(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/vfl.v1.PartyService/ComputeValidationShare',
+            vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
             vfl_dot_v1_dot_party__pb2.LossShareReply.FromString,
             options,
             channel_credentials,

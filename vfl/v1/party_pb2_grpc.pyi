@@ -93,6 +93,15 @@ class PartyServiceStub:
     """Loss check for the current batch: B answers
     [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
     """
+    ComputeValidationShare: _grpc.StreamUnaryMultiCallable[_common_pb2.StepChunk, _party_pb2.LossShareReply]
+    """Validation check (config.validation_every). A -> B: header (the
+    iteration whose step 2 B has answered, or, after the last iteration, the
+    iteration count), best_iteration, and ciphertexts = [[a_V]]_A, A's
+    residual share of the job's holdout rows in their set-up order, under A's
+    current weights. B -> A: [[sum_i a_i u_B,i + c sum_i u_B,i^2]]_A over
+    those rows with B's weights of the same iteration, re-randomised. Once
+    per checked iteration; a retry is answered by replay.
+    """
     GetJobState: _grpc.UnaryUnaryMultiCallable[_party_pb2.JobStateRequest, _party_pb2.JobStateReply]
     """Where B is in a job: the iteration and the step it expects next. A asks
     after a failed call (or after its own restart) to resume the job from
@@ -167,6 +176,15 @@ class PartyServiceAsyncStub(PartyServiceStub):
     ComputeLossShare: _aio.UnaryUnaryMultiCallable[_party_pb2.LossShareRequest, _party_pb2.LossShareReply]  # type: ignore[assignment]
     """Loss check for the current batch: B answers
     [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
+    """
+    ComputeValidationShare: _aio.StreamUnaryMultiCallable[_common_pb2.StepChunk, _party_pb2.LossShareReply]  # type: ignore[assignment]
+    """Validation check (config.validation_every). A -> B: header (the
+    iteration whose step 2 B has answered, or, after the last iteration, the
+    iteration count), best_iteration, and ciphertexts = [[a_V]]_A, A's
+    residual share of the job's holdout rows in their set-up order, under A's
+    current weights. B -> A: [[sum_i a_i u_B,i + c sum_i u_B,i^2]]_A over
+    those rows with B's weights of the same iteration, re-randomised. Once
+    per checked iteration; a retry is answered by replay.
     """
     GetJobState: _aio.UnaryUnaryMultiCallable[_party_pb2.JobStateRequest, _party_pb2.JobStateReply]  # type: ignore[assignment]
     """Where B is in a job: the iteration and the step it expects next. A asks
@@ -317,6 +335,21 @@ class PartyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_party_pb2.LossShareReply, _abc.Awaitable[_party_pb2.LossShareReply]]:
         """Loss check for the current batch: B answers
         [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
+        """
+
+    @_abc_1.abstractmethod
+    def ComputeValidationShare(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.StepChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_party_pb2.LossShareReply, _abc.Awaitable[_party_pb2.LossShareReply]]:
+        """Validation check (config.validation_every). A -> B: header (the
+        iteration whose step 2 B has answered, or, after the last iteration, the
+        iteration count), best_iteration, and ciphertexts = [[a_V]]_A, A's
+        residual share of the job's holdout rows in their set-up order, under A's
+        current weights. B -> A: [[sum_i a_i u_B,i + c sum_i u_B,i^2]]_A over
+        those rows with B's weights of the same iteration, re-randomised. Once
+        per checked iteration; a retry is answered by replay.
         """
 
     @_abc_1.abstractmethod
