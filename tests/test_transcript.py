@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import typing
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,7 +36,8 @@ from tests.conftest import make_federation, read_private_key, read_shard, tls_cl
 from tests.reference_run import reference_from_shards
 from vfl.v1 import client_pb2, party_pb2
 
-CONFIG = JobConfig(epochs=2, batch_size=64, seed=11, loss_every=2)  # B stores no model under 10 iterations
+# B stores no model under 10 iterations; validation checks at 5, 10 and 14.
+CONFIG = JobConfig(epochs=2, batch_size=64, seed=11, loss_every=2, validation_every=5)
 PARTY_SERVICE = party_pb2.DESCRIPTOR.services_by_name["PartyService"]
 GRADIENT_SCALE = 2.0 ** (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
 
@@ -199,7 +201,7 @@ def test_active_party_can_decrypt_only_what_it_may(run):
                 assert looks_masked(plain, sk_a.public)
                 values = np.array(signed(plain, sk_a.plaintext_modulus), dtype=float) / GRADIENT_SCALE
                 assert not matches_any(values, h_passive, 1e-3)
-            elif method == "ComputeLossShare":
+            elif method in ("ComputeLossShare", "ComputeValidationShare"):
                 assert len(plain) == 1
             else:
                 assert method == "PredictScores"
@@ -239,6 +241,9 @@ def test_every_integer_a_party_receives_is_public(run, breast):
                 key = (owner, name)
                 if key in (("StepHeader", "iteration"), ("JobStateReply", "iteration")):
                     assert value <= n_iter
+                elif key in (("StepChunk", "best_iteration"), ("FinishJobRequest", "keep_iteration")):
+                    # Which validation check A keeps: one of the schedule's checks.
+                    assert party == "passive" and CONFIG.validation_due(value, n_iter), (key, value)
                 elif key == ("StepChunk", "rows"):
                     assert party == "passive" and method in ("ExchangeResidualShares", "PredictScores"), (
                         f"rows in {method} to {party}"
@@ -288,6 +293,12 @@ def positions(run, ids: list[str]) -> list[int]:
     return record.positions(ids, "ids")
 
 
+# The configuration's string fields: each one of a fixed set of names.
+CONFIG_CHOICES = {
+    name: typing.get_args(JobConfig.model_fields[name].annotation) for name in ("model", "optimizer", "lr_decay")
+}
+
+
 def test_strings_received_are_public_names_and_no_id_travels(run):
     """Neither party receives an id: the only strings are the job's and the
     alignment's names and the key scheme. (tests/test_alignment.py also
@@ -302,6 +313,8 @@ def test_strings_received_are_public_names_and_no_id_travels(run):
                     names[name].add(value)
                 elif (owner, name) == ("PublicKey", "scheme"):
                     assert value in ("ou", "paillier")
+                elif owner == "TrainingConfig" and name in CONFIG_CHOICES:
+                    assert value in CONFIG_CHOICES[name], (name, value)  # a public choice, never data
                 else:
                     raise AssertionError(f"{party} received a string {owner}.{name} in {method}")
     assert names["job_id"] == {"transcript"}
@@ -458,7 +471,7 @@ def tls_run(tmp_path_factory, breast):
     workdir = tmp_path_factory.mktemp("transcript-tls")
     with make_federation(workdir, transcripts=True, tls=True) as fed, tls_client(fed) as c:
         c.wait_ready(30)
-        c.start_training(CONFIG, breast.train_ids, "transcript")
+        c.start_training(CONFIG, breast.train_ids, "transcript", holdout_ids=breast.test_ids)
         assert c.wait("transcript").state == client_pb2.JOB_STATE_SUCCEEDED
         c.predict("transcript", breast.test_ids)
     transcripts = {p: load_transcript(workdir / f"{p}.transcript.jsonl") for p in ("active", "passive")}
