@@ -3,7 +3,8 @@ over loopback, real Paillier keys) and the bundled breast split."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import csv
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,15 @@ def client(federation: LocalFederation) -> Iterator[VflClient]:
     with VflClient(federation.active_address, timeout_s=120) as c:
         c.wait_ready(30)
         yield c
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> Path:
+    """A party's CSV for a test federation."""
+    with path.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(header)
+        out.writerows(rows)
+    return path
 
 
 def read_shard(fed: LocalFederation, party: str, model_id: str) -> dict:

@@ -23,7 +23,7 @@ from common.jobconfig import JobConfig
 from common.rpc import status_of
 from common.storage import read_record, write_record
 from services.active.peer import PassiveClient
-from tests.conftest import make_federation, read_private_key, read_shard
+from tests.conftest import make_federation, read_private_key, read_shard, write_csv
 from tests.reference_run import reference_from_shards
 from vfl.v1 import client_pb2
 
@@ -35,14 +35,6 @@ def _rows(path: Path) -> tuple[list[str], list[list[str]]]:
         reader = csv.reader(f)
         header = next(reader)
         return header, list(reader)
-
-
-def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +49,8 @@ def overlap(tmp_path_factory: pytest.TempPathFactory) -> dict:
     kept_b = [[customer(r[0]), *r[1:]] for k, r in enumerate(rows_b) if k % 7]
     only_a = [[f"a-only-{k}-é", *r[1:]] for k, r in enumerate(rows_a[:40])]
     only_b = [[f"b-only-{k}-{'字' * 50}", *r[1:]] for k, r in enumerate(rows_b[:30])]
-    active = _write(root / "active.csv", header_a, kept_a + only_a)
-    passive = _write(root / "passive.csv", header_b, kept_b + only_b)
+    active = write_csv(root / "active.csv", header_a, kept_a + only_a)
+    passive = write_csv(root / "passive.csv", header_b, kept_b + only_b)
     ids_a = [r[0] for r in kept_a + only_a]
     ids_b = {r[0] for r in kept_b + only_b}
     with make_federation(root / "fed", active_csv=active, passive_csv=passive, transcripts=True) as fed:

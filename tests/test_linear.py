@@ -5,9 +5,6 @@ is the plain squared loss, and the fit reaches least squares'."""
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import grpc
 import numpy as np
 import pytest
@@ -16,19 +13,11 @@ from sklearn.metrics import r2_score
 
 from cli.client import VflClient
 from common.jobconfig import JobConfig
-from tests.conftest import make_federation, read_shard
+from tests.conftest import make_federation, read_shard, write_csv
 from tests.reference_run import reference_from_shards
 from vfl.v1 import client_pb2
 
 CONFIG = JobConfig(model="linear", epochs=25, batch_size=32, learning_rate=0.1, l2=0.0, seed=3, tol=0.0)
-
-
-def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
-    with path.open("w", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(header)
-        out.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")

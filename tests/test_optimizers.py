@@ -90,8 +90,9 @@ def test_learning_rate_schedules(decay, rate, expected):
         w = w_next
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_every_optimiser_learns_a_separable_problem(name):
+@pytest.mark.parametrize(("name", "decay"), [(n, "exponential") for n in OPTIMIZERS] + [("sgd", "none")])
+def test_every_optimiser_learns_a_separable_problem(name, decay):
+    """The plain reference (train_plain) learns with each rule."""
     rng = np.random.default_rng(3)
     x = rng.normal(size=(400, 6))
     y = (x @ rng.normal(size=6) + 0.3 * rng.normal(size=400) > 0).astype(float)
@@ -104,7 +105,7 @@ def test_every_optimiser_learns_a_separable_problem(name):
         steps.private_initial_weights(4, 0.01),
         steps.private_initial_weights(3, 0.01),
         sched,
-        OptimizerSettings(name, lr, decay="exponential", decay_rate=0.9, decay_steps=10),
+        OptimizerSettings(name, lr, decay=decay, decay_rate=0.9, decay_steps=10),
         0.0,
     )
     acc = np.mean(((with_intercept(x[:, :3]) @ wa + x[:, 3:] @ wb) > 0) == y)

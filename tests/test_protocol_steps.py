@@ -12,8 +12,7 @@ from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, si
 from common.errors import FailedPrecondition, InvalidArgument, OutOfRange
 from common.protocol import steps
 from common.protocol.batching import batch_schedule, check_batch_size, min_batch_size
-from common.protocol.optimizers import OptimizerSettings
-from common.protocol.reference import train_plain, with_intercept
+from common.protocol.reference import with_intercept
 from common.protocol.residual import LINEAR
 
 # Test-size keys per backend (OU's plaintext space is a third of its modulus).
@@ -206,25 +205,6 @@ def test_batch_guard_and_merge():
     assert len(many) == 700_000 and len(many[-1].rows) == 71 and many[-1].epoch == 99_999
     assert len(batch_schedule(455, 64, 100_000, seed=1, min_batch=60, limit=3)) == 3
     np.testing.assert_array_equal(many[8].rows, sched[8].rows)  # same seed, same batches
-
-
-def test_plain_reference_learns(batch):
-    rng = np.random.default_rng(3)
-    x = rng.normal(size=(400, 6))
-    y = (x @ rng.normal(size=6) + 0.3 * rng.normal(size=400) > 0).astype(float)
-    sched = batch_schedule(400, 64, 5, seed=0, min_batch=18)
-    wa, wb = train_plain(
-        x[:, :3],
-        x[:, 3:],
-        y,
-        steps.private_initial_weights(4, 0.01),
-        steps.private_initial_weights(3, 0.01),
-        sched,
-        OptimizerSettings(learning_rate=0.3),
-        0.0,
-    )
-    acc = np.mean(((with_intercept(x[:, :3]) @ wa + x[:, 3:] @ wb) > 0) == y)
-    assert acc > 0.85
 
 
 def test_backend_vector_operations_are_exact(backend, keys):
