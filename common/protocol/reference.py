@@ -11,11 +11,14 @@ import numpy as np
 from common.protocol.batching import Batch
 from common.protocol.optimizers import OptimizerSettings, initial_state, optimizer_update
 from common.protocol.residual import LOGISTIC, ResidualModel
-from common.protocol.steps import active_residual_share, gradient_from_shares, passive_residual_share
+from common.protocol.steps import (
+    active_residual_share,
+    gradient_from_shares,
+    passive_residual_share,
+    with_intercept,
+)
 
-
-def with_intercept(x: np.ndarray) -> np.ndarray:
-    return np.hstack([x, np.ones((x.shape[0], 1))])
+__all__ = ["train_plain", "with_intercept"]
 
 
 def train_plain(

@@ -36,6 +36,7 @@ from common.crypto.fixedpoint import (
     to_fixed,
 )
 from common.errors import OutOfRange
+from common.protocol.optimizers import OptimizerSettings, OptimizerState, initial_state, optimizer_update
 from common.protocol.residual import LOGISTIC, ResidualModel, sigmoid
 
 __all__ = ["sigmoid"]  # re-exported: callers score with steps.sigmoid
@@ -78,6 +79,11 @@ def initial_weights(test_seed: int | None, job_id: str, length: int, scale: floa
 
 
 # --- plaintext shares (each party, on its own data) -------------------------
+
+
+def with_intercept(x: np.ndarray) -> np.ndarray:
+    """[X, 1]: A's rows with the intercept as a column of ones (last)."""
+    return np.hstack([x, np.ones((x.shape[0], 1))])
 
 
 def active_residual_share(
@@ -225,6 +231,28 @@ def gradient_from_shares(
     penalised coordinates (the intercept is not penalised)."""
     m = x.shape[0]
     return np.asarray((x.T @ own_share + cross) / m + l2 * w * penalised, dtype=np.float64)
+
+
+def update_own_weights(
+    z: list[int],
+    mask: tuple[int, ...],
+    peer_key: PublicKey,
+    x: np.ndarray,
+    own_share: np.ndarray,
+    w: np.ndarray,
+    *,
+    penalised: np.ndarray,
+    l2: float,
+    noise_std: float,
+    optimizer: OptimizerSettings,
+    state: OptimizerState | None,
+) -> tuple[np.ndarray, OptimizerState]:
+    """Step 5 (both): remove this party's mask from the peer's decryption of
+    its masked gradient, add X^T own_share, divide by m, add the L2 term, and
+    update w with this party's own optimiser (state None: its first update)."""
+    cross = unmask_gradient(z, mask, peer_key, cross_gradient_bound(x), noise_std)
+    gradient = gradient_from_shares(x, own_share, cross, w, l2, penalised)
+    return optimizer_update(optimizer, w, gradient, initial_state(optimizer, len(w)) if state is None else state)
 
 
 # --- loss check --------------------------------------------------------------

@@ -43,8 +43,6 @@ from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check
 from common.protocol.optimizers import (
     OptimizerSettings,
     OptimizerState,
-    initial_state,
-    optimizer_update,
     restored_state,
 )
 from common.protocol.residual import residual_model
@@ -467,12 +465,12 @@ class ActiveParty:
         val_x = val_y = None
         if job.config.validation_every:
             held = self.data.positions(holdout, "holdout_ids")
-            val_x, val_y = _with_intercept(scaler.transform(self.data.features[held])), self.labels[held]
+            val_x, val_y = steps.with_intercept(scaler.transform(self.data.features[held])), self.labels[held]
         session = _Session(
             job=job,
             passive_key=passive_key,
             target_fp=target_fp,
-            x=_with_intercept(x),
+            x=steps.with_intercept(x),
             y=self.labels[positions],
             scaler=scaler,
             w=w,
@@ -868,13 +866,19 @@ class ActiveParty:
         # Step 5 at A: remove R_A, add X_A^T a, update w_A; checkpoint; then
         # B's step 5, in flight while A starts the next iteration.
         noise_std = 0.0 if s.dp is None else s.dp.passive_noise_std
-        cross = steps.unmask_gradient(z_a, grad_a.mask, s.passive_key, steps.cross_gradient_bound(x), noise_std)
-        penalised = np.r_[np.ones(len(s.w) - 1), 0.0]
-        grad = steps.gradient_from_shares(x, a, cross, s.w, s.job.config.l2, penalised)
-        settings = OptimizerSettings.of(s.job.config)
-        if s.optimizer is None:
-            s.optimizer = initial_state(settings, len(s.w))
-        new_w, new_state = optimizer_update(settings, s.w, grad, s.optimizer)
+        new_w, new_state = steps.update_own_weights(
+            z_a,
+            grad_a.mask,
+            s.passive_key,
+            x,
+            a,
+            s.w,
+            penalised=np.r_[np.ones(len(s.w) - 1), 0.0],  # not the intercept
+            l2=s.job.config.l2,
+            noise_std=noise_std,
+            optimizer=OptimizerSettings.of(s.job.config),
+            state=s.optimizer,
+        )
         s.prev_w, s.w = s.w, new_w
         s.prev_optimizer, s.optimizer = s.optimizer, new_state
         s.next_iteration, s.pending_z_b = t + 1, z_b
@@ -991,10 +995,6 @@ class Prediction:
 
     probabilities: np.ndarray
     scored: np.ndarray
-
-
-def _with_intercept(x: np.ndarray) -> np.ndarray:
-    return np.hstack([x, np.ones((x.shape[0], 1))])
 
 
 def final_loss(shard: dict[str, Any]) -> float | None:

@@ -50,8 +50,6 @@ from common.protocol.batching import Batch, BatchSchedule, batch_schedule, check
 from common.protocol.optimizers import (
     OptimizerSettings,
     OptimizerState,
-    initial_state,
-    optimizer_update,
     restored_state,
     smallest_learning_rate,
 )
@@ -694,11 +692,19 @@ class PassiveParty:
             own = job.own_gradient.result()
             # Under DP, z_B carries A's noise, calibrated to B's row norm.
             noise_std = job.noise_multiplier * dp.label_sensitivity(job.clip_norm)
-            cross = steps.unmask_gradient(z_b, own.mask, job.active_key, steps.cross_gradient_bound(x), noise_std)
-            grad = steps.gradient_from_shares(x, job.b, cross, job.w, job.config.l2, np.ones_like(job.w))
-            settings = OptimizerSettings.of(job.config)
-            state = job.optimizer if job.optimizer is not None else initial_state(settings, len(job.w))
-            new_w, job.optimizer = optimizer_update(settings, job.w, grad, state)
+            new_w, job.optimizer = steps.update_own_weights(
+                z_b,
+                own.mask,
+                job.active_key,
+                x,
+                job.b,
+                job.w,
+                penalised=np.ones_like(job.w),
+                l2=job.config.l2,
+                noise_std=noise_std,
+                optimizer=OptimizerSettings.of(job.config),
+                state=job.optimizer,
+            )
             # Under DP the norm would be an un-noised function of X_B: not reported.
             update = 0.0 if job.config.dp else float(np.sum((new_w - job.w) ** 2))
             job.last_update_sq_norm = update
