@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+import gmpy2
 import numpy as np
 
 from common.errors import FailedPrecondition, InvalidArgument, OutOfRange
@@ -278,6 +279,19 @@ class HEBackend(ABC):
     @abstractmethod
     def matvec(self, matrix: np.ndarray, ciphers: CipherVector) -> CipherVector:
         """[[M v]] for a signed integer matrix M (k x m) and [[v]] of length m."""
+
+    def multiply(self, ciphers: CipherVector, scalars: Sequence[int]) -> CipherVector:
+        """Element-wise [[v_i * k_i]] for signed integers k_i (a negative one
+        through the ciphertext's inverse). Not re-randomised: the caller adds
+        a fresh hiding encryption before the result goes back to the key holder."""
+        self.require_scheme(ciphers.key, "multiply")
+        ciphers.require_length(len(scalars), "multiply")
+        modulus = gmpy2.mpz(ciphers.key.cipher_modulus)
+        out = []
+        for c, k in zip(ciphers.values, scalars, strict=True):
+            base = gmpy2.mpz(c) if k >= 0 else gmpy2.invert(gmpy2.mpz(c), modulus)
+            out.append(int(gmpy2.powmod(base, abs(int(k)), modulus)))
+        return CipherVector(ciphers.key, tuple(out))
 
     def rerandomise(self, ciphers: CipherVector) -> CipherVector:
         """Multiply each ciphertext by a fresh hiding encryption of zero."""

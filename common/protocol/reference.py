@@ -10,7 +10,7 @@ import numpy as np
 
 from common.protocol.batching import Batch
 from common.protocol.optimizers import OptimizerSettings, initial_state, optimizer_update
-from common.protocol.residual import LOGISTIC, ResidualModel
+from common.protocol.residual import LOGISTIC, PolynomialResidual, ResidualModel
 from common.protocol.steps import (
     active_residual_share,
     gradient_from_shares,
@@ -31,7 +31,7 @@ def train_plain(
     optimizer: OptimizerSettings,
     l2: float,
     trace: list[dict[str, np.ndarray]] | None = None,
-    model: ResidualModel = LOGISTIC,
+    model: ResidualModel | PolynomialResidual = LOGISTIC,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mini-batch training on the model's residual (the Taylor one for
     logistic regression), each party's weights with its own optimiser state;
@@ -44,8 +44,14 @@ def train_plain(
     state_a, state_b = initial_state(optimizer, len(w_active)), initial_state(optimizer, len(w_passive))
     for batch in batches:
         s = batch.rows
-        a = active_residual_share(xa[s], w_active, y[s], model)
-        b = passive_residual_share(x_passive[s], w_passive, model)
+        if isinstance(model, PolynomialResidual):
+            # The shares step 0 gives, without the mask (it cancels).
+            u_a, u_b = xa[s] @ w_active, x_passive[s] @ w_passive
+            a = model.coefficients[0] + model.own(u_a) - y[s] + model.cross(u_a, u_b)
+            b = model.own(u_b)
+        else:
+            a = active_residual_share(xa[s], w_active, y[s], model)
+            b = passive_residual_share(x_passive[s], w_passive, model)
         h_a, h_b = xa[s].T @ b, x_passive[s].T @ a
         if trace is not None:
             trace.append(

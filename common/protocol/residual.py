@@ -75,3 +75,56 @@ def residual_model(name: str) -> ResidualModel:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"model: unknown {name!r}; expected one of {', '.join(MODELS)}") from None
+
+
+@dataclass(frozen=True)
+class PolynomialResidual:
+    """d = P(u) - y, with P a polynomial fit of the sigmoid (PROTOCOL.md's
+    construction extended, docs/POLY5.md). With u = u_A + u_B,
+
+        P(u) = c_0 + own(u_A) + own(u_B) + cross(u_A, u_B),
+        own(v) = sum_{k>=1} c_k v^k,
+        cross = sum_{i=1}^{k-1} u_A^i q_i(u_B),  q_i(v) = sum_{j>i} c_j C(j, i) v^(j-i),
+
+    so the cross term needs only [[u_A^i]]_A times plaintexts B computes."""
+
+    name: str
+    coefficients: tuple[float, ...]  # c_0 .. c_degree
+
+    @property
+    def degree(self) -> int:
+        return len(self.coefficients) - 1
+
+    def value(self, u: np.ndarray) -> np.ndarray:
+        return np.asarray(np.polynomial.polynomial.polyval(u, self.coefficients), dtype=np.float64)
+
+    def own(self, v: np.ndarray) -> np.ndarray:
+        """The terms of P in one party's score alone, without c_0."""
+        return np.asarray(self.value(v) - self.coefficients[0], dtype=np.float64)
+
+    def cross_weights(self, u_passive: np.ndarray) -> np.ndarray:
+        """q_i(u_B) for i = 1..degree-1 (rows), per sample (columns)."""
+        c, k = self.coefficients, self.degree
+        rows = [sum(c[j] * math.comb(j, i) * u_passive ** (j - i) for j in range(i + 1, k + 1)) for i in range(1, k)]
+        return np.asarray(rows, dtype=np.float64).reshape(k - 1, len(u_passive))
+
+    def cross(self, u_active: np.ndarray, u_passive: np.ndarray) -> np.ndarray:
+        powers = np.vstack([u_active**i for i in range(1, self.degree)])
+        return np.asarray(np.sum(powers * self.cross_weights(u_passive), axis=0), dtype=np.float64)
+
+    def link(self, u: np.ndarray) -> np.ndarray:
+        return sigmoid(u)
+
+
+def sigmoid_fit(degree: int, bound: float) -> tuple[float, ...]:
+    """Least-squares polynomial fit of the sigmoid over [-bound, bound] on a
+    dense uniform grid. sigmoid(u) - 1/2 is odd, so the fit's even
+    coefficients vanish but for c_0 = 1/2: set exactly, not left to rounding."""
+    u = np.linspace(-bound, bound, 20_001)
+    c = np.polynomial.polynomial.polyfit(u, sigmoid(u), degree)
+    return tuple(0.5 if k == 0 else (float(v) if k % 2 else 0.0) for k, v in enumerate(c))
+
+
+# Degree 5 over [-8, 8]: max |P - sigmoid| 0.061 there (the Taylor line's is
+# 1.5); degree 3 diverges on separable data (the scores leave the range).
+POLY5 = PolynomialResidual("poly5", sigmoid_fit(5, 8.0))

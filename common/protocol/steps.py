@@ -20,6 +20,7 @@ import numpy as np
 
 from common import dp
 from common.crypto.backend import (
+    MASK_STATISTICAL_BITS,
     CipherVector,
     HEBackend,
     PrivateKey,
@@ -37,7 +38,7 @@ from common.crypto.fixedpoint import (
 )
 from common.errors import OutOfRange
 from common.protocol.optimizers import OptimizerSettings, OptimizerState, initial_state, optimizer_update
-from common.protocol.residual import LOGISTIC, ResidualModel, sigmoid
+from common.protocol.residual import LOGISTIC, PolynomialResidual, ResidualModel, sigmoid
 
 __all__ = ["sigmoid"]  # re-exported: callers score with steps.sigmoid
 
@@ -114,6 +115,106 @@ def first_encrypted_data(backend: HEBackend, key_active: PublicKey, a: np.ndarra
 def first_intermediate_share(backend: HEBackend, key_passive: PublicKey, b: np.ndarray) -> CipherVector:
     """Step 2 (B): [[b_S]]_B, B's share of <<d_S>> = ([[a_S]]_A, [[b_S]]_B)."""
     return encrypt_share(backend, key_passive, b)
+
+
+# --- step 0, with the polynomial residual (docs/POLY5.md) ------------------
+#
+# Before steps 1-2, the parties turn P(u_A + u_B) - y into additive shares:
+# A sends [[u_A^i]]_A (i < degree), B returns the cross term under pk_A with
+# a fresh mask s of its own, A decrypts cross + s. A's share is then
+# c_0 + own(u_A) - y + cross + s, B's own(u_B) - s; steps 1-5 carry them as
+# any other shares. Integers at scale 2^RESIDUAL_SCALE_BITS throughout: the
+# masked shares are large, and float64 would lose what the masks cancel.
+
+# Largest |u_A|, |u_B| the polynomial step accepts (the fit is over [-8, 8];
+# beyond 64 a score means a diverged model, and the bound keeps every value
+# inside the masks' range).
+POLY_SCORE_BOUND = 64.0
+CROSS_SCALE_BITS = 2 * RESIDUAL_SCALE_BITS
+
+
+def cross_term_bits(model: PolynomialResidual) -> int:
+    """Bits of |cross| at scale 2^CROSS_SCALE_BITS for scores within the bound."""
+    c, k, v = model.coefficients, model.degree, POLY_SCORE_BOUND
+    bound = sum(abs(c[j]) * math.comb(j, i) * v**j for j in range(2, k + 1) for i in range(1, j))
+    return math.ceil(math.log2(bound + 1)) + CROSS_SCALE_BITS + 1
+
+
+def encrypted_score_powers(
+    backend: HEBackend, key_active: PublicKey, u_active: np.ndarray, model: PolynomialResidual
+) -> CipherVector:
+    """Step 0 (A): [[u_A^i]]_A for i = 1..degree-1, one block of m per power."""
+    if u_active.size and float(np.max(np.abs(u_active))) > POLY_SCORE_BOUND:
+        raise OutOfRange(f"u_A: a score beyond +-{POLY_SCORE_BOUND:g}, outside the polynomial residual's range")
+    powers = np.concatenate([u_active**i for i in range(1, model.degree)])
+    bound = POLY_SCORE_BOUND ** (model.degree - 1)
+    return backend.encrypt(key_active, encode(powers, RESIDUAL_SCALE_BITS, key_active.n, bound))
+
+
+@dataclass(frozen=True)
+class MaskedCross:
+    """[[cross + s]]_A, and s (at scale 2^CROSS_SCALE_BITS), which never leaves B."""
+
+    ciphers: CipherVector
+    mask: tuple[int, ...]
+
+
+def masked_cross_terms(
+    backend: HEBackend, powers: CipherVector, u_passive: np.ndarray, model: PolynomialResidual
+) -> MaskedCross:
+    """Step 0 (B): [[sum_i u_A^i q_i(u_B) + s]]_A per sample, s uniform over
+    2^(cross bits + MASK_STATISTICAL_BITS) (statistical hiding, either
+    scheme), added as a fresh hiding encryption (it re-randomises the sum)."""
+    m = len(u_passive)
+    powers.require_length((model.degree - 1) * m, "[[u_A^i]]_A")
+    if u_passive.size and float(np.max(np.abs(u_passive))) > POLY_SCORE_BOUND:
+        raise OutOfRange(f"u_B: a score beyond +-{POLY_SCORE_BOUND:g}, outside the polynomial residual's range")
+    key = powers.key
+    bits = cross_term_bits(model)
+    if bits + MASK_STATISTICAL_BITS + 2 > key.plaintext_bits:
+        raise OutOfRange(f"cross term: the masked value does not fit the {key.bits}-bit key's plaintext space")
+    weights = to_fixed(model.cross_weights(u_passive), RESIDUAL_SCALE_BITS, float(2**60))
+    acc: CipherVector | None = None
+    for i in range(model.degree - 1):
+        block = CipherVector(key, powers.values[i * m : (i + 1) * m])
+        term = backend.multiply(block, [int(v) for v in weights[i]])
+        acc = term if acc is None else backend.add(acc, term)
+    mask = tuple(secrets.randbits(bits + MASK_STATISTICAL_BITS) for _ in range(m))
+    fresh = backend.encrypt(key, [v % key.n for v in mask], hiding=True)
+    assert acc is not None
+    return MaskedCross(backend.add(acc, fresh), mask)
+
+
+def active_poly_share(
+    backend: HEBackend,
+    key: PrivateKey,
+    masked: CipherVector,
+    u_active: np.ndarray,
+    y: np.ndarray,
+    model: PolynomialResidual,
+) -> list[int]:
+    """Step 0 (A): its share c_0 + own(u_A) - y + cross + s, as integers at
+    scale 2^RESIDUAL_SCALE_BITS. The decryption is range-checked first (with
+    OU, a crafted value past p/2 would be a sign oracle on A's secret p)."""
+    masked.require_key(key.public, "[[cross + s]]_A")
+    masked.require_length(len(y), "[[cross + s]]_A")
+    bits = cross_term_bits(model)
+    low, high = -(1 << bits), 1 << (bits + MASK_STATISTICAL_BITS + 1)
+    values = signed(backend.decrypt(key, masked), key.plaintext_modulus)
+    if any(not low <= v < high for v in values):
+        raise OutOfRange("[[cross + s]]_A: a decrypted value is outside the range a masked cross term allows")
+    own = to_fixed(model.coefficients[0] + model.own(u_active) - y, RESIDUAL_SCALE_BITS, SHARE_BOUND)
+    shift = CROSS_SCALE_BITS - RESIDUAL_SCALE_BITS
+    return [int(o) + (v >> shift) for o, v in zip(own, values, strict=True)]
+
+
+def passive_poly_share(u_passive: np.ndarray, mask: tuple[int, ...], model: PolynomialResidual) -> list[int]:
+    """Step 0 (B): its share own(u_B) - s at scale 2^RESIDUAL_SCALE_BITS.
+    Both parties floor at the same place, so the shares sum to
+    P(u) - y to within one unit of the last place."""
+    own = to_fixed(model.own(u_passive), RESIDUAL_SCALE_BITS, SHARE_BOUND)
+    shift = CROSS_SCALE_BITS - RESIDUAL_SCALE_BITS
+    return [int(o) - (s >> shift) for o, s in zip(own, mask, strict=True)]
 
 
 # --- step 3 ------------------------------------------------------------------
