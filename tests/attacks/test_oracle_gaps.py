@@ -408,3 +408,16 @@ def test_validation_is_no_extra_oracle(real_b: LocalFederation, key: PrivateKey,
         assert status_of(err) == Code.FAILED_PRECONDITION and "keep_iteration" in str(err), err
         assert not (real_b.workdir / "passive" / "data" / "models" / f"{a.job_id}.json").exists()
         a.job_id = ""
+
+
+def test_a_decay_to_nothing_is_a_small_learning_rate(
+    real_b: LocalFederation, key: PrivateKey, breast: BreastSplit
+) -> None:
+    """A malicious A keeps learning_rate above B's floor but decays it to
+    nothing after one step (a model that stays at w0, as a tiny rate would):
+    B refuses it like the small rate itself."""
+    with attacker(real_b, key, breast) as a:
+        decay = {"lr_decay": "step", "decay_rate": 1e-9, "decay_steps": 1}
+        err = refused(a.setup, CONFIG.model_copy(update=decay))
+        assert status_of(err) == Code.INVALID_ARGUMENT and "config.lr_decay" in str(err), err
+        assert "VFL_MIN_LEARNING_RATE" in str(err)
