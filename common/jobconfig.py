@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import InvalidArgument
+from common.protocol.optimizers import DecayName, OptimizerName
 from common.protocol.residual import ResidualModel, residual_model
 
 
@@ -31,17 +32,13 @@ class JobConfig(BaseModel):
     model: Literal["logistic", "linear"] = Field(
         "logistic", description="logistic regression (Taylor residual) or linear regression (squared loss)"
     )
-    optimizer: Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"] = Field(
-        "sgd", description="each party's update rule (each keeps its own state)"
-    )
+    optimizer: OptimizerName = Field("sgd", description="each party's update rule (each keeps its own state)")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum / nesterov: velocity decay")
     beta1: float = Field(0.9, ge=0, lt=1, description="adam: first-moment decay")
     beta2: float = Field(0.999, ge=0, lt=1, description="adam: second-moment decay")
     rho: float = Field(0.9, ge=0, lt=1, description="rmsprop: squared-gradient decay")
     epsilon: float = Field(1e-8, gt=0, le=1, description="adagrad / rmsprop / adam: denominator floor")
-    lr_decay: Literal["none", "step", "exponential", "inverse_time"] = Field(
-        "none", description="learning-rate schedule over iterations"
-    )
+    lr_decay: DecayName = Field("none", description="learning-rate schedule over iterations")
     decay_rate: float = Field(0.5, gt=0, le=100, description="lr_decay's rate r")
     decay_steps: int = Field(100, ge=1, le=2**32 - 1, description="lr_decay's period k in iterations")
     validation_every: int = Field(

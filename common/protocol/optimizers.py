@@ -24,14 +24,13 @@ step lr r^floor(t / k), exponential lr r^(t / k), inverse_time lr / (1 + r t / k
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 OptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"]
 DecayName = Literal["none", "step", "exponential", "inverse_time"]
-OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam")
-DECAYS: tuple[str, ...] = ("none", "step", "exponential", "inverse_time")
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 # Which optimisers keep a first-order (velocity / mean) and a second-order
 # (squared-gradient) accumulator.
