@@ -1,8 +1,8 @@
 # One image for all three vfl services; the command picks the role:
-#   python -m services.passive | python -m services.assistant | python -m services.active (default)
+#   python -m vfl.services.passive | python -m vfl.services.assistant | python -m vfl.services.active (default)
 #   vfl demo-client --address active:50051 --labels-csv /app/data/breast_hetero_guest.csv --tls-dir /certs
 #   vfl certs --out /certs
-# Configuration is by VFL_* environment variables (see common/settings.py and docker-compose.yml);
+# Configuration is by VFL_* environment variables (see vfl/common/settings.py and docker-compose.yml);
 # a service needs its TLS files (VFL_TLS_DIR=/certs) or VFL_INSECURE=true.
 # Plain `docker build` (no BuildKit features), so it builds with the legacy builder too.
 FROM python:3.11-slim
@@ -49,4 +49,4 @@ VOLUME ["/var/lib/vfl"]
 # active, passive, assistant
 EXPOSE 50051 50052 50053
 
-CMD ["python", "-m", "services.active"]
+CMD ["python", "-m", "vfl.services.active"]

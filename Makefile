@@ -37,13 +37,13 @@ proto-check: $(STAMP) ## fail if the generated code differs from protos/
 	diff -r -x __init__.py -x __pycache__ $$tmp/vfl/v1 vfl/v1 && echo "proto-check: generated code is up to date"; \
 	rc=$$?; rm -rf $$tmp; exit $$rc
 
-lint: $(STAMP) ## ruff, and the import contract (no gRPC under common/protocol, common/crypto)
+lint: $(STAMP) ## ruff, and the import contract (no gRPC under vfl/common/protocol, vfl/common/crypto)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
 
-typecheck: $(STAMP) ## mypy, strict on common/, services/ and cli/
-	$(VENV)/bin/mypy common services cli
+typecheck: $(STAMP) ## mypy, strict on all of vfl/ but the generated vfl/v1
+	$(VENV)/bin/mypy vfl
 
 test: $(STAMP) ## unit, protocol and end-to-end tests (real gRPC, real OU and Paillier keys)
 	@# pytest exits 5 when it collects nothing: that is a failure here, not a pass.

@@ -26,7 +26,7 @@ from typing import Any
 from benchmarks import report, results, runner
 from benchmarks.machine import code_version, machine_info
 from benchmarks.workloads import NOT_IN_ALL, WORKLOADS, Context, say
-from common.crypto import get_backend
+from vfl.common.crypto import get_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BACKENDS = "ou,paillier,phe"

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
-from common.jobconfig import job_config
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
+from vfl.common.jobconfig import job_config
 from vfl.v1 import client_pb2
 
 

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import code_version, machine_info
-from common.checkpoint import JobCheckpoints
-from common.storage import atomic_write_text, fsync_dir
+from vfl.common.checkpoint import JobCheckpoints
+from vfl.common.storage import atomic_write_text, fsync_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,10 +19,10 @@ from collections.abc import Callable
 import gmpy2
 from gmpy2 import mpz
 
-from common.crypto.backend import PrivateKey
-from common.crypto.fast_backend import PaillierBackend, generate_ou, generate_paillier
-from common.crypto.multiexp import FixedBaseTable
-from common.crypto.pool import GATE
+from vfl.common.crypto.backend import PrivateKey
+from vfl.common.crypto.fast_backend import PaillierBackend, generate_ou, generate_paillier
+from vfl.common.crypto.multiexp import FixedBaseTable
+from vfl.common.crypto.pool import GATE
 
 OLD_WIDE_BITS = 256 + 128 + 80
 

@@ -37,11 +37,11 @@ import grpc
 import numpy as np
 
 from benchmarks.machine import descendants, peak_rss_bytes
-from cli.client import STATE_NAMES, VflClient
-from cli.federation import LocalFederation
-from cli.main import bundled_data_dir, split_ids
-from common.crypto.backend import DEFAULT_BACKEND
-from common.jobconfig import job_config
+from vfl.cli.client import STATE_NAMES, VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.cli.main import bundled_data_dir, split_ids
+from vfl.common.crypto.backend import DEFAULT_BACKEND
+from vfl.common.jobconfig import job_config
 from vfl.v1 import client_pb2
 
 FULL = {"clients": 32, "duration_s": 30.0}

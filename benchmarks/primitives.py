@@ -2,7 +2,7 @@
 encryptions and decryptions per second over vectors of 64, and the 20 x 64
 plaintext-matrix by ciphertext-vector product the gradient steps use.
 
-The project's backends are measured through `common.crypto.get_backend`;
+The project's backends are measured through `vfl.common.crypto.get_backend`;
 SecretFlow's HEU (OU and ZPaillier, `heu.numpy`) is measured the same way
 when `import heu` works, as an outside reference point. Every measurement is
 checked (the decrypted product equals M v) so that no fast path is timed
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from common.crypto import HEBackend, PublicKey, get_backend
-from common.crypto.fixedpoint import signed
-from common.errors import VflError
+from vfl.common.crypto import HEBackend, PublicKey, get_backend
+from vfl.common.crypto.fixedpoint import signed
+from vfl.common.errors import VflError
 
 VECTOR = 64
 MATRIX_ROWS = 20
@@ -92,7 +92,7 @@ def measure_backend(name: str, bits: int, min_s: float) -> dict[str, Any]:
         "encrypt_uniform_per_s": uniform,
         "keygen_s": round(keygen_s, 3),
         "randomness_pool_paused": paused,
-        "source": f"common.crypto.get_backend({name!r})",
+        "source": f"vfl.common.crypto.get_backend({name!r})",
     }
 
 
@@ -103,7 +103,7 @@ def _pool_paused() -> Iterator[bool]:
     (it only runs while a party is idle), so it neither competes for the GIL
     nor refills what the warm-up drained. Yields whether a gate was held."""
     try:
-        from common.crypto import pool
+        from vfl.common.crypto import pool
     except ImportError:
         yield False
         return
@@ -134,10 +134,10 @@ LARGE_ROWS, LARGE_VECTOR = 40, 1024
 def measure_process_pool(name: str, bits: int, min_s: float) -> dict[str, Any]:
     """A large product (40 x 1024, a batch of 1024 rows and 40 features) in
     the process and split across a process pool of one worker per core
-    (`common.crypto.multiexp.ParallelMatvec`), both checked against M v."""
+    (`vfl.common.crypto.multiexp.ParallelMatvec`), both checked against M v."""
     import os
 
-    from common.crypto.multiexp import ParallelMatvec, matvec_powers
+    from vfl.common.crypto.multiexp import ParallelMatvec, matvec_powers
 
     backend = get_backend(name)
     key = backend.generate_keypair(bits)

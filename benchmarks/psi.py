@@ -1,5 +1,5 @@
 """The private set intersection in-process: the group's rates and the full
-two-party computation of `common.psi` at n ids per side, 50 % overlap.
+two-party computation of `vfl.common.psi` at n ids per side, 50 % overlap.
 
 `python -m benchmarks.psi --sizes 10000,100000 [--json out.json]`
 
@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import psi
+from vfl.common import psi
 
 DEFAULT_SIZES = (10_000, 100_000)
 QUICK_SIZES = (2_000,)
@@ -110,7 +110,7 @@ def _x25519_twist_fraction(count: int) -> float:
 
 def measure_alternatives(sample: int = 5000) -> dict[str, Any]:
     """One-thread rates of the groups considered for the PSI (docs/CRYPTO.md):
-    ristretto255 through pysodium's wrappers and through common.psi's
+    ristretto255 through pysodium's wrappers and through vfl.common.psi's
     buffers; ed25519 (from_uniform, noclamp scalarmult) through the same
     libsodium; X25519 through OpenSSL (the `cryptography` package), whose
     hash to a u-coordinate is a bare SHA-256."""
@@ -386,7 +386,7 @@ def report_section(records: Sequence[dict[str, Any]]) -> list[str]:
     rates, p = runs[0]["rates"], runs[0]["params"]
     t = rates["threads"]
     lines += [
-        f"`common.psi` on {runs[0]['backend']}: both parties in one process, each on its own thread with "
+        f"`vfl.common.psi` on {runs[0]['backend']}: both parties in one process, each on its own thread with "
         f"{p['threads_per_party']} worker threads, concurrently on {p['cores']} cores, "
         f"{p['overlap']:.0%} overlap; every result checked against the plain intersection "
         "(`benchmarks/psi.py`). No gRPC: serialisation and the network come on top. "
@@ -401,7 +401,7 @@ def report_section(records: Sequence[dict[str, Any]]) -> list[str]:
         lines += [
             f"The groups considered (one thread, {alt['sample']:,} points; docs/CRYPTO.md), hash / scalar "
             "multiplication per s: "
-            f"ristretto255 via common.psi {alt['ristretto255_common_psi_hash_per_s']:,} / "
+            f"ristretto255 via vfl.common.psi {alt['ristretto255_common_psi_hash_per_s']:,} / "
             f"{alt['ristretto255_common_psi_mult_per_s']:,}, via pysodium's wrappers "
             f"{alt['ristretto255_pysodium_hash_per_s']:,} / {alt['ristretto255_pysodium_mult_per_s']:,}; "
             f"ed25519 (from_uniform, noclamp) {alt['ed25519_hash_per_s']:,} / {alt['ed25519_mult_per_s']:,}; "

@@ -32,9 +32,9 @@ from typing import Any
 
 from benchmarks.machine import peak_rss_bytes
 from benchmarks.psi import OVERLAP, measure_rates
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from common.storage import read_record
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.common.storage import read_record
 from vfl.v1 import client_pb2
 
 DEFAULT_SIZES = (10_000, 100_000, 1_000_000)

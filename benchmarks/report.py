@@ -193,7 +193,7 @@ def _phase_table(runs: list[Record]) -> list[str]:
                 [f"`{r['backend']}`", SHORT[party]] + [_num(phases.get(c), 2) for c in columns] + [_num(elapsed, 2)]
             )
     return [
-        "Phase split per party, in seconds, as each party recorded it in its model shard (`common/metrics.py` "
+        "Phase split per party, in seconds, as each party recorded it in its model shard (`vfl/common/metrics.py` "
         "defines the phases; they can overlap, e.g. time waiting on the peer contains the peer's work, so "
         "they need not add up to the elapsed time). *network* is derived: A's rpc_wait (inside the step "
         "calls) minus B's handler_steps (inside those handlers), i.e. the wire, gRPC and the assistant's tunnel:",
@@ -284,13 +284,13 @@ def _primitives_section(records: list[Record]) -> list[str]:
                 f"{r['large_matvec_serial_ms']:,.1f} ms in the process, {r['large_matvec_pool_ms']:,.1f} ms split "
                 f"across a process pool of {r['pool_workers']} workers "
                 f"({r['large_matvec_serial_ms'] / r['large_matvec_pool_ms']:.2f}x; "
-                "`common.crypto.multiexp.ParallelMatvec`, used by the services for products this large).",
+                "`vfl.common.crypto.multiexp.ParallelMatvec`, used by the services for products this large).",
             ]
     if any(r.get("randomness_pool_paused") for r in runs):
         lines += [
             "",
             "The project's backends were timed with their idle-time randomness precomputation paused "
-            "(`common.crypto.pool.GATE` held busy) and drained by the warm-up: these are the rates of "
+            "(`vfl.common.crypto.pool.GATE` held busy) and drained by the warm-up: these are the rates of "
             "encrypting with the randomness computed inline. In the federation runs above the pool is on.",
         ]
     lines += ["", *_problems(records, "primitives")]
@@ -553,7 +553,7 @@ def _header(records: list[Record], quick: bool) -> list[str]:
     lines += ["", *_code_lines(records)]
     lines += [
         "",
-        "Each federation run starts B, C and A as three processes (`cli.federation.LocalFederation`, a fresh "
+        "Each federation run starts B, C and A as three processes (`vfl.cli.federation.LocalFederation`, a fresh "
         "temporary directory per run), trains through the assistant over gRPC on loopback, then scores the "
         "held-out ids. *wall* runs from the StartTraining call to the end of the job's watch stream; start-up "
         "(both parties generate their keys) is separate; *median iteration* is the median gap between "

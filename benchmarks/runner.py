@@ -1,5 +1,5 @@
 """One benchmark run of the real federation: B, C and A as separate processes
-(cli.federation.LocalFederation), real gRPC through the assistant's CONNECT tunnel, one
+(vfl.cli.federation.LocalFederation), real gRPC through the assistant's CONNECT tunnel, one
 training job started with StartTraining and followed to its end, then the
 held-out ids scored with Predict.
 
@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import descendants, peak_rss_bytes
-from cli.client import STATE_NAMES, VflClient
-from cli.federation import LocalFederation
-from common.data import load_party_csv
-from common.errors import VflError
-from common.jobconfig import JobConfig, job_config
-from common.serde import config_to_proto
-from common.storage import read_record
+from vfl.cli.client import STATE_NAMES, VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.common.data import load_party_csv
+from vfl.common.errors import VflError
+from vfl.common.jobconfig import JobConfig, job_config
+from vfl.common.serde import config_to_proto
+from vfl.common.storage import read_record
 from vfl.v1 import client_pb2
 
 SERVICES = ("active", "assistant", "passive")

@@ -50,13 +50,13 @@ import grpc
 import numpy as np
 
 from benchmarks.machine import descendants
-from cli.client import STATE_NAMES, VflClient
-from cli.main import bundled_data_dir, split_ids
-from common.crypto.backend import DEFAULT_BACKEND
-from common.jobconfig import JobConfig, job_config
-from common.storage import read_record
 from tests.faultproxy import Faults, FaultyFederation
 from tests.reference_run import reference_from_shards
+from vfl.cli.client import STATE_NAMES, VflClient
+from vfl.cli.main import bundled_data_dir, split_ids
+from vfl.common.crypto.backend import DEFAULT_BACKEND
+from vfl.common.jobconfig import JobConfig, job_config
+from vfl.common.storage import read_record
 from vfl.v1 import client_pb2
 
 FULL = {"duration_s": 30 * 60.0, "sample_every_s": 60.0}

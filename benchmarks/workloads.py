@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import primitives, runner, synthetic
-from cli.main import bundled_data_dir, split_ids
+from vfl.cli.main import bundled_data_dir, split_ids
 
 # Fastest first: the sweep and --quick use the first of these that is available.
 SPEED_ORDER = ("ou", "paillier", "phe")
@@ -305,7 +305,7 @@ def load_workload(ctx: Context) -> list[dict[str, Any]]:
     """Prediction under load, on the default backend (or the fastest one
     requested). Any failed or wrong prediction makes the run an error."""
     from benchmarks import load
-    from common.crypto.backend import DEFAULT_BACKEND
+    from vfl.common.crypto.backend import DEFAULT_BACKEND
 
     backend = DEFAULT_BACKEND if DEFAULT_BACKEND in ctx.backends else ctx.fastest
     mode = load.QUICK if ctx.quick else load.FULL
@@ -335,7 +335,7 @@ def soak_workload(ctx: Context) -> list[dict[str, Any]]:
     or VFL_SOAK_MINUTES; --quick about one. A wrong answer or model, or a hang,
     makes the run an error (a failure with its reason under faults does not)."""
     from benchmarks import soak
-    from common.crypto.backend import DEFAULT_BACKEND
+    from vfl.common.crypto.backend import DEFAULT_BACKEND
 
     backend = DEFAULT_BACKEND if DEFAULT_BACKEND in ctx.backends else ctx.fastest
     mode = soak.QUICK if ctx.quick else soak.FULL

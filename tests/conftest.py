@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
-from common.crypto.backend import PrivateKey
-from common.crypto.keystore import key_path
-from common.crypto.keystore import read_private_key as read_key_file
-from common.storage import read_record
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
+from vfl.common.crypto.backend import PrivateKey
+from vfl.common.crypto.keystore import key_path
+from vfl.common.crypto.keystore import read_private_key as read_key_file
+from vfl.common.storage import read_record
 
 # Test mode only (OU needs at least 768 bits); one end-to-end test runs 2048-bit keys.
 TEST_KEY_BITS = 1024

@@ -45,7 +45,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from cli.federation import LocalFederation, ServiceProcess
+from vfl.cli.federation import LocalFederation, ServiceProcess
 
 CHUNK = 64 << 10  # bytes read at once from one side
 QUEUE_CHUNKS = 64  # chunks in flight per direction before the proxy stops reading

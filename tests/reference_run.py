@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
-from common.data import Scaler, load_party_csv
-from common.jobconfig import JobConfig
-from common.protocol.batching import batch_schedule, min_batch_size
-from common.protocol.optimizers import OptimizerSettings
-from common.protocol.reference import train_plain, with_intercept
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
+from vfl.common.data import Scaler, load_party_csv
+from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol.batching import batch_schedule, min_batch_size
+from vfl.common.protocol.optimizers import OptimizerSettings
+from vfl.common.protocol.reference import train_plain, with_intercept
 
 
 class ReferenceRun:

@@ -15,16 +15,16 @@ import grpc
 import numpy as np
 import pytest
 
-from cli.client import VflClient
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_aligned
-from common.alignments import AlignmentRecord
-from common.errors import PeerError
-from common.jobconfig import JobConfig
-from common.rpc import status_of
-from common.storage import read_record, write_record
-from services.active.peer import PassiveClient
 from tests.conftest import make_federation, read_private_key, read_shard, write_csv
 from tests.reference_run import reference_from_shards
+from vfl.cli.client import VflClient
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_aligned
+from vfl.common.alignments import AlignmentRecord
+from vfl.common.errors import PeerError
+from vfl.common.jobconfig import JobConfig
+from vfl.common.rpc import status_of
+from vfl.common.storage import read_record, write_record
+from vfl.services.active.peer import PassiveClient
 from vfl.v1 import client_pb2
 
 CONFIG = JobConfig(epochs=3, batch_size=64, learning_rate=0.15, l2=0.01, seed=7)

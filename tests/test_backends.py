@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.crypto import get_backend
-from common.crypto.backend import SCHEME_OU, CipherVector, PrivateKey
-from common.crypto.fixedpoint import signed
-from common.crypto.multiexp import FixedBaseTable, ParallelMatvec, _bucket, _generic, _straus, matvec_powers
-from common.errors import InvalidArgument
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.backend import SCHEME_OU, CipherVector, PrivateKey
+from vfl.common.crypto.fixedpoint import signed
+from vfl.common.crypto.multiexp import FixedBaseTable, ParallelMatvec, _bucket, _generic, _straus, matvec_powers
+from vfl.common.errors import InvalidArgument
 
 PHE = get_backend("phe")
 FAST = {"paillier": get_backend("paillier"), "ou": get_backend("ou")}

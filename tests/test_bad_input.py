@@ -35,14 +35,14 @@ import grpc
 import numpy as np
 import pytest
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
-from common.data import load_party_csv
-from common.errors import ConfigError
-from common.jobconfig import job_config
 from tests.conftest import TEST_KEY_BITS, BreastSplit, make_federation
 from tests.test_errors import assert_refused, assert_serving
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
+from vfl.common.data import load_party_csv
+from vfl.common.errors import ConfigError
+from vfl.common.jobconfig import job_config
 from vfl.v1 import client_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,13 +157,13 @@ def assert_one_line(result: tuple[int, list[str]], expected: str) -> None:
 def test_passive_service_refuses_a_bad_csv_in_one_line(tmp_path: Path, body: bytes, expected: str) -> None:
     path = csv_with(tmp_path, "b.csv", body)
     assert_one_line(
-        start_service("services.passive", tmp_path, VFL_DATA_CSV=str(path)),
+        start_service("vfl.services.passive", tmp_path, VFL_DATA_CSV=str(path)),
         f"config error: VFL_DATA_CSV: {path}: {expected}",
     )
     assert not (tmp_path / "data" / "keys").exists(), "a key was generated before the CSV was checked"
 
 
-@pytest.mark.parametrize("module", ["services.active", "services.passive", "services.assistant"])
+@pytest.mark.parametrize("module", ["vfl.services.active", "vfl.services.passive", "vfl.services.assistant"])
 def test_taken_port_is_one_line_before_any_key_is_made(tmp_path: Path, module: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -176,7 +176,7 @@ def test_taken_port_is_one_line_before_any_key_is_made(tmp_path: Path, module: s
 
 def test_unknown_backend_names_vfl_backend(tmp_path: Path) -> None:
     assert_one_line(
-        start_service("services.passive", tmp_path, VFL_BACKEND="rsa"),
+        start_service("vfl.services.passive", tmp_path, VFL_BACKEND="rsa"),
         "config error: VFL_BACKEND: unknown crypto backend 'rsa', expected one of ['ou', 'paillier', 'phe']",
     )
 
@@ -184,7 +184,7 @@ def test_unknown_backend_names_vfl_backend(tmp_path: Path) -> None:
 def test_unwritable_data_dir_names_vfl_data_dir(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with read_only_dir(data) as why:
-        assert_one_line(start_service("services.passive", tmp_path), f"config error: VFL_DATA_DIR: {data}: {why}")
+        assert_one_line(start_service("vfl.services.passive", tmp_path), f"config error: VFL_DATA_DIR: {data}: {why}")
 
 
 def can_mount() -> str | None:
@@ -238,7 +238,7 @@ class read_only_dir:  # noqa: N801 - used as a context manager like a function
 
 def vfl(*args: str, cwd: Path, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
+        [sys.executable, "-m", "vfl.cli.main", *args],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,

@@ -24,14 +24,14 @@ import grpc
 import numpy as np
 import pytest
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from common.crypto import get_backend
-from common.crypto.keystore import KEY_FILE, load_or_create_keypair
-from common.healthcheck import check
-from common.jobconfig import JobConfig
 from tests.conftest import make_federation
 from tests.test_storage import damage
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.keystore import KEY_FILE, load_or_create_keypair
+from vfl.common.healthcheck import check
+from vfl.common.jobconfig import JobConfig
 from vfl.v1 import client_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,14 +252,14 @@ def run_service(module: str, env: dict[str, str], cwd: Path) -> subprocess.Compl
     return subprocess.run([sys.executable, "-m", module], env=full, capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
-@pytest.mark.parametrize("module", ["services.passive", "services.active"])
+@pytest.mark.parametrize("module", ["vfl.services.passive", "vfl.services.active"])
 def test_truncated_key_file_stops_the_service_with_one_line(tmp_path, module):
     data = tmp_path / "d"
     load_or_create_keypair(data, get_backend("ou"), 1024, test_mode=True)
     key_file = data / KEY_FILE
     damage(key_file, "truncated")
     before = key_file.read_bytes()
-    csv = "breast_hetero_host.csv" if module == "services.passive" else "breast_hetero_guest.csv"
+    csv = "breast_hetero_host.csv" if module == "vfl.services.passive" else "breast_hetero_guest.csv"
     env = {
         "VFL_DATA_CSV": str(ROOT / "data" / csv),
         "VFL_DATA_DIR": str(data),

@@ -9,11 +9,11 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from cli.client import VflClient
-from common.crypto.backend import PublicKey
-from common.jobconfig import JobConfig
 from tests.conftest import make_federation, read_shard
 from tests.reference_run import ReferenceRun, reference_from_shards
+from vfl.cli.client import VflClient
+from vfl.common.crypto.backend import PublicKey
+from vfl.common.jobconfig import JobConfig
 from vfl.v1 import client_pb2
 
 CONFIG = JobConfig(epochs=3, batch_size=64, learning_rate=0.15, l2=0.01, seed=7)

@@ -23,22 +23,22 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
-from common import healthcheck, serde
-from common.alignments import AlignmentRecord
-from common.crypto import get_backend
-from common.crypto.backend import PrivateKey, PublicKey
-from common.data import load_party_csv
-from common.jobconfig import job_config
-from common.protocol import steps
-from common.protocol.batching import batch_schedule
-from common.rpc import open_channel
-from common.storage import read_record
-from services.active.alignment import align_as_active
-from services.active.peer import PassiveClient
 from tests.conftest import RELAXED_POLICY, TEST_KEY_BITS, BreastSplit, make_federation, read_shard
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
+from vfl.common import healthcheck, serde
+from vfl.common.alignments import AlignmentRecord
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.backend import PrivateKey, PublicKey
+from vfl.common.data import load_party_csv
+from vfl.common.jobconfig import job_config
+from vfl.common.protocol import steps
+from vfl.common.protocol.batching import batch_schedule
+from vfl.common.rpc import open_channel
+from vfl.common.storage import read_record
+from vfl.services.active.alignment import align_as_active
+from vfl.services.active.peer import PassiveClient
 from vfl.v1 import client_pb2, common_pb2, party_pb2, party_pb2_grpc
 
 TRAINING_SERVICE = client_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name

@@ -57,22 +57,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
-from common import psi, serde
-from common.crypto import get_backend
-from common.crypto.backend import CipherVector, PrivateKey, PublicKey
-from common.data import load_party_csv
-from common.jobconfig import job_config
-from common.protocol import steps
-from common.protocol.batching import batch_schedule
-from common.psi import POINT_BYTES
-from common.rpc import open_channel
-from common.storage import decode_record
-from services.active.alignment import align_as_active
-from services.active.peer import PassiveClient
 from tests.conftest import TEST_KEY_BITS, BreastSplit, make_federation
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
+from vfl.common import psi, serde
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.backend import CipherVector, PrivateKey, PublicKey
+from vfl.common.data import load_party_csv
+from vfl.common.jobconfig import job_config
+from vfl.common.protocol import steps
+from vfl.common.protocol.batching import batch_schedule
+from vfl.common.psi import POINT_BYTES
+from vfl.common.rpc import open_channel
+from vfl.common.storage import decode_record
+from vfl.services.active.alignment import align_as_active
+from vfl.services.active.peer import PassiveClient
 from vfl.v1 import client_pb2, common_pb2, party_pb2
 
 Code = grpc.StatusCode

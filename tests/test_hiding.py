@@ -14,8 +14,8 @@ import pytest
 from gmpy2 import mpz
 from scipy.stats import binomtest
 
-from common.crypto.backend import CipherVector, PrivateKey, get_backend
-from common.crypto.fast_backend import generate_ou, generate_paillier
+from vfl.common.crypto.backend import CipherVector, PrivateKey, get_backend
+from vfl.common.crypto.fast_backend import generate_ou, generate_paillier
 
 TRIALS = 240
 

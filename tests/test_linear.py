@@ -11,10 +11,10 @@ import pytest
 from sklearn.linear_model import LinearRegression
 from sklearn.metrics import r2_score
 
-from cli.client import VflClient
-from common.jobconfig import JobConfig
 from tests.conftest import make_federation, read_shard, write_csv
 from tests.reference_run import reference_from_shards
+from vfl.cli.client import VflClient
+from vfl.common.jobconfig import JobConfig
 from vfl.v1 import client_pb2
 
 CONFIG = JobConfig(model="linear", epochs=25, batch_size=32, learning_rate=0.1, l2=0.0, seed=3, tol=0.0)

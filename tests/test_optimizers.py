@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from common.errors import InvalidArgument
-from common.jobconfig import JobConfig, job_config
-from common.protocol import steps
-from common.protocol.batching import batch_schedule
-from common.protocol.optimizers import (
+from vfl.common.errors import InvalidArgument
+from vfl.common.jobconfig import JobConfig, job_config
+from vfl.common.protocol import steps
+from vfl.common.protocol.batching import batch_schedule
+from vfl.common.protocol.optimizers import (
     OPTIMIZERS,
     OptimizerSettings,
     OptimizerState,
@@ -22,7 +22,7 @@ from common.protocol.optimizers import (
     restored_state,
     smallest_learning_rate,
 )
-from common.protocol.reference import train_plain, with_intercept
+from vfl.common.protocol.reference import train_plain, with_intercept
 
 G1, G2 = np.array([0.5, -2.0]), np.array([1.5, 1.0])
 W0 = np.array([1.0, 1.0])

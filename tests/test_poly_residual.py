@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from common.crypto import get_backend
-from common.crypto.backend import CipherVector
-from common.crypto.fixedpoint import RESIDUAL_SCALE_BITS, signed
-from common.errors import OutOfRange
-from common.jobconfig import JobConfig
-from common.protocol import steps
-from common.protocol.optimizers import OptimizerSettings
-from common.protocol.reference import train_plain, with_intercept
-from common.protocol.residual import POLY5, sigmoid, sigmoid_fit
 from tests.reference_run import ReferenceRun
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.backend import CipherVector
+from vfl.common.crypto.fixedpoint import RESIDUAL_SCALE_BITS, signed
+from vfl.common.errors import OutOfRange
+from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol import steps
+from vfl.common.protocol.optimizers import OptimizerSettings
+from vfl.common.protocol.reference import train_plain, with_intercept
+from vfl.common.protocol.residual import POLY5, sigmoid, sigmoid_fit
 
 KEY_BITS = 1024  # the masked cross term needs ~170 plaintext bits: OU's 512-bit test keys have 168
 BACKENDS = {"ou": get_backend("ou"), "paillier": get_backend("paillier")}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import ResourceExhausted
-from common.storage import read_record
-from services.passive.policy import BUDGETS_KIND, WINDOW_SLOTS, PassivePolicy, PredictionBudget
+from vfl.common.errors import ResourceExhausted
+from vfl.common.storage import read_record
+from vfl.services.passive.policy import BUDGETS_KIND, WINDOW_SLOTS, PassivePolicy, PredictionBudget
 
 WINDOW_S = 1000.0
 SLOT_S = WINDOW_S / WINDOW_SLOTS

@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.crypto import get_backend
-from common.crypto.backend import PublicKey, target_fingerprint, unmask
-from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
-from common.errors import FailedPrecondition, InvalidArgument, OutOfRange
-from common.protocol import steps
-from common.protocol.batching import batch_schedule, check_batch_size, min_batch_size
-from common.protocol.reference import with_intercept
-from common.protocol.residual import LINEAR
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.backend import PublicKey, target_fingerprint, unmask
+from vfl.common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
+from vfl.common.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from vfl.common.protocol import steps
+from vfl.common.protocol.batching import batch_schedule, check_batch_size, min_batch_size
+from vfl.common.protocol.reference import with_intercept
+from vfl.common.protocol.residual import LINEAR
 
 # Test-size keys per backend (OU's plaintext space is a third of its modulus).
 BITS = {"phe": 512, "paillier": 512, "ou": 1024}

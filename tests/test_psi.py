@@ -1,4 +1,4 @@
-"""common/psi.py: the two-party DH-PSI computed in-process against plain set
+"""vfl/common/psi.py: the two-party DH-PSI computed in-process against plain set
 intersection, the group law it relies on, its input checks, and the exact
 (32-byte) tag comparison, with a planted 8-byte-prefix bug it must catch."""
 
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from common import psi
-from common.errors import InvalidArgument
+from vfl.common import psi
+from vfl.common.errors import InvalidArgument
 
 P = psi.POINT_BYTES
 MatchFn = Callable[[bytes, bytes], np.ndarray]

@@ -14,10 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from common.jobconfig import JobConfig
 from tests.conftest import SAME_START, make_federation, read_shard
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.common.jobconfig import JobConfig
 from vfl.v1 import client_pb2
 
 # Adam with a decaying rate: each party's optimiser state (moments, step

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import serde
-from common.crypto import get_backend
-from common.crypto.backend import CipherVector, PublicKey
-from common.crypto.fixedpoint import decode, encode
-from common.errors import FailedPrecondition, InvalidArgument, OutOfRange
-from common.jobconfig import JobConfig
+from vfl.common import serde
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.backend import CipherVector, PublicKey
+from vfl.common.crypto.fixedpoint import decode, encode
+from vfl.common.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from vfl.common.jobconfig import JobConfig
 from vfl.v1 import common_pb2
 
 BACKEND = get_backend("phe")

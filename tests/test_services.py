@@ -17,9 +17,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from cli.federation import LocalFederation, start_service
-from common import healthcheck
 from tests.conftest import TEST_KEY_BITS, read_private_key
+from vfl.cli.federation import LocalFederation, start_service
+from vfl.common import healthcheck
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,11 +57,11 @@ def test_assistant_answers_healthz_and_serves_no_grpc(federation):
 @pytest.mark.parametrize(
     ("module", "env", "expected"),
     [
-        ("services.assistant", {}, "config error: VFL_RELAY_TOKEN: not set"),
-        ("services.assistant", {"VFL_RELAY_TOKEN": "short"}, "config error: VFL_RELAY_TOKEN: expected 16 to 512"),
-        ("services.assistant", {"VFL_RELAY_TOKEN_FILE": "/nonexistent"}, "VFL_RELAY_TOKEN_FILE: /nonexistent"),
-        ("services.assistant", {"VFL_UPSTREAM_ADDRESS": "passive"}, "config error: VFL_UPSTREAM_ADDRESS:"),
-        ("services.active", {"VFL_ASSISTANT_ADDRESS": "127.0.0.1:1"}, "config error: VFL_RELAY_TOKEN: not set"),
+        ("vfl.services.assistant", {}, "config error: VFL_RELAY_TOKEN: not set"),
+        ("vfl.services.assistant", {"VFL_RELAY_TOKEN": "short"}, "config error: VFL_RELAY_TOKEN: expected 16 to 512"),
+        ("vfl.services.assistant", {"VFL_RELAY_TOKEN_FILE": "/nonexistent"}, "VFL_RELAY_TOKEN_FILE: /nonexistent"),
+        ("vfl.services.assistant", {"VFL_UPSTREAM_ADDRESS": "passive"}, "config error: VFL_UPSTREAM_ADDRESS:"),
+        ("vfl.services.active", {"VFL_ASSISTANT_ADDRESS": "127.0.0.1:1"}, "config error: VFL_RELAY_TOKEN: not set"),
     ],
 )
 def test_relay_token_is_required_with_the_assistant(tmp_path, module, env, expected):
@@ -115,7 +115,7 @@ def test_bad_configuration_stops_with_one_clear_line(tmp_path, env, expected):
         "VFL_DATA_DIR": str(tmp_path / "d"),
         "VFL_INSECURE": "true",
     }
-    result = run_service("services.passive", {**base, **env}, tmp_path)
+    result = run_service("vfl.services.passive", {**base, **env}, tmp_path)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("config error")]
     assert len(lines) == 1 and expected in lines[0], result.stderr
@@ -123,7 +123,7 @@ def test_bad_configuration_stops_with_one_clear_line(tmp_path, env, expected):
 
 def test_active_party_requires_its_peer_address(tmp_path):
     env = {"VFL_DATA_CSV": str(ROOT / "data" / "breast_hetero_guest.csv"), "VFL_DATA_DIR": str(tmp_path / "d")}
-    result = run_service("services.active", env, tmp_path)
+    result = run_service("vfl.services.active", env, tmp_path)
     assert result.returncode == 2
     assert "VFL_PEER_ADDRESS" in result.stderr
 
@@ -136,11 +136,11 @@ def test_private_key_with_open_permissions_is_refused(tmp_path):
         "VFL_TEST_MODE": "true",
         "VFL_INSECURE": "true",
     }
-    svc = start_service("passive", "services.passive", env, tmp_path)
+    svc = start_service("passive", "vfl.services.passive", env, tmp_path)
     svc.stop()
     key_file = tmp_path / "d" / "keys" / "private_key.json"
     key_file.chmod(0o644)
-    result = run_service("services.passive", env, tmp_path)
+    result = run_service("vfl.services.passive", env, tmp_path)
     assert result.returncode == 2 and "owner-only" in result.stderr
 
 
@@ -166,7 +166,7 @@ def test_cli_trains_any_pair_of_csvs(tmp_path):
     b_rows = [[ids[i], *np.round(x[i, 3:], 5)] for i in b_order]
     active = write_csv(tmp_path / "bank.csv", ["customer", "defaulted", "f1", "f2", "f3"], a_rows)
     passive = write_csv(tmp_path / "insurer.csv", ["customer", "g1", "g2", "g3", "g4", "g5"], b_rows)
-    cmd = [sys.executable, "-m", "cli.main", "demo", "--active-csv", str(active), "--passive-csv", str(passive)]
+    cmd = [sys.executable, "-m", "vfl.cli.main", "demo", "--active-csv", str(active), "--passive-csv", str(passive)]
     cmd += ["--label-column", "defaulted", "--id-column", "customer", "--key-bits", "1024", "--batch-size", "20"]
     cmd += ["--epochs", "3", "--no-assistant", "--workdir", str(tmp_path / "run")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -182,7 +182,7 @@ def test_cli_train_status_predict_models_against_running_services(tmp_path, brea
     ) as fed:
         ids_csv = write_csv(tmp_path / "train.csv", ["id"], [[i] for i in breast.train_ids])
         test_csv = write_csv(tmp_path / "test.csv", ["id"], [[i] for i in breast.test_ids[:15]])
-        base = [sys.executable, "-m", "cli.main"]
+        base = [sys.executable, "-m", "vfl.cli.main"]
         addr = ["--address", fed.active_address, "--tls-dir", str(fed.certs_dir)]
 
         def vfl(*args: str) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""The checked records of common/storage.py: round trip, each kind of damage
+"""The checked records of vfl/common/storage.py: round trip, each kind of damage
 named (never the content), legacy plain-JSON files still read, quarantine,
 and the directory flushed after a durable rename; and the stores built on
 them (models, checkpoints, keys, B's budgets)."""
@@ -14,14 +14,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from common import storage
-from common.checkpoint import JobCheckpoints
-from common.crypto import get_backend
-from common.crypto.keystore import KEY_FILE, load_or_create_keypair
-from common.errors import ConfigError, DamagedFile, NotFound
-from common.models import ModelStore
-from common.rpc import status_of
-from common.storage import (
+from vfl.common import storage
+from vfl.common.checkpoint import JobCheckpoints
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.keystore import KEY_FILE, load_or_create_keypair
+from vfl.common.errors import ConfigError, DamagedFile, NotFound
+from vfl.common.models import ModelStore
+from vfl.common.rpc import status_of
+from vfl.common.storage import (
     atomic_write_text,
     decode_record,
     encode_record,
@@ -30,7 +30,7 @@ from common.storage import (
     read_record,
     write_record,
 )
-from services.passive.policy import PassivePolicy, PredictionBudget
+from vfl.services.passive.policy import PassivePolicy, PredictionBudget
 
 BODY = {"weights": [0.5, -1.25, 1e-300], "name": "m", "nested": {"b": 2, "a": [1, None, True]}, "nan": None}
 SECRET = "s3cr3t-value-never-echoed"

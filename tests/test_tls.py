@@ -21,14 +21,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from cli.client import VflClient
-from cli.federation import LocalFederation, start_service
-from cli.main import app
-from common import healthcheck
-from common.jobconfig import JobConfig
-from common.rpc import open_channel
-from common.tls import TlsConfig, TlsFiles, create_certs
 from tests.conftest import BreastSplit, make_federation, tls_client
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation, start_service
+from vfl.cli.main import app
+from vfl.common import healthcheck
+from vfl.common.jobconfig import JobConfig
+from vfl.common.rpc import open_channel
+from vfl.common.tls import TlsConfig, TlsFiles, create_certs
 from vfl.v1 import client_pb2, party_pb2, party_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +164,7 @@ def run_service(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[s
     full = {k: v for k, v in os.environ.items() if not k.startswith("VFL_")}
     full.update(PYTHONPATH=str(ROOT), VFL_DATA_CSV=PASSIVE_CSV, VFL_DATA_DIR=str(cwd / "d"), **env)
     return subprocess.run(
-        [sys.executable, "-m", "services.passive"], env=full, capture_output=True, text=True, timeout=60, cwd=cwd
+        [sys.executable, "-m", "vfl.services.passive"], env=full, capture_output=True, text=True, timeout=60, cwd=cwd
     )
 
 
@@ -199,7 +199,7 @@ def test_service_without_usable_tls_or_insecure_exits_2(tmp_path, env, expected)
 def test_insecure_service_logs_a_warning_and_serves_plaintext(tmp_path):
     env = {"VFL_DATA_CSV": PASSIVE_CSV, "VFL_DATA_DIR": str(tmp_path / "d"), "VFL_KEY_BITS": "1024"}
     env.update(VFL_TEST_MODE="true", VFL_INSECURE="true")
-    svc = start_service("passive", "services.passive", env, tmp_path)
+    svc = start_service("passive", "vfl.services.passive", env, tmp_path)
     try:
         ok, line = healthcheck.check(svc.address, 5)
         assert ok, line

@@ -23,17 +23,17 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import FieldDescriptor
 from scipy.stats import binomtest
 
-from cli.client import VflClient
-from common import psi, serde
-from common.alignments import AlignmentRecord
-from common.crypto import get_backend
-from common.crypto.backend import CipherVector, PublicKey, target_fingerprint
-from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
-from common.jobconfig import JobConfig
-from common.protocol.steps import HIDDEN_VALUE_BITS
-from common.storage import read_record
 from tests.conftest import make_federation, read_private_key, read_shard, tls_client
 from tests.reference_run import reference_from_shards
+from vfl.cli.client import VflClient
+from vfl.common import psi, serde
+from vfl.common.alignments import AlignmentRecord
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.backend import CipherVector, PublicKey, target_fingerprint
+from vfl.common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
+from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol.steps import HIDDEN_VALUE_BITS
+from vfl.common.storage import read_record
 from vfl.v1 import client_pb2, party_pb2
 
 # B stores no model under 10 iterations; validation checks at 5, 10 and 14.

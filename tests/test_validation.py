@@ -10,10 +10,10 @@ import grpc
 import numpy as np
 import pytest
 
-from common.jobconfig import JobConfig
-from common.protocol.reference import with_intercept
 from tests.conftest import read_shard
 from tests.reference_run import ReferenceRun, reference_from_shards
+from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol.reference import with_intercept
 from vfl.v1 import client_pb2
 
 

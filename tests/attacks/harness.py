@@ -18,20 +18,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli.federation import LocalFederation
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
-from common import serde
-from common.alignments import AlignmentRecord
-from common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey
-from common.data import Scaler, load_party_csv
-from common.errors import PeerError
-from common.jobconfig import JobConfig
-from common.protocol import steps
-from common.protocol.batching import BatchSchedule, batch_schedule, min_batch_size
-from common.protocol.reference import with_intercept
-from services.active.alignment import align_as_active
-from services.active.peer import PassiveClient
 from tests.conftest import TEST_KEY_BITS
+from vfl.cli.federation import LocalFederation
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
+from vfl.common import serde
+from vfl.common.alignments import AlignmentRecord
+from vfl.common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey
+from vfl.common.data import Scaler, load_party_csv
+from vfl.common.errors import PeerError
+from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol import steps
+from vfl.common.protocol.batching import BatchSchedule, batch_schedule, min_batch_size
+from vfl.common.protocol.reference import with_intercept
+from vfl.services.active.alignment import align_as_active
+from vfl.services.active.peer import PassiveClient
 from vfl.v1 import common_pb2, party_pb2
 
 

@@ -1,7 +1,7 @@
 """Start a real service with one deliberately planted regression (tests only).
 
 `python -m tests.attacks.planted` reads VFL_PLANT (a name in PLANTS) and
-VFL_PLANT_MODULE (the service to run, e.g. `services.passive`), undoes one
+VFL_PLANT_MODULE (the service to run, e.g. `vfl.services.passive`), undoes one
 privacy fix by monkeypatching it back to the old, leaky behaviour, then runs
 the service exactly as `python -m VFL_PLANT_MODULE` would. Each attack test
 runs against the real service and against its planted twin: the attack must
@@ -51,7 +51,7 @@ def _paillier_square_randomness() -> None:
 
     import gmpy2
 
-    from common.crypto import fast_backend
+    from vfl.common.crypto import fast_backend
 
     def square_base(n: gmpy2.mpz, n_square: gmpy2.mpz) -> gmpy2.mpz:
         x = fast_backend._random_unit(n)
@@ -71,7 +71,7 @@ def _no_release_noise_passive() -> None:
     term)."""
     import numpy as np
 
-    from services.passive import party as passive
+    from vfl.services.passive import party as passive
 
     def silent(self, job, length):  # type: ignore[no-untyped-def]
         return np.zeros(length)
@@ -82,7 +82,7 @@ def _no_release_noise_passive() -> None:
 @plant("no-release-noise-active")
 def _no_release_noise_active() -> None:
     """tests/attacks/test_dp_release.py: A releases z_B without noise."""
-    from common.protocol import steps
+    from vfl.common.protocol import steps
 
     steps.add_release_noise = lambda key, z, noise: z
 
@@ -95,8 +95,8 @@ def _curious_passive_view() -> None:
     import json
     import os
 
-    from common.protocol import steps
-    from services.passive import party as passive
+    from vfl.common.protocol import steps
+    from vfl.services.passive import party as passive
 
     log_path = os.environ["VFL_CURIOUS_LOG"]
     original_apply, original_unmask = passive.PassiveParty.apply_gradient, steps.unmask_gradient
@@ -123,8 +123,8 @@ def _seeded_initial_weights() -> None:
     "passive", ...)` did."""
     import numpy as np
 
-    from common.protocol import steps
-    from services.passive import party as passive
+    from vfl.common.protocol import steps
+    from vfl.services.passive import party as passive
 
     current: dict[str, int] = {}
     original = passive.PassiveParty.setup_job
@@ -145,7 +145,7 @@ def _seeded_initial_weights() -> None:
 def _assistant_any_target() -> None:
     """C tunnels to whatever a CONNECT names, not only to its upstream
     (tests/attacks/test_assistant.py, attack 4)."""
-    from services.assistant import proxy
+    from vfl.services.assistant import proxy
 
     proxy.TunnelProxy.route = lambda self, target: proxy.split_target(target)  # type: ignore[method-assign]
 
@@ -160,9 +160,9 @@ def _rows_off_schedule() -> None:
     so that the check against the agreed schedule always passes."""
     from collections.abc import Sequence
 
-    from common.protocol.batching import Batch
-    from common.serde import rows_array
-    from services.passive import party
+    from vfl.common.protocol.batching import Batch
+    from vfl.common.serde import rows_array
+    from vfl.services.passive import party
 
     class Pinned(Sequence[Batch]):
         def __init__(self, inner: Sequence[Batch], t: int, rows: object) -> None:
@@ -196,7 +196,7 @@ def _releases_not_persisted() -> None:
     """B's count of decryptions released lives in memory only (the old
     behaviour): nothing is written before z_A leaves B, nor when an
     iteration is restarted, so a crash of B forgets both."""
-    from services.passive import party
+    from vfl.services.passive import party
 
     original_restart = party.PassiveParty._restart_iteration
 
@@ -217,7 +217,7 @@ def _refusal_keeps_job() -> None:
     may probe again, one answer per query."""
     from contextlib import nullcontext
 
-    from services.passive import party
+    from vfl.services.passive import party
 
     party.PassiveParty._refusal_ends_job = lambda self, job: nullcontext()  # type: ignore[method-assign]
 
@@ -226,7 +226,7 @@ def _refusal_keeps_job() -> None:
 def _loss_share_any_iteration() -> None:
     """B answers a loss share for any iteration (the old behaviour), not
     only on the job's loss iterations."""
-    from services.passive import party
+    from vfl.services.passive import party
 
     party.PassiveJob.loss_iteration = lambda self, iteration: True  # type: ignore[method-assign]
 
@@ -238,8 +238,8 @@ def _no_training_floors() -> None:
     policy's floors set to zero whatever its configuration says."""
     import dataclasses
 
-    from services.passive import party
-    from services.passive.policy import PassivePolicy
+    from vfl.services.passive import party
+    from vfl.services.passive.policy import PassivePolicy
 
     original = party.PassiveParty.__init__
 
@@ -264,7 +264,7 @@ def _malicious_passive() -> None:
     its loss share an encryption of 2^300: values no valid share gives,
     whose sign after A's decryption mod p_A is what a probing B wants to
     learn."""
-    from common.protocol import steps
+    from vfl.common.protocol import steps
 
     def crafted(key, count):  # type: ignore[no-untyped-def]
         big = 1 << CRAFTED_SCORE_BITS
@@ -285,9 +285,9 @@ def _no_active_range_checks() -> None:
     """A uses whatever B's loss share and prediction scores decrypt to (the
     old behaviour): decode and go on, no range check."""
 
-    from common.crypto.fixedpoint import RESIDUAL_SCALE_BITS, decode, signed
-    from common.protocol import steps
-    from common.protocol.residual import LOGISTIC
+    from vfl.common.crypto.fixedpoint import RESIDUAL_SCALE_BITS, decode, signed
+    from vfl.common.protocol import steps
+    from vfl.common.protocol.residual import LOGISTIC
 
     def decrypt_prediction(backend, key, scores, expected_length, model=LOGISTIC):  # type: ignore[no-untyped-def]
         scores.require_key(key.public, "prediction scores")
@@ -311,8 +311,8 @@ def _unblinded_psi_points() -> None:
     the group but not raised to its secret scalar, H(x) instead of H(x)^k
     (a PSI with one exponentiation skipped). The peer's dictionary attack
     then reads the party's whole list off the points."""
-    from common import psi
-    from common.protocol import alignment
+    from vfl.common import psi
+    from vfl.common.protocol import alignment
 
     def blind_own_ids(secret, ids, shuffle, chunk_points=psi.CHUNK_POINTS):  # type: ignore[no-untyped-def]
         for lo in range(0, len(shuffle), chunk_points):

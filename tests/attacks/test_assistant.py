@@ -40,19 +40,19 @@ import grpc
 import numpy as np
 import pytest
 
-from cli.federation import LocalFederation, start_service
-from common.crypto import get_backend
-from common.crypto.backend import CipherVector
-from common.errors import PeerError
-from common.jobconfig import JobConfig
-from common.rpc import status_of
-from common.tls import TlsConfig
-from services.active.alignment import align_as_active
-from services.active.peer import PassiveClient
 from tests.attacks.mitm import APPLICATION_DATA, MaliciousRelay, tls_records
 from tests.conftest import TEST_KEY_BITS, BreastSplit, make_federation, read_private_key, read_shard, tls_client
 from tests.reference_run import reference_from_shards
 from tests.test_transcript import ints, load_transcript, walk
+from vfl.cli.federation import LocalFederation, start_service
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.backend import CipherVector
+from vfl.common.errors import PeerError
+from vfl.common.jobconfig import JobConfig
+from vfl.common.rpc import status_of
+from vfl.common.tls import TlsConfig
+from vfl.services.active.alignment import align_as_active
+from vfl.services.active.peer import PassiveClient
 from vfl.v1 import client_pb2
 
 CONFIG = JobConfig(epochs=3, batch_size=64, learning_rate=0.15, l2=0.01, seed=7)
@@ -368,7 +368,7 @@ def test_planted_any_target_assistant_tunnels_to_a(real: LocalFederation, tmp_pa
         "VFL_RELAY_TOKEN": token,
         "VFL_RELAY_TOKEN_FILE": "",
         "VFL_PLANT": "assistant-any-target",
-        "VFL_PLANT_MODULE": "services.assistant",
+        "VFL_PLANT_MODULE": "vfl.services.assistant",
     }
     svc = start_service("assistant-planted", "tests.attacks.planted", env, tmp_path)
     try:

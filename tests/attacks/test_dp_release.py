@@ -25,19 +25,19 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from cli.client import VflClient
-from cli.main import BUNDLED_ACTIVE, split_ids
-from common import dp
-from common.crypto import get_backend
-from common.crypto.backend import unmask
-from common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
-from common.jobconfig import JobConfig
-from common.protocol import steps
-from common.protocol.batching import batch_schedule, min_batch_size
-from common.storage import read_record
-from services.passive.policy import PassivePolicy
 from tests.attacks.harness import MaliciousActive, active_view, attack_federation, passive_features
 from tests.conftest import TEST_KEY_BITS, make_federation, read_shard
+from vfl.cli.client import VflClient
+from vfl.cli.main import BUNDLED_ACTIVE, split_ids
+from vfl.common import dp
+from vfl.common.crypto import get_backend
+from vfl.common.crypto.backend import unmask
+from vfl.common.crypto.fixedpoint import FEATURE_SCALE_BITS, RESIDUAL_SCALE_BITS, signed
+from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol import steps
+from vfl.common.protocol.batching import batch_schedule, min_batch_size
+from vfl.common.storage import read_record
+from vfl.services.passive.policy import PassivePolicy
 from vfl.v1 import client_pb2
 
 TRAIN_IDS, _, _ = split_ids(BUNDLED_ACTIVE, "id", "y", 0.2, 42)

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
-from common import psi
-from common.jobconfig import JobConfig
 from tests.conftest import TEST_KEY_BITS
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
+from vfl.common import psi
+from vfl.common.jobconfig import JobConfig
 from vfl.v1 import client_pb2, party_pb2
 
 CONFIG = JobConfig(epochs=5, batch_size=64, seed=3)  # 15 iterations: B stores models from 10

@@ -31,16 +31,16 @@ import grpc
 import numpy as np
 import pytest
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from common.crypto.backend import PrivateKey, get_backend
-from common.errors import PeerError
-from common.jobconfig import JobConfig
-from common.protocol.batching import min_batch_size
-from common.rpc import status_of
 from tests.attacks.harness import MaliciousActive, attack_federation, refused
 from tests.attacks.planted import CRAFTED_SCORE_BITS
 from tests.conftest import BreastSplit, make_federation
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.common.crypto.backend import PrivateKey, get_backend
+from vfl.common.errors import PeerError
+from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol.batching import min_batch_size
+from vfl.common.rpc import status_of
 from vfl.v1 import client_pb2
 
 BACKEND = get_backend("ou")

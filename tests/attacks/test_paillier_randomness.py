@@ -35,13 +35,13 @@ import numpy as np
 from gmpy2 import mpz
 from scipy.stats import binomtest
 
-from common.crypto.backend import CipherVector, PrivateKey, get_backend
-from common.crypto.fast_backend import generate_paillier
-from common.crypto.fixedpoint import RESIDUAL_SCALE_BITS, encode
-from common.jobconfig import JobConfig
-from common.protocol import steps
 from tests.attacks.harness import MaliciousActive, attack_federation, passive_features
 from tests.conftest import TEST_KEY_BITS, BreastSplit
+from vfl.common.crypto.backend import CipherVector, PrivateKey, get_backend
+from vfl.common.crypto.fast_backend import generate_paillier
+from vfl.common.crypto.fixedpoint import RESIDUAL_SCALE_BITS, encode
+from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol import steps
 
 ITERATIONS = 12  # 20 outputs each: 240 bits
 PLANT = "paillier-square-randomness"

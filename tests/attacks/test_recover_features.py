@@ -23,12 +23,12 @@ import grpc
 import numpy as np
 import pytest
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
-from common.data import Scaler, load_party_csv
-from common.jobconfig import JobConfig
 from tests.conftest import make_federation, read_shard
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
+from vfl.common.data import Scaler, load_party_csv
+from vfl.common.jobconfig import JobConfig
 from vfl.v1 import client_pb2
 
 ACTIVE = load_party_csv(BUNDLED_ACTIVE, "id", "y")

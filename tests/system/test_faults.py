@@ -45,11 +45,11 @@ import grpc
 import numpy as np
 import pytest
 
-from cli.client import VflClient
-from cli.federation import LocalFederation
-from common.jobconfig import JobConfig, job_config
 from tests.conftest import SAME_START, BreastSplit, make_federation, read_shard, tls_client
 from tests.faultproxy import FaultProxy, Faults, FaultyFederation
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation
+from vfl.common.jobconfig import JobConfig, job_config
 from vfl.v1 import client_pb2
 
 # One of each kind, on both links and both directions. Strong enough that each

@@ -33,11 +33,11 @@ from unittest import mock
 import numpy as np
 import pytest
 
-import cli.federation
-from cli.client import VflClient
-from cli.federation import LocalFederation, ServiceProcess
-from common.jobconfig import job_config
+import vfl.cli.federation
 from tests.conftest import SAME_START, BreastSplit, make_federation, read_shard
+from vfl.cli.client import VflClient
+from vfl.cli.federation import LocalFederation, ServiceProcess
+from vfl.common.jobconfig import job_config
 from vfl.v1 import client_pb2
 
 # On the federation's links (A-C, C-B), both directions. netem is the impairment
@@ -147,13 +147,13 @@ class NetnsService(ServiceProcess):
 def start_in_namespace(
     name: str, module: str, env: dict[str, str], workdir: Path, timeout_s: float = 60.0
 ) -> ServiceProcess:
-    """cli.federation.start_service, but inside the party's namespace and
+    """vfl.cli.federation.start_service, but inside the party's namespace and
     listening on its address."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"{name}.port"
     port_file.unlink(missing_ok=True)
     log_path = workdir / f"{name}.log"
-    root = Path(cli.federation.__file__).resolve().parent.parent
+    root = Path(vfl.cli.federation.__file__).resolve().parents[2]
     full_env = {
         **os.environ,
         **env,
@@ -188,7 +188,7 @@ class NetnsFederation(LocalFederation):
     """LocalFederation's services and environment, each in its namespace."""
 
     def start(self, name: str) -> ServiceProcess:
-        with mock.patch.object(cli.federation, "start_service", start_in_namespace):
+        with mock.patch.object(vfl.cli.federation, "start_service", start_in_namespace):
             return super().start(name)
 
 

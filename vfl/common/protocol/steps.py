@@ -1,0 +1,431 @@
+"""One function per step of PROTOCOL.md ("One training iteration",
+"Loss for convergence checks", "Prediction").
+
+Pure: numpy arrays and ciphertext vectors in and out, no gRPC. Both parties
+call the same functions for the symmetric steps; the docstrings say who calls
+what. Notation: for A, X is [X_A, 1] (the intercept is a column of ones) and
+the share is a = u_A/4 + 1/2 - y; for B, X is X_B and the share is b = u_B/4
+(the Taylor residual of logistic regression; linear regression's shares,
+a = u_A - y and b = u_B, come from the job's ResidualModel in residual.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from vfl.common import dp
+from vfl.common.crypto.backend import (
+    MASK_STATISTICAL_BITS,
+    CipherVector,
+    HEBackend,
+    PrivateKey,
+    PublicKey,
+    check_masked_plaintexts,
+    random_mask,
+    unmask,
+)
+from vfl.common.crypto.fixedpoint import (
+    FEATURE_SCALE_BITS,
+    RESIDUAL_SCALE_BITS,
+    encode,
+    signed,
+    to_fixed,
+)
+from vfl.common.errors import OutOfRange
+from vfl.common.protocol.optimizers import OptimizerSettings, OptimizerState, initial_state, optimizer_update
+from vfl.common.protocol.residual import LOGISTIC, PolynomialResidual, ResidualModel, sigmoid
+
+__all__ = ["sigmoid"]  # re-exported: callers score with steps.sigmoid
+
+# Largest |value| of a residual share, score or standardised feature that the
+# fixed-point encoding accepts; it bounds every homomorphic sum below.
+SHARE_BOUND = float(2**20)
+FEATURE_BOUND = float(2**30)
+# Every value hidden by a mask (the cross gradient X^T s at scale 2^48) is
+# below 2^HIDDEN_VALUE_BITS in magnitude: checked by the party that masks it,
+# and, where the plaintext modulus is secret (OU), by the party that decrypts.
+HIDDEN_VALUE_BITS = 128
+
+
+# --- initial weights (each party, before the first iteration) --------------
+
+
+def private_initial_weights(length: int, scale: float) -> np.ndarray:
+    """Small random initial weights from this party's own CSPRNG. Zero
+    weights would let B learn X_B^T (1/2 - y) in the first iteration; weights
+    a peer could compute (from the job seed, say) would let A read X_B off
+    prediction's u_B = X_B w_B. Nothing a peer sends determines them."""
+    rng = np.random.default_rng(secrets.randbits(128))
+    return rng.normal(0.0, scale, size=length)
+
+
+def reproducible_initial_weights(seed: int, job_id: str, length: int, scale: float) -> np.ndarray:
+    """Tests only (a party's own VFL_TEST_INITIAL_WEIGHTS_SEED, in test mode):
+    reproducible initial weights, so that two runs of a job compare bit for bit."""
+    tag = int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:8], "big")
+    return np.random.default_rng([seed, tag]).normal(0.0, scale, size=length)
+
+
+def initial_weights(test_seed: int | None, job_id: str, length: int, scale: float) -> np.ndarray:
+    """A party's initial weights for a job: private, unless its own test-mode
+    seed asks for reproducible ones."""
+    if test_seed is not None:
+        return reproducible_initial_weights(test_seed, job_id, length, scale)
+    return private_initial_weights(length, scale)
+
+
+# --- plaintext shares (each party, on its own data) -------------------------
+
+
+def with_intercept(x: np.ndarray) -> np.ndarray:
+    """[X, 1]: A's rows with the intercept as a column of ones (last)."""
+    return np.hstack([x, np.ones((x.shape[0], 1))])
+
+
+def active_residual_share(
+    x_active: np.ndarray, w_active: np.ndarray, y: np.ndarray, model: ResidualModel = LOGISTIC
+) -> np.ndarray:
+    """A's part of the residual (intercept in w_active): a = u_A/4 + 1/2 - y
+    for the Taylor residual, u_A - y for linear regression."""
+    return model.active_share(x_active @ w_active, y)
+
+
+def passive_residual_share(x_passive: np.ndarray, w_passive: np.ndarray, model: ResidualModel = LOGISTIC) -> np.ndarray:
+    """B's part of the residual: b = u_B/4 (Taylor), u_B (linear)."""
+    return model.passive_share(x_passive @ w_passive)
+
+
+def encrypt_share(backend: HEBackend, key: PublicKey, share: np.ndarray, hiding: bool = False) -> CipherVector:
+    return backend.encrypt(key, encode(share, RESIDUAL_SCALE_BITS, key.n, SHARE_BOUND), hiding=hiding)
+
+
+# --- steps 1-2 ---------------------------------------------------------------
+
+
+def first_encrypted_data(backend: HEBackend, key_active: PublicKey, a: np.ndarray) -> CipherVector:
+    """Step 1 (A): [[a_S]]_A, A's parameters, features and labels under T."""
+    return encrypt_share(backend, key_active, a)
+
+
+def first_intermediate_share(backend: HEBackend, key_passive: PublicKey, b: np.ndarray) -> CipherVector:
+    """Step 2 (B): [[b_S]]_B, B's share of <<d_S>> = ([[a_S]]_A, [[b_S]]_B)."""
+    return encrypt_share(backend, key_passive, b)
+
+
+# --- step 0, with the polynomial residual (docs/POLY5.md) ------------------
+#
+# Before steps 1-2, the parties turn P(u_A + u_B) - y into additive shares:
+# A sends [[u_A^i]]_A (i < degree), B returns the cross term under pk_A with
+# a fresh mask s of its own, A decrypts cross + s. A's share is then
+# c_0 + own(u_A) - y + cross + s, B's own(u_B) - s; steps 1-5 carry them as
+# any other shares. Integers at scale 2^RESIDUAL_SCALE_BITS throughout: the
+# masked shares are large, and float64 would lose what the masks cancel.
+
+# Largest |u_A|, |u_B| the polynomial step accepts (the fit is over [-8, 8];
+# beyond 64 a score means a diverged model, and the bound keeps every value
+# inside the masks' range).
+POLY_SCORE_BOUND = 64.0
+CROSS_SCALE_BITS = 2 * RESIDUAL_SCALE_BITS
+
+
+def cross_term_bits(model: PolynomialResidual) -> int:
+    """Bits of |cross| at scale 2^CROSS_SCALE_BITS for scores within the bound."""
+    c, k, v = model.coefficients, model.degree, POLY_SCORE_BOUND
+    bound = sum(abs(c[j]) * math.comb(j, i) * v**j for j in range(2, k + 1) for i in range(1, j))
+    return math.ceil(math.log2(bound + 1)) + CROSS_SCALE_BITS + 1
+
+
+def encrypted_score_powers(
+    backend: HEBackend, key_active: PublicKey, u_active: np.ndarray, model: PolynomialResidual
+) -> CipherVector:
+    """Step 0 (A): [[u_A^i]]_A for i = 1..degree-1, one block of m per power."""
+    if u_active.size and float(np.max(np.abs(u_active))) > POLY_SCORE_BOUND:
+        raise OutOfRange(f"u_A: a score beyond +-{POLY_SCORE_BOUND:g}, outside the polynomial residual's range")
+    powers = np.concatenate([u_active**i for i in range(1, model.degree)])
+    bound = POLY_SCORE_BOUND ** (model.degree - 1)
+    return backend.encrypt(key_active, encode(powers, RESIDUAL_SCALE_BITS, key_active.n, bound))
+
+
+@dataclass(frozen=True)
+class MaskedCross:
+    """[[cross + s]]_A, and s (at scale 2^CROSS_SCALE_BITS), which never leaves B."""
+
+    ciphers: CipherVector
+    mask: tuple[int, ...]
+
+
+def masked_cross_terms(
+    backend: HEBackend, powers: CipherVector, u_passive: np.ndarray, model: PolynomialResidual
+) -> MaskedCross:
+    """Step 0 (B): [[sum_i u_A^i q_i(u_B) + s]]_A per sample, s uniform over
+    2^(cross bits + MASK_STATISTICAL_BITS) (statistical hiding, either
+    scheme), added as a fresh hiding encryption (it re-randomises the sum)."""
+    m = len(u_passive)
+    powers.require_length((model.degree - 1) * m, "[[u_A^i]]_A")
+    if u_passive.size and float(np.max(np.abs(u_passive))) > POLY_SCORE_BOUND:
+        raise OutOfRange(f"u_B: a score beyond +-{POLY_SCORE_BOUND:g}, outside the polynomial residual's range")
+    key = powers.key
+    bits = cross_term_bits(model)
+    if bits + MASK_STATISTICAL_BITS + 2 > key.plaintext_bits:
+        raise OutOfRange(f"cross term: the masked value does not fit the {key.bits}-bit key's plaintext space")
+    weights = to_fixed(model.cross_weights(u_passive), RESIDUAL_SCALE_BITS, float(2**60))
+    acc: CipherVector | None = None
+    for i in range(model.degree - 1):
+        block = CipherVector(key, powers.values[i * m : (i + 1) * m])
+        term = backend.multiply(block, [int(v) for v in weights[i]])
+        acc = term if acc is None else backend.add(acc, term)
+    mask = tuple(secrets.randbits(bits + MASK_STATISTICAL_BITS) for _ in range(m))
+    fresh = backend.encrypt(key, [v % key.n for v in mask], hiding=True)
+    assert acc is not None
+    return MaskedCross(backend.add(acc, fresh), mask)
+
+
+def active_poly_share(
+    backend: HEBackend,
+    key: PrivateKey,
+    masked: CipherVector,
+    u_active: np.ndarray,
+    y: np.ndarray,
+    model: PolynomialResidual,
+) -> list[int]:
+    """Step 0 (A): its share c_0 + own(u_A) - y + cross + s, as integers at
+    scale 2^RESIDUAL_SCALE_BITS. The decryption is range-checked first (with
+    OU, a crafted value past p/2 would be a sign oracle on A's secret p)."""
+    masked.require_key(key.public, "[[cross + s]]_A")
+    masked.require_length(len(y), "[[cross + s]]_A")
+    bits = cross_term_bits(model)
+    low, high = -(1 << bits), 1 << (bits + MASK_STATISTICAL_BITS + 1)
+    values = signed(backend.decrypt(key, masked), key.plaintext_modulus)
+    if any(not low <= v < high for v in values):
+        raise OutOfRange("[[cross + s]]_A: a decrypted value is outside the range a masked cross term allows")
+    own = to_fixed(model.coefficients[0] + model.own(u_active) - y, RESIDUAL_SCALE_BITS, SHARE_BOUND)
+    shift = CROSS_SCALE_BITS - RESIDUAL_SCALE_BITS
+    return [int(o) + (v >> shift) for o, v in zip(own, values, strict=True)]
+
+
+def passive_poly_share(u_passive: np.ndarray, mask: tuple[int, ...], model: PolynomialResidual) -> list[int]:
+    """Step 0 (B): its share own(u_B) - s at scale 2^RESIDUAL_SCALE_BITS.
+    Both parties floor at the same place, so the shares sum to
+    P(u) - y to within one unit of the last place."""
+    own = to_fixed(model.own(u_passive), RESIDUAL_SCALE_BITS, SHARE_BOUND)
+    shift = CROSS_SCALE_BITS - RESIDUAL_SCALE_BITS
+    return [int(o) - (s >> shift) for o, s in zip(own, mask, strict=True)]
+
+
+# --- step 3 ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MaskedGradient:
+    """[[X^T s + R]] under the peer's key, and R, which never leaves its owner."""
+
+    ciphers: CipherVector
+    mask: tuple[int, ...]
+
+
+def fixed_transpose(x: np.ndarray) -> np.ndarray:
+    """X^T as signed integers at the feature scale, computed once per batch."""
+    return to_fixed(x.T, FEATURE_SCALE_BITS, FEATURE_BOUND)
+
+
+def cross_gradient_bound(x: np.ndarray) -> float:
+    """Largest |(X^T s)_j| any valid peer share s can give (real units)."""
+    if x.size == 0:
+        return 0.0
+    return float(np.max(np.sum(np.abs(x), axis=0))) * SHARE_BOUND
+
+
+def check_capacity(x: np.ndarray, key: PublicKey) -> None:
+    """Refuse a product that could wrap around instead of returning a wrong number."""
+    if key.masked_value_bits(HIDDEN_VALUE_BITS) > key.plaintext_bits:
+        raise OutOfRange(f"batch: a masked gradient does not fit the plaintext space of the {key.bits}-bit key")
+    bound = cross_gradient_bound(x) * 2.0 ** (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
+    limit = min(HIDDEN_VALUE_BITS, key.plaintext_bits)
+    if bound > 0 and math.log2(bound) + 1 >= limit:
+        # The message reaches the peer: it names the limit, never how far the
+        # data would go (that is a magnitude of this party's features).
+        raise OutOfRange(
+            f"batch: X^T s could exceed the 2^{limit} that the {key.bits}-bit key's plaintext space and the "
+            "masking allow; use smaller batches or features"
+        )
+
+
+def masked_encrypted_gradient(backend: HEBackend, x: np.ndarray, peer_share: CipherVector) -> MaskedGradient:
+    """Step 3 (both): [[X^T s_peer + R]]_peer for the batch's rows x. R is added
+    as a fresh encryption, never as a plaintext shift: the peer reads a
+    ciphertext's randomness on decryption, and that of X^T [[s]] alone would
+    reveal X; the fresh encryption's randomness is uniform over the whole
+    randomness group (hiding=True), which hides it whatever the peer chose."""
+    check_capacity(x, peer_share.key)
+    fixed = fixed_transpose(x)
+    product = backend.matvec(fixed, peer_share)
+    mask = random_mask(peer_share.key, len(product), HIDDEN_VALUE_BITS)
+    fresh = backend.encrypt(peer_share.key, mask, hiding=True)
+    return MaskedGradient(backend.add(product, fresh), mask)
+
+
+# --- step 4 ------------------------------------------------------------------
+
+
+def decrypt_masked_gradient(
+    backend: HEBackend, key: PrivateKey, ciphers: CipherVector, expected_length: int
+) -> list[int]:
+    """Step 4 (both): decrypt the peer's masked gradient, z = h + R mod n.
+    Only a vector of the expected length under this party's own key (each
+    ciphertext was range-checked where serde decoded it), and only values a
+    masked gradient can be."""
+    ciphers.require_key(key.public, "masked gradient")
+    ciphers.require_length(expected_length, "masked gradient")
+    z = backend.decrypt(key, ciphers)
+    check_masked_plaintexts(key, z, HIDDEN_VALUE_BITS, "masked gradient")
+    return z
+
+
+def add_release_noise(key: PrivateKey, z: list[int], noise: np.ndarray) -> list[int]:
+    """Step 4, with differential privacy (the decrypting party): the noise,
+    in real units of the cross gradient, added to the masked values it
+    returns, so that the owner's unmasked gradient carries it. Paillier:
+    mod n. OU: z is the integer h + R with R >= 2^HIDDEN_VALUE_BITS, far
+    above any noise, so the sum stays a valid masked value."""
+    if len(noise) != len(z):
+        raise OutOfRange(f"noise: expected {len(z)} values, got {len(noise)}")
+    fixed = dp.noise_to_fixed(noise, FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
+    if key.public.mask_modulus_public:
+        n = key.public.n
+        return [(v + e) % n for v, e in zip(z, fixed, strict=True)]
+    return [v + e for v, e in zip(z, fixed, strict=True)]
+
+
+# Noise beyond this many standard deviations is refused as out of range: the
+# chance that an honest Gaussian draw reaches it is below 1e-80.
+NOISE_RANGE_STDS = 20.0
+
+
+# --- step 5 ------------------------------------------------------------------
+
+
+def unmask_gradient(
+    z: list[int], mask: tuple[int, ...], key: PublicKey, bound: float, noise_std: float = 0.0
+) -> np.ndarray:
+    """Step 5a (both): "decrypt with the random vector": h = z - R, then
+    decode; a value beyond what any valid share (plus the peer's calibrated
+    noise, under differential privacy) allows is refused."""
+    bound += NOISE_RANGE_STDS * noise_std
+    if len(z) != len(mask):
+        raise OutOfRange(f"decrypted gradient: expected {len(mask)} values, got {len(z)}")
+    denom = float(1 << (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS))
+    h = np.array([v / denom for v in unmask(key, z, mask)], dtype=np.float64)
+    if h.size and float(np.max(np.abs(h))) > bound * (1 + 1e-9) + 1.0:
+        raise OutOfRange("decrypted gradient: a value is outside the range a valid share allows")
+    return h
+
+
+def gradient_from_shares(
+    x: np.ndarray, own_share: np.ndarray, cross: np.ndarray, w: np.ndarray, l2: float, penalised: np.ndarray
+) -> np.ndarray:
+    """Step 5b (both): (X^T own_share + X^T peer_share) / m + l2 * w on the
+    penalised coordinates (the intercept is not penalised)."""
+    m = x.shape[0]
+    return np.asarray((x.T @ own_share + cross) / m + l2 * w * penalised, dtype=np.float64)
+
+
+def update_own_weights(
+    z: list[int],
+    mask: tuple[int, ...],
+    peer_key: PublicKey,
+    x: np.ndarray,
+    own_share: np.ndarray,
+    w: np.ndarray,
+    *,
+    penalised: np.ndarray,
+    l2: float,
+    noise_std: float,
+    optimizer: OptimizerSettings,
+    state: OptimizerState | None,
+) -> tuple[np.ndarray, OptimizerState]:
+    """Step 5 (both): remove this party's mask from the peer's decryption of
+    its masked gradient, add X^T own_share, divide by m, add the L2 term, and
+    update w with this party's own optimiser (state None: its first update)."""
+    cross = unmask_gradient(z, mask, peer_key, cross_gradient_bound(x), noise_std)
+    gradient = gradient_from_shares(x, own_share, cross, w, l2, penalised)
+    return optimizer_update(optimizer, w, gradient, initial_state(optimizer, len(w)) if state is None else state)
+
+
+# --- loss check --------------------------------------------------------------
+
+LOSS_SCALE_BITS = 2 * RESIDUAL_SCALE_BITS
+
+
+def passive_loss_share(
+    backend: HEBackend, a_enc: CipherVector, u_passive: np.ndarray, model: ResidualModel = LOGISTIC
+) -> CipherVector:
+    """B: [[sum_i a_i u_B,i + c sum_i u_B,i^2]]_A (c = 1/8 Taylor, 1/2 linear),
+    at scale 2^LOSS_SCALE_BITS.
+    The fresh hiding encryption re-randomises the result (it hides the
+    randomness of the product, as in step 3)."""
+    key = a_enc.key
+    u_fixed = to_fixed(u_passive.reshape(1, -1), RESIDUAL_SCALE_BITS, SHARE_BOUND)
+    cross = backend.matvec(u_fixed, a_enc)
+    own = encode(np.array([float(np.sum(u_passive**2)) * model.loss_square]), LOSS_SCALE_BITS, key.n, SHARE_BOUND**2)
+    return backend.add(cross, backend.encrypt(key, own, hiding=True))
+
+
+def loss_share_bound(m: int, model: ResidualModel = LOGISTIC) -> float:
+    """Largest |sum_i a_i u_B,i + c sum_i u_B,i^2| over m rows of valid shares."""
+    return m * SHARE_BOUND * SHARE_BOUND * (1.0 + model.loss_square)
+
+
+def active_loss(
+    u_active: np.ndarray,
+    y: np.ndarray,
+    share: CipherVector,
+    backend: HEBackend,
+    key: PrivateKey,
+    model: ResidualModel = LOGISTIC,
+) -> float:
+    """A: the batch's loss from its own terms and B's decrypted share."""
+    share.require_key(key.public, "loss share")
+    share.require_length(1, "loss share")
+    m = len(y)
+    raw = signed(backend.decrypt(key, share), key.plaintext_modulus)[0]
+    # Range-checked before use: with OU, whether a crafted value decrypts
+    # above or below p/2 would otherwise be a sign oracle on A's secret p.
+    if abs(raw) > loss_share_bound(m, model) * float(1 << LOSS_SCALE_BITS):
+        raise OutOfRange("loss share: the decrypted value is outside the range a valid share allows")
+    return model.active_loss(u_active, y, raw / float(1 << LOSS_SCALE_BITS))
+
+
+# --- prediction --------------------------------------------------------------
+
+
+def third_encrypted_data(backend: HEBackend, key_active: PublicKey, u_active: np.ndarray) -> CipherVector:
+    """Prediction (A): [[u_A]]_A."""
+    return encrypt_share(backend, key_active, u_active)
+
+
+def target_prediction_data(backend: HEBackend, u_active_enc: CipherVector, u_passive: np.ndarray) -> CipherVector:
+    """Prediction (B): [[u_A]]_A + [[u_B]]_A (the fourth encrypted data). The
+    fresh hiding encryption of u_B re-randomises the sum, so A cannot link it
+    to what it sent."""
+    return backend.add(u_active_enc, encrypt_share(backend, u_active_enc.key, u_passive, hiding=True))
+
+
+def decrypt_prediction(
+    backend: HEBackend, key: PrivateKey, scores: CipherVector, expected_length: int, model: ResidualModel = LOGISTIC
+) -> np.ndarray:
+    """Prediction (A): decrypt u_A + u_B and apply the model's link (the
+    sigmoid for logistic regression)."""
+    scores.require_key(key.public, "prediction scores")
+    scores.require_length(expected_length, "prediction scores")
+    raw = signed(backend.decrypt(key, scores), key.plaintext_modulus)
+    # u_A + u_B of valid shares; anything else is refused before use (with
+    # OU, a sign oracle on A's secret p).
+    limit = int(2 * SHARE_BOUND) << RESIDUAL_SCALE_BITS
+    if any(abs(v) > limit for v in raw):
+        raise OutOfRange("prediction scores: a decrypted score is outside the range valid shares allow")
+    return model.link(np.array(raw, dtype=np.float64) / float(1 << RESIDUAL_SCALE_BITS))

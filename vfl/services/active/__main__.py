@@ -1,0 +1,65 @@
+"""Run the active party: `python -m vfl.services.active` (configured by VFL_* env vars)."""
+
+from __future__ import annotations
+
+import logging
+
+from vfl.common.party_setup import load_party
+from vfl.common.rpc import TranscriptRecorder, create_server, serve_forever, setup_logging
+from vfl.common.settings import ActiveSettings, config_errors, identities, load_settings
+from vfl.services.active.party import ActiveParty
+from vfl.services.active.peer import PassiveClient
+from vfl.services.active.servicer import TrainingServicer
+from vfl.v1 import client_pb2, client_pb2_grpc
+
+SERVICE_NAME = client_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+
+
+def main() -> None:
+    settings = load_settings(ActiveSettings)
+    setup_logging(settings.log_level, "active")
+    res = load_party(settings, label_column=settings.label_column)
+    recorder = TranscriptRecorder(settings.transcript_path, "active") if settings.transcript_path else None
+    peer = PassiveClient(
+        settings.peer_address,
+        settings.peer_timeout_s,
+        recorder,
+        settings.tls,
+        settings.peer_tls_name,
+        assistant=settings.assistant_address,
+        relay_token=settings.relay_token_value(),
+    )
+    party = ActiveParty(
+        res.data,
+        res.key,
+        res.backend,
+        settings.data_dir,
+        peer,
+        res.min_peer_bits,
+        dp_clip_norm=settings.dp_clip_norm,
+        test_weights_seed=settings.test_initial_weights_seed,
+    )
+    party.resume_jobs()  # jobs that were running when this process stopped
+    with config_errors():
+        server, port = create_server(
+            lambda s: client_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(party), s),
+            [SERVICE_NAME],
+            settings.host,
+            settings.port,
+            settings.max_workers,
+            tls=settings.tls,
+            allowed={SERVICE_NAME: identities(settings.allowed_clients)},
+        )
+    logging.getLogger("vfl.active").info(
+        "event=loaded rows=%d features=%d key=%s peer=%s via=%s",
+        len(res.data.ids),
+        res.data.n_features,
+        res.key.public.fingerprint.hex()[:16],
+        settings.peer_address,
+        settings.assistant_address or "direct",
+    )
+    serve_forever(server, port, settings.port_file, "active")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""A's client of the passive party's PartyService, directly or tunnelled
+through the assistant (an HTTP CONNECT proxy: TLS stays end to end with B).
+Encodes requests, decodes replies, and maps gRPC failures to domain errors
+that say which hop failed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar, cast
+
+import grpc
+
+from vfl.common import psi, serde
+from vfl.common.crypto.backend import CipherVector, PublicKey
+from vfl.common.crypto.pool import GATE
+from vfl.common.errors import PeerError, Unavailable
+from vfl.common.jobconfig import JobConfig
+from vfl.common.metrics import CLOCK
+from vfl.common.rpc import TranscriptRecorder, open_channel
+from vfl.common.tls import TlsConfig
+from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
+
+T = TypeVar("T")
+# A connection that broke under a call (e.g. a TLS record that failed its
+# integrity check: "Stream removed (Unwrap failed (TSI_DATA_CORRUPTED))") ends
+# the call with UNKNOWN or INTERNAL from gRPC, not from B: the peer is lost,
+# as with UNAVAILABLE, and the job resumes on a new connection.
+_TRANSPORT_CODES = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+_TRANSPORT = re.compile(r"Stream removed|TSI_DATA_CORRUPTED|Socket closed|Connection reset|Broken pipe")
+# gRPC's http_connect handshaker: "HTTP proxy returned response code 407".
+_PROXY_CODE = re.compile(r"HTTP proxy returned response code (\d{3})")
+_PROXY_REFUSALS = {
+    400: "refused the tunnel request as malformed",
+    403: "refused the tunnel: VFL_PEER_ADDRESS is not its VFL_UPSTREAM_ADDRESS",
+    407: "refused the tunnel: wrong or missing relay token (VFL_RELAY_TOKEN)",
+    502: "could not reach the passive party",
+    503: "refused the tunnel: too many tunnels open",
+    504: "could not reach the passive party in time",
+}
+_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A floor on the exponentiations per second one party's cores do while the
+# other party's share them (measured: 19k/s per core alone): PSI deadlines.
+PSI_POINTS_PER_S = 2000
+
+
+class PassiveClient:
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float,
+        recorder: TranscriptRecorder | None = None,
+        tls: TlsConfig | None = None,
+        server_name: str | None = None,
+        assistant: str | None = None,
+        relay_token: str | None = None,
+    ) -> None:
+        self.address = address
+        self.assistant = assistant
+        self.timeout_s = timeout_s
+        self._channel = open_channel(address, tls, server_name, proxy=assistant, proxy_token=relay_token)
+        self._stub = party_pb2_grpc.PartyServiceStub(self._channel)
+        self._rec = recorder
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, fn: Callable[[], T]) -> T:
+        # The loss share and B's step 5 overlap A's own work: their waits are
+        # booked apart from the step calls A's training loop blocks on.
+        phase = "rpc_background" if method.startswith(("ApplyGradient", "ComputeLossShare")) else "rpc_wait"
+        try:
+            with CLOCK.phase(phase), GATE.idle():
+                return fn()
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in _DOWN or (code in _TRANSPORT_CODES and _TRANSPORT.search(exc.details() or "")):
+                details = exc.details() or ""
+                raise Unavailable(f"{self.failed_hop(details)}: {method} failed ({code.name}): {details}") from None
+            raise PeerError(code.name, f"passive party refused {method}: {exc.details()}") from None
+
+    def failed_hop(self, details: str) -> str:
+        """Which hop failed, from gRPC's details: the assistant (down, or it
+        refused the tunnel or could not reach B) or the passive party."""
+        if self.assistant is None:
+            return f"passive party at {self.address}"
+        proxy_code = _PROXY_CODE.search(details)
+        if proxy_code is not None:
+            status = int(proxy_code.group(1))
+            why = _PROXY_REFUSALS.get(status, "refused the tunnel")
+            if status in (502, 504):
+                why += f" at {self.address}"
+            return f"assistant at {self.assistant} {why} (HTTP {status})"
+        if self.assistant in details or "HTTP proxy" in details or "CONNECT" in details:
+            return f"assistant at {self.assistant}"
+        return f"passive party at {self.address} (through the assistant at {self.assistant})"
+
+    def _received(self, method: str, replies: Any) -> Any:
+        """Record what A receives (tests only), passing replies through."""
+        if self._rec is None:
+            return replies
+        if isinstance(replies, Iterator) or hasattr(replies, "__next__"):
+            return list(self._rec.wrap(method, "reply", replies))
+        self._rec.record(method, "reply", replies)
+        return replies
+
+    def _stream(self, method: str, rpc: Any, chunks: Iterator[common_pb2.StepChunk]) -> serde.StepMessage:
+        return self._call(
+            method,
+            lambda: serde.from_chunks(self._received(method, rpc(chunks, timeout=self.timeout_s)), method),
+        )
+
+    def exchange_keys(self, key: PublicKey, min_bits: int) -> tuple[PublicKey, bytes]:
+        req = party_pb2.KeyExchangeRequest(active_key=serde.public_key_to_proto(key))
+        reply = self._call(
+            "ExchangeKeys", lambda: self._received("ExchangeKeys", self._stub.ExchangeKeys(req, timeout=self.timeout_s))
+        )
+        return serde.public_key_from_proto(reply.passive_key, "passive_key", min_bits), reply.target_fingerprint
+
+    # --- alignment (PROTOCOL.md "Alignment"): points of 32 bytes, never ids ---
+
+    def start_alignment(
+        self, alignment_id: str, active_size: int, purpose: party_pb2.AlignmentPurpose.ValueType, model_id: str = ""
+    ) -> int:
+        """Step 1: returns |B's set|."""
+        req = party_pb2.AlignmentOpen(
+            alignment_id=alignment_id, active_size=active_size, purpose=purpose, model_id=model_id
+        )
+        reply = self._call(
+            "StartAlignment",
+            lambda: self._received("StartAlignment", self._stub.StartAlignment(req, timeout=self.timeout_s)),
+        )
+        return int(reply.passive_size)
+
+    def _psi_timeout(self, points: int) -> float:
+        # B exponentiates every point within the call: its deadline grows with the set.
+        return self.timeout_s + points / PSI_POINTS_PER_S
+
+    def blind_active_set(self, alignment_id: str, points: Iterable[bytes], count: int) -> bytes:
+        """Step 2: A's `count` blinded points out (chunks, computed as they
+        are sent), the same raised to b back, in order."""
+        timeout = self._psi_timeout(2 * count)
+        replies = self._call(
+            "BlindActiveSet",
+            lambda: self._received(
+                "BlindActiveSet", self._stub.BlindActiveSet(_psi_chunks(alignment_id, points), timeout=timeout)
+            ),
+        )
+
+        def collect() -> bytes:
+            out = bytearray()
+            for reply in replies:
+                out += reply.points
+            return bytes(out)
+
+        return self._call("BlindActiveSet", collect)
+
+    def fetch_passive_set(self, alignment_id: str, passive_size: int) -> Iterator[bytes]:
+        """Step 3: B's blinded points, chunk by chunk (A blinds each as it comes)."""
+        req = party_pb2.PsiFetch(alignment_id=alignment_id)
+        # B may still be blinding its own set, and A blinds each chunk before taking the next.
+        timeout = self._psi_timeout(2 * passive_size)
+        replies = self._call(
+            "FetchPassiveSet",
+            lambda: self._received("FetchPassiveSet", self._stub.FetchPassiveSet(req, timeout=timeout)),
+        )
+        stream = iter(replies)
+        while True:
+            chunk = self._call("FetchPassiveSet", lambda: next(stream, None))
+            if chunk is None:
+                return
+            yield chunk.points
+
+    def finish_alignment(self, alignment_id: str, tags: bytes) -> tuple[int, bytes]:
+        """Step 4: B's points after both scalars, back to B; (size, digest) as B found them."""
+        reply = self._call(
+            "FinishAlignment",
+            lambda: self._received(
+                "FinishAlignment",
+                self._stub.FinishAlignment(
+                    _psi_chunks(alignment_id, psi.chunks(tags)),
+                    timeout=self._psi_timeout(len(tags) // psi.POINT_BYTES // 8),
+                ),
+            ),
+        )
+        return int(reply.size), bytes(reply.digest)
+
+    def setup_job(
+        self,
+        job_id: str,
+        config: JobConfig,
+        target_fp: bytes,
+        active_features: int,
+        alignment_id: str,
+        rows: Sequence[int],
+        holdout_rows: Sequence[int] = (),
+        active_clip_norm: float = 0.0,
+    ) -> party_pb2.SetupJobReply:
+        spec = party_pb2.JobSpec(
+            job_id=job_id,
+            config=serde.config_to_proto(config),
+            n_rows=len(rows),
+            target_fingerprint=target_fp,
+            active_features=active_features,
+            n_holdout=len(holdout_rows),
+            active_clip_norm=active_clip_norm,
+            alignment_id=alignment_id,
+        )
+        step = serde.MAX_ROWS_PER_CHUNK
+
+        def chunks() -> Iterator[party_pb2.SetupJobChunk]:
+            yield party_pb2.SetupJobChunk(spec=spec)
+            for s in range(0, len(rows), step):
+                yield party_pb2.SetupJobChunk(rows=[int(r) for r in rows[s : s + step]])
+            for s in range(0, len(holdout_rows), step):
+                yield party_pb2.SetupJobChunk(holdout_rows=[int(r) for r in holdout_rows[s : s + step]])
+
+        reply: party_pb2.SetupJobReply = self._call(
+            "SetupJob", lambda: self._received("SetupJob", self._stub.SetupJob(chunks(), timeout=self.timeout_s))
+        )
+        return reply
+
+    def _step(self, method: str, parts: list[common_pb2.StepChunk], reply_fits: bool) -> serde.StepMessage:
+        """A step exchange: unary when both directions fit one message, else streamed."""
+        one = serde.single_chunk(parts) if reply_fits else None
+        if one is None:
+            return self._stream(method, getattr(self._stub, method), iter(parts))
+        unary = getattr(self._stub, method + "Unary")
+        name = method + "Unary"
+        return self._call(
+            name, lambda: serde.from_chunks([self._received(name, unary(one, timeout=self.timeout_s))], name)
+        )
+
+    def exchange_residual_shares(
+        self, header: common_pb2.StepHeader, rows: Sequence[int], a_enc: CipherVector, reply_width: int
+    ) -> serde.StepMessage:
+        parts = list(serde.to_chunks(header, rows=rows, ciphers=a_enc))
+        return self._step("ExchangeResidualShares", parts, serde.fits_one_chunk(len(rows), reply_width))
+
+    def exchange_masked_gradients(
+        self, header: common_pb2.StepHeader, grad_a: CipherVector, reply_count: int, reply_width: int
+    ) -> serde.StepMessage:
+        parts = list(serde.to_chunks(header, ciphers=grad_a))
+        # The reply holds B's masked gradient and z_A: at most two vectors of reply_count.
+        return self._step("ExchangeMaskedGradients", parts, serde.fits_one_chunk(2 * reply_count, reply_width))
+
+    def apply_gradient(self, header: common_pb2.StepHeader, key: PublicKey, z_b: Sequence[int]) -> float:
+        parts = list(serde.to_chunks(header, residues=(key, z_b)))
+        one = serde.single_chunk(parts)
+        if one is None:
+            reply = self._call(
+                "ApplyGradient",
+                lambda: self._received("ApplyGradient", self._stub.ApplyGradient(iter(parts), timeout=self.timeout_s)),
+            )
+        else:
+            reply = self._call(
+                "ApplyGradientUnary",
+                lambda: self._received(
+                    "ApplyGradientUnary", self._stub.ApplyGradientUnary(one, timeout=self.timeout_s)
+                ),
+            )
+        return float(reply.update_sq_norm)
+
+    def loss_share(self, header: common_pb2.StepHeader, key: PublicKey) -> CipherVector:
+        req = party_pb2.LossShareRequest(header=header)
+        reply = self._call(
+            "ComputeLossShare",
+            lambda: self._received("ComputeLossShare", self._stub.ComputeLossShare(req, timeout=self.timeout_s)),
+        )
+        return serde.cipher_vector_from_proto(reply.share, key, "loss share")
+
+    def job_state(self, header: common_pb2.StepHeader) -> tuple[int, int]:
+        """(iteration, JobPhase) of the job at B."""
+        req = party_pb2.JobStateRequest(header=header)
+        reply = self._call(
+            "GetJobState", lambda: self._received("GetJobState", self._stub.GetJobState(req, timeout=self.timeout_s))
+        )
+        return int(reply.iteration), int(reply.phase)
+
+    def validation_share(
+        self, header: common_pb2.StepHeader, best_iteration: int | None, a_val: CipherVector, key: PublicKey
+    ) -> CipherVector:
+        def call() -> party_pb2.LossShareReply:
+            chunks = serde.to_chunks(header, ciphers=a_val, best_iteration=best_iteration)
+            reply = self._stub.ComputeValidationShare(chunks, timeout=self.timeout_s)
+            return cast(party_pb2.LossShareReply, self._received("ComputeValidationShare", reply))
+
+        reply = self._call("ComputeValidationShare", call)
+        return serde.cipher_vector_from_proto(reply.share, key, "validation share")
+
+    def finish_job(self, header: common_pb2.StepHeader, aborted: bool, keep_iteration: int | None = None) -> bool:
+        req = party_pb2.FinishJobRequest(header=header, aborted=aborted, keep_iteration=keep_iteration)
+        reply = self._call(
+            "FinishJob", lambda: self._received("FinishJob", self._stub.FinishJob(req, timeout=self.timeout_s))
+        )
+        return bool(reply.stored)
+
+    def predict_scores(
+        self, header: common_pb2.StepHeader, alignment_id: str, rows: Sequence[int], u_a_enc: CipherVector
+    ) -> serde.StepMessage:
+        chunks = serde.to_chunks(header, rows=rows, alignment_id=alignment_id, ciphers=u_a_enc)
+        return self._stream("PredictScores", self._stub.PredictScores, chunks)
+
+
+def _psi_chunks(alignment_id: str, parts: Iterable[bytes]) -> Iterator[party_pb2.PsiChunk]:
+    first = True
+    for part in parts:
+        yield party_pb2.PsiChunk(alignment_id=alignment_id if first else "", points=part)
+        first = False
+    if first:
+        yield party_pb2.PsiChunk(alignment_id=alignment_id)
