@@ -38,6 +38,18 @@ def min_batch_size(p_active: int, p_passive: int, allow_small: bool) -> int:
     return floor if allow_small else max(floor, 3 * max(p_active, p_passive))
 
 
+def coalition_feature_counts(p_active: int, p_passives: Sequence[int]) -> tuple[int, int]:
+    """With k passive parties, the (p_A, p_B) that the batch guard must use:
+    the equations a coalition of every party but one gets about the one left
+    out. All of A's peers together see X_B^T a with p_B = sum_j p_j rows of
+    equations; A with every B_l but B_j sees X_{-j}^T b_j, p_A + sum_{l != j} p_l,
+    most for the B_j with the fewest features. With k = 1: (p_A, p_B)."""
+    if not p_passives:
+        raise InvalidArgument("passive parties: at least one")
+    total = sum(p_passives)
+    return p_active + total - min(p_passives), total
+
+
 def check_batch_size(batch_size: int, p_active: int, p_passive: int, allow_small: bool) -> None:
     floor = min_batch_size(p_active, p_passive, allow_small)
     if batch_size < floor:

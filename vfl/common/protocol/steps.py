@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -334,10 +335,19 @@ def gradient_from_shares(
     return np.asarray((x.T @ own_share + cross) / m + l2 * w * penalised, dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class Decryption:
+    """What a key owner returned for one of this party's masked gradients:
+    z = X^T s_owner + R mod n_owner, the mask R this party added, and the
+    owner's key (whose plaintext modulus R is removed in)."""
+
+    z: list[int]
+    mask: tuple[int, ...]
+    key: PublicKey
+
+
 def update_own_weights(
-    z: list[int],
-    mask: tuple[int, ...],
-    peer_key: PublicKey,
+    received: Sequence[Decryption],
     x: np.ndarray,
     own_share: np.ndarray,
     w: np.ndarray,
@@ -348,10 +358,14 @@ def update_own_weights(
     optimizer: OptimizerSettings,
     state: OptimizerState | None,
 ) -> tuple[np.ndarray, OptimizerState]:
-    """Step 5 (both): remove this party's mask from the peer's decryption of
-    its masked gradient, add X^T own_share, divide by m, add the L2 term, and
-    update w with this party's own optimiser (state None: its first update)."""
-    cross = unmask_gradient(z, mask, peer_key, cross_gradient_bound(x), noise_std)
+    """Step 5 (every party): remove this party's mask from each key owner's
+    decryption of its masked gradient (one with one peer, k with k), add
+    X^T own_share, divide by m, add the L2 term, and update w with this
+    party's own optimiser (state None: its first update)."""
+    bound = cross_gradient_bound(x)
+    cross = np.zeros(len(w))
+    for d in received:
+        cross = cross + unmask_gradient(d.z, d.mask, d.key, bound, noise_std)
     gradient = gradient_from_shares(x, own_share, cross, w, l2, penalised)
     return optimizer_update(optimizer, w, gradient, initial_state(optimizer, len(w)) if state is None else state)
 

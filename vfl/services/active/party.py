@@ -867,9 +867,7 @@ class ActiveParty:
         # B's step 5, in flight while A starts the next iteration.
         noise_std = 0.0 if s.dp is None else s.dp.passive_noise_std
         new_w, new_state = steps.update_own_weights(
-            z_a,
-            grad_a.mask,
-            s.passive_key,
+            [steps.Decryption(z_a, grad_a.mask, s.passive_key)],
             x,
             a,
             s.w,

@@ -693,9 +693,7 @@ class PassiveParty:
             # Under DP, z_B carries A's noise, calibrated to B's row norm.
             noise_std = job.noise_multiplier * dp.label_sensitivity(job.clip_norm)
             new_w, job.optimizer = steps.update_own_weights(
-                z_b,
-                own.mask,
-                job.active_key,
+                [steps.Decryption(z_b, own.mask, job.active_key)],
                 x,
                 job.b,
                 job.w,

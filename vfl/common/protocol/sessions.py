@@ -1,0 +1,391 @@
+"""Each party's per-iteration state machine as plain code: the step order,
+the one-decryption rule and the step-5 update, for one active party A and
+k >= 1 passive parties B_1..B_k (PROTOCOL.md, "Several passive parties").
+
+No gRPC: a session talks to its peers through a port (`PassivePort`) that
+takes and returns domain types, so two sessions can run against each other in
+one process (tests/test_sessions.py), and a service can put the port on gRPC.
+
+The pairwise construction. With a the residual share of A and b_j that of
+B_j, the residual is d = a + sum_j b_j, and every party P needs
+X_P^T d = X_P^T s_P + sum_{Q != P} X_P^T s_Q. For every other party Q, P
+computes [[X_P^T s_Q + R_PQ]]_Q under Q's key, with a fresh mask R_PQ of its
+own, and Q decrypts it: a ciphertext is only ever under the key of the party
+whose value it carries, and every value a key owner decrypts is masked by the
+party it belongs to. Messages between passive parties go through A (A relays
+[[b_l]]_l to B_j, B_j's masked gradient under pk_l to B_l, and B_l's
+decryption back to B_j); A sees them under keys it does not hold, or masked.
+
+One iteration, A's view (`ActiveSession.iteration`):
+  1-2 `exchange_residual_shares`: A -> B_j [[a]]_A; B_j -> A [[b_j]]_j.
+  3   `exchange_masked_gradients`: A -> B_j [[X_A^T b_j + R_Aj]]_j and the
+      other passive shares {[[b_l]]_l}; B_j -> A z_Aj (A's masked gradient,
+      decrypted) and B_j's masked gradients {[[X_j^T s_Q + R_jQ]]_Q} for Q = A
+      and every other B_l.
+  4   `decrypt_peer_gradients` (k >= 2 only): A -> B_l the masked gradients
+      the other B_j computed under pk_l; B_l -> A their decryptions. A decrypts
+      those under pk_A itself.
+  5   `apply_gradient`: A -> B_j every decryption of B_j's masked gradients;
+      each party removes its masks, adds X_P^T s_P and updates its weights
+      with its own optimiser (`steps.update_own_weights`).
+With k = 1 step 4 carries nothing and the exchange is PROTOCOL.md's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from vfl.common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey
+from vfl.common.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from vfl.common.protocol import steps
+from vfl.common.protocol.optimizers import OptimizerSettings, OptimizerState
+from vfl.common.protocol.residual import ResidualModel
+
+ACTIVE = "active"  # A's name in the maps keyed by party
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What both kinds of session need of a job's configuration."""
+
+    model: ResidualModel
+    optimizer: OptimizerSettings
+    l2: float
+
+    @classmethod
+    def of(cls, config: object) -> TrainingPlan:
+        """From a JobConfig (duck-typed: the protocol does not import the API's types)."""
+        return cls(getattr(config, "residual"), OptimizerSettings.of(config), float(getattr(config, "l2")))  # noqa: B009
+
+
+@dataclass(frozen=True)
+class PartyInfo:
+    """A party as the others know it: its name, public key and feature count
+    (for A, without the intercept column)."""
+
+    name: str
+    key: PublicKey
+    features: int
+
+
+@dataclass(frozen=True)
+class GradientReply:
+    """B_j's answer in step 3: A's masked gradient decrypted under pk_j, and
+    B_j's own masked gradients keyed by the owner of the key each is under."""
+
+    z_active: list[int]
+    gradients: Mapping[str, CipherVector]
+
+
+class PassivePort(Protocol):
+    """What A's session asks of one passive party, in protocol terms."""
+
+    def exchange_residual_shares(self, t: int, rows: Sequence[int], a_enc: CipherVector) -> CipherVector: ...
+
+    def exchange_masked_gradients(
+        self, t: int, active_gradient: CipherVector, peer_shares: Mapping[str, CipherVector]
+    ) -> GradientReply: ...
+
+    def decrypt_peer_gradients(self, t: int, gradients: Mapping[str, CipherVector]) -> Mapping[str, list[int]]: ...
+
+    def apply_gradient(self, t: int, decryptions: Mapping[str, list[int]]) -> None: ...
+
+
+def _digest(*parts: object) -> bytes:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, CipherVector):
+            h.update(p.key.fingerprint)
+            h.update(b"".join(v.to_bytes((v.bit_length() + 7) // 8 or 1, "big") + b"|" for v in p.values))
+        elif isinstance(p, Mapping):
+            for k in sorted(p):
+                h.update(str(k).encode() + b"=")
+                h.update(_digest(p[k]))
+        else:
+            h.update(repr(p).encode())
+        h.update(b";")
+    return h.digest()
+
+
+def sequential(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """The default fan-out: one passive party after the other (a service
+    passes an executor's map to call them concurrently)."""
+    return [fn(i) for i in items]
+
+
+def _require_parties(given: Iterable[str], expected: Iterable[str], what: str) -> None:
+    g, e = sorted(given), sorted(expected)
+    if g != e:
+        raise InvalidArgument(f"{what}: expected values for parties {e}, got {g}")
+
+
+# --- B_j ---------------------------------------------------------------------
+
+
+@dataclass
+class _PassiveIteration:
+    t: int
+    rows: np.ndarray
+    request: bytes
+    b: np.ndarray
+    b_enc: CipherVector
+    a_enc: CipherVector
+    gradients_request: bytes = b""
+    gradients_reply: GradientReply | None = None
+    masks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    decrypt_request: bytes = b""
+    decrypt_reply: dict[str, list[int]] | None = None
+
+
+class PassiveSession:
+    """B_j's half of training. Enforces the step order and the one-decryption
+    rule: per iteration it decrypts one vector for A and one for each other
+    passive party, of the expected length under its own key; an identical
+    retry is answered by replay, anything else is refused."""
+
+    def __init__(
+        self,
+        me: str,
+        backend: HEBackend,
+        key: PrivateKey,
+        x: np.ndarray,
+        w0: np.ndarray,
+        plan: TrainingPlan,
+        active: PartyInfo,
+        peers: Sequence[PartyInfo],
+    ) -> None:
+        if any(p.name in (me, ACTIVE) for p in peers) or len({p.name for p in peers}) != len(peers):
+            raise InvalidArgument("peers: each passive party once, by a name that is neither this party's nor A's")
+        self.me, self.backend, self.key, self.plan = me, backend, key, plan
+        self.x, self.w = x, np.asarray(w0, dtype=np.float64)
+        self.active, self.peers = active, {p.name: p for p in peers}
+        self.optimizer: OptimizerState | None = None
+        self.next_iteration = 0
+        self._it: _PassiveIteration | None = None
+
+    def _current(self, t: int, step: str) -> _PassiveIteration:
+        it = self._it
+        if it is None or it.t != t:
+            raise FailedPrecondition(
+                f"iteration: {step} for iteration {t}, but B is at iteration {self.next_iteration}"
+            )
+        return it
+
+    def exchange_residual_shares(self, t: int, rows: Sequence[int], a_enc: CipherVector) -> CipherVector:
+        """Steps 1-2 at B_j: [[b_j]]_j for the batch's rows, given [[a]]_A."""
+        request = _digest(t, list(rows), a_enc)
+        if self._it is not None and self._it.t == t:
+            if self._it.request != request:
+                raise FailedPrecondition(f"iteration {t}: a second, different request for its residual shares")
+            return self._it.b_enc  # a retry: the same answer
+        if t != self.next_iteration:
+            raise FailedPrecondition(f"iteration: expected {self.next_iteration}, got {t}")
+        idx = np.asarray(rows, dtype=np.int64)
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= len(self.x):
+            raise InvalidArgument(f"rows: expected positions in [0, {len(self.x)})")
+        a_enc.require_key(self.active.key, "[[a_S]]_A")
+        a_enc.require_length(len(idx), "[[a_S]]_A")
+        b = steps.passive_residual_share(self.x[idx], self.w, self.plan.model)
+        b_enc = steps.first_intermediate_share(self.backend, self.key.public, b)
+        self._it = _PassiveIteration(t, idx, request, b, b_enc, a_enc)
+        return b_enc
+
+    def exchange_masked_gradients(
+        self, t: int, active_gradient: CipherVector, peer_shares: Mapping[str, CipherVector]
+    ) -> GradientReply:
+        """Step 3 at B_j (and step 4 of A's masked gradient): decrypt
+        [[X_A^T b_j + R_Aj]]_j once; compute [[X_j^T s_Q + R_jQ]]_Q for A and
+        every other passive party Q."""
+        it = self._current(t, "step 3")
+        request = _digest(active_gradient, peer_shares)
+        if it.gradients_reply is not None:
+            if it.gradients_request != request:
+                raise FailedPrecondition(f"iteration {t}: a second, different masked gradient to decrypt")
+            return it.gradients_reply
+        _require_parties(peer_shares, self.peers, "peer_shares")
+        for name, share in peer_shares.items():
+            share.require_key(self.peers[name].key, f"[[b_S]] of {name}")
+            share.require_length(len(it.rows), f"[[b_S]] of {name}")
+        z_active = steps.decrypt_masked_gradient(self.backend, self.key, active_gradient, self.active.features + 1)
+        x = self.x[it.rows]
+        masked = {ACTIVE: steps.masked_encrypted_gradient(self.backend, x, it.a_enc)}
+        for name, share in peer_shares.items():
+            masked[name] = steps.masked_encrypted_gradient(self.backend, x, share)
+        it.masks = {q: g.mask for q, g in masked.items()}
+        it.gradients_request = request
+        it.gradients_reply = GradientReply(z_active, {q: g.ciphers for q, g in masked.items()})
+        return it.gradients_reply
+
+    def decrypt_peer_gradients(self, t: int, gradients: Mapping[str, CipherVector]) -> dict[str, list[int]]:
+        """Step 4 at B_l for the other passive parties: decrypt each one's
+        masked gradient under pk_l, once per iteration."""
+        it = self._current(t, "step 4")
+        if it.gradients_reply is None:
+            raise FailedPrecondition(f"iteration {t}: step 4 before step 3")
+        request = _digest(gradients)
+        if it.decrypt_reply is not None:
+            if it.decrypt_request != request:
+                raise FailedPrecondition(f"iteration {t}: a second, different set of masked gradients to decrypt")
+            return it.decrypt_reply
+        _require_parties(gradients, self.peers, "gradients")
+        reply = {
+            name: steps.decrypt_masked_gradient(self.backend, self.key, c, self.peers[name].features)
+            for name, c in gradients.items()
+        }
+        it.decrypt_request, it.decrypt_reply = request, reply
+        return reply
+
+    def apply_gradient(self, t: int, decryptions: Mapping[str, list[int]]) -> None:
+        """Step 5 at B_j: remove its masks from every key owner's decryption,
+        add X_j^T b_j, update w_j."""
+        it = self._current(t, "step 5")
+        if it.gradients_reply is None or (self.peers and it.decrypt_reply is None):
+            raise FailedPrecondition(f"iteration {t}: step 5 before steps 3-4")
+        _require_parties(decryptions, [ACTIVE, *self.peers], "decryptions")
+        keys = {ACTIVE: self.active.key, **{n: p.key for n, p in self.peers.items()}}
+        received = [steps.Decryption(decryptions[q], it.masks[q], keys[q]) for q in sorted(decryptions)]
+        self.w, self.optimizer = steps.update_own_weights(
+            received,
+            self.x[it.rows],
+            it.b,
+            self.w,
+            penalised=np.ones(len(self.w)),
+            l2=self.plan.l2,
+            noise_std=0.0,
+            optimizer=self.plan.optimizer,
+            state=self.optimizer,
+        )
+        self.next_iteration, self._it = t + 1, None
+
+
+# --- A -----------------------------------------------------------------------
+
+
+class ActiveSession:
+    """A's half of training: drives each iteration through one port per
+    passive party and routes what passive parties send each other."""
+
+    def __init__(
+        self,
+        backend: HEBackend,
+        key: PrivateKey,
+        x: np.ndarray,
+        y: np.ndarray,
+        w0: np.ndarray,
+        plan: TrainingPlan,
+        passive: Sequence[PartyInfo],
+        ports: Mapping[str, PassivePort],
+        fan_out: Callable[[Callable[[str], object], Iterable[str]], list[object]] = sequential,
+    ) -> None:
+        """x: A's standardised rows with the intercept column last."""
+        if not passive:
+            raise InvalidArgument("passive parties: at least one")
+        _require_parties(ports, [p.name for p in passive], "ports")
+        if ACTIVE in ports or len(ports) != len(passive):
+            raise InvalidArgument(f"passive parties: distinct names other than {ACTIVE!r}")
+        self.backend, self.key, self.plan = backend, key, plan
+        self.x, self.y, self.w = x, y, np.asarray(w0, dtype=np.float64)
+        self.passive = {p.name: p for p in passive}
+        self.ports = ports
+        self.fan_out = fan_out
+        self.optimizer: OptimizerState | None = None
+        self.next_iteration = 0
+
+    def _each(self, fn: Callable[[str], T]) -> dict[str, T]:
+        names = sorted(self.passive)
+        return dict(zip(names, self.fan_out(fn, names), strict=True))  # type: ignore[arg-type]
+
+    def iteration(self, t: int, rows: Sequence[int]) -> None:
+        """One iteration of the pairwise protocol on the batch `rows`."""
+        if t != self.next_iteration:
+            raise FailedPrecondition(f"iteration: expected {self.next_iteration}, got {t}")
+        idx = np.asarray(rows, dtype=np.int64)
+        x, y = self.x[idx], self.y[idx]
+        m = len(idx)
+        # Steps 1-2.
+        a = steps.active_residual_share(x, self.w, y, self.plan.model)
+        a_enc = steps.first_encrypted_data(self.backend, self.key.public, a)
+        shares = self._each(lambda j: self.ports[j].exchange_residual_shares(t, idx.tolist(), a_enc))
+        for j, share in shares.items():
+            share.require_key(self.passive[j].key, f"[[b_S]] of {j}")
+            share.require_length(m, f"[[b_S]] of {j}")
+        # Step 3: A's masked gradient for each B_j, and the relay of the others' shares.
+        mine = {j: steps.masked_encrypted_gradient(self.backend, x, shares[j]) for j in sorted(self.passive)}
+        replies = self._each(
+            lambda j: self.ports[j].exchange_masked_gradients(
+                t, mine[j].ciphers, {q: s for q, s in shares.items() if q != j}
+            )
+        )
+        for j, reply in replies.items():
+            _require_parties(reply.gradients, [ACTIVE, *(q for q in self.passive if q != j)], f"gradients of {j}")
+            for owner, c in reply.gradients.items():
+                c.require_key(self.key.public if owner == ACTIVE else self.passive[owner].key, f"gradient of {j}")
+        # Step 4: A decrypts what is under pk_A; each B_l what the others put under pk_l.
+        decrypted = self._each(
+            lambda owner: self.ports[owner].decrypt_peer_gradients(
+                t, {j: r.gradients[owner] for j, r in replies.items() if j != owner}
+            )
+        )
+        for owner, zs in decrypted.items():
+            _require_parties(zs, [q for q in self.passive if q != owner], f"decryptions of {owner}")
+        for_passive = {
+            j: {
+                ACTIVE: steps.decrypt_masked_gradient(
+                    self.backend, self.key, replies[j].gradients[ACTIVE], self.passive[j].features
+                ),
+                **{owner: zs[j] for owner, zs in decrypted.items() if owner != j},
+            }
+            for j in sorted(self.passive)
+        }
+        # Step 5: A's update, then each B_j's.
+        received = [steps.Decryption(replies[j].z_active, mine[j].mask, self.passive[j].key) for j in sorted(mine)]
+        self.w, self.optimizer = steps.update_own_weights(
+            received,
+            x,
+            a,
+            self.w,
+            penalised=np.r_[np.ones(len(self.w) - 1), 0.0],  # not the intercept
+            l2=self.plan.l2,
+            noise_std=0.0,
+            optimizer=self.plan.optimizer,
+            state=self.optimizer,
+        )
+        self._each(lambda j: self.ports[j].apply_gradient(t, for_passive[j]))
+        self.next_iteration = t + 1
+
+    def scores(self, x: np.ndarray, w: np.ndarray, ports: Mapping[str, PredictionPort]) -> np.ndarray:
+        """Prediction with k passive parties: [[u_A]]_A to each B_j, which
+        returns [[u_A + u_j]]_A re-randomised; A combines them under its key,
+        sum_j [[u_A + u_j]] - (k - 1) [[u_A]], and decrypts the total once."""
+        u_a = x @ w
+        enc = steps.third_encrypted_data(self.backend, self.key.public, u_a)
+        replies = self._each(lambda j: ports[j].predict_scores(enc))
+        total = None
+        for j, c in replies.items():
+            c.require_key(self.key.public, f"scores of {j}")
+            c.require_length(len(u_a), f"scores of {j}")
+            total = c if total is None else self.backend.add(total, c)
+        assert total is not None
+        if len(replies) > 1:
+            minus = steps.encrypt_share(self.backend, self.key.public, -(len(replies) - 1) * u_a)
+            total = self.backend.add(total, minus)
+        return steps.decrypt_prediction(self.backend, self.key, total, len(u_a), self.plan.model)
+
+
+class PredictionPort(Protocol):
+    def predict_scores(self, u_active_enc: CipherVector) -> CipherVector: ...
+
+
+def passive_scores(backend: HEBackend, x: np.ndarray, w: np.ndarray, u_active_enc: CipherVector) -> CipherVector:
+    """Prediction at B_j: [[u_A + u_j]]_A, re-randomised."""
+    if len(u_active_enc) != len(x):
+        raise OutOfRange(f"[[u_A]]_A: expected {len(x)} values, got {len(u_active_enc)}")
+    return steps.target_prediction_data(backend, u_active_enc, x @ w)
