@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import parties, psi_federation, results
 from benchmarks import psi as psi_bench
-from benchmarks import psi_federation, results
 from benchmarks.results import Record
 
 HERE = Path(__file__).resolve().parent
@@ -608,6 +608,7 @@ def render(records: list[Record], quick: bool, plot_link: str | None) -> str:
     while lines and not lines[-1]:
         lines.pop()
     lines += ["", *psi_bench.report_section(records), *psi_federation.report_section(records)]
+    lines += parties.report_section(records)
     return "\n".join(lines).rstrip() + "\n"
 
 

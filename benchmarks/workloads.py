@@ -372,6 +372,14 @@ def psi_workload(ctx: Context) -> list[dict[str, Any]]:
     return psi.workload(ctx.quick) + psi_federation.workload(ctx.quick)
 
 
+def parties_workload(ctx: Context) -> list[dict[str, Any]]:
+    """k = 1..4 passive parties through the protocol sessions, in-process
+    (benchmarks/parties.py)."""
+    from benchmarks import parties
+
+    return parties.workload(ctx.quick)
+
+
 WORKLOADS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "primitives": primitive_rates,
     "breast": breast,
@@ -380,6 +388,7 @@ WORKLOADS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "load": load_workload,
     "soak": soak_workload,
     "psi": psi_workload,
+    "parties": parties_workload,
 }
 # Too long for `make bench` (all): run on its own.
 NOT_IN_ALL = ("soak",)
