@@ -125,7 +125,8 @@ def run_k(k: int, xa: np.ndarray, y: np.ndarray, xb: np.ndarray, bits: int, iter
         )
         for j, n in enumerate(names)
     }
-    active = ActiveSession(backend, keys[0], xa, y, rng.normal(0, 0.01, xa.shape[1]), plan, infos, ports)
+    w0 = np.asarray(rng.normal(0, 0.01, xa.shape[1]))
+    active = ActiveSession(backend, keys[0], xa, y, w0, plan, infos, ports)
     pa, pb = coalition_feature_counts(xa.shape[1] - 1, [len(g) for g in groups])
     floor = min_batch_size(pa, pb, False)
     batches = batch_schedule(len(y), CONFIG.batch_size, 1, CONFIG.seed, floor, iterations + 1)
