@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import psi as psi_bench
-from benchmarks import psi_federation, results
+from benchmarks import psi_federation, quality, results
 from benchmarks.results import Record
 
 HERE = Path(__file__).resolve().parent
@@ -608,6 +608,9 @@ def render(records: list[Record], quick: bool, plot_link: str | None) -> str:
     while lines and not lines[-1]:
         lines.pop()
     lines += ["", *psi_bench.report_section(records), *psi_federation.report_section(records)]
+    while lines and not lines[-1]:
+        lines.pop()
+    lines += ["", *quality.report_section(records)]
     return "\n".join(lines).rstrip() + "\n"
 
 
