@@ -77,6 +77,14 @@ def test_the_taylor_row_runs_the_same_code_with_only_the_residual_changed(
         assert row[res]["auc"] == pytest.approx(r.auc, abs=1e-6), res
         assert (row[res]["iterations"], row[res]["kept_iteration"]) == (r.iterations, r.kept), res
     assert summary["auc_bound"] == quality.AUC_BOUND
+    # The data set's full grid holds the same rows.
+    recs = json.loads(RESULTS.read_text())
+    grid = quality.rows_of(next(r for r in recs if r.get("name") == "quality" and r.get("case") == "breast"))
+    assert len(grid) == len(quality.grid())
+    for res, r in results.items():
+        s = dataclasses.replace(recorded, residual=res)
+        (row_of,) = [g for g in grid if quality.candidate_from_record(g) == s]
+        assert row_of["auc"] == pytest.approx(r.auc, abs=1e-6) and row_of["kept_iteration"] == r.kept, res
 
 
 def test_validation_stop_follows_the_services_rule() -> None:
