@@ -644,7 +644,7 @@ def report_section(records: Sequence[dict[str, Any]]) -> list[str]:
             "cells: test AUC (gap to scikit-learn; iterations run, and the one kept if earlier):",
             "",
         ]
-        header = ["data set", "train / validation / test rows", "AUC step", "scikit-learn AUC (C)"]
+        header = ["data set", "train rows (of which validation) / test rows", "AUC step", "scikit-learn AUC (C)"]
         header += [f"{rec['residual']} (recommended)", *(f"{r}, same optimiser and stop" for r in other)]
         rows = []
         for name, info in ds.items():
@@ -652,7 +652,7 @@ def report_section(records: Sequence[dict[str, Any]]) -> list[str]:
             rows.append(
                 [
                     f"{name} ({info['p_active']} + {info['p_passive']} features)",
-                    f"{info['train_rows']:,} / {info['validation_rows']:,} / {info['test_rows']:,}",
+                    f"{info['train_rows']:,} ({info['validation_rows']:,}) / {info['test_rows']:,}",
                     f"{info['auc_step']:.2g}",
                     f"{head[name]['sklearn_auc']:.4f} ({info['sklearn_C'][l2]:.4g})",
                     _cell(head[name][rec["residual"]]),
