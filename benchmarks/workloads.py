@@ -11,6 +11,9 @@ load       the default backend: the breast model queried by 32 concurrent client
 soak       the default backend through a faulty network for 30 minutes: jobs back to back, 16
            prediction clients, every answer checked, memory and fds sampled (benchmarks/soak.py);
            not part of `all`
+quality    no federation: test AUC of the plain reference (Taylor and POLY5 residuals, a grid of
+           optimisers and stopping rules) against scikit-learn on breast and the synthetic set
+           (benchmarks/quality.py)
 """
 
 from __future__ import annotations
@@ -380,6 +383,16 @@ def parties_workload(ctx: Context) -> list[dict[str, Any]]:
     return parties.workload(ctx.quick)
 
 
+def quality_workload(ctx: Context) -> list[dict[str, Any]]:
+    """Model quality (benchmarks/quality.py): the plain reference, which the
+    services reproduce to 1e-4, against scikit-learn; no keys, no backend.
+    --quick: a synthetic set of 3,000 rows."""
+    from benchmarks import quality
+
+    say("-> quality [plain numpy, scikit-learn]")
+    return quality.workload(ctx.quick, ctx.data_dir, say)
+
+
 WORKLOADS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "primitives": primitive_rates,
     "breast": breast,
@@ -389,6 +402,7 @@ WORKLOADS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "soak": soak_workload,
     "psi": psi_workload,
     "parties": parties_workload,
+    "quality": quality_workload,
 }
 # Too long for `make bench` (all): run on its own.
 NOT_IN_ALL = ("soak",)
