@@ -29,6 +29,7 @@ from vfl.common.errors import PeerError
 from vfl.common.jobconfig import JobConfig
 from vfl.common.protocol import steps
 from vfl.common.protocol.batching import BatchSchedule, batch_schedule, min_batch_size
+from vfl.common.protocol.phases import Phase
 from vfl.common.protocol.reference import with_intercept
 from vfl.services.active.alignment import align_as_active
 from vfl.services.active.peer import PassiveClient
@@ -207,7 +208,7 @@ class MaliciousActive:
         self.apply(t, step4)
         return step4
 
-    def job_state(self, t: int = 0) -> tuple[int, int]:
+    def job_state(self, t: int = 0) -> tuple[int, Phase]:
         return self.client.job_state(self.header(t))
 
     def finish(self, t: int, aborted: bool, keep_iteration: int | None = None) -> bool:

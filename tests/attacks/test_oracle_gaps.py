@@ -40,6 +40,7 @@ from vfl.common.crypto.backend import PrivateKey, get_backend
 from vfl.common.errors import PeerError
 from vfl.common.jobconfig import JobConfig
 from vfl.common.protocol.batching import min_batch_size
+from vfl.common.protocol.phases import Phase
 from vfl.common.rpc import status_of
 from vfl.v1 import client_pb2
 
@@ -271,7 +272,7 @@ def test_small_batches_with_b_consent_keep_the_floor(tmp_path: Path, key: Privat
         err = refused(a.setup, SMALL_CONFIG.model_copy(update={"batch_size": SMALL - 1}))
         assert status_of(err) == Code.INVALID_ARGUMENT and f"expected at least {SMALL}" in str(err), err
         a.setup(SMALL_CONFIG)
-        assert a.job_state() == (0, 1)  # JOB_PHASE_SHARES of iteration 0
+        assert a.job_state() == (0, Phase.SHARES)
 
 
 # --- 6. Learning-rate and iteration floors -------------------------------------

@@ -45,10 +45,11 @@ from vfl.common.protocol.optimizers import (
     OptimizerState,
     restored_state,
 )
+from vfl.common.protocol.phases import Phase
 from vfl.common.protocol.residual import residual_model
 from vfl.services.active.alignment import ActiveAlignments
 from vfl.services.active.peer import PassiveClient
-from vfl.v1 import party_pb2
+from vfl.services.active.records import ActiveSetup, ActiveState
 
 log = logging.getLogger("vfl.active")
 
@@ -311,23 +312,21 @@ class ActiveParty:
             session = self._session(job, ids, holdout, positions, batches, passive_key, target_fp, p_b, w0, w0, terms)
             session.alignment_id, session.scores_any_row = alignment_id, reply.scores_any_row
             job.dp_epsilon_spent = session.epsilon_spent()
-            self.checkpoints.save_setup(
-                job_id,
-                {
-                    "job_id": job_id,
-                    "config": config.model_dump(),
-                    "train_ids": ids,
-                    "holdout_ids": holdout,
-                    "alignment_id": alignment_id,
-                    "scores_any_row": reply.scores_any_row,
-                    "target_fingerprint": target_fp.hex(),
-                    "passive_key": passive_key.to_dict(),
-                    "p_passive": p_b,
-                    "started": job.started,
-                    "w0": w0.tolist(),
-                    "dp": None if terms is None else terms.to_dict(),
-                },
+            setup = ActiveSetup(
+                job_id=job_id,
+                config=config.model_dump(),
+                train_ids=ids,
+                holdout_ids=holdout,
+                alignment_id=alignment_id,
+                scores_any_row=reply.scores_any_row,
+                target_fingerprint=target_fp,
+                passive_key=passive_key.to_dict(),
+                p_passive=p_b,
+                started=job.started,
+                w0=w0,
+                dp=None if terms is None else terms.to_dict(),
             )
+            self.checkpoints.save_setup(job_id, setup.to_record())
             self._save_state(session)
         except BaseException as exc:
             # Whatever failed (B's refusal, a lost answer, a full disk here), the
@@ -484,41 +483,47 @@ class ActiveParty:
         session.val_x, session.val_y = val_x, val_y
         return session
 
-    def _session_from_checkpoint(self, setup: dict[str, Any], state: dict[str, Any]) -> _Session:
-        config = JobConfig.model_validate(setup["config"])
-        ids = list(setup["train_ids"])
+    def _session_from_checkpoint(self, setup_record: dict[str, Any], state_record: dict[str, Any]) -> _Session:
+        setup, state = ActiveSetup.from_record(setup_record), ActiveState.from_record(state_record)
+        config = JobConfig.model_validate(setup.config)
+        ids = setup.train_ids
         positions = self.data.positions(ids, "train_ids")
-        p_b = int(setup["p_passive"])
+        p_b = setup.p_passive
         floor = min_batch_size(self.data.n_features, p_b, config.allow_small_batch)
         batches = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor, config.max_iterations)
-        job = TrainingJob(setup["job_id"], config, total=len(batches), started=float(setup["started"]))
-        job.iteration = int(state["next_iteration"])
-        job.epoch, job.loss = int(state["epoch"]), state["loss"]
-        job.losses = [(int(i), float(v)) for i, v in state["losses"]]
-        passive_key = PublicKey.from_dict(setup["passive_key"])
-        target_fp = bytes.fromhex(setup["target_fingerprint"])
-        w = np.asarray(state["w"], dtype=np.float64)
-        w0 = np.asarray(setup["w0"], dtype=np.float64)
-        d = setup["dp"]
-        terms = None if d is None else DpTerms(**{k: float(v) for k, v in d.items()})
-        holdout = list(setup["holdout_ids"])
-        s = self._session(job, ids, holdout, positions, batches, passive_key, target_fp, p_b, w, w0, terms)
-        s.alignment_id, s.scores_any_row = str(setup.get("alignment_id", "")), bool(setup.get("scores_any_row"))
-        s.released_at, s.extra_releases = int(state["released_at"]), int(state["extra_releases"])
+        job = TrainingJob(setup.job_id, config, total=len(batches), started=setup.started)
+        job.iteration = state.next_iteration
+        job.epoch, job.loss, job.losses = state.epoch, state.loss, list(state.losses)
+        passive_key = PublicKey.from_dict(setup.passive_key)
+        if len(state.w) != len(setup.w0):
+            raise ValueError("w: weights of another width")
+        terms = None if setup.dp is None else DpTerms(**setup.dp)
+        s = self._session(
+            job,
+            ids,
+            setup.holdout_ids,
+            positions,
+            batches,
+            passive_key,
+            setup.target_fingerprint,
+            p_b,
+            state.w,
+            setup.w0,
+            terms,
+        )
+        s.alignment_id, s.scores_any_row = setup.alignment_id, setup.scores_any_row
+        s.released_at, s.extra_releases = state.released_at, state.extra_releases
         job.dp_epsilon_spent = s.epsilon_spent()
         s.next_iteration = job.iteration
-        s.prev_w = None if state["prev_w"] is None else np.asarray(state["prev_w"], dtype=np.float64)
-        job.validation_losses = [(int(i), float(v)) for i, v in state.get("validation_losses", [])]
-        best = state.get("best_iteration")
-        job.best_iteration = None if best is None else int(best)
-        s.best_loss = None if state.get("best_loss") is None else float(state["best_loss"])
-        s.best_w = None if state.get("best_w") is None else np.asarray(state["best_w"], dtype=np.float64)
-        s.stale_checks = int(state.get("stale_checks", 0))
+        s.prev_w = state.prev_w
+        job.validation_losses = list(state.validation_losses)
+        job.best_iteration = state.best_iteration
+        s.best_loss, s.best_w, s.stale_checks = state.best_loss, state.best_w, state.stale_checks
         settings = OptimizerSettings.of(config)
-        s.optimizer = restored_state(state.get("optimizer"), settings, len(w), job.iteration)
+        s.optimizer = restored_state(state.optimizer, settings, len(state.w), job.iteration)
         if s.prev_w is not None:
-            s.prev_optimizer = restored_state(state.get("prev_optimizer"), settings, len(w), job.iteration - 1)
-        s.pending_z_b = None if state["pending_z_b"] is None else [int(v, 16) for v in state["pending_z_b"]]
+            s.prev_optimizer = restored_state(state.prev_optimizer, settings, len(state.w), job.iteration - 1)
+        s.pending_z_b = state.pending_z_b
         return s
 
     def _resume(self, s: _Session) -> None:
@@ -597,24 +602,24 @@ class ActiveParty:
 
     def _state(self, s: _Session) -> dict[str, Any]:
         job = s.job
-        return {
-            "next_iteration": s.next_iteration,
-            "w": s.w.tolist(),
-            "prev_w": None if s.prev_w is None else s.prev_w.tolist(),
-            "optimizer": None if s.optimizer is None else s.optimizer.to_record(),
-            "validation_losses": list(job.validation_losses),
-            "best_iteration": job.best_iteration,
-            "best_loss": s.best_loss,
-            "best_w": None if s.best_w is None else s.best_w.tolist(),
-            "stale_checks": s.stale_checks,
-            "prev_optimizer": None if s.prev_optimizer is None else s.prev_optimizer.to_record(),
-            "pending_z_b": None if s.pending_z_b is None else [f"{v:x}" for v in s.pending_z_b],
-            "epoch": job.epoch,
-            "loss": job.loss,
-            "losses": list(job.losses),
-            "released_at": s.released_at,
-            "extra_releases": s.extra_releases,
-        }
+        return ActiveState(
+            next_iteration=s.next_iteration,
+            w=s.w,
+            prev_w=s.prev_w,
+            optimizer=None if s.optimizer is None else s.optimizer.to_record(),
+            prev_optimizer=None if s.prev_optimizer is None else s.prev_optimizer.to_record(),
+            validation_losses=list(job.validation_losses),
+            best_iteration=job.best_iteration,
+            best_loss=s.best_loss,
+            best_w=s.best_w,
+            stale_checks=s.stale_checks,
+            pending_z_b=s.pending_z_b,
+            epoch=job.epoch,
+            loss=job.loss,
+            losses=list(job.losses),
+            released_at=s.released_at,
+            extra_releases=s.extra_releases,
+        ).to_record()
 
     def _checkpoint_then_apply(self, job_id: str, state: dict[str, Any], header: Any, z_b: list[int]) -> float:
         # In A's background thread, in this order: the checkpoint, then B's
@@ -770,7 +775,7 @@ class ActiveParty:
             # A has applied iteration t-1; B's step 5 of it is not confirmed.
             if b_iteration == t:
                 s.pending_z_b = None  # B applied it; only the reply was lost
-            elif b_iteration == t - 1 and b_phase == party_pb2.JOB_PHASE_APPLY:
+            elif b_iteration == t - 1 and b_phase == Phase.APPLY:
                 self._resend_apply(s)
             elif b_iteration == t - 1 and s.prev_w is not None:
                 # B lost that iteration's state (it restarted): both redo it.

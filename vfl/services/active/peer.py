@@ -17,6 +17,7 @@ from vfl.common.crypto.pool import GATE
 from vfl.common.errors import PeerError, Unavailable
 from vfl.common.jobconfig import JobConfig
 from vfl.common.metrics import CLOCK
+from vfl.common.protocol.phases import Phase
 from vfl.common.rpc import TranscriptRecorder, open_channel
 from vfl.common.tls import TlsConfig
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
@@ -37,6 +38,11 @@ _PROXY_REFUSALS = {
     502: "could not reach the passive party",
     503: "refused the tunnel: too many tunnels open",
     504: "could not reach the passive party in time",
+}
+_PHASES = {
+    party_pb2.JOB_PHASE_SHARES: Phase.SHARES,
+    party_pb2.JOB_PHASE_GRADIENTS: Phase.GRADIENTS,
+    party_pb2.JOB_PHASE_APPLY: Phase.APPLY,
 }
 _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # A floor on the exponentiations per second one party's cores do while the
@@ -269,13 +275,18 @@ class PassiveClient:
         )
         return serde.cipher_vector_from_proto(reply.share, key, "loss share")
 
-    def job_state(self, header: common_pb2.StepHeader) -> tuple[int, int]:
-        """(iteration, JobPhase) of the job at B."""
+    def job_state(self, header: common_pb2.StepHeader) -> tuple[int, Phase]:
+        """(iteration, the step B expects next) of the job at B."""
         req = party_pb2.JobStateRequest(header=header)
         reply = self._call(
             "GetJobState", lambda: self._received("GetJobState", self._stub.GetJobState(req, timeout=self.timeout_s))
         )
-        return int(reply.iteration), int(reply.phase)
+        phase = _PHASES.get(reply.phase)
+        if phase is None:
+            raise PeerError(
+                "INVALID_ARGUMENT", f"passive party answered GetJobState with an unknown phase {reply.phase}"
+            )
+        return int(reply.iteration), phase
 
     def validation_share(
         self, header: common_pb2.StepHeader, best_iteration: int | None, a_val: CipherVector, key: PublicKey

@@ -21,7 +21,6 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,11 +52,13 @@ from vfl.common.protocol.optimizers import (
     restored_state,
     smallest_learning_rate,
 )
+from vfl.common.protocol.phases import Phase
 from vfl.common.protocol.residual import ResidualModel
 from vfl.common.serde import StepMessage, rows_array
 from vfl.common.storage import canonical_json
 from vfl.services.passive.alignment import PassiveAlignments
 from vfl.services.passive.policy import PassivePolicy, PredictionBudget
+from vfl.services.passive.records import PassiveState
 
 log = logging.getLogger("vfl.passive")
 
@@ -81,12 +82,6 @@ SETUP_REQUEST = (
 
 def setup_digest(setup: dict[str, Any]) -> bytes:
     return hashlib.sha256(canonical_json({k: setup.get(k) for k in SETUP_REQUEST}).encode()).digest()
-
-
-class Phase(Enum):
-    SHARES = "residual shares"
-    GRADIENTS = "masked gradients"
-    APPLY = "apply gradient"
 
 
 @dataclass
@@ -431,22 +426,18 @@ class PassiveParty:
         return job
 
     def _save_state(self, job: PassiveJob, durable: bool = False) -> None:
-        last = job.last_apply
-        self.checkpoints.save_state(
-            job.job_id,
-            {
-                "iteration": job.iteration,
-                "w": job.w.tolist(),
-                "optimizer": None if job.optimizer is None else job.optimizer.to_record(),
-                "candidates": {str(t): w.tolist() for t, w in job.candidates.items()},
-                "last_update_sq_norm": job.last_update_sq_norm,
-                "last_apply": None if last is None else [last[0], last[1].hex(), last[2]],
-                "restarts": job.restarts,
-                "restarted_at": job.restarted_at,
-                "released_at": job.released_at,
-            },
-            durable=durable,
+        state = PassiveState(
+            iteration=job.iteration,
+            w=job.w,
+            optimizer=None if job.optimizer is None else job.optimizer.to_record(),
+            candidates=job.candidates,
+            last_update_sq_norm=job.last_update_sq_norm,
+            last_apply=job.last_apply,
+            restarts=job.restarts,
+            restarted_at=job.restarted_at,
+            released_at=job.released_at,
         )
+        self.checkpoints.save_state(job.job_id, state.to_record(), durable=durable)
 
     def restore_jobs(self) -> int:
         """Resume the jobs that were running when this process stopped: each
@@ -466,22 +457,15 @@ class PassiveParty:
             assert setup is not None and state is not None
             try:
                 job = self._build_job(setup)
-                job.iteration = int(state["iteration"])
-                job.w = np.asarray(state["w"], dtype=np.float64)
+                saved_state = PassiveState.from_record(state)
+                if saved_state.w.shape != job.w.shape:
+                    raise ValueError("w: weights of another width")
+                job.iteration, job.w, job.candidates = saved_state.iteration, saved_state.w, saved_state.candidates
                 settings = OptimizerSettings.of(job.config)
-                job.optimizer = restored_state(state.get("optimizer"), settings, len(job.w), job.iteration)
-                job.candidates = {
-                    int(t): np.asarray(w, dtype=np.float64) for t, w in (state.get("candidates") or {}).items()
-                }
-                if any(w.shape != job.w.shape for w in job.candidates.values()):
-                    raise ValueError("candidates: weights of another width")
-                job.last_update_sq_norm = state["last_update_sq_norm"]
-                if state["last_apply"] is not None:
-                    t, digest, norm = state["last_apply"]
-                    job.last_apply = (int(t), bytes.fromhex(digest), float(norm))
-                job.restarts = int(state["restarts"])
-                job.restarted_at = int(state["restarted_at"])
-                job.released_at = int(state["released_at"])
+                job.optimizer = restored_state(saved_state.optimizer, settings, len(job.w), job.iteration)
+                job.last_update_sq_norm, job.last_apply = saved_state.last_update_sq_norm, saved_state.last_apply
+                job.restarts, job.restarted_at = saved_state.restarts, saved_state.restarted_at
+                job.released_at = saved_state.released_at
             except (KeyError, TypeError, ValueError, VflError) as exc:
                 why = unusable_reason(exc)
                 problem = f"job {saved.job_id}: its checkpoint cannot be used ({why}); the job cannot resume"

@@ -9,8 +9,9 @@ import grpc
 from vfl.common import serde
 from vfl.common.errors import InvalidArgument
 from vfl.common.metrics import CLOCK
+from vfl.common.protocol.phases import Phase
 from vfl.common.rpc import peer_identity, rpc_method
-from vfl.services.passive.party import PassiveParty, Phase
+from vfl.services.passive.party import PassiveParty
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
 
 
