@@ -6,7 +6,7 @@ that say which hop failed."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -14,10 +14,11 @@ import grpc
 from vfl.common import psi, serde
 from vfl.common.crypto.backend import CipherVector, PublicKey
 from vfl.common.crypto.pool import GATE
-from vfl.common.errors import PeerError, Unavailable
+from vfl.common.errors import InvalidArgument, PeerError, Unavailable
 from vfl.common.jobconfig import JobConfig
 from vfl.common.metrics import CLOCK
 from vfl.common.protocol.phases import Phase
+from vfl.common.protocol.sessions import ACTIVE, GradientReply
 from vfl.common.rpc import TranscriptRecorder, open_channel
 from vfl.common.tls import TlsConfig
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
@@ -320,3 +321,51 @@ def _psi_chunks(alignment_id: str, parts: Iterable[bytes]) -> Iterator[party_pb2
         first = False
     if first:
         yield party_pb2.PsiChunk(alignment_id=alignment_id)
+
+
+class PartyServicePort:
+    """The protocol session's port (`sessions.PassivePort`) on B's
+    PartyService, for one job: each method is one RPC of party.proto, its
+    reply decoded into domain types. B's PartyService serves the two-party
+    protocol, so a job through it has no other passive parties: the relay
+    fields are empty and step 4's remote part is no call at all."""
+
+    def __init__(
+        self,
+        client: PassiveClient,
+        job_id: str,
+        target_fp: bytes,
+        active_key: PublicKey,
+        passive_key: PublicKey,
+        p_passive: int,
+    ) -> None:
+        self.client, self.job_id, self.target_fp = client, job_id, target_fp
+        self.active_key, self.passive_key, self.p_passive = active_key, passive_key, p_passive
+
+    def _header(self, t: int) -> common_pb2.StepHeader:
+        return serde.step_header(self.job_id, t, self.target_fp)
+
+    def exchange_residual_shares(self, t: int, rows: Sequence[int], a_enc: CipherVector) -> CipherVector:
+        reply = self.client.exchange_residual_shares(self._header(t), rows, a_enc, self.passive_key.cipher_width)
+        return reply.ciphers(self.passive_key, "[[b_S]]_B")
+
+    def exchange_masked_gradients(
+        self, t: int, active_gradient: CipherVector, peer_shares: Mapping[str, CipherVector]
+    ) -> GradientReply:
+        if peer_shares:
+            raise InvalidArgument("peer_shares: the passive party's PartyService runs with no other passive party")
+        width = max(self.passive_key.residue_width, self.active_key.cipher_width)
+        count = max(len(active_gradient), self.p_passive)
+        reply = self.client.exchange_masked_gradients(self._header(t), active_gradient, count, width)
+        z_a = reply.residues(self.passive_key, "z_A")
+        return GradientReply(z_a, {ACTIVE: reply.ciphers(self.active_key, "[[h_B + R_B]]_A")})
+
+    def decrypt_peer_gradients(self, t: int, gradients: Mapping[str, CipherVector]) -> Mapping[str, list[int]]:
+        if gradients:
+            raise InvalidArgument("gradients: the passive party's PartyService runs with no other passive party")
+        return {}
+
+    def apply_gradient(self, t: int, decryptions: Mapping[str, list[int]]) -> None:
+        if set(decryptions) != {ACTIVE}:
+            raise InvalidArgument(f"decryptions: expected A's only, got {sorted(decryptions)}")
+        self.client.apply_gradient(self._header(t), self.active_key, decryptions[ACTIVE])
