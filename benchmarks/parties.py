@@ -98,6 +98,16 @@ class CountingPort:
         self.count.received += sum(len(z) * self.keys[q].residue_width for q, z in decryptions.items())
         self._timed(self.session.apply_gradient, t, decryptions)
 
+    # The loss check is not part of this benchmark.
+    def loss_cross_terms(self, t: int) -> Mapping[str, CipherVector]:
+        return self.session.loss_cross_terms(t)
+
+    def decrypt_loss_terms(self, t: int, terms: Mapping[str, CipherVector]) -> None:
+        self.session.decrypt_loss_terms(t, terms)
+
+    def loss_share(self, t: int) -> CipherVector:
+        return self.session.loss_share(t)
+
 
 def run_k(k: int, xa: np.ndarray, y: np.ndarray, xb: np.ndarray, bits: int, iterations: int) -> dict[str, Any]:
     backend = get_backend("ou")

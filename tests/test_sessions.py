@@ -283,3 +283,76 @@ def _train_some(fed: Federation, rows: Sequence[np.ndarray], n: int) -> None:
     for t in range(n):
         _b2_history.append(steps.passive_residual_share(b2.x[rows[t]], b2.w))
         fed.active.iteration(t, rows[t].tolist())
+
+
+# --- the loss check with k passive parties ------------------------------------
+
+
+def plain_loss(
+    fed: Federation, rows: np.ndarray, w_active: np.ndarray, w_passive: list[np.ndarray], model: str
+) -> float:
+    xa, y, xb = breast()
+    u = xa[rows] @ w_active + sum(xb[rows][:, g] @ w for g, w in zip(fed.column_groups, w_passive, strict=True))
+    if model == "linear":
+        return float(np.mean((u - y[rows]) ** 2) / 2)
+    y_pm = 2 * y[rows] - 1
+    return float(np.log(2) + np.mean(-y_pm * u / 2 + u**2 / 8))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("model", ["logistic", "linear"])
+def test_loss_check_equals_the_plain_loss(k: int, model: str) -> None:
+    config = BASE.model_copy(update={"model": model, "learning_rate": 0.05})
+    fed = federation(k, config)
+    rows = schedule(k, config, fed)
+    names = sorted(fed.passive)
+    for t in range(3):
+        w_a, w_b = fed.active.w.copy(), [fed.passive[n].w.copy() for n in names]
+        loss = fed.active.iteration(t, rows[t].tolist(), check_loss=True)
+        assert loss == pytest.approx(plain_loss(fed, rows[t], w_a, w_b, model), abs=1e-9)
+    assert fed.active.iteration(3, rows[3].tolist()) is None
+
+
+def test_loss_terms_are_decrypted_once_and_masked() -> None:
+    """B_2 decrypts B_1's cross term once per iteration; what it reads is the
+    cross term plus B_1's mask, about pair_loss_bits + 80 bits away from the
+    true value (planting a zero mask in steps.pair_loss_term fails this)."""
+    fed, rows = started()
+    b1, b2 = fed.passive["b1"], fed.passive["b2"]
+    seen: list[int] = []
+    original = steps.decrypt_pair_loss_term
+
+    def spy(backend: object, key: PrivateKey, term: CipherVector, m: int) -> int:
+        s = original(backend, key, term, m)  # type: ignore[arg-type]
+        seen.append(s)
+        return s
+
+    b2_share = steps.passive_residual_share(b2.x[rows[0]], b2.w)
+    u1 = b1.x[rows[0]] @ b1.w
+    import unittest.mock as mock
+
+    with mock.patch.object(steps, "decrypt_pair_loss_term", spy):
+        fed.active.iteration(0, rows[0].tolist(), check_loss=True)
+    truth = float(u1 @ b2_share) * 2.0**steps.LOSS_SCALE_BITS
+    assert len(seen) == 1
+    assert abs(seen[0] - truth) > 2.0 ** (steps.pair_loss_bits(len(rows[0])) - 1), "B_2 reads B_1's cross term"
+
+
+def test_a_second_different_set_of_loss_terms_is_refused() -> None:
+    fed, rows = started()
+    b2 = fed.passive["b2"]
+    refusals: list[Exception] = []
+    real = b2.decrypt_loss_terms
+
+    def twice(t: int, terms: Mapping[str, CipherVector]) -> None:
+        real(t, terms)
+        real(t, terms)  # the same again: replayed, nothing decrypted twice
+        other = BACKEND.encrypt(keys(3)[2].public, [1], hiding=True)
+        try:
+            real(t, {"b1": other})
+        except FailedPrecondition as exc:
+            refusals.append(exc)
+
+    b2.decrypt_loss_terms = twice  # type: ignore[method-assign]
+    fed.active.iteration(0, rows[0].tolist(), check_loss=True)
+    assert len(refusals) == 1 and "second, different set of loss terms" in str(refusals[0])

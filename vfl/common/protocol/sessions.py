@@ -98,6 +98,13 @@ class PassivePort(Protocol):
 
     def apply_gradient(self, t: int, decryptions: Mapping[str, list[int]]) -> None: ...
 
+    # Loss check (optional, after step 3 and before step 5 of an iteration).
+    def loss_cross_terms(self, t: int) -> Mapping[str, CipherVector]: ...
+
+    def decrypt_loss_terms(self, t: int, terms: Mapping[str, CipherVector]) -> None: ...
+
+    def loss_share(self, t: int) -> CipherVector: ...
+
 
 def _digest(*parts: object) -> bytes:
     h = hashlib.sha256()
@@ -143,6 +150,12 @@ class _PassiveIteration:
     masks: dict[str, tuple[int, ...]] = field(default_factory=dict)
     decrypt_request: bytes = b""
     decrypt_reply: dict[str, list[int]] | None = None
+    peer_shares: Mapping[str, CipherVector] = field(default_factory=dict)
+    loss_terms: dict[str, CipherVector] | None = None
+    loss_masks: int = 0  # the sum of the masks this party put on its cross terms
+    loss_request: bytes = b""
+    loss_received: int | None = None  # the sum of the masked cross terms it decrypted
+    loss_reply: CipherVector | None = None
 
 
 class PassiveSession:
@@ -220,6 +233,7 @@ class PassiveSession:
         for name, share in peer_shares.items():
             masked[name] = steps.masked_encrypted_gradient(self.backend, x, share)
         it.masks = {q: g.mask for q, g in masked.items()}
+        it.peer_shares = dict(peer_shares)
         it.gradients_request = request
         it.gradients_reply = GradientReply(z_active, {q: g.ciphers for q, g in masked.items()})
         return it.gradients_reply
@@ -242,6 +256,56 @@ class PassiveSession:
         }
         it.decrypt_request, it.decrypt_reply = request, reply
         return reply
+
+    # --- loss check: PROTOCOL.md's loss, with a cross term for every pair of passive parties
+
+    def _later(self) -> list[str]:
+        return sorted(n for n in self.peers if n > self.me)
+
+    def _earlier(self) -> list[str]:
+        return sorted(n for n in self.peers if n < self.me)
+
+    def loss_cross_terms(self, t: int) -> dict[str, CipherVector]:
+        """For every passive party l after this one (by name):
+        [[sum_i u_j,i b_l,i + r_jl]]_l, from the [[b_l]]_l relayed in step 3."""
+        it = self._current(t, "loss check")
+        if it.gradients_reply is None:
+            raise FailedPrecondition(f"iteration {t}: the loss check before step 3")
+        if it.loss_terms is None:
+            u = self.plan.model.passive_score(it.b)
+            terms, masks = {}, 0
+            for name in self._later():
+                terms[name], mask = steps.pair_loss_term(self.backend, u, it.peer_shares[name])
+                masks += mask
+            it.loss_terms, it.loss_masks = terms, masks
+        return it.loss_terms
+
+    def decrypt_loss_terms(self, t: int, terms: Mapping[str, CipherVector]) -> None:
+        """The masked cross terms of the passive parties before this one,
+        under its key: decrypted once per iteration, kept (never sent)."""
+        it = self._current(t, "loss check")
+        if it.gradients_reply is None:
+            raise FailedPrecondition(f"iteration {t}: the loss check before step 3")
+        request = _digest(terms)
+        if it.loss_received is not None:
+            if request != it.loss_request:
+                raise FailedPrecondition(f"iteration {t}: a second, different set of loss terms to decrypt")
+            return
+        _require_parties(terms, self._earlier(), "loss terms")
+        m = len(it.rows)
+        it.loss_received = sum(steps.decrypt_pair_loss_term(self.backend, self.key, c, m) for c in terms.values())
+        it.loss_request = request
+
+    def loss_share(self, t: int) -> CipherVector:
+        """[[sum_i a_i u_j,i + c sum_i u_j,i^2 + (decrypted terms) - (own masks)]]_A."""
+        it = self._current(t, "loss check")
+        if it.loss_reply is None:
+            if (self._later() and it.loss_terms is None) or (self._earlier() and it.loss_received is None):
+                raise FailedPrecondition(f"iteration {t}: the loss share before the cross terms")
+            adjustment = (it.loss_received or 0) - it.loss_masks
+            u = self.plan.model.passive_score(it.b)
+            it.loss_reply = steps.passive_loss_share_adjusted(self.backend, it.a_enc, u, adjustment, self.plan.model)
+        return it.loss_reply
 
     def apply_gradient(self, t: int, decryptions: Mapping[str, list[int]]) -> None:
         """Step 5 at B_j: remove its masks from every key owner's decryption,
@@ -303,8 +367,10 @@ class ActiveSession:
         names = sorted(self.passive)
         return dict(zip(names, self.fan_out(fn, names), strict=True))  # type: ignore[arg-type]
 
-    def iteration(self, t: int, rows: Sequence[int]) -> None:
-        """One iteration of the pairwise protocol on the batch `rows`."""
+    def iteration(self, t: int, rows: Sequence[int], check_loss: bool = False) -> float | None:
+        """One iteration of the pairwise protocol on the batch `rows`; with
+        `check_loss`, the batch's loss under the weights before this
+        iteration's update (else None)."""
         if t != self.next_iteration:
             raise FailedPrecondition(f"iteration: expected {self.next_iteration}, got {t}")
         idx = np.asarray(rows, dtype=np.int64)
@@ -328,6 +394,7 @@ class ActiveSession:
             _require_parties(reply.gradients, [ACTIVE, *(q for q in self.passive if q != j)], f"gradients of {j}")
             for owner, c in reply.gradients.items():
                 c.require_key(self.key.public if owner == ACTIVE else self.passive[owner].key, f"gradient of {j}")
+        loss = self._loss(t, x @ self.w, y) if check_loss else None
         # Step 4: A decrypts what is under pk_A; each B_l what the others put under pk_l.
         decrypted = self._each(
             lambda owner: self.ports[owner].decrypt_peer_gradients(
@@ -360,6 +427,30 @@ class ActiveSession:
         )
         self._each(lambda j: self.ports[j].apply_gradient(t, for_passive[j]))
         self.next_iteration = t + 1
+        return loss
+
+    def _loss(self, t: int, u_a: np.ndarray, y: np.ndarray) -> float:
+        """The loss check: each B_j's cross terms with the passive parties
+        after it, relayed to their key owners; each B_j's share under pk_A;
+        A decrypts their sum, one scalar."""
+        names = sorted(self.passive)
+        terms = self._each(lambda j: self.ports[j].loss_cross_terms(t))
+        for j, by_owner in terms.items():
+            _require_parties(by_owner, [n for n in names if n > j], f"loss terms of {j}")
+            for owner, c in by_owner.items():
+                c.require_key(self.passive[owner].key, f"loss term of {j}")
+        self._each(
+            lambda owner: self.ports[owner].decrypt_loss_terms(t, {j: terms[j][owner] for j in names if j < owner})
+        )
+        shares = self._each(lambda j: self.ports[j].loss_share(t))
+        total: CipherVector | None = None
+        for j, c in shares.items():
+            c.require_key(self.key.public, f"loss share of {j}")
+            c.require_length(1, f"loss share of {j}")
+            total = c if total is None else self.backend.add(total, c)
+        assert total is not None
+        k = len(names)
+        return steps.active_loss(u_a, y, total, self.backend, self.key, self.plan.model, terms=k + k * (k - 1) // 2)
 
     def scores(self, x: np.ndarray, w: np.ndarray, ports: Mapping[str, PredictionPort]) -> np.ndarray:
         """Prediction with k passive parties: [[u_A]]_A to each B_j, which

@@ -394,6 +394,57 @@ def loss_share_bound(m: int, model: ResidualModel = LOGISTIC) -> float:
     return m * SHARE_BOUND * SHARE_BOUND * (1.0 + model.loss_square)
 
 
+# With k passive parties the loss has a cross term for every pair of them,
+# sum_i u_j,i b_l,i (= u_j u_l / 4 Taylor, u_j u_l linear). B_j computes it
+# under pk_l with a statistical mask r of its own, B_l decrypts s = cross + r
+# and adds s to its loss share under pk_A, B_j subtracts r from its own: A
+# decrypts the sum of the shares, the loss's one scalar, and nobody else sees
+# a cross term unmasked. The mask is statistical (never uniform mod n), so
+# that s is the exact integer cross + r and moves from pk_l to pk_A intact.
+
+
+def pair_loss_bits(m: int) -> int:
+    """Bits of the largest |sum_i u_j,i b_l,i| over m rows of valid shares, at 2^LOSS_SCALE_BITS."""
+    return math.ceil(math.log2(m * SHARE_BOUND * SHARE_BOUND) + LOSS_SCALE_BITS) + 1
+
+
+def pair_loss_term(backend: HEBackend, u_own: np.ndarray, peer_share: CipherVector) -> tuple[CipherVector, int]:
+    """B_j: [[sum_i u_j,i b_l,i + r]]_l and r, from B_l's relayed [[b_l]]_l."""
+    key = peer_share.key
+    bits = pair_loss_bits(len(u_own))
+    if bits + MASK_STATISTICAL_BITS + 2 > key.plaintext_bits:
+        raise OutOfRange(f"loss: a masked cross term does not fit the {key.bits}-bit key of a passive party")
+    u_fixed = to_fixed(u_own.reshape(1, -1), RESIDUAL_SCALE_BITS, SHARE_BOUND)
+    mask = (1 << bits) + secrets.randbits(bits + MASK_STATISTICAL_BITS)
+    product = backend.matvec(u_fixed, peer_share)
+    return backend.add(product, backend.encrypt(key, [mask], hiding=True)), mask
+
+
+def decrypt_pair_loss_term(backend: HEBackend, key: PrivateKey, term: CipherVector, m: int) -> int:
+    """B_l: s = cross + r, refused unless a masked cross term can be that (a
+    crafted ciphertext must not probe the residues of B_l's key)."""
+    term.require_key(key.public, "loss cross term")
+    term.require_length(1, "loss cross term")
+    s = backend.decrypt(key, term)[0]
+    if not 0 < s < 1 << (pair_loss_bits(m) + MASK_STATISTICAL_BITS + 2):
+        raise OutOfRange("loss cross term: the decrypted value is outside the range a masked term allows")
+    return int(s)
+
+
+def passive_loss_share_adjusted(
+    backend: HEBackend, a_enc: CipherVector, u_passive: np.ndarray, adjustment: int, model: ResidualModel = LOGISTIC
+) -> CipherVector:
+    """B_j's loss share with k passive parties: passive_loss_share plus
+    (the masked cross terms it decrypted) - (the masks it added), at 2^LOSS_SCALE_BITS."""
+    share = passive_loss_share(backend, a_enc, u_passive, model)
+    if adjustment == 0:
+        return share
+    key = a_enc.key
+    if abs(adjustment) >= key.n // 4:
+        raise OutOfRange("loss: the masks do not fit the active party's key")
+    return backend.add(share, backend.encrypt(key, [adjustment % key.n], hiding=True))
+
+
 def active_loss(
     u_active: np.ndarray,
     y: np.ndarray,
@@ -401,15 +452,18 @@ def active_loss(
     backend: HEBackend,
     key: PrivateKey,
     model: ResidualModel = LOGISTIC,
+    terms: int = 1,
 ) -> float:
-    """A: the batch's loss from its own terms and B's decrypted share."""
+    """A: the batch's loss from its own terms and B's decrypted share (with
+    k passive parties: the sum of their shares, `terms` = k + k (k - 1) / 2
+    bounded terms in all)."""
     share.require_key(key.public, "loss share")
     share.require_length(1, "loss share")
     m = len(y)
     raw = signed(backend.decrypt(key, share), key.plaintext_modulus)[0]
     # Range-checked before use: with OU, whether a crafted value decrypts
     # above or below p/2 would otherwise be a sign oracle on A's secret p.
-    if abs(raw) > loss_share_bound(m, model) * float(1 << LOSS_SCALE_BITS):
+    if abs(raw) > terms * loss_share_bound(m, model) * float(1 << LOSS_SCALE_BITS):
         raise OutOfRange("loss share: the decrypted value is outside the range a valid share allows")
     return model.active_loss(u_active, y, raw / float(1 << LOSS_SCALE_BITS))
 

@@ -369,3 +369,13 @@ class PartyServicePort:
         if set(decryptions) != {ACTIVE}:
             raise InvalidArgument(f"decryptions: expected A's only, got {sorted(decryptions)}")
         self.client.apply_gradient(self._header(t), self.active_key, decryptions[ACTIVE])
+
+    def loss_cross_terms(self, t: int) -> Mapping[str, CipherVector]:
+        return {}  # no other passive party: no cross term between passive parties
+
+    def decrypt_loss_terms(self, t: int, terms: Mapping[str, CipherVector]) -> None:
+        if terms:
+            raise InvalidArgument("terms: the passive party's PartyService runs with no other passive party")
+
+    def loss_share(self, t: int) -> CipherVector:
+        return self.client.loss_share(self._header(t), self.active_key)
