@@ -85,3 +85,31 @@ def intersect(own: Shuffle, own_tags: bytes, peer_tags: bytes) -> Intersection:
         )
     shuffled = psi.canonical_order(own_tags, psi.match(own_tags, peer_tags))
     return Intersection(own.order[shuffled], psi.digest(own_tags, shuffled))
+
+
+@dataclass(frozen=True)
+class CommonRows:
+    """With k passive parties (docs/PARTIES.md): the ids every party holds,
+    in A's order, and for each passive party the positions of those ids in
+    its own pairwise alignment with A (what a job sends it, never an id)."""
+
+    ids: list[str]
+    positions: dict[str, list[int]]
+
+
+def common_rows(alignments: dict[str, Sequence[str]]) -> CommonRows:
+    """A, after one two-party PSI with each passive party: `alignments` maps
+    each party's name to the ids of its intersection with A, in that
+    alignment's canonical order (A's side). Each B_j learns its own
+    intersection with A, not the common one; the job's rows then tell it which
+    of its aligned positions every other party holds too (SECURITY.md)."""
+    if not alignments:
+        raise InvalidArgument("alignments: at least one passive party")
+    names = sorted(alignments)
+    common = set(alignments[names[0]]).intersection(*(alignments[n] for n in names[1:]))
+    ordered = [x for x in alignments[names[0]] if x in common]
+    positions = {}
+    for name in names:
+        index = {x: i for i, x in enumerate(alignments[name])}
+        positions[name] = [index[x] for x in ordered]
+    return CommonRows(ordered, positions)
