@@ -7,7 +7,7 @@ nears gRPC's size limit, whatever the batch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,6 +78,9 @@ class StepMessage:
     residue_fp: bytes | None = None
     residue_width: int = 0
     residue_data: bytearray = field(default_factory=bytearray)
+    # With several passive parties: vectors named by party (first chunk only).
+    party_ciphers: dict[str, common_pb2.CipherVector] = field(default_factory=dict)
+    party_residues: dict[str, common_pb2.ResidueVector] = field(default_factory=dict)
 
     def digest(self) -> bytes:
         """SHA-256 of everything the message carries: a retried step is
@@ -93,7 +96,32 @@ class StepMessage:
             (self.residue_fp, self.residue_width, self.residue_data),
         ):
             h.update(b"|" + (fp or b"") + width.to_bytes(4, "big") + bytes(data))
+        for name in sorted(self.party_ciphers):
+            h.update(b"|c:" + name.encode() + b"=" + self.party_ciphers[name].SerializeToString(deterministic=True))
+        for name in sorted(self.party_residues):
+            h.update(b"|r:" + name.encode() + b"=" + self.party_residues[name].SerializeToString(deterministic=True))
         return h.digest()
+
+    def party_cipher_vectors(self, keys: Mapping[str, PublicKey], what: str) -> dict[str, CipherVector]:
+        """The named ciphertext vectors: one for each party of `keys`, each
+        under the key named for it."""
+        _require_names(self.party_ciphers, keys, what)
+        return {
+            name: StepMessage(cipher_fp=v.key_fingerprint, cipher_width=v.width, cipher_data=bytearray(v.data)).ciphers(
+                keys[name], f"{what}[{name}]"
+            )
+            for name, v in self.party_ciphers.items()
+        }
+
+    def party_residue_lists(self, keys: Mapping[str, PublicKey], what: str) -> dict[str, list[int]]:
+        """The named residue vectors: one for each party of `keys`, modulo the key named for it."""
+        _require_names(self.party_residues, keys, what)
+        return {
+            name: StepMessage(
+                residue_fp=v.key_fingerprint, residue_width=v.width, residue_data=bytearray(v.data)
+            ).residues(keys[name], f"{what}[{name}]")
+            for name, v in self.party_residues.items()
+        }
 
     def require_header(self, what: str) -> common_pb2.StepHeader:
         if self.header is None:
@@ -139,6 +167,11 @@ class StepMessage:
         return values
 
 
+def _require_names(given: Mapping[str, object], expected: Mapping[str, object], what: str) -> None:
+    if sorted(given) != sorted(expected):
+        raise InvalidArgument(f"{what}: expected vectors for parties {sorted(expected)}, got {sorted(given)}")
+
+
 def step_header(job_id: str, iteration: int, target_fp: bytes) -> common_pb2.StepHeader:
     return common_pb2.StepHeader(job_id=job_id, iteration=iteration, target_fingerprint=target_fp)
 
@@ -150,12 +183,23 @@ def to_chunks(
     ciphers: CipherVector | None = None,
     residues: tuple[PublicKey, Sequence[int]] | None = None,
     best_iteration: int | None = None,
+    party_ciphers: Mapping[str, CipherVector] | None = None,
+    party_residues: Mapping[str, tuple[PublicKey, Sequence[int]]] | None = None,
 ) -> Iterator[common_pb2.StepChunk]:
-    """Split a step message into StepChunks of bounded size (at least one)."""
+    """Split a step message into StepChunks of bounded size (at least one).
+    Named vectors (several passive parties) all go in the first chunk: their
+    RPCs are unary."""
     with CLOCK.phase("serialise"):
         parts = _build_chunks(header, rows, alignment_id, ciphers, residues)
         if best_iteration is not None:
             parts[0].best_iteration = best_iteration
+        for name, c in sorted((party_ciphers or {}).items()):
+            parts[0].party_ciphertexts.add(party=name, vector=cipher_vector_to_proto(c))
+        for name, (key, values) in sorted((party_residues or {}).items()):
+            rv = common_pb2.ResidueVector(
+                key_fingerprint=key.fingerprint, width=key.residue_width, data=_pack(values, key.residue_width)
+            )
+            parts[0].party_residues.add(party=name, vector=rv)
         CLOCK.add_bytes_sent(sum(p.ByteSize() for p in parts))
     yield from parts
 
@@ -236,6 +280,17 @@ def from_chunks(chunks: Iterable[common_pb2.StepChunk], what: str, max_bytes: in
             if i != 0:
                 raise InvalidArgument(f"{what}: best_iteration only allowed on the first chunk")
             msg.best_iteration = chunk.best_iteration
+        if chunk.party_ciphertexts or chunk.party_residues:
+            if i != 0:
+                raise InvalidArgument(f"{what}: party vectors only allowed on the first chunk")
+            for named, into in (
+                (chunk.party_ciphertexts, msg.party_ciphers),
+                (chunk.party_residues, msg.party_residues),
+            ):
+                for item in named:
+                    if item.party in into:
+                        raise InvalidArgument(f"{what}: two vectors for party {item.party[:64]!r}")
+                    into[item.party] = item.vector  # type: ignore[assignment]
         msg.rows.extend(chunk.rows)
         if chunk.HasField("ciphertexts"):
             cv = chunk.ciphertexts

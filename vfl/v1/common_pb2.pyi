@@ -183,6 +183,8 @@ class StepChunk(_message.Message):
     RESIDUES_FIELD_NUMBER: _builtins.int
     ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
     BEST_ITERATION_FIELD_NUMBER: _builtins.int
+    PARTY_CIPHERTEXTS_FIELD_NUMBER: _builtins.int
+    PARTY_RESIDUES_FIELD_NUMBER: _builtins.int
     alignment_id: _builtins.str
     """Prediction only, first chunk: the alignment whose positions `rows` are."""
     best_iteration: _builtins.int
@@ -208,6 +210,14 @@ class StepChunk(_message.Message):
     def residues(self) -> Global___ResidueVector:
         """Masked residues, this part."""
 
+    @_builtins.property
+    def party_ciphertexts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartyCiphers]:
+        """With several passive parties (docs/PARTIES.md; unary RPCs only): the
+        vectors for or from each other passive party, named by the party.
+        """
+
+    @_builtins.property
+    def party_residues(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartyResidues]: ...
     def __init__(
         self,
         *,
@@ -217,16 +227,70 @@ class StepChunk(_message.Message):
         residues: Global___ResidueVector | None = ...,
         alignment_id: _builtins.str = ...,
         best_iteration: _builtins.int | None = ...,
+        party_ciphertexts: _abc.Iterable[Global___PartyCiphers] | None = ...,
+        party_residues: _abc.Iterable[Global___PartyResidues] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "best_iteration", b"best_iteration", "ciphertexts", b"ciphertexts", "header", b"header", "residues", b"residues"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "alignment_id", b"alignment_id", "best_iteration", b"best_iteration", "ciphertexts", b"ciphertexts", "header", b"header", "residues", b"residues", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "alignment_id", b"alignment_id", "best_iteration", b"best_iteration", "ciphertexts", b"ciphertexts", "header", b"header", "party_ciphertexts", b"party_ciphertexts", "party_residues", b"party_residues", "residues", b"residues", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__best_iteration: _TypeAlias = _typing.Literal["best_iteration"]  # noqa: Y015
     _WhichOneofArgType__best_iteration: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__best_iteration) -> _WhichOneofReturnType__best_iteration | None: ...
 
 Global___StepChunk: _TypeAlias = StepChunk  # noqa: Y015
+
+@_typing.final
+class PartyCiphers(_message.Message):
+    """A ciphertext vector and the passive party it belongs to (the owner of the
+    key it is under, or the party whose masked gradient it is).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    party: _builtins.str
+    @_builtins.property
+    def vector(self) -> Global___CipherVector: ...
+    def __init__(
+        self,
+        *,
+        party: _builtins.str = ...,
+        vector: Global___CipherVector | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vector", b"vector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party", b"party", "vector", b"vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartyCiphers: _TypeAlias = PartyCiphers  # noqa: Y015
+
+@_typing.final
+class PartyResidues(_message.Message):
+    """A residue vector and the passive party it is from or for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTY_FIELD_NUMBER: _builtins.int
+    VECTOR_FIELD_NUMBER: _builtins.int
+    party: _builtins.str
+    @_builtins.property
+    def vector(self) -> Global___ResidueVector: ...
+    def __init__(
+        self,
+        *,
+        party: _builtins.str = ...,
+        vector: Global___ResidueVector | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["vector", b"vector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["party", b"party", "vector", b"vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartyResidues: _TypeAlias = PartyResidues  # noqa: Y015
 
 @_typing.final
 class TrainingConfig(_message.Message):

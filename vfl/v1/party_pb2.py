@@ -25,51 +25,53 @@ _sym_db = _symbol_database.Default()
 from vfl.v1 import common_pb2 as vfl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12vfl/v1/party.proto\x12\x06vfl.v1\x1a\x13vfl/v1/common.proto\";\n\x12KeyExchangeRequest\x12%\n\nactive_key\x18\x01 \x01(\x0b\x32\x11.vfl.v1.PublicKey\"V\n\x10KeyExchangeReply\x12&\n\x0bpassive_key\x18\x01 \x01(\x0b\x32\x11.vfl.v1.PublicKey\x12\x1a\n\x12target_fingerprint\x18\x02 \x01(\x0c\"w\n\rAlignmentOpen\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tive_size\x18\x02 \x01(\x04\x12)\n\x07purpose\x18\x03 \x01(\x0e\x32\x18.vfl.v1.AlignmentPurpose\x12\x10\n\x08model_id\x18\x04 \x01(\t\"\'\n\x0f\x41lignmentOpened\x12\x14\n\x0cpassive_size\x18\x01 \x01(\x04\"0\n\x08PsiChunk\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x0c\" \n\x08PsiFetch\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\"1\n\x11\x41lignmentFinished\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\"\xc9\x01\n\x07JobSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.vfl.v1.TrainingConfig\x12\x0e\n\x06n_rows\x18\x03 \x01(\r\x12\x1a\n\x12target_fingerprint\x18\x04 \x01(\x0c\x12\x17\n\x0f\x61\x63tive_features\x18\x05 \x01(\r\x12\x11\n\tn_holdout\x18\x06 \x01(\r\x12\x18\n\x10\x61\x63tive_clip_norm\x18\x07 \x01(\x01\x12\x14\n\x0c\x61lignment_id\x18\x08 \x01(\t\"p\n\rSetupJobChunk\x12\x1d\n\x04spec\x18\x01 \x01(\x0b\x32\x0f.vfl.v1.JobSpec\x12\x0c\n\x04rows\x18\x04 \x03(\r\x12\x14\n\x0choldout_rows\x18\x05 \x03(\rJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x03idsR\x0bholdout_ids\"x\n\rSetupJobReply\x12\x18\n\x10passive_features\x18\x01 \x01(\r\x12\x19\n\x11passive_clip_norm\x18\x02 \x01(\x01\x12\x1a\n\x12passive_share_clip\x18\x03 \x01(\x01\x12\x16\n\x0escores_any_row\x18\x04 \x01(\x08\"P\n\x12\x41pplyGradientReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x16\n\x0eupdate_sq_norm\x18\x02 \x01(\x01\"6\n\x10LossShareRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\"Y\n\x0eLossShareReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12#\n\x05share\x18\x02 \x01(\x0b\x32\x14.vfl.v1.CipherVector\"w\n\x10\x46inishJobRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x0f\n\x07\x61\x62orted\x18\x02 \x01(\x08\x12\x1b\n\x0ekeep_iteration\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_keep_iteration\" \n\x0e\x46inishJobReply\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"5\n\x0fJobStateRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\"g\n\rJobStateReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x11\n\titeration\x18\x02 \x01(\x04\x12\x1f\n\x05phase\x18\x03 \x01(\x0e\x32\x10.vfl.v1.JobPhase*w\n\x10\x41lignmentPurpose\x12!\n\x1d\x41LIGNMENT_PURPOSE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41LIGNMENT_PURPOSE_TRAINING\x10\x01\x12 \n\x1c\x41LIGNMENT_PURPOSE_PREDICTION\x10\x02*i\n\x08JobPhase\x12\x19\n\x15JOB_PHASE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_PHASE_SHARES\x10\x01\x12\x17\n\x13JOB_PHASE_GRADIENTS\x10\x02\x12\x13\n\x0fJOB_PHASE_APPLY\x10\x03\x32\xe8\x08\n\x0cPartyService\x12\x44\n\x0c\x45xchangeKeys\x12\x1a.vfl.v1.KeyExchangeRequest\x1a\x18.vfl.v1.KeyExchangeReply\x12@\n\x0eStartAlignment\x12\x15.vfl.v1.AlignmentOpen\x1a\x17.vfl.v1.AlignmentOpened\x12\x38\n\x0e\x42lindActiveSet\x12\x10.vfl.v1.PsiChunk\x1a\x10.vfl.v1.PsiChunk(\x01\x30\x01\x12\x37\n\x0f\x46\x65tchPassiveSet\x12\x10.vfl.v1.PsiFetch\x1a\x10.vfl.v1.PsiChunk0\x01\x12@\n\x0f\x46inishAlignment\x12\x10.vfl.v1.PsiChunk\x1a\x19.vfl.v1.AlignmentFinished(\x01\x12:\n\x08SetupJob\x12\x15.vfl.v1.SetupJobChunk\x1a\x15.vfl.v1.SetupJobReply(\x01\x12\x42\n\x16\x45xchangeResidualShares\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x12\x43\n\x17\x45xchangeMaskedGradients\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x12@\n\rApplyGradient\x12\x11.vfl.v1.StepChunk\x1a\x1a.vfl.v1.ApplyGradientReply(\x01\x12\x43\n\x1b\x45xchangeResidualSharesUnary\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk\x12\x44\n\x1c\x45xchangeMaskedGradientsUnary\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk\x12\x43\n\x12\x41pplyGradientUnary\x12\x11.vfl.v1.StepChunk\x1a\x1a.vfl.v1.ApplyGradientReply\x12\x44\n\x10\x43omputeLossShare\x12\x18.vfl.v1.LossShareRequest\x1a\x16.vfl.v1.LossShareReply\x12\x45\n\x16\x43omputeValidationShare\x12\x11.vfl.v1.StepChunk\x1a\x16.vfl.v1.LossShareReply(\x01\x12=\n\x0bGetJobState\x12\x17.vfl.v1.JobStateRequest\x1a\x15.vfl.v1.JobStateReply\x12=\n\tFinishJob\x12\x18.vfl.v1.FinishJobRequest\x1a\x16.vfl.v1.FinishJobReply\x12\x39\n\rPredictScores\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12vfl/v1/party.proto\x12\x06vfl.v1\x1a\x13vfl/v1/common.proto\";\n\x12KeyExchangeRequest\x12%\n\nactive_key\x18\x01 \x01(\x0b\x32\x11.vfl.v1.PublicKey\"p\n\x10KeyExchangeReply\x12&\n\x0bpassive_key\x18\x01 \x01(\x0b\x32\x11.vfl.v1.PublicKey\x12\x1a\n\x12target_fingerprint\x18\x02 \x01(\x0c\x12\x18\n\x10passive_features\x18\x03 \x01(\r\"w\n\rAlignmentOpen\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63tive_size\x18\x02 \x01(\x04\x12)\n\x07purpose\x18\x03 \x01(\x0e\x32\x18.vfl.v1.AlignmentPurpose\x12\x10\n\x08model_id\x18\x04 \x01(\t\"\'\n\x0f\x41lignmentOpened\x12\x14\n\x0cpassive_size\x18\x01 \x01(\x04\"0\n\x08PsiChunk\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12\x0e\n\x06points\x18\x02 \x01(\x0c\" \n\x08PsiFetch\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\"1\n\x11\x41lignmentFinished\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\x0c\"\x81\x02\n\x07JobSpec\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.vfl.v1.TrainingConfig\x12\x0e\n\x06n_rows\x18\x03 \x01(\r\x12\x1a\n\x12target_fingerprint\x18\x04 \x01(\x0c\x12\x17\n\x0f\x61\x63tive_features\x18\x05 \x01(\r\x12\x11\n\tn_holdout\x18\x06 \x01(\r\x12\x18\n\x10\x61\x63tive_clip_norm\x18\x07 \x01(\x01\x12\x14\n\x0c\x61lignment_id\x18\x08 \x01(\t\x12\x12\n\nparty_name\x18\t \x01(\t\x12\"\n\x05peers\x18\n \x03(\x0b\x32\x13.vfl.v1.PassivePeer\"M\n\x0bPassivePeer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1e\n\x03key\x18\x02 \x01(\x0b\x32\x11.vfl.v1.PublicKey\x12\x10\n\x08\x66\x65\x61tures\x18\x03 \x01(\r\"p\n\rSetupJobChunk\x12\x1d\n\x04spec\x18\x01 \x01(\x0b\x32\x0f.vfl.v1.JobSpec\x12\x0c\n\x04rows\x18\x04 \x03(\r\x12\x14\n\x0choldout_rows\x18\x05 \x03(\rJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x03idsR\x0bholdout_ids\"x\n\rSetupJobReply\x12\x18\n\x10passive_features\x18\x01 \x01(\r\x12\x19\n\x11passive_clip_norm\x18\x02 \x01(\x01\x12\x1a\n\x12passive_share_clip\x18\x03 \x01(\x01\x12\x16\n\x0escores_any_row\x18\x04 \x01(\x08\"P\n\x12\x41pplyGradientReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x16\n\x0eupdate_sq_norm\x18\x02 \x01(\x01\"6\n\x10LossShareRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\"Y\n\x0eLossShareReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12#\n\x05share\x18\x02 \x01(\x0b\x32\x14.vfl.v1.CipherVector\"w\n\x10\x46inishJobRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x0f\n\x07\x61\x62orted\x18\x02 \x01(\x08\x12\x1b\n\x0ekeep_iteration\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_keep_iteration\" \n\x0e\x46inishJobReply\x12\x0e\n\x06stored\x18\x01 \x01(\x08\"5\n\x0fJobStateRequest\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\"g\n\rJobStateReply\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.vfl.v1.StepHeader\x12\x11\n\titeration\x18\x02 \x01(\x04\x12\x1f\n\x05phase\x18\x03 \x01(\x0e\x32\x10.vfl.v1.JobPhase*w\n\x10\x41lignmentPurpose\x12!\n\x1d\x41LIGNMENT_PURPOSE_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41LIGNMENT_PURPOSE_TRAINING\x10\x01\x12 \n\x1c\x41LIGNMENT_PURPOSE_PREDICTION\x10\x02*i\n\x08JobPhase\x12\x19\n\x15JOB_PHASE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_PHASE_SHARES\x10\x01\x12\x17\n\x13JOB_PHASE_GRADIENTS\x10\x02\x12\x13\n\x0fJOB_PHASE_APPLY\x10\x03\x32\xa6\t\n\x0cPartyService\x12\x44\n\x0c\x45xchangeKeys\x12\x1a.vfl.v1.KeyExchangeRequest\x1a\x18.vfl.v1.KeyExchangeReply\x12@\n\x0eStartAlignment\x12\x15.vfl.v1.AlignmentOpen\x1a\x17.vfl.v1.AlignmentOpened\x12\x38\n\x0e\x42lindActiveSet\x12\x10.vfl.v1.PsiChunk\x1a\x10.vfl.v1.PsiChunk(\x01\x30\x01\x12\x37\n\x0f\x46\x65tchPassiveSet\x12\x10.vfl.v1.PsiFetch\x1a\x10.vfl.v1.PsiChunk0\x01\x12@\n\x0f\x46inishAlignment\x12\x10.vfl.v1.PsiChunk\x1a\x19.vfl.v1.AlignmentFinished(\x01\x12:\n\x08SetupJob\x12\x15.vfl.v1.SetupJobChunk\x1a\x15.vfl.v1.SetupJobReply(\x01\x12\x42\n\x16\x45xchangeResidualShares\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x12\x43\n\x17\x45xchangeMaskedGradients\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x12@\n\rApplyGradient\x12\x11.vfl.v1.StepChunk\x1a\x1a.vfl.v1.ApplyGradientReply(\x01\x12\x43\n\x1b\x45xchangeResidualSharesUnary\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk\x12\x44\n\x1c\x45xchangeMaskedGradientsUnary\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk\x12\x43\n\x12\x41pplyGradientUnary\x12\x11.vfl.v1.StepChunk\x1a\x1a.vfl.v1.ApplyGradientReply\x12\x44\n\x10\x43omputeLossShare\x12\x18.vfl.v1.LossShareRequest\x1a\x16.vfl.v1.LossShareReply\x12<\n\x14\x44\x65\x63ryptPeerGradients\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk\x12\x45\n\x16\x43omputeValidationShare\x12\x11.vfl.v1.StepChunk\x1a\x16.vfl.v1.LossShareReply(\x01\x12=\n\x0bGetJobState\x12\x17.vfl.v1.JobStateRequest\x1a\x15.vfl.v1.JobStateReply\x12=\n\tFinishJob\x12\x18.vfl.v1.FinishJobRequest\x1a\x16.vfl.v1.FinishJobReply\x12\x39\n\rPredictScores\x12\x11.vfl.v1.StepChunk\x1a\x11.vfl.v1.StepChunk(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vfl.v1.party_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ALIGNMENTPURPOSE']._serialized_start=1481
-  _globals['_ALIGNMENTPURPOSE']._serialized_end=1600
-  _globals['_JOBPHASE']._serialized_start=1602
-  _globals['_JOBPHASE']._serialized_end=1707
+  _globals['_ALIGNMENTPURPOSE']._serialized_start=1642
+  _globals['_ALIGNMENTPURPOSE']._serialized_end=1761
+  _globals['_JOBPHASE']._serialized_start=1763
+  _globals['_JOBPHASE']._serialized_end=1868
   _globals['_KEYEXCHANGEREQUEST']._serialized_start=51
   _globals['_KEYEXCHANGEREQUEST']._serialized_end=110
   _globals['_KEYEXCHANGEREPLY']._serialized_start=112
-  _globals['_KEYEXCHANGEREPLY']._serialized_end=198
-  _globals['_ALIGNMENTOPEN']._serialized_start=200
-  _globals['_ALIGNMENTOPEN']._serialized_end=319
-  _globals['_ALIGNMENTOPENED']._serialized_start=321
-  _globals['_ALIGNMENTOPENED']._serialized_end=360
-  _globals['_PSICHUNK']._serialized_start=362
-  _globals['_PSICHUNK']._serialized_end=410
-  _globals['_PSIFETCH']._serialized_start=412
-  _globals['_PSIFETCH']._serialized_end=444
-  _globals['_ALIGNMENTFINISHED']._serialized_start=446
-  _globals['_ALIGNMENTFINISHED']._serialized_end=495
-  _globals['_JOBSPEC']._serialized_start=498
-  _globals['_JOBSPEC']._serialized_end=699
-  _globals['_SETUPJOBCHUNK']._serialized_start=701
-  _globals['_SETUPJOBCHUNK']._serialized_end=813
-  _globals['_SETUPJOBREPLY']._serialized_start=815
-  _globals['_SETUPJOBREPLY']._serialized_end=935
-  _globals['_APPLYGRADIENTREPLY']._serialized_start=937
-  _globals['_APPLYGRADIENTREPLY']._serialized_end=1017
-  _globals['_LOSSSHAREREQUEST']._serialized_start=1019
-  _globals['_LOSSSHAREREQUEST']._serialized_end=1073
-  _globals['_LOSSSHAREREPLY']._serialized_start=1075
-  _globals['_LOSSSHAREREPLY']._serialized_end=1164
-  _globals['_FINISHJOBREQUEST']._serialized_start=1166
-  _globals['_FINISHJOBREQUEST']._serialized_end=1285
-  _globals['_FINISHJOBREPLY']._serialized_start=1287
-  _globals['_FINISHJOBREPLY']._serialized_end=1319
-  _globals['_JOBSTATEREQUEST']._serialized_start=1321
-  _globals['_JOBSTATEREQUEST']._serialized_end=1374
-  _globals['_JOBSTATEREPLY']._serialized_start=1376
-  _globals['_JOBSTATEREPLY']._serialized_end=1479
-  _globals['_PARTYSERVICE']._serialized_start=1710
-  _globals['_PARTYSERVICE']._serialized_end=2838
+  _globals['_KEYEXCHANGEREPLY']._serialized_end=224
+  _globals['_ALIGNMENTOPEN']._serialized_start=226
+  _globals['_ALIGNMENTOPEN']._serialized_end=345
+  _globals['_ALIGNMENTOPENED']._serialized_start=347
+  _globals['_ALIGNMENTOPENED']._serialized_end=386
+  _globals['_PSICHUNK']._serialized_start=388
+  _globals['_PSICHUNK']._serialized_end=436
+  _globals['_PSIFETCH']._serialized_start=438
+  _globals['_PSIFETCH']._serialized_end=470
+  _globals['_ALIGNMENTFINISHED']._serialized_start=472
+  _globals['_ALIGNMENTFINISHED']._serialized_end=521
+  _globals['_JOBSPEC']._serialized_start=524
+  _globals['_JOBSPEC']._serialized_end=781
+  _globals['_PASSIVEPEER']._serialized_start=783
+  _globals['_PASSIVEPEER']._serialized_end=860
+  _globals['_SETUPJOBCHUNK']._serialized_start=862
+  _globals['_SETUPJOBCHUNK']._serialized_end=974
+  _globals['_SETUPJOBREPLY']._serialized_start=976
+  _globals['_SETUPJOBREPLY']._serialized_end=1096
+  _globals['_APPLYGRADIENTREPLY']._serialized_start=1098
+  _globals['_APPLYGRADIENTREPLY']._serialized_end=1178
+  _globals['_LOSSSHAREREQUEST']._serialized_start=1180
+  _globals['_LOSSSHAREREQUEST']._serialized_end=1234
+  _globals['_LOSSSHAREREPLY']._serialized_start=1236
+  _globals['_LOSSSHAREREPLY']._serialized_end=1325
+  _globals['_FINISHJOBREQUEST']._serialized_start=1327
+  _globals['_FINISHJOBREQUEST']._serialized_end=1446
+  _globals['_FINISHJOBREPLY']._serialized_start=1448
+  _globals['_FINISHJOBREPLY']._serialized_end=1480
+  _globals['_JOBSTATEREQUEST']._serialized_start=1482
+  _globals['_JOBSTATEREQUEST']._serialized_end=1535
+  _globals['_JOBSTATEREPLY']._serialized_start=1537
+  _globals['_JOBSTATEREPLY']._serialized_end=1640
+  _globals['_PARTYSERVICE']._serialized_start=1871
+  _globals['_PARTYSERVICE']._serialized_end=3061
 # @@protoc_insertion_point(module_scope)

@@ -108,8 +108,13 @@ class KeyExchangeReply(_message.Message):
 
     PASSIVE_KEY_FIELD_NUMBER: _builtins.int
     TARGET_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    PASSIVE_FEATURES_FIELD_NUMBER: _builtins.int
     target_fingerprint: _builtins.bytes
     """Target-key fingerprint as B computed it (32 bytes)."""
+    passive_features: _builtins.int
+    """B's feature count p_B (as SetupJob answers it): with several passive
+    parties, A tells each the others' before any job is set up.
+    """
     @_builtins.property
     def passive_key(self) -> _common_pb2.PublicKey:
         """pk_B, B's Paillier public key."""
@@ -119,10 +124,11 @@ class KeyExchangeReply(_message.Message):
         *,
         passive_key: _common_pb2.PublicKey | None = ...,
         target_fingerprint: _builtins.bytes = ...,
+        passive_features: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["passive_key", b"passive_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["passive_key", b"passive_key", "target_fingerprint", b"target_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["passive_features", b"passive_features", "passive_key", b"passive_key", "target_fingerprint", b"target_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -270,6 +276,8 @@ class JobSpec(_message.Message):
     N_HOLDOUT_FIELD_NUMBER: _builtins.int
     ACTIVE_CLIP_NORM_FIELD_NUMBER: _builtins.int
     ALIGNMENT_ID_FIELD_NUMBER: _builtins.int
+    PARTY_NAME_FIELD_NUMBER: _builtins.int
+    PEERS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Job id: 1-64 characters of [A-Za-z0-9_.-]."""
     n_rows: _builtins.int
@@ -291,6 +299,11 @@ class JobSpec(_message.Message):
     """
     alignment_id: _builtins.str
     """The alignment (of purpose TRAINING) whose positions the rows are."""
+    party_name: _builtins.str
+    """With several passive parties (docs/PARTIES.md): the name A gives this
+    party in the job, and every other passive party (name, public key,
+    feature count). Empty: the two-party protocol.
+    """
     @_builtins.property
     def config(self) -> _common_pb2.TrainingConfig:
         """The job's hyper-parameters (B uses seed, init_scale, l2, learning_rate,
@@ -298,6 +311,8 @@ class JobSpec(_message.Message):
         allow_small_batch and dp_*; B checks them against its own policy).
         """
 
+    @_builtins.property
+    def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___PassivePeer]: ...
     def __init__(
         self,
         *,
@@ -309,14 +324,46 @@ class JobSpec(_message.Message):
         n_holdout: _builtins.int = ...,
         active_clip_norm: _builtins.float = ...,
         alignment_id: _builtins.str = ...,
+        party_name: _builtins.str = ...,
+        peers: _abc.Iterable[Global___PassivePeer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_clip_norm", b"active_clip_norm", "active_features", b"active_features", "alignment_id", b"alignment_id", "config", b"config", "job_id", b"job_id", "n_holdout", b"n_holdout", "n_rows", b"n_rows", "target_fingerprint", b"target_fingerprint"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_clip_norm", b"active_clip_norm", "active_features", b"active_features", "alignment_id", b"alignment_id", "config", b"config", "job_id", b"job_id", "n_holdout", b"n_holdout", "n_rows", b"n_rows", "party_name", b"party_name", "peers", b"peers", "target_fingerprint", b"target_fingerprint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class PassivePeer(_message.Message):
+    """Another passive party of the job, as A relays it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """1-64 characters of [A-Za-z0-9_.-], distinct in the job."""
+    features: _builtins.int
+    """Its feature count p_l (for the batch floor and the lengths of its vectors)."""
+    @_builtins.property
+    def key(self) -> _common_pb2.PublicKey: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        key: _common_pb2.PublicKey | None = ...,
+        features: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "key", b"key", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PassivePeer: _TypeAlias = PassivePeer  # noqa: Y015
 
 @_typing.final
 class SetupJobChunk(_message.Message):

@@ -100,6 +100,11 @@ class PartyServiceStub:
                 request_serializer=vfl_dot_v1_dot_party__pb2.LossShareRequest.SerializeToString,
                 response_deserializer=vfl_dot_v1_dot_party__pb2.LossShareReply.FromString,
                 _registered_method=True)
+        self.DecryptPeerGradients = channel.unary_unary(
+                '/vfl.v1.PartyService/DecryptPeerGradients',
+                request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                _registered_method=True)
         self.ComputeValidationShare = channel.stream_unary(
                 '/vfl.v1.PartyService/ComputeValidationShare',
                 request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
@@ -237,6 +242,17 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecryptPeerGradients(self, request, context):
+        """With several passive parties (docs/PARTIES.md), step 4 for the others:
+        A -> B_l: party_ciphertexts = the masked gradient [[X_j^T b_l + R_jl]]_l
+        of every other passive party B_j, named by j (relayed by A). B_l -> A:
+        party_residues = their decryptions, named by j. Once per iteration; a
+        retry is answered by replay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ComputeValidationShare(self, request_iterator, context):
         """Validation check (config.validation_every). A -> B: header (the
         iteration whose step 2 B has answered, or, after the last iteration, the
@@ -344,6 +360,11 @@ def add_PartyServiceServicer_to_server(servicer, server):
                     servicer.ComputeLossShare,
                     request_deserializer=vfl_dot_v1_dot_party__pb2.LossShareRequest.FromString,
                     response_serializer=vfl_dot_v1_dot_party__pb2.LossShareReply.SerializeToString,
+            ),
+            'DecryptPeerGradients': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecryptPeerGradients,
+                    request_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                    response_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
             ),
             'ComputeValidationShare': grpc.stream_unary_rpc_method_handler(
                     servicer.ComputeValidationShare,
@@ -717,6 +738,33 @@ class PartyService:
             '/vfl.v1.PartyService/ComputeLossShare',
             vfl_dot_v1_dot_party__pb2.LossShareRequest.SerializeToString,
             vfl_dot_v1_dot_party__pb2.LossShareReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecryptPeerGradients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.PartyService/DecryptPeerGradients',
+            vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,6 +93,13 @@ class PartyServiceStub:
     """Loss check for the current batch: B answers
     [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
     """
+    DecryptPeerGradients: _grpc.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]
+    """With several passive parties (docs/PARTIES.md), step 4 for the others:
+    A -> B_l: party_ciphertexts = the masked gradient [[X_j^T b_l + R_jl]]_l
+    of every other passive party B_j, named by j (relayed by A). B_l -> A:
+    party_residues = their decryptions, named by j. Once per iteration; a
+    retry is answered by replay.
+    """
     ComputeValidationShare: _grpc.StreamUnaryMultiCallable[_common_pb2.StepChunk, _party_pb2.LossShareReply]
     """Validation check (config.validation_every). A -> B: header (the
     iteration whose step 2 B has answered, or, after the last iteration, the
@@ -176,6 +183,13 @@ class PartyServiceAsyncStub(PartyServiceStub):
     ComputeLossShare: _aio.UnaryUnaryMultiCallable[_party_pb2.LossShareRequest, _party_pb2.LossShareReply]  # type: ignore[assignment]
     """Loss check for the current batch: B answers
     [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
+    """
+    DecryptPeerGradients: _aio.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]  # type: ignore[assignment]
+    """With several passive parties (docs/PARTIES.md), step 4 for the others:
+    A -> B_l: party_ciphertexts = the masked gradient [[X_j^T b_l + R_jl]]_l
+    of every other passive party B_j, named by j (relayed by A). B_l -> A:
+    party_residues = their decryptions, named by j. Once per iteration; a
+    retry is answered by replay.
     """
     ComputeValidationShare: _aio.StreamUnaryMultiCallable[_common_pb2.StepChunk, _party_pb2.LossShareReply]  # type: ignore[assignment]
     """Validation check (config.validation_every). A -> B: header (the
@@ -335,6 +349,19 @@ class PartyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_party_pb2.LossShareReply, _abc.Awaitable[_party_pb2.LossShareReply]]:
         """Loss check for the current batch: B answers
         [[sum_i a_i u_B,i + sum_i u_B,i^2 / 8]]_A, re-randomised.
+        """
+
+    @_abc_1.abstractmethod
+    def DecryptPeerGradients(
+        self,
+        request: _common_pb2.StepChunk,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.StepChunk, _abc.Awaitable[_common_pb2.StepChunk]]:
+        """With several passive parties (docs/PARTIES.md), step 4 for the others:
+        A -> B_l: party_ciphertexts = the masked gradient [[X_j^T b_l + R_jl]]_l
+        of every other passive party B_j, named by j (relayed by A). B_l -> A:
+        party_residues = their decryptions, named by j. Once per iteration; a
+        retry is answered by replay.
         """
 
     @_abc_1.abstractmethod

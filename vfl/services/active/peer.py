@@ -14,11 +14,11 @@ import grpc
 from vfl.common import psi, serde
 from vfl.common.crypto.backend import CipherVector, PublicKey
 from vfl.common.crypto.pool import GATE
-from vfl.common.errors import InvalidArgument, PeerError, Unavailable
+from vfl.common.errors import FailedPrecondition, InvalidArgument, PeerError, Unavailable
 from vfl.common.jobconfig import JobConfig
 from vfl.common.metrics import CLOCK
 from vfl.common.protocol.phases import Phase
-from vfl.common.protocol.sessions import ACTIVE, GradientReply
+from vfl.common.protocol.sessions import ACTIVE, GradientReply, PartyInfo
 from vfl.common.rpc import TranscriptRecorder, open_channel
 from vfl.common.tls import TlsConfig
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
@@ -68,6 +68,7 @@ class PassiveClient:
         self._channel = open_channel(address, tls, server_name, proxy=assistant, proxy_token=relay_token)
         self._stub = party_pb2_grpc.PartyServiceStub(self._channel)
         self._rec = recorder
+        self.passive_features = 0  # known after exchange_keys
 
     def close(self) -> None:
         self._channel.close()
@@ -122,6 +123,8 @@ class PassiveClient:
         reply = self._call(
             "ExchangeKeys", lambda: self._received("ExchangeKeys", self._stub.ExchangeKeys(req, timeout=self.timeout_s))
         )
+        # B's feature count, as it stated it (what A tells the other passive parties of a job).
+        self.passive_features = int(reply.passive_features)
         return serde.public_key_from_proto(reply.passive_key, "passive_key", min_bits), reply.target_fingerprint
 
     # --- alignment (PROTOCOL.md "Alignment"): points of 32 bytes, never ids ---
@@ -202,7 +205,11 @@ class PassiveClient:
         rows: Sequence[int],
         holdout_rows: Sequence[int] = (),
         active_clip_norm: float = 0.0,
+        party_name: str = "",
+        peers: Sequence[PartyInfo] = (),
     ) -> party_pb2.SetupJobReply:
+        """`party_name`, `peers`: with several passive parties, B's name in
+        the job and every other passive party (docs/PARTIES.md)."""
         spec = party_pb2.JobSpec(
             job_id=job_id,
             config=serde.config_to_proto(config),
@@ -212,6 +219,11 @@ class PassiveClient:
             n_holdout=len(holdout_rows),
             active_clip_norm=active_clip_norm,
             alignment_id=alignment_id,
+            party_name=party_name,
+            peers=[
+                party_pb2.PassivePeer(name=p.name, key=serde.public_key_to_proto(p.key), features=p.features)
+                for p in peers
+            ],
         )
         step = serde.MAX_ROWS_PER_CHUNK
 
@@ -245,14 +257,25 @@ class PassiveClient:
         return self._step("ExchangeResidualShares", parts, serde.fits_one_chunk(len(rows), reply_width))
 
     def exchange_masked_gradients(
-        self, header: common_pb2.StepHeader, grad_a: CipherVector, reply_count: int, reply_width: int
+        self,
+        header: common_pb2.StepHeader,
+        grad_a: CipherVector,
+        reply_count: int,
+        reply_width: int,
+        party_ciphers: Mapping[str, CipherVector] | None = None,
     ) -> serde.StepMessage:
-        parts = list(serde.to_chunks(header, ciphers=grad_a))
+        parts = list(serde.to_chunks(header, ciphers=grad_a, party_ciphers=party_ciphers))
         # The reply holds B's masked gradient and z_A: at most two vectors of reply_count.
         return self._step("ExchangeMaskedGradients", parts, serde.fits_one_chunk(2 * reply_count, reply_width))
 
-    def apply_gradient(self, header: common_pb2.StepHeader, key: PublicKey, z_b: Sequence[int]) -> float:
-        parts = list(serde.to_chunks(header, residues=(key, z_b)))
+    def apply_gradient(
+        self,
+        header: common_pb2.StepHeader,
+        key: PublicKey,
+        z_b: Sequence[int],
+        party_residues: Mapping[str, tuple[PublicKey, Sequence[int]]] | None = None,
+    ) -> float:
+        parts = list(serde.to_chunks(header, residues=(key, z_b), party_residues=party_residues))
         one = serde.single_chunk(parts)
         if one is None:
             reply = self._call(
@@ -267,6 +290,21 @@ class PassiveClient:
                 ),
             )
         return float(reply.update_sq_norm)
+
+    def decrypt_peer_gradients(
+        self, header: common_pb2.StepHeader, gradients: Mapping[str, CipherVector]
+    ) -> serde.StepMessage:
+        """Step 4 at a passive party for the other passive parties' masked gradients under its key."""
+        one = serde.single_chunk(list(serde.to_chunks(header, party_ciphers=gradients)))
+        if one is None:
+            raise InvalidArgument("DecryptPeerGradients: the request does not fit one message; use smaller batches")
+        return self._call(
+            "DecryptPeerGradients",
+            lambda: serde.from_chunks(
+                [self._received("DecryptPeerGradients", self._stub.DecryptPeerGradients(one, timeout=self.timeout_s))],
+                "DecryptPeerGradients",
+            ),
+        )
 
     def loss_share(self, header: common_pb2.StepHeader, key: PublicKey) -> CipherVector:
         req = party_pb2.LossShareRequest(header=header)
@@ -324,11 +362,11 @@ def _psi_chunks(alignment_id: str, parts: Iterable[bytes]) -> Iterator[party_pb2
 
 
 class PartyServicePort:
-    """The protocol session's port (`sessions.PassivePort`) on B's
-    PartyService, for one job: each method is one RPC of party.proto, its
-    reply decoded into domain types. B's PartyService serves the two-party
-    protocol, so a job through it has no other passive parties: the relay
-    fields are empty and step 4's remote part is no call at all."""
+    """The protocol session's port (`sessions.PassivePort`) on one passive
+    party's PartyService, for one job: each method is one RPC of
+    party.proto, its reply decoded into domain types. `peers`: the job's
+    other passive parties (name -> public key); none for the two-party
+    protocol, where step 4's remote part is no call at all."""
 
     def __init__(
         self,
@@ -338,9 +376,11 @@ class PartyServicePort:
         active_key: PublicKey,
         passive_key: PublicKey,
         p_passive: int,
+        peers: Mapping[str, PublicKey] | None = None,
     ) -> None:
         self.client, self.job_id, self.target_fp = client, job_id, target_fp
         self.active_key, self.passive_key, self.p_passive = active_key, passive_key, p_passive
+        self.peers = dict(peers or {})
 
     def _header(self, t: int) -> common_pb2.StepHeader:
         return serde.step_header(self.job_id, t, self.target_fp)
@@ -352,30 +392,41 @@ class PartyServicePort:
     def exchange_masked_gradients(
         self, t: int, active_gradient: CipherVector, peer_shares: Mapping[str, CipherVector]
     ) -> GradientReply:
-        if peer_shares:
-            raise InvalidArgument("peer_shares: the passive party's PartyService runs with no other passive party")
+        if sorted(peer_shares) != sorted(self.peers):
+            raise InvalidArgument(f"peer_shares: expected shares of {sorted(self.peers)}, got {sorted(peer_shares)}")
         width = max(self.passive_key.residue_width, self.active_key.cipher_width)
         count = max(len(active_gradient), self.p_passive)
-        reply = self.client.exchange_masked_gradients(self._header(t), active_gradient, count, width)
+        reply = self.client.exchange_masked_gradients(
+            self._header(t), active_gradient, count, width, party_ciphers=peer_shares
+        )
         z_a = reply.residues(self.passive_key, "z_A")
-        return GradientReply(z_a, {ACTIVE: reply.ciphers(self.active_key, "[[h_B + R_B]]_A")})
+        gradients = {ACTIVE: reply.ciphers(self.active_key, "[[h_B + R_B]]_A")}
+        if self.peers:
+            gradients.update(reply.party_cipher_vectors(self.peers, "party_ciphertexts"))
+        return GradientReply(z_a, gradients)
 
     def decrypt_peer_gradients(self, t: int, gradients: Mapping[str, CipherVector]) -> Mapping[str, list[int]]:
-        if gradients:
-            raise InvalidArgument("gradients: the passive party's PartyService runs with no other passive party")
-        return {}
+        if sorted(gradients) != sorted(self.peers):
+            raise InvalidArgument(f"gradients: expected those of {sorted(self.peers)}, got {sorted(gradients)}")
+        if not gradients:
+            return {}
+        reply = self.client.decrypt_peer_gradients(self._header(t), gradients)
+        return reply.party_residue_lists({n: self.passive_key for n in self.peers}, "party_residues")
 
     def apply_gradient(self, t: int, decryptions: Mapping[str, list[int]]) -> None:
-        if set(decryptions) != {ACTIVE}:
-            raise InvalidArgument(f"decryptions: expected A's only, got {sorted(decryptions)}")
-        self.client.apply_gradient(self._header(t), self.active_key, decryptions[ACTIVE])
+        if sorted(decryptions) != sorted([ACTIVE, *self.peers]):
+            raise InvalidArgument(f"decryptions: expected A's and {sorted(self.peers)}, got {sorted(decryptions)}")
+        others = {n: (self.peers[n], z) for n, z in decryptions.items() if n != ACTIVE}
+        self.client.apply_gradient(self._header(t), self.active_key, decryptions[ACTIVE], party_residues=others)
 
     def loss_cross_terms(self, t: int) -> Mapping[str, CipherVector]:
-        return {}  # no other passive party: no cross term between passive parties
+        if self.peers:
+            raise FailedPrecondition("config.loss_every: not served over gRPC with several passive parties yet")
+        return {}
 
     def decrypt_loss_terms(self, t: int, terms: Mapping[str, CipherVector]) -> None:
         if terms:
-            raise InvalidArgument("terms: the passive party's PartyService runs with no other passive party")
+            raise InvalidArgument("terms: not served over gRPC with several passive parties yet")
 
     def loss_share(self, t: int) -> CipherVector:
         return self.client.loss_share(self._header(t), self.active_key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -45,7 +46,14 @@ from vfl.common.jobconfig import JobConfig
 from vfl.common.metrics import CLOCK
 from vfl.common.models import ModelStore, check_job_id
 from vfl.common.protocol import steps
-from vfl.common.protocol.batching import Batch, BatchSchedule, batch_schedule, check_batch_size, min_batch_size
+from vfl.common.protocol.batching import (
+    Batch,
+    BatchSchedule,
+    batch_schedule,
+    check_batch_size,
+    coalition_feature_counts,
+    min_batch_size,
+)
 from vfl.common.protocol.optimizers import (
     OptimizerSettings,
     OptimizerState,
@@ -54,6 +62,7 @@ from vfl.common.protocol.optimizers import (
 )
 from vfl.common.protocol.phases import Phase
 from vfl.common.protocol.residual import ResidualModel
+from vfl.common.protocol.sessions import ACTIVE, GradientReply, PartyInfo, PassiveSession, TrainingPlan
 from vfl.common.serde import StepMessage, rows_array
 from vfl.common.storage import canonical_json
 from vfl.services.passive.alignment import PassiveAlignments
@@ -61,6 +70,7 @@ from vfl.services.passive.policy import PassivePolicy, PredictionBudget
 from vfl.services.passive.records import PassiveState
 
 log = logging.getLogger("vfl.passive")
+_PARTY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 # Restarts of an iteration that B allows per job (see _restart_iteration).
 MAX_RESTARTS = 3
@@ -133,6 +143,9 @@ class PassiveJob:
     released_at: int = -1
     lock: threading.Lock = field(default_factory=threading.Lock)
     clock_start: dict[str, Any] = field(default_factory=CLOCK.snapshot)
+    # With several passive parties (docs/PARTIES.md): the protocol session
+    # that runs the job's steps; in memory only (such a job does not resume).
+    session: PassiveSession | None = None
 
     def replay(self, iteration: int, step: str, digest: bytes) -> Any | None:
         """The answer already given to this very request in this iteration."""
@@ -277,6 +290,33 @@ class PassiveParty:
                 f"({stored} stored, {running} training; VFL_MAX_MODELS_PER_PEER at B)"
             )
 
+    def _check_several_parties(self, config: JobConfig, party_name: str, peers: Sequence[PartyInfo]) -> None:
+        """A job with other passive parties: what the first version serves."""
+        names = [party_name, *(p.name for p in peers)]
+        if any(not _PARTY_NAME.fullmatch(n) for n in names) or ACTIVE in names or len(set(names)) != len(names):
+            raise InvalidArgument(
+                "spec.party_name, spec.peers: expected distinct names of 1-64 characters of [A-Za-z0-9_.-], "
+                f"none {ACTIVE!r}"
+            )
+        for p in peers:
+            self.backend.require_scheme(p.key, f"spec.peers[{p.name}].key")
+            if p.features < 1:
+                raise InvalidArgument(f"spec.peers[{p.name}].features: expected at least 1")
+        unserved = [
+            name
+            for name, on in (
+                ("loss_every", bool(config.loss_every)),
+                ("validation_every", bool(config.validation_every)),
+                ("dp_epsilon", config.dp),
+                ("tol", config.tol > 0),
+            )
+            if on
+        ]
+        if unserved:
+            raise FailedPrecondition(
+                f"config.{unserved[0]}: not served yet with several passive parties (set it to 0); see docs/PARTIES.md"
+            )
+
     def _shard_peer(self, model_id: str) -> str | None:
         try:
             peer = self.models.load(model_id).get("peer")
@@ -296,8 +336,12 @@ class PassiveParty:
         holdout_rows: Sequence[int] = (),
         active_clip_norm: float = 0.0,
         peer: str = "",
+        party_name: str = "",
+        peers: Sequence[PartyInfo] = (),
     ) -> SetupReply:
         check_job_id(job_id)
+        if peers:
+            self._check_several_parties(config, party_name, peers)
         active_key = self._targets.get(target_fp)
         if active_key is None:
             raise FailedPrecondition("spec.target_fingerprint: unknown target key; call ExchangeKeys first")
@@ -313,8 +357,11 @@ class PassiveParty:
             raise InvalidArgument("holdout_rows: a row is also a training row")
         if active_features < 1:
             raise InvalidArgument("spec.active_features: expected at least 1")
-        check_batch_size(config.batch_size, active_features, self.data.n_features, config.allow_small_batch)
-        floor = min_batch_size(active_features, self.data.n_features, config.allow_small_batch)
+        # With several passive parties, a coalition of all but one party sees
+        # more equations per batch than A alone: the floor counts its features.
+        p_a, p_b = coalition_feature_counts(active_features, [self.data.n_features, *(p.features for p in peers)])
+        check_batch_size(config.batch_size, p_a, p_b, config.allow_small_batch)
+        floor = min_batch_size(p_a, p_b, config.allow_small_batch)
         if n_rows < floor:
             raise InvalidArgument(f"spec.n_rows: expected at least {floor} training rows, got {n_rows}")
         if config.validation_every and len(set(holdout_ids)) < floor:
@@ -335,6 +382,9 @@ class PassiveParty:
             "active_clip_norm": active_clip_norm,
             "peer": peer,
         }
+        if peers:
+            request["party_name"] = party_name
+            request["peers"] = [{"name": p.name, "key": p.key.to_dict(), "features": p.features} for p in peers]
         repeated = self._repeated_setup(request)
         if repeated is not None:
             return repeated
@@ -389,7 +439,11 @@ class PassiveParty:
         scaler = Scaler.fit(raw, config.standardize)
         x = scaler.transform(raw)
         clip = active_clip = multiplier = 0.0
-        floor = min_batch_size(active_features, self.data.n_features, config.allow_small_batch)
+        peers = [
+            PartyInfo(str(p["name"]), PublicKey.from_dict(p["key"]), int(p["features"])) for p in setup.get("peers", ())
+        ]
+        p_a, p_b = coalition_feature_counts(active_features, [self.data.n_features, *(p.features for p in peers)])
+        floor = min_batch_size(p_a, p_b, config.allow_small_batch)
         # B expands the same seeded schedule as A: it accepts only these rows,
         # and encrypts its share of the next batch ahead (see _share_for).
         expected = batch_schedule(len(ids), config.batch_size, config.epochs, config.seed, floor, config.max_iterations)
@@ -423,6 +477,10 @@ class PassiveParty:
         )
         job.expected = expected
         job.x_val = x_val
+        if peers:
+            me = PartyInfo(str(setup["party_name"]), self.key.public, self.data.n_features)
+            active = PartyInfo(ACTIVE, job.active_key, active_features)
+            job.session = PassiveSession(me.name, self.backend, self.key, x, w0, TrainingPlan.of(config), active, peers)
         return job
 
     def _save_state(self, job: PassiveJob, durable: bool = False) -> None:
@@ -455,6 +513,13 @@ class PassiveParty:
                 continue
             setup, state = saved.setup, saved.state
             assert setup is not None and state is not None
+            if setup.get("peers"):
+                problem = (
+                    f"job {saved.job_id}: a job with several passive parties keeps its state in memory only "
+                    "and cannot resume after a restart (docs/PARTIES.md)"
+                )
+                self._unresumable_job(saved.job_id, setup, problem, damaged=False)
+                continue
             try:
                 job = self._build_job(setup)
                 saved_state = PassiveState.from_record(state)
@@ -534,6 +599,8 @@ class PassiveParty:
     def residual_shares(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> CipherVector:
         """Steps 1-2: take [[a_S]]_A, answer [[b_S]]_B, and start step 3."""
         job = self._job(job_id, target_fp)
+        if job.session is not None:
+            return self._session_shares(job, iteration, msg)
         with job.lock, self._refusal_ends_job(job):
             digest = msg.digest()
             replayed = job.replay(iteration, "shares", digest)
@@ -563,6 +630,64 @@ class PassiveParty:
             job.phase = Phase.GRADIENTS
             job.answered = {"shares": (digest, b_enc)}
             return b_enc
+
+    # --- jobs with several passive parties: the session runs the steps --------
+
+    def several(self, job_id: str) -> bool:
+        """Whether the job has other passive parties (its steps carry named vectors)."""
+        job = self._jobs.get(job_id)
+        return job is not None and job.session is not None
+
+    def _session_of(self, job_id: str, target_fp: bytes) -> tuple[PassiveJob, PassiveSession]:
+        job = self._job(job_id, target_fp)
+        if job.session is None:
+            raise FailedPrecondition(f"header.job_id: job {job_id[:64]!r} has no other passive party")
+        return job, job.session
+
+    def _session_shares(self, job: PassiveJob, iteration: int, msg: StepMessage) -> CipherVector:
+        assert job.session is not None
+        with job.lock, self._refusal_ends_job(job):
+            rows = rows_array(msg.rows, job.x.shape[0], "rows")
+            if iteration >= len(job.expected) or not np.array_equal(rows, job.expected[iteration].rows):
+                raise InvalidArgument(f"rows: not the rows of iteration {iteration} of the job's agreed schedule")
+            a_enc = msg.ciphers(job.active_key, "ciphertexts")
+            return job.session.exchange_residual_shares(iteration, rows.tolist(), a_enc)
+
+    @GATE.working
+    def session_masked_gradients(
+        self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage
+    ) -> GradientReply:
+        """Step 3 with other passive parties: A's masked gradient to decrypt,
+        the other parties' relayed shares; B's masked gradients under every key."""
+        job, session = self._session_of(job_id, target_fp)
+        with job.lock, self._refusal_ends_job(job):
+            grad_a = msg.ciphers(self.key.public, "ciphertexts")
+            shares = msg.party_cipher_vectors({n: p.key for n, p in session.peers.items()}, "party_ciphertexts")
+            reply = session.exchange_masked_gradients(iteration, grad_a, shares)
+            job.released_at = max(job.released_at, iteration)
+            return reply
+
+    @GATE.working
+    def session_decrypt(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> dict[str, list[int]]:
+        """Step 4 for the other passive parties: their masked gradients under this party's key."""
+        job, session = self._session_of(job_id, target_fp)
+        with job.lock, self._refusal_ends_job(job):
+            grads = msg.party_cipher_vectors({n: self.key.public for n in session.peers}, "party_ciphertexts")
+            return session.decrypt_peer_gradients(iteration, grads)
+
+    @GATE.working
+    def session_apply(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> None:
+        """Step 5 with other passive parties: A's decryption (residues) and each other's (party_residues)."""
+        job, session = self._session_of(job_id, target_fp)
+        with job.lock, self._refusal_ends_job(job):
+            if session.next_iteration == iteration + 1 and job.last_apply is not None:
+                if job.last_apply[:2] == (iteration, msg.digest()):
+                    return  # a retry of the step 5 just applied
+            z = {ACTIVE: msg.residues(job.active_key, "residues")}
+            z.update(msg.party_residue_lists({n: p.key for n, p in session.peers.items()}, "party_residues"))
+            session.apply_gradient(iteration, z)
+            job.w, job.iteration = session.w, session.next_iteration
+            job.last_apply = (iteration, msg.digest(), 0.0)
 
     def _restart_iteration(self, job: PassiveJob) -> None:
         """A starts the current iteration again with a new request (it lost its

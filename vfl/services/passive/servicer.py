@@ -10,6 +10,7 @@ from vfl.common import serde
 from vfl.common.errors import InvalidArgument
 from vfl.common.metrics import CLOCK
 from vfl.common.protocol.phases import Phase
+from vfl.common.protocol.sessions import ACTIVE, PartyInfo
 from vfl.common.rpc import peer_identity, rpc_method
 from vfl.services.passive.party import PassiveParty
 from vfl.v1 import common_pb2, party_pb2, party_pb2_grpc
@@ -27,7 +28,9 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         active = serde.public_key_from_proto(request.active_key, "active_key", self.min_peer_bits)
         fp = self.party.exchange_keys(active)
         return party_pb2.KeyExchangeReply(
-            passive_key=serde.public_key_to_proto(self.party.key.public), target_fingerprint=fp
+            passive_key=serde.public_key_to_proto(self.party.key.public),
+            target_fingerprint=fp,
+            passive_features=self.party.data.n_features,
         )
 
     # Alignment (steps 1-4 of PROTOCOL.md "Alignment"): 32-byte points only.
@@ -88,6 +91,16 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         if len(holdout) != spec.n_holdout:
             raise InvalidArgument(f"holdout_rows: spec.n_holdout says {spec.n_holdout}, got {len(holdout)} rows")
         config = serde.config_from_proto(spec.config)
+        peers = [
+            PartyInfo(
+                peer.name,
+                serde.public_key_from_proto(peer.key, f"spec.peers[{peer.name[:64]}].key", self.min_peer_bits),
+                peer.features,
+            )
+            for peer in spec.peers
+        ]
+        if peers and not spec.party_name:
+            raise InvalidArgument("spec.party_name: required with spec.peers")
         reply = self.party.setup_job(
             spec.job_id,
             config,
@@ -99,6 +112,8 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
             holdout,
             spec.active_clip_norm,
             caller(context),
+            spec.party_name,
+            peers,
         )
         return party_pb2.SetupJobReply(
             passive_features=reply.passive_features,
@@ -126,12 +141,20 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
     def _masked_gradients_timed(self, chunks: Iterable[common_pb2.StepChunk]) -> list[common_pb2.StepChunk]:
         msg = serde.from_chunks(chunks, "ExchangeMaskedGradients")
         h = msg.require_header("ExchangeMaskedGradients")
+        if self.party.several(h.job_id):
+            reply = self.party.session_masked_gradients(h.job_id, h.iteration, h.target_fingerprint, msg)
+            others = {n: c for n, c in reply.gradients.items() if n != ACTIVE}
+            own = (self.party.key.public, reply.z_active)
+            return list(serde.to_chunks(h, ciphers=reply.gradients[ACTIVE], residues=own, party_ciphers=others))
         z_a, grad_b = self.party.masked_gradients(h.job_id, h.iteration, h.target_fingerprint, msg)
         return list(serde.to_chunks(h, ciphers=grad_b, residues=(self.party.key.public, z_a)))
 
     def _apply_gradient(self, chunks: Iterable[common_pb2.StepChunk]) -> party_pb2.ApplyGradientReply:
         msg = serde.from_chunks(chunks, "ApplyGradient")
         h = msg.require_header("ApplyGradient")
+        if self.party.several(h.job_id):
+            self.party.session_apply(h.job_id, h.iteration, h.target_fingerprint, msg)
+            return party_pb2.ApplyGradientReply(header=h, update_sq_norm=0.0)
         norm = self.party.apply_gradient(h.job_id, h.iteration, h.target_fingerprint, msg)
         return party_pb2.ApplyGradientReply(header=h, update_sq_norm=norm)
 
@@ -177,6 +200,18 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         self, request: common_pb2.StepChunk, context: grpc.ServicerContext
     ) -> party_pb2.ApplyGradientReply:
         return self._apply_gradient([request])
+
+    @rpc_method
+    def DecryptPeerGradients(
+        self, request: common_pb2.StepChunk, context: grpc.ServicerContext
+    ) -> common_pb2.StepChunk:
+        msg = serde.from_chunks([request], "DecryptPeerGradients")
+        h = msg.require_header("DecryptPeerGradients")
+        z = self.party.session_decrypt(h.job_id, h.iteration, h.target_fingerprint, msg)
+        key = self.party.key.public
+        return self._one(
+            list(serde.to_chunks(h, party_residues={n: (key, v) for n, v in z.items()})), "DecryptPeerGradients"
+        )
 
     @rpc_method
     def ComputeLossShare(

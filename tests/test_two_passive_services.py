@@ -1,0 +1,160 @@
+"""Two passive parties, each the real passive service in its own process
+with its default policy, the breast split's 20 passive columns divided
+between them; A's protocol session in this process talks to both over gRPC
+(`PartyServicePort`): one PSI with each, the job set up at each with the
+other named, the pairwise protocol of docs/PARTIES.md with every message
+between B_1 and B_2 relayed by A. Both B's store their shards; every party's
+weights equal the plain-numpy run on the joined table."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.attacks.harness import active_view, passive_features
+from tests.conftest import TEST_KEY_BITS, BreastSplit, read_shard
+from vfl.cli.federation import LocalFederation
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
+from vfl.common import serde
+from vfl.common.crypto import get_backend
+from vfl.common.errors import PeerError
+from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol.alignment import common_rows
+from vfl.common.protocol.batching import Batch, batch_schedule, coalition_feature_counts, min_batch_size
+from vfl.common.protocol.reference import train_plain
+from vfl.common.protocol.sessions import ActiveSession, PartyInfo, TrainingPlan
+from vfl.services.active.alignment import align_as_active
+from vfl.services.active.peer import PartyServicePort, PassiveClient
+
+BACKEND = get_backend("ou")
+CONFIG = JobConfig(batch_size=64, epochs=2, seed=13, loss_every=0, max_iterations=12, learning_rate=0.2)
+SPLIT = {"b1": range(0, 10), "b2": range(10, 20)}
+
+
+def split_passive_csv(tmp: Path) -> dict[str, Path]:
+    with BUNDLED_PASSIVE.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    out = {}
+    for name, cols in SPLIT.items():
+        path = tmp / f"{name}.csv"
+        with path.open("w", newline="") as fh:
+            csv.writer(fh).writerows([[r[0], *(r[1 + c] for c in cols)] for r in rows])
+        out[name] = path
+    return out
+
+
+def passive_service(workdir: Path, csv_path: Path) -> LocalFederation:
+    fed = LocalFederation(
+        workdir,
+        BUNDLED_ACTIVE,
+        csv_path,
+        key_bits=TEST_KEY_BITS,
+        assistant=False,
+        tls=False,
+        extra_env={"VFL_BACKEND": "ou"},
+    )
+    fed.start("passive")
+    return fed
+
+
+def test_two_passive_services_train_the_plain_model(tmp_path: Path, breast: BreastSplit) -> None:
+    paths = split_passive_csv(tmp_path)
+    feds = {name: passive_service(tmp_path / name, path) for name, path in paths.items()}
+    clients = {n: PassiveClient(f.services["passive"].address, timeout_s=60) for n, f in feds.items()}
+    try:
+        key = BACKEND.generate_keypair(TEST_KEY_BITS)
+        keys, fps = {}, {}
+        for n, c in clients.items():
+            keys[n], fps[n] = c.exchange_keys(key.public, TEST_KEY_BITS)
+        features = {n: c.passive_features for n, c in clients.items()}
+        assert features == {"b1": 10, "b2": 10}
+        records = {n: align_as_active(c, f"align-{n}", breast.train_ids) for n, c in clients.items()}
+        rows = common_rows({n: list(r.ids) for n, r in records.items()})
+        assert sorted(rows.ids) == sorted(breast.train_ids)
+        view = active_view(rows.ids)
+        infos = [PartyInfo(n, keys[n], features[n]) for n in sorted(clients)]
+        job_id = "two-passive"
+        for n, c in clients.items():
+            others = [i for i in infos if i.name != n]
+            c.setup_job(
+                job_id,
+                CONFIG,
+                fps[n],
+                view.p_active,
+                records[n].alignment_id,
+                rows.positions[n],
+                party_name=n,
+                peers=others,
+            )
+        p_a, p_b = coalition_feature_counts(view.p_active, list(features.values()))
+        floor = min_batch_size(p_a, p_b, False)
+        schedule = batch_schedule(
+            len(rows.ids), CONFIG.batch_size, CONFIG.epochs, CONFIG.seed, floor, CONFIG.max_iterations
+        )
+        ports = {
+            n: PartyServicePort(
+                c, job_id, fps[n], key.public, keys[n], features[n], peers={o: keys[o] for o in clients if o != n}
+            )
+            for n, c in clients.items()
+        }
+        w0 = np.random.default_rng(3).normal(0, 0.01, view.x.shape[1])
+        session = ActiveSession(BACKEND, key, view.x, view.y, w0, TrainingPlan.of(CONFIG), infos, ports)
+        for t, batch in enumerate(schedule):
+            session.iteration(t, batch.rows.tolist())
+        for n, c in clients.items():
+            assert c.finish_job(serde.step_header(job_id, len(schedule), fps[n]), aborted=False)
+        shards = {n: read_shard(feds[n], "passive", job_id) for n in clients}
+    finally:
+        for c in clients.values():
+            c.close()
+        for f in feds.values():
+            f.stop()
+    joined = passive_features(rows.ids)  # all 20 columns, standardised per column as each B does
+    w_a, w_b = train_plain(
+        view.x[:, :-1],
+        joined,
+        view.y,
+        w0,
+        np.concatenate([np.asarray(shards[n]["initial_weights"]) for n in sorted(SPLIT)]),
+        [Batch(b.epoch, b.rows) for b in schedule],
+        TrainingPlan.of(CONFIG).optimizer,
+        CONFIG.l2,
+    )
+    np.testing.assert_allclose(session.w, w_a, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(shards["b1"]["weights"]), w_b[:10], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(shards["b2"]["weights"]), w_b[10:], rtol=1e-4, atol=1e-7)
+    assert np.linalg.norm(session.w - w0) > 0.05
+
+
+def test_a_passive_service_refuses_what_it_does_not_serve_with_peers(tmp_path: Path, breast: BreastSplit) -> None:
+    """The first version's limits, one clear refusal each: the loss check
+    and a missing party name."""
+    fed = passive_service(tmp_path / "b", split_passive_csv(tmp_path)["b1"])
+    c = PassiveClient(fed.services["passive"].address, timeout_s=60)
+    try:
+        key = BACKEND.generate_keypair(TEST_KEY_BITS)
+        pk, fp = c.exchange_keys(key.public, TEST_KEY_BITS)
+        rec = align_as_active(c, "align-b", breast.train_ids)
+        other = [PartyInfo("b2", BACKEND.generate_keypair(TEST_KEY_BITS).public, 10)]
+        rows = rec.positions(breast.train_ids, "ids")
+        with pytest.raises(PeerError, match="config.loss_every: not served yet with several passive parties"):
+            c.setup_job(
+                "j-loss",
+                CONFIG.model_copy(update={"loss_every": 1}),
+                fp,
+                10,
+                rec.alignment_id,
+                rows,
+                party_name="b1",
+                peers=other,
+            )
+        with pytest.raises(PeerError, match="spec.party_name: required"):
+            c.setup_job("j-name", CONFIG, fp, 10, rec.alignment_id, rows, peers=other)
+        with pytest.raises(PeerError, match="distinct names"):
+            c.setup_job("j-dup", CONFIG, fp, 10, rec.alignment_id, rows, party_name="b2", peers=other)
+    finally:
+        c.close()
+        fed.stop()
