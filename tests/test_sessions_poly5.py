@@ -230,3 +230,25 @@ def test_what_a_decrypts_in_step0_is_the_cross_term_plus_bs_mask(monkeypatch: py
         assert all(abs(g - s) < 2 ** (steps.CROSS_SCALE_BITS - 16) for g, s in zip(gap, mask, strict=True))
         # ... and it hides the cross term: far beyond any |cross| (< 2^bits at this scale).
         assert min(abs(g) for g in gap).bit_length() > bits + MASK_STATISTICAL_BITS - 24, "A reads the cross term"
+
+
+def test_step5_needs_the_exact_integer_sum() -> None:
+    """The shares after step 0 are ~2^104 in real units and cancel in
+    X^T (a + b): summed as integers (what update_own_weights_exact does) the
+    result is the plain X^T (P(u) - y); through float64 it is lost entirely."""
+    ka = keys(2)[0]
+    rng = np.random.default_rng(3)
+    m = 64
+    x, u_a, u_b = rng.normal(size=(m, 3)), rng.normal(0, 2, m), rng.normal(0, 2, m)
+    y = (rng.random(m) < 0.5).astype(float)
+    powers = steps.encrypted_score_powers(BACKEND, ka.public, u_a, POLY5)
+    masked = steps.masked_cross_terms(BACKEND, powers, u_b, POLY5)
+    a = steps.active_poly_share(BACKEND, ka, masked.ciphers, u_a, y, POLY5)
+    b = steps.passive_poly_share(u_b, masked.mask, POLY5)
+    fixed = steps.fixed_transpose(x)
+    exact = fixed.dot(np.array(a, dtype=object)) + fixed.dot(np.array(b, dtype=object))
+    plain = x.T @ (POLY5.value(u_a + u_b) - y)
+    np.testing.assert_allclose([v / 2**48 for v in exact], plain, rtol=1e-4)
+    as_float = x.T @ (np.array([float(v) for v in a]) + np.array([float(v) for v in b])) / 2**32
+    lossy = x.T @ np.array([float(v) for v in a]) / 2**32 + x.T @ np.array([float(v) for v in b]) / 2**32
+    assert np.max(np.abs(lossy - plain)) > 0.1 and np.max(np.abs(as_float - plain)) > 0.1
