@@ -1,5 +1,5 @@
-"""Benchmark harness: `python -m benchmarks.bench --bench {all,primitives,breast,synthetic,sweep,load,soak,psi,quality}`
-(all: every workload but the 30-minute soak).
+"""Benchmark harness: `python -m benchmarks.bench --bench {all,primitives,breast,synthetic,sweep,load,soak,psi,
+parties,poly5,quality}` (all: every workload but the 30-minute soak).
 
 Runs the real federation (three processes, gRPC through the assistant,
 2048-bit keys) per backend, records each run in benchmarks/results.json

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-ORDER = ("primitives", "breast", "synthetic", "sweep", "psi", "parties", "quality")
+ORDER = ("primitives", "breast", "synthetic", "sweep", "psi", "parties", "poly5", "quality")
 
 Record = dict[str, Any]
 

@@ -11,6 +11,8 @@ load       the default backend: the breast model queried by 32 concurrent client
 soak       the default backend through a faulty network for 30 minutes: jobs back to back, 16
            prediction clients, every answer checked, memory and fds sampled (benchmarks/soak.py);
            not part of `all`
+poly5      the polynomial residual (POLY5) against Taylor, per iteration, one passive party through
+           the protocol sessions in-process (benchmarks/poly_cost.py)
 quality    no federation: test AUC of the plain reference (Taylor and POLY5 residuals, a grid of
            optimisers and stopping rules) against scikit-learn on breast and the synthetic set
            (benchmarks/quality.py)
@@ -383,6 +385,15 @@ def parties_workload(ctx: Context) -> list[dict[str, Any]]:
     return parties.workload(ctx.quick)
 
 
+def poly5_workload(ctx: Context) -> list[dict[str, Any]]:
+    """POLY5 against Taylor: A's and B's time and bytes per iteration, same
+    run (benchmarks/poly_cost.py)."""
+    from benchmarks import poly_cost
+
+    say("-> poly5 [ou, protocol sessions in-process]")
+    return poly_cost.workload(ctx.quick)
+
+
 def quality_workload(ctx: Context) -> list[dict[str, Any]]:
     """Model quality (benchmarks/quality.py): the plain reference, which the
     services reproduce to 1e-4, against scikit-learn; no keys, no backend.
@@ -402,6 +413,7 @@ WORKLOADS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "soak": soak_workload,
     "psi": psi_workload,
     "parties": parties_workload,
+    "poly5": poly5_workload,
     "quality": quality_workload,
 }
 # Too long for `make bench` (all): run on its own.

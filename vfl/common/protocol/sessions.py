@@ -29,6 +29,13 @@ One iteration, A's view (`ActiveSession.iteration`):
       each party removes its masks, adds X_P^T s_P and updates its weights
       with its own optimiser (`steps.update_own_weights`).
 With k = 1 step 4 carries nothing and the exchange is PROTOCOL.md's.
+
+With the polynomial residual (a PolynomialResidual plan, docs/POLY5.md; k = 1
+only, the cross terms between passive parties are not built), a step 0 comes
+first: `exchange_score_powers`, A -> B [[u_A^i]]_A, B -> A [[cross + s]]_A
+with a fresh mask s that B keeps; A's share is c_0 + own(u_A) - y + cross + s,
+B's own(u_B) - s, integers at scale 2^32 that steps 1-5 then carry exactly
+(`steps.encrypt_integer_share`, `steps.update_own_weights_exact`).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from vfl.common.crypto.backend import CipherVector, HEBackend, PrivateKey, Publi
 from vfl.common.errors import FailedPrecondition, InvalidArgument, OutOfRange
 from vfl.common.protocol import steps
 from vfl.common.protocol.optimizers import OptimizerSettings, OptimizerState
-from vfl.common.protocol.residual import ResidualModel
+from vfl.common.protocol.residual import PolynomialResidual, ResidualModel
 
 ACTIVE = "active"  # A's name in the maps keyed by party
 
@@ -56,14 +63,20 @@ R = TypeVar("R")
 class TrainingPlan:
     """What both kinds of session need of a job's configuration."""
 
-    model: ResidualModel
+    model: ResidualModel | PolynomialResidual
     optimizer: OptimizerSettings
     l2: float
 
     @classmethod
-    def of(cls, config: object) -> TrainingPlan:
-        """From a JobConfig (duck-typed: the protocol does not import the API's types)."""
-        return cls(getattr(config, "residual"), OptimizerSettings.of(config), float(getattr(config, "l2")))  # noqa: B009
+    def of(cls, config: object, model: ResidualModel | PolynomialResidual | None = None) -> TrainingPlan:
+        """From a JobConfig (duck-typed: the protocol does not import the API's types).
+        `model` overrides config.residual: POLY5 has no JobConfig field yet."""
+        residual = getattr(config, "residual") if model is None else model  # noqa: B009
+        return cls(residual, OptimizerSettings.of(config), float(getattr(config, "l2")))  # noqa: B009
+
+    @property
+    def polynomial(self) -> PolynomialResidual | None:
+        return self.model if isinstance(self.model, PolynomialResidual) else None
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,10 @@ class GradientReply:
 
 
 class PassivePort(Protocol):
-    """What A's session asks of one passive party, in protocol terms."""
+    """What A's session asks of one passive party, in protocol terms.
+    `exchange_score_powers` (step 0) is asked only with the polynomial residual."""
+
+    def exchange_score_powers(self, t: int, rows: Sequence[int], powers: CipherVector) -> CipherVector: ...
 
     def exchange_residual_shares(self, t: int, rows: Sequence[int], a_enc: CipherVector) -> CipherVector: ...
 
@@ -128,6 +144,20 @@ def sequential(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     return [fn(i) for i in items]
 
 
+def _check_polynomial(plan: TrainingPlan, keys: Mapping[str, PublicKey], passive_count: int) -> None:
+    """The polynomial residual: one passive party, keys large enough."""
+    model = plan.polynomial
+    if model is None:
+        return
+    if passive_count != 1:
+        raise InvalidArgument(
+            f"residual {model.name}: one passive party only (got {passive_count}); its cross terms between "
+            "passive parties are not implemented"
+        )
+    for name, key in keys.items():
+        steps.check_poly_key(key, model, name)
+
+
 def _require_parties(given: Iterable[str], expected: Iterable[str], what: str) -> None:
     g, e = sorted(given), sorted(expected)
     if g != e:
@@ -135,6 +165,18 @@ def _require_parties(given: Iterable[str], expected: Iterable[str], what: str) -
 
 
 # --- B_j ---------------------------------------------------------------------
+
+
+@dataclass
+class _PassiveStep0:
+    """Step 0 of an iteration at B (polynomial residual): the request, the
+    answer [[cross + s]]_A, and B's share own(u_B) - s (s is only in it)."""
+
+    t: int
+    rows: np.ndarray
+    request: bytes
+    reply: CipherVector
+    share: list[int]
 
 
 @dataclass
@@ -183,6 +225,8 @@ class PassiveSession:
         self.optimizer: OptimizerState | None = None
         self.next_iteration = 0
         self._it: _PassiveIteration | None = None
+        self._step0: _PassiveStep0 | None = None
+        _check_polynomial(plan, {ACTIVE: active.key, me: key.public}, 1 + len(peers))
 
     def _current(self, t: int, step: str) -> _PassiveIteration:
         it = self._it
@@ -192,8 +236,39 @@ class PassiveSession:
             )
         return it
 
+    def _rows(self, rows: Sequence[int]) -> np.ndarray:
+        idx = np.asarray(rows, dtype=np.int64)
+        if idx.size == 0 or idx.min() < 0 or idx.max() >= len(self.x):
+            raise InvalidArgument(f"rows: expected positions in [0, {len(self.x)})")
+        return idx
+
+    def exchange_score_powers(self, t: int, rows: Sequence[int], powers: CipherVector) -> CipherVector:
+        """Step 0 at B (polynomial residual): [[cross + s]]_A for the batch's
+        rows, given [[u_A^i]]_A, with a fresh mask s that B keeps in its share.
+        Once per iteration, before steps 1-2; an identical retry is replayed."""
+        model = self.plan.polynomial
+        if model is None:
+            raise FailedPrecondition(f"step 0: the job's residual is {self.plan.model.name}, not a polynomial")
+        request = _digest("step 0", t, list(rows), powers)
+        s0 = self._step0
+        if s0 is not None and s0.t == t:
+            if s0.request != request:
+                raise FailedPrecondition(f"iteration {t}: a second, different request for its cross terms")
+            return s0.reply  # a retry: the same answer
+        if t != self.next_iteration:
+            raise FailedPrecondition(f"iteration: expected {self.next_iteration}, got {t}")
+        idx = self._rows(rows)
+        powers.require_key(self.active.key, "[[u_A^i]]_A")
+        powers.require_length((model.degree - 1) * len(idx), "[[u_A^i]]_A")
+        u_b = self.x[idx] @ self.w
+        masked = steps.masked_cross_terms(self.backend, powers, u_b, model)
+        share = steps.passive_poly_share(u_b, masked.mask, model)
+        self._step0 = _PassiveStep0(t, idx, request, masked.ciphers, share)
+        return masked.ciphers
+
     def exchange_residual_shares(self, t: int, rows: Sequence[int], a_enc: CipherVector) -> CipherVector:
-        """Steps 1-2 at B_j: [[b_j]]_j for the batch's rows, given [[a]]_A."""
+        """Steps 1-2 at B_j: [[b_j]]_j for the batch's rows, given [[a]]_A
+        (with the polynomial residual, b_j from this iteration's step 0)."""
         request = _digest(t, list(rows), a_enc)
         if self._it is not None and self._it.t == t:
             if self._it.request != request:
@@ -201,13 +276,21 @@ class PassiveSession:
             return self._it.b_enc  # a retry: the same answer
         if t != self.next_iteration:
             raise FailedPrecondition(f"iteration: expected {self.next_iteration}, got {t}")
-        idx = np.asarray(rows, dtype=np.int64)
-        if idx.size == 0 or idx.min() < 0 or idx.max() >= len(self.x):
-            raise InvalidArgument(f"rows: expected positions in [0, {len(self.x)})")
+        idx = self._rows(rows)
         a_enc.require_key(self.active.key, "[[a_S]]_A")
         a_enc.require_length(len(idx), "[[a_S]]_A")
-        b = steps.passive_residual_share(self.x[idx], self.w, self.plan.model)
-        b_enc = steps.first_intermediate_share(self.backend, self.key.public, b)
+        model = self.plan.model
+        if isinstance(model, PolynomialResidual):
+            s0 = self._step0
+            if s0 is None or s0.t != t:
+                raise FailedPrecondition(f"iteration {t}: steps 1-2 before step 0 (the polynomial residual)")
+            if not np.array_equal(s0.rows, idx):
+                raise InvalidArgument(f"rows: iteration {t}'s step 0 was for other rows")
+            b = np.array(s0.share, dtype=object)
+            b_enc = steps.encrypt_integer_share(self.backend, self.key.public, s0.share, model)
+        else:
+            b = steps.passive_residual_share(self.x[idx], self.w, model)
+            b_enc = steps.first_intermediate_share(self.backend, self.key.public, b)
         self._it = _PassiveIteration(t, idx, request, b, b_enc, a_enc)
         return b_enc
 
@@ -227,11 +310,14 @@ class PassiveSession:
         for name, share in peer_shares.items():
             share.require_key(self.peers[name].key, f"[[b_S]] of {name}")
             share.require_length(len(it.rows), f"[[b_S]] of {name}")
-        z_active = steps.decrypt_masked_gradient(self.backend, self.key, active_gradient, self.active.features + 1)
+        model = self.plan.model
+        z_active = steps.decrypt_masked_gradient(
+            self.backend, self.key, active_gradient, self.active.features + 1, model
+        )
         x = self.x[it.rows]
-        masked = {ACTIVE: steps.masked_encrypted_gradient(self.backend, x, it.a_enc)}
+        masked = {ACTIVE: steps.masked_encrypted_gradient(self.backend, x, it.a_enc, model)}
         for name, share in peer_shares.items():
-            masked[name] = steps.masked_encrypted_gradient(self.backend, x, share)
+            masked[name] = steps.masked_encrypted_gradient(self.backend, x, share, model)
         it.masks = {q: g.mask for q, g in masked.items()}
         it.peer_shares = dict(peer_shares)
         it.gradients_request = request
@@ -251,7 +337,7 @@ class PassiveSession:
             return it.decrypt_reply
         _require_parties(gradients, self.peers, "gradients")
         reply = {
-            name: steps.decrypt_masked_gradient(self.backend, self.key, c, self.peers[name].features)
+            name: steps.decrypt_masked_gradient(self.backend, self.key, c, self.peers[name].features, self.plan.model)
             for name, c in gradients.items()
         }
         it.decrypt_request, it.decrypt_reply = request, reply
@@ -316,18 +402,32 @@ class PassiveSession:
         _require_parties(decryptions, [ACTIVE, *self.peers], "decryptions")
         keys = {ACTIVE: self.active.key, **{n: p.key for n, p in self.peers.items()}}
         received = [steps.Decryption(decryptions[q], it.masks[q], keys[q]) for q in sorted(decryptions)]
-        self.w, self.optimizer = steps.update_own_weights(
-            received,
-            self.x[it.rows],
-            it.b,
-            self.w,
-            penalised=np.ones(len(self.w)),
-            l2=self.plan.l2,
-            noise_std=0.0,
-            optimizer=self.plan.optimizer,
-            state=self.optimizer,
-        )
-        self.next_iteration, self._it = t + 1, None
+        model = self.plan.polynomial
+        if model is not None:
+            self.w, self.optimizer = steps.update_own_weights_exact(
+                received,
+                self.x[it.rows],
+                it.b.tolist(),
+                self.w,
+                penalised=np.ones(len(self.w)),
+                l2=self.plan.l2,
+                optimizer=self.plan.optimizer,
+                state=self.optimizer,
+                model=model,
+            )
+        else:
+            self.w, self.optimizer = steps.update_own_weights(
+                received,
+                self.x[it.rows],
+                it.b,
+                self.w,
+                penalised=np.ones(len(self.w)),
+                l2=self.plan.l2,
+                noise_std=0.0,
+                optimizer=self.plan.optimizer,
+                state=self.optimizer,
+            )
+        self.next_iteration, self._it, self._step0 = t + 1, None, None
 
 
 # --- A -----------------------------------------------------------------------
@@ -362,6 +462,7 @@ class ActiveSession:
         self.fan_out = fan_out
         self.optimizer: OptimizerState | None = None
         self.next_iteration = 0
+        _check_polynomial(plan, {ACTIVE: key.public, **{p.name: p.key for p in passive}}, len(passive))
 
     def _each(self, fn: Callable[[str], T]) -> dict[str, T]:
         names = sorted(self.passive)
@@ -376,15 +477,22 @@ class ActiveSession:
         idx = np.asarray(rows, dtype=np.int64)
         x, y = self.x[idx], self.y[idx]
         m = len(idx)
-        # Steps 1-2.
-        a = steps.active_residual_share(x, self.w, y, self.plan.model)
-        a_enc = steps.first_encrypted_data(self.backend, self.key.public, a)
+        model = self.plan.model
+        if isinstance(model, PolynomialResidual):
+            # Step 0: A's share from [[cross + s]]_A, then steps 1-2 on it.
+            a_int = self._step0(t, idx, x, y, model)
+            a = np.array(a_int, dtype=object)
+            a_enc = steps.encrypt_integer_share(self.backend, self.key.public, a_int, model)
+        else:
+            # Steps 1-2.
+            a = steps.active_residual_share(x, self.w, y, model)
+            a_enc = steps.first_encrypted_data(self.backend, self.key.public, a)
         shares = self._each(lambda j: self.ports[j].exchange_residual_shares(t, idx.tolist(), a_enc))
         for j, share in shares.items():
             share.require_key(self.passive[j].key, f"[[b_S]] of {j}")
             share.require_length(m, f"[[b_S]] of {j}")
         # Step 3: A's masked gradient for each B_j, and the relay of the others' shares.
-        mine = {j: steps.masked_encrypted_gradient(self.backend, x, shares[j]) for j in sorted(self.passive)}
+        mine = {j: steps.masked_encrypted_gradient(self.backend, x, shares[j], model) for j in sorted(self.passive)}
         replies = self._each(
             lambda j: self.ports[j].exchange_masked_gradients(
                 t, mine[j].ciphers, {q: s for q, s in shares.items() if q != j}
@@ -406,7 +514,7 @@ class ActiveSession:
         for_passive = {
             j: {
                 ACTIVE: steps.decrypt_masked_gradient(
-                    self.backend, self.key, replies[j].gradients[ACTIVE], self.passive[j].features
+                    self.backend, self.key, replies[j].gradients[ACTIVE], self.passive[j].features, model
                 ),
                 **{owner: zs[j] for owner, zs in decrypted.items() if owner != j},
             }
@@ -414,17 +522,31 @@ class ActiveSession:
         }
         # Step 5: A's update, then each B_j's.
         received = [steps.Decryption(replies[j].z_active, mine[j].mask, self.passive[j].key) for j in sorted(mine)]
-        self.w, self.optimizer = steps.update_own_weights(
-            received,
-            x,
-            a,
-            self.w,
-            penalised=np.r_[np.ones(len(self.w) - 1), 0.0],  # not the intercept
-            l2=self.plan.l2,
-            noise_std=0.0,
-            optimizer=self.plan.optimizer,
-            state=self.optimizer,
-        )
+        penalised = np.r_[np.ones(len(self.w) - 1), 0.0]  # not the intercept
+        if isinstance(model, PolynomialResidual):
+            self.w, self.optimizer = steps.update_own_weights_exact(
+                received,
+                x,
+                a.tolist(),
+                self.w,
+                penalised=penalised,
+                l2=self.plan.l2,
+                optimizer=self.plan.optimizer,
+                state=self.optimizer,
+                model=model,
+            )
+        else:
+            self.w, self.optimizer = steps.update_own_weights(
+                received,
+                x,
+                a,
+                self.w,
+                penalised=penalised,
+                l2=self.plan.l2,
+                noise_std=0.0,
+                optimizer=self.plan.optimizer,
+                state=self.optimizer,
+            )
         self._each(lambda j: self.ports[j].apply_gradient(t, for_passive[j]))
         self.next_iteration = t + 1
         return loss
@@ -451,6 +573,15 @@ class ActiveSession:
         assert total is not None
         k = len(names)
         return steps.active_loss(u_a, y, total, self.backend, self.key, self.plan.model, terms=k + k * (k - 1) // 2)
+
+    def _step0(self, t: int, idx: np.ndarray, x: np.ndarray, y: np.ndarray, model: PolynomialResidual) -> list[int]:
+        """Step 0 (polynomial residual, one passive party): [[u_A^i]]_A out,
+        [[cross + s]]_A back, decrypted (range-checked) into A's share."""
+        u_a = x @ self.w
+        powers = steps.encrypted_score_powers(self.backend, self.key.public, u_a, model)
+        masked = self._each(lambda j: self.ports[j].exchange_score_powers(t, idx.tolist(), powers))
+        (reply,) = masked.values()
+        return steps.active_poly_share(self.backend, self.key, reply, u_a, y, model)
 
     def scores(self, x: np.ndarray, w: np.ndarray, ports: Mapping[str, PredictionPort]) -> np.ndarray:
         """Prediction with k passive parties: [[u_A]]_A to each B_j, which

@@ -43,6 +43,8 @@ from vfl.common.protocol.residual import LOGISTIC, PolynomialResidual, ResidualM
 
 __all__ = ["sigmoid"]  # re-exported: callers score with steps.sigmoid
 
+AnyResidual = ResidualModel | PolynomialResidual
+
 # Largest |value| of a residual share, score or standardised feature that the
 # fixed-point encoding accepts; it bounds every homomorphic sum below.
 SHARE_BOUND = float(2**20)
@@ -234,19 +236,20 @@ def fixed_transpose(x: np.ndarray) -> np.ndarray:
     return to_fixed(x.T, FEATURE_SCALE_BITS, FEATURE_BOUND)
 
 
-def cross_gradient_bound(x: np.ndarray) -> float:
+def cross_gradient_bound(x: np.ndarray, model: AnyResidual = LOGISTIC) -> float:
     """Largest |(X^T s)_j| any valid peer share s can give (real units)."""
     if x.size == 0:
         return 0.0
-    return float(np.max(np.sum(np.abs(x), axis=0))) * SHARE_BOUND
+    return float(np.max(np.sum(np.abs(x), axis=0))) * share_bound(model)
 
 
-def check_capacity(x: np.ndarray, key: PublicKey) -> None:
+def check_capacity(x: np.ndarray, key: PublicKey, model: AnyResidual = LOGISTIC) -> None:
     """Refuse a product that could wrap around instead of returning a wrong number."""
-    if key.masked_value_bits(HIDDEN_VALUE_BITS) > key.plaintext_bits:
+    hidden = hidden_value_bits(model)
+    if key.masked_value_bits(hidden) > key.plaintext_bits:
         raise OutOfRange(f"batch: a masked gradient does not fit the plaintext space of the {key.bits}-bit key")
-    bound = cross_gradient_bound(x) * 2.0 ** (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
-    limit = min(HIDDEN_VALUE_BITS, key.plaintext_bits)
+    bound = cross_gradient_bound(x, model) * 2.0 ** (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
+    limit = min(hidden, key.plaintext_bits)
     if bound > 0 and math.log2(bound) + 1 >= limit:
         # The message reaches the peer: it names the limit, never how far the
         # data would go (that is a magnitude of this party's features).
@@ -256,16 +259,18 @@ def check_capacity(x: np.ndarray, key: PublicKey) -> None:
         )
 
 
-def masked_encrypted_gradient(backend: HEBackend, x: np.ndarray, peer_share: CipherVector) -> MaskedGradient:
+def masked_encrypted_gradient(
+    backend: HEBackend, x: np.ndarray, peer_share: CipherVector, model: AnyResidual = LOGISTIC
+) -> MaskedGradient:
     """Step 3 (both): [[X^T s_peer + R]]_peer for the batch's rows x. R is added
     as a fresh encryption, never as a plaintext shift: the peer reads a
     ciphertext's randomness on decryption, and that of X^T [[s]] alone would
     reveal X; the fresh encryption's randomness is uniform over the whole
     randomness group (hiding=True), which hides it whatever the peer chose."""
-    check_capacity(x, peer_share.key)
+    check_capacity(x, peer_share.key, model)
     fixed = fixed_transpose(x)
     product = backend.matvec(fixed, peer_share)
-    mask = random_mask(peer_share.key, len(product), HIDDEN_VALUE_BITS)
+    mask = random_mask(peer_share.key, len(product), hidden_value_bits(model))
     fresh = backend.encrypt(peer_share.key, mask, hiding=True)
     return MaskedGradient(backend.add(product, fresh), mask)
 
@@ -274,7 +279,7 @@ def masked_encrypted_gradient(backend: HEBackend, x: np.ndarray, peer_share: Cip
 
 
 def decrypt_masked_gradient(
-    backend: HEBackend, key: PrivateKey, ciphers: CipherVector, expected_length: int
+    backend: HEBackend, key: PrivateKey, ciphers: CipherVector, expected_length: int, model: AnyResidual = LOGISTIC
 ) -> list[int]:
     """Step 4 (both): decrypt the peer's masked gradient, z = h + R mod n.
     Only a vector of the expected length under this party's own key (each
@@ -283,7 +288,7 @@ def decrypt_masked_gradient(
     ciphers.require_key(key.public, "masked gradient")
     ciphers.require_length(expected_length, "masked gradient")
     z = backend.decrypt(key, ciphers)
-    check_masked_plaintexts(key, z, HIDDEN_VALUE_BITS, "masked gradient")
+    check_masked_plaintexts(key, z, hidden_value_bits(model), "masked gradient")
     return z
 
 
@@ -367,6 +372,104 @@ def update_own_weights(
     for d in received:
         cross = cross + unmask_gradient(d.z, d.mask, d.key, bound, noise_std)
     gradient = gradient_from_shares(x, own_share, cross, w, l2, penalised)
+    return optimizer_update(optimizer, w, gradient, initial_state(optimizer, len(w)) if state is None else state)
+
+
+# --- steps 1-5 on the polynomial shares (docs/POLY5.md) ---------------------
+#
+# After step 0 each share is an integer at scale 2^RESIDUAL_SCALE_BITS of
+# about poly_share_bits bits (B's mask dominates): it is encrypted as it is
+# (never through float64), the masked gradients hide values of
+# hidden_value_bits(model) bits, and step 5 adds X^T own_share and the
+# unmasked cross gradient as exact integers before the one division to float.
+
+# Largest column sum of |x| over a batch (2^32: a batch of 2^16 rows of
+# standardised features up to 2^16) the polynomial masked gradient allows.
+POLY_COLUMN_SUM_BITS = 32
+
+
+def poly_share_bits(model: PolynomialResidual) -> int:
+    """Bits of |a|, |b| after step 0 at scale 2^RESIDUAL_SCALE_BITS: the
+    masked cross term shifted down, plus an own term below 2^52."""
+    return cross_term_bits(model) + MASK_STATISTICAL_BITS + 2 - (CROSS_SCALE_BITS - RESIDUAL_SCALE_BITS)
+
+
+def share_bound(model: AnyResidual) -> float:
+    """Largest |share| in real units: SHARE_BOUND, or the masked polynomial share's."""
+    if isinstance(model, PolynomialResidual):
+        return float(2 ** (poly_share_bits(model) - RESIDUAL_SCALE_BITS))
+    return SHARE_BOUND
+
+
+def hidden_value_bits(model: AnyResidual) -> int:
+    """Bits of the value a masked gradient hides: HIDDEN_VALUE_BITS for the
+    Taylor and linear residuals; for the polynomial one, X^T s of a share of
+    poly_share_bits at the feature scale over column sums up to 2^POLY_COLUMN_SUM_BITS."""
+    if isinstance(model, PolynomialResidual):
+        return poly_share_bits(model) + FEATURE_SCALE_BITS + POLY_COLUMN_SUM_BITS
+    return HIDDEN_VALUE_BITS
+
+
+def poly_key_bits(model: PolynomialResidual) -> int:
+    """Plaintext bits a key needs for the polynomial residual: a masked
+    gradient (the largest masked value; the masked cross term is smaller)."""
+    return max(hidden_value_bits(model), cross_term_bits(model)) + MASK_STATISTICAL_BITS + 2
+
+
+def check_poly_key(key: PublicKey, model: PolynomialResidual, whose: str) -> None:
+    """Refuse, before any iteration, a key too small for the polynomial residual."""
+    need = poly_key_bits(model)
+    if key.plaintext_bits < need:
+        raise OutOfRange(
+            f"residual {model.name}: the {key.bits}-bit key of {whose} has {key.plaintext_bits} plaintext bits, "
+            f"its masked gradients need {need}; use larger keys (OU: 1024 bits or more)"
+        )
+
+
+def encrypt_integer_share(
+    backend: HEBackend, key: PublicKey, share: Sequence[int], model: PolynomialResidual
+) -> CipherVector:
+    """Steps 1-2 (both), polynomial residual: [[s]] of the integer share from
+    step 0, exactly (no float64 on the way)."""
+    limit = 1 << poly_share_bits(model)
+    if any(abs(v) >= limit for v in share):
+        raise OutOfRange(f"share: a value beyond the {poly_share_bits(model)} bits a polynomial share can have")
+    return backend.encrypt(key, [int(v) % key.n for v in share])
+
+
+def update_own_weights_exact(
+    received: Sequence[Decryption],
+    x: np.ndarray,
+    own_share: Sequence[int],
+    w: np.ndarray,
+    *,
+    penalised: np.ndarray,
+    l2: float,
+    optimizer: OptimizerSettings,
+    state: OptimizerState | None,
+    model: PolynomialResidual,
+) -> tuple[np.ndarray, OptimizerState]:
+    """Step 5 (every party), polynomial residual: X^T own_share (the same
+    fixed-point X^T as the peer's product, at scale 2^(FEATURE + RESIDUAL))
+    plus each unmasked cross gradient, summed as exact integers: the two
+    terms are ~2^100 in real units and cancel to the gradient, which float64
+    would lose. One division to float at the end."""
+    fixed = fixed_transpose(x)
+    own = np.array([int(v) for v in own_share], dtype=object)
+    total = [int(v) for v in fixed.dot(own)] if len(own) else [0] * len(w)
+    col = [sum(abs(int(v)) for v in row) for row in fixed]
+    limit = 1 << poly_share_bits(model)
+    for d in received:
+        h = unmask(d.key, d.z, d.mask)
+        if len(h) != len(total):
+            raise OutOfRange(f"decrypted gradient: expected {len(total)} values, got {len(h)}")
+        if any(abs(v) > c * limit for v, c in zip(h, col, strict=True)):
+            raise OutOfRange("decrypted gradient: a value is outside the range a valid share allows")
+        total = [t + v for t, v in zip(total, h, strict=True)]
+    m = x.shape[0]
+    denom = 1 << (FEATURE_SCALE_BITS + RESIDUAL_SCALE_BITS)
+    sums = np.array([v / denom for v in total], dtype=np.float64)  # int / int: correctly rounded
+    gradient = np.asarray(sums / m + l2 * w * penalised, dtype=np.float64)
     return optimizer_update(optimizer, w, gradient, initial_state(optimizer, len(w)) if state is None else state)
 
 
@@ -484,7 +587,7 @@ def target_prediction_data(backend: HEBackend, u_active_enc: CipherVector, u_pas
 
 
 def decrypt_prediction(
-    backend: HEBackend, key: PrivateKey, scores: CipherVector, expected_length: int, model: ResidualModel = LOGISTIC
+    backend: HEBackend, key: PrivateKey, scores: CipherVector, expected_length: int, model: AnyResidual = LOGISTIC
 ) -> np.ndarray:
     """Prediction (A): decrypt u_A + u_B and apply the model's link (the
     sigmoid for logistic regression)."""
