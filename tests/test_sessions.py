@@ -356,3 +356,12 @@ def test_a_second_different_set_of_loss_terms_is_refused() -> None:
     b2.decrypt_loss_terms = twice  # type: ignore[method-assign]
     fed.active.iteration(0, rows[0].tolist(), check_loss=True)
     assert len(refusals) == 1 and "second, different set of loss terms" in str(refusals[0])
+
+
+def test_the_loss_check_is_refused_with_the_polynomial_residual() -> None:
+    from vfl.common.protocol.residual import POLY5
+
+    plan = TrainingPlan.of(BASE, POLY5)
+    with pytest.raises(FailedPrecondition, match="polynomial residual"):
+        _ = plan.loss_model
+    assert TrainingPlan.of(BASE).loss_model is BASE.residual

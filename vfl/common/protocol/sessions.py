@@ -78,6 +78,13 @@ class TrainingPlan:
     def polynomial(self) -> PolynomialResidual | None:
         return self.model if isinstance(self.model, PolynomialResidual) else None
 
+    @property
+    def loss_model(self) -> ResidualModel:
+        """The model whose loss the loss check computes (Taylor or linear)."""
+        if isinstance(self.model, PolynomialResidual):
+            raise FailedPrecondition("loss: the loss check is not computed with the polynomial residual")
+        return self.model
+
 
 @dataclass(frozen=True)
 class PartyInfo:
@@ -358,7 +365,7 @@ class PassiveSession:
         if it.gradients_reply is None:
             raise FailedPrecondition(f"iteration {t}: the loss check before step 3")
         if it.loss_terms is None:
-            u = self.plan.model.passive_score(it.b)
+            u = self.plan.loss_model.passive_score(it.b)
             terms, masks = {}, 0
             for name in self._later():
                 terms[name], mask = steps.pair_loss_term(self.backend, u, it.peer_shares[name])
@@ -389,8 +396,10 @@ class PassiveSession:
             if (self._later() and it.loss_terms is None) or (self._earlier() and it.loss_received is None):
                 raise FailedPrecondition(f"iteration {t}: the loss share before the cross terms")
             adjustment = (it.loss_received or 0) - it.loss_masks
-            u = self.plan.model.passive_score(it.b)
-            it.loss_reply = steps.passive_loss_share_adjusted(self.backend, it.a_enc, u, adjustment, self.plan.model)
+            model = self.plan.loss_model
+            it.loss_reply = steps.passive_loss_share_adjusted(
+                self.backend, it.a_enc, model.passive_score(it.b), adjustment, model
+            )
         return it.loss_reply
 
     def apply_gradient(self, t: int, decryptions: Mapping[str, list[int]]) -> None:
@@ -555,6 +564,7 @@ class ActiveSession:
         """The loss check: each B_j's cross terms with the passive parties
         after it, relayed to their key owners; each B_j's share under pk_A;
         A decrypts their sum, one scalar."""
+        model = self.plan.loss_model
         names = sorted(self.passive)
         terms = self._each(lambda j: self.ports[j].loss_cross_terms(t))
         for j, by_owner in terms.items():
@@ -572,7 +582,7 @@ class ActiveSession:
             total = c if total is None else self.backend.add(total, c)
         assert total is not None
         k = len(names)
-        return steps.active_loss(u_a, y, total, self.backend, self.key, self.plan.model, terms=k + k * (k - 1) // 2)
+        return steps.active_loss(u_a, y, total, self.backend, self.key, model, terms=k + k * (k - 1) // 2)
 
     def _step0(self, t: int, idx: np.ndarray, x: np.ndarray, y: np.ndarray, model: PolynomialResidual) -> list[int]:
         """Step 0 (polynomial residual, one passive party): [[u_A^i]]_A out,
