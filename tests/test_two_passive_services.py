@@ -30,7 +30,7 @@ from vfl.services.active.alignment import align_as_active
 from vfl.services.active.peer import PartyServicePort, PassiveClient
 
 BACKEND = get_backend("ou")
-CONFIG = JobConfig(batch_size=64, epochs=2, seed=13, loss_every=0, max_iterations=12, learning_rate=0.2)
+CONFIG = JobConfig(batch_size=64, epochs=2, seed=13, loss_every=3, max_iterations=12, learning_rate=0.2)
 SPLIT = {"b1": range(0, 10), "b2": range(10, 20)}
 
 
@@ -96,14 +96,26 @@ def test_two_passive_services_train_the_plain_model(tmp_path: Path, breast: Brea
         )
         ports = {
             n: PartyServicePort(
-                c, job_id, fps[n], key.public, keys[n], features[n], peers={o: keys[o] for o in clients if o != n}
+                c,
+                job_id,
+                fps[n],
+                key.public,
+                keys[n],
+                features[n],
+                peers={o: keys[o] for o in clients if o != n},
+                name=n,
             )
             for n, c in clients.items()
         }
         w0 = np.random.default_rng(3).normal(0, 0.01, view.x.shape[1])
         session = ActiveSession(BACKEND, key, view.x, view.y, w0, TrainingPlan.of(CONFIG), infos, ports)
+        losses = {}
         for t, batch in enumerate(schedule):
-            session.iteration(t, batch.rows.tolist())
+            due = (t + 1) % CONFIG.loss_every == 0 or t + 1 == len(schedule)
+            loss = session.iteration(t, batch.rows.tolist(), check_loss=due)
+            assert (loss is not None) == due
+            if loss is not None:
+                losses[t] = loss
         for n, c in clients.items():
             assert c.finish_job(serde.step_header(job_id, len(schedule), fps[n]), aborted=False)
         shards = {n: read_shard(feds[n], "passive", job_id) for n in clients}
@@ -113,6 +125,7 @@ def test_two_passive_services_train_the_plain_model(tmp_path: Path, breast: Brea
         for f in feds.values():
             f.stop()
     joined = passive_features(rows.ids)  # all 20 columns, standardised per column as each B does
+    trace: list[dict[str, np.ndarray]] = []
     w_a, w_b = train_plain(
         view.x[:, :-1],
         joined,
@@ -122,16 +135,24 @@ def test_two_passive_services_train_the_plain_model(tmp_path: Path, breast: Brea
         [Batch(b.epoch, b.rows) for b in schedule],
         TrainingPlan.of(CONFIG).optimizer,
         CONFIG.l2,
+        trace=trace,
     )
     np.testing.assert_allclose(session.w, w_a, rtol=1e-4, atol=1e-7)
+    # The loss checks (every third iteration and the last): the plain Taylor loss of the batch.
+    assert sorted(losses) == [2, 5, 8, 11]
+    for t, loss in losses.items():
+        r = schedule[t].rows
+        u = view.x[r] @ trace[t]["w_active"] + joined[r] @ trace[t]["w_passive"]
+        y_pm = 2 * view.y[r] - 1
+        assert loss == pytest.approx(float(np.log(2) + np.mean(-y_pm * u / 2 + u**2 / 8)), abs=1e-6)
     np.testing.assert_allclose(np.asarray(shards["b1"]["weights"]), w_b[:10], rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(np.asarray(shards["b2"]["weights"]), w_b[10:], rtol=1e-4, atol=1e-7)
     assert np.linalg.norm(session.w - w0) > 0.05
 
 
 def test_a_passive_service_refuses_what_it_does_not_serve_with_peers(tmp_path: Path, breast: BreastSplit) -> None:
-    """The first version's limits, one clear refusal each: the loss check
-    and a missing party name."""
+    """The first version's limits, one clear refusal each: validation, a
+    missing party name, a name used twice."""
     fed = passive_service(tmp_path / "b", split_passive_csv(tmp_path)["b1"])
     c = PassiveClient(fed.services["passive"].address, timeout_s=60)
     try:
@@ -140,10 +161,10 @@ def test_a_passive_service_refuses_what_it_does_not_serve_with_peers(tmp_path: P
         rec = align_as_active(c, "align-b", breast.train_ids)
         other = [PartyInfo("b2", BACKEND.generate_keypair(TEST_KEY_BITS).public, 10)]
         rows = rec.positions(breast.train_ids, "ids")
-        with pytest.raises(PeerError, match="config.loss_every: not served yet with several passive parties"):
+        with pytest.raises(PeerError, match="config.validation_every: not served yet with several passive parties"):
             c.setup_job(
-                "j-loss",
-                CONFIG.model_copy(update={"loss_every": 1}),
+                "j-val",
+                CONFIG.model_copy(update={"validation_every": 5}),
                 fp,
                 10,
                 rec.alignment_id,

@@ -105,6 +105,16 @@ class PartyServiceStub:
                 request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
                 response_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
                 _registered_method=True)
+        self.ComputeLossCrossTerms = channel.unary_unary(
+                '/vfl.v1.PartyService/ComputeLossCrossTerms',
+                request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                _registered_method=True)
+        self.DecryptLossTerms = channel.unary_unary(
+                '/vfl.v1.PartyService/DecryptLossTerms',
+                request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                _registered_method=True)
         self.ComputeValidationShare = channel.stream_unary(
                 '/vfl.v1.PartyService/ComputeValidationShare',
                 request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
@@ -253,6 +263,26 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeLossCrossTerms(self, request, context):
+        """The loss check with several passive parties (docs/PARTIES.md), on the
+        iterations of config.loss_every, after step 3 and before step 5:
+        A -> B_j: header. B_j -> A: party_ciphertexts = for every passive party
+        B_l after it (by name), [[sum_i u_j,i b_l,i + r_jl]]_l, one ciphertext,
+        masked by B_j. Then A -> B_l: party_ciphertexts = those under pk_l, named
+        by j (relayed); B_l decrypts them once and keeps them; it answers the
+        header. Each B_j's loss share then comes from ComputeLossShare, which
+        adds the terms it decrypted and subtracts the masks it added.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecryptLossTerms(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ComputeValidationShare(self, request_iterator, context):
         """Validation check (config.validation_every). A -> B: header (the
         iteration whose step 2 B has answered, or, after the last iteration, the
@@ -363,6 +393,16 @@ def add_PartyServiceServicer_to_server(servicer, server):
             ),
             'DecryptPeerGradients': grpc.unary_unary_rpc_method_handler(
                     servicer.DecryptPeerGradients,
+                    request_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                    response_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            ),
+            'ComputeLossCrossTerms': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComputeLossCrossTerms,
+                    request_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                    response_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            ),
+            'DecryptLossTerms': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecryptLossTerms,
                     request_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
                     response_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
             ),
@@ -763,6 +803,60 @@ class PartyService:
             request,
             target,
             '/vfl.v1.PartyService/DecryptPeerGradients',
+            vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeLossCrossTerms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.PartyService/ComputeLossCrossTerms',
+            vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecryptLossTerms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.PartyService/DecryptLossTerms',
             vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
             vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
             options,

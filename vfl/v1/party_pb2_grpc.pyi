@@ -100,6 +100,17 @@ class PartyServiceStub:
     party_residues = their decryptions, named by j. Once per iteration; a
     retry is answered by replay.
     """
+    ComputeLossCrossTerms: _grpc.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]
+    """The loss check with several passive parties (docs/PARTIES.md), on the
+    iterations of config.loss_every, after step 3 and before step 5:
+    A -> B_j: header. B_j -> A: party_ciphertexts = for every passive party
+    B_l after it (by name), [[sum_i u_j,i b_l,i + r_jl]]_l, one ciphertext,
+    masked by B_j. Then A -> B_l: party_ciphertexts = those under pk_l, named
+    by j (relayed); B_l decrypts them once and keeps them; it answers the
+    header. Each B_j's loss share then comes from ComputeLossShare, which
+    adds the terms it decrypted and subtracts the masks it added.
+    """
+    DecryptLossTerms: _grpc.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]
     ComputeValidationShare: _grpc.StreamUnaryMultiCallable[_common_pb2.StepChunk, _party_pb2.LossShareReply]
     """Validation check (config.validation_every). A -> B: header (the
     iteration whose step 2 B has answered, or, after the last iteration, the
@@ -191,6 +202,17 @@ class PartyServiceAsyncStub(PartyServiceStub):
     party_residues = their decryptions, named by j. Once per iteration; a
     retry is answered by replay.
     """
+    ComputeLossCrossTerms: _aio.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]  # type: ignore[assignment]
+    """The loss check with several passive parties (docs/PARTIES.md), on the
+    iterations of config.loss_every, after step 3 and before step 5:
+    A -> B_j: header. B_j -> A: party_ciphertexts = for every passive party
+    B_l after it (by name), [[sum_i u_j,i b_l,i + r_jl]]_l, one ciphertext,
+    masked by B_j. Then A -> B_l: party_ciphertexts = those under pk_l, named
+    by j (relayed); B_l decrypts them once and keeps them; it answers the
+    header. Each B_j's loss share then comes from ComputeLossShare, which
+    adds the terms it decrypted and subtracts the masks it added.
+    """
+    DecryptLossTerms: _aio.UnaryUnaryMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]  # type: ignore[assignment]
     ComputeValidationShare: _aio.StreamUnaryMultiCallable[_common_pb2.StepChunk, _party_pb2.LossShareReply]  # type: ignore[assignment]
     """Validation check (config.validation_every). A -> B: header (the
     iteration whose step 2 B has answered, or, after the last iteration, the
@@ -363,6 +385,29 @@ class PartyServiceServicer(metaclass=_abc_1.ABCMeta):
         party_residues = their decryptions, named by j. Once per iteration; a
         retry is answered by replay.
         """
+
+    @_abc_1.abstractmethod
+    def ComputeLossCrossTerms(
+        self,
+        request: _common_pb2.StepChunk,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.StepChunk, _abc.Awaitable[_common_pb2.StepChunk]]:
+        """The loss check with several passive parties (docs/PARTIES.md), on the
+        iterations of config.loss_every, after step 3 and before step 5:
+        A -> B_j: header. B_j -> A: party_ciphertexts = for every passive party
+        B_l after it (by name), [[sum_i u_j,i b_l,i + r_jl]]_l, one ciphertext,
+        masked by B_j. Then A -> B_l: party_ciphertexts = those under pk_l, named
+        by j (relayed); B_l decrypts them once and keeps them; it answers the
+        header. Each B_j's loss share then comes from ComputeLossShare, which
+        adds the terms it decrypted and subtracts the masks it added.
+        """
+
+    @_abc_1.abstractmethod
+    def DecryptLossTerms(
+        self,
+        request: _common_pb2.StepChunk,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.StepChunk, _abc.Awaitable[_common_pb2.StepChunk]]: ...
 
     @_abc_1.abstractmethod
     def ComputeValidationShare(

@@ -14,7 +14,7 @@ import grpc
 from vfl.common import psi, serde
 from vfl.common.crypto.backend import CipherVector, PublicKey
 from vfl.common.crypto.pool import GATE
-from vfl.common.errors import FailedPrecondition, InvalidArgument, PeerError, Unavailable
+from vfl.common.errors import InvalidArgument, PeerError, Unavailable
 from vfl.common.jobconfig import JobConfig
 from vfl.common.metrics import CLOCK
 from vfl.common.protocol.phases import Phase
@@ -306,6 +306,20 @@ class PassiveClient:
             ),
         )
 
+    def _unary_step(self, method: str, one: common_pb2.StepChunk) -> serde.StepMessage:
+        rpc = getattr(self._stub, method)
+        return self._call(
+            method, lambda: serde.from_chunks([self._received(method, rpc(one, timeout=self.timeout_s))], method)
+        )
+
+    def loss_cross_terms(self, header: common_pb2.StepHeader) -> serde.StepMessage:
+        return self._unary_step("ComputeLossCrossTerms", common_pb2.StepChunk(header=header))
+
+    def decrypt_loss_terms(self, header: common_pb2.StepHeader, terms: Mapping[str, CipherVector]) -> None:
+        one = serde.single_chunk(list(serde.to_chunks(header, party_ciphers=terms)))
+        assert one is not None  # one ciphertext per party
+        self._unary_step("DecryptLossTerms", one)
+
     def loss_share(self, header: common_pb2.StepHeader, key: PublicKey) -> CipherVector:
         req = party_pb2.LossShareRequest(header=header)
         reply = self._call(
@@ -377,10 +391,14 @@ class PartyServicePort:
         passive_key: PublicKey,
         p_passive: int,
         peers: Mapping[str, PublicKey] | None = None,
+        name: str = "",
     ) -> None:
-        self.client, self.job_id, self.target_fp = client, job_id, target_fp
+        """`name`: this passive party's name in the job (with `peers`)."""
+        self.client, self.job_id, self.target_fp, self.name = client, job_id, target_fp, name
         self.active_key, self.passive_key, self.p_passive = active_key, passive_key, p_passive
         self.peers = dict(peers or {})
+        if self.peers and not name:
+            raise InvalidArgument("name: the passive party's name in the job is required with peers")
 
     def _header(self, t: int) -> common_pb2.StepHeader:
         return serde.step_header(self.job_id, t, self.target_fp)
@@ -420,13 +438,18 @@ class PartyServicePort:
         self.client.apply_gradient(self._header(t), self.active_key, decryptions[ACTIVE], party_residues=others)
 
     def loss_cross_terms(self, t: int) -> Mapping[str, CipherVector]:
-        if self.peers:
-            raise FailedPrecondition("config.loss_every: not served over gRPC with several passive parties yet")
-        return {}
+        later = {n: k for n, k in self.peers.items() if n > self.name}
+        if not later:
+            return {}
+        reply = self.client.loss_cross_terms(self._header(t))
+        return reply.party_cipher_vectors(later, "party_ciphertexts")
 
     def decrypt_loss_terms(self, t: int, terms: Mapping[str, CipherVector]) -> None:
+        earlier = sorted(n for n in self.peers if n < self.name)
+        if sorted(terms) != earlier:
+            raise InvalidArgument(f"terms: expected those of {earlier}, got {sorted(terms)}")
         if terms:
-            raise InvalidArgument("terms: not served over gRPC with several passive parties yet")
+            self.client.decrypt_loss_terms(self._header(t), terms)
 
     def loss_share(self, t: int) -> CipherVector:
         return self.client.loss_share(self._header(t), self.active_key)

@@ -305,10 +305,8 @@ class PassiveParty:
         unserved = [
             name
             for name, on in (
-                ("loss_every", bool(config.loss_every)),
                 ("validation_every", bool(config.validation_every)),
                 ("dp_epsilon", config.dp),
-                ("tol", config.tol > 0),
             )
             if on
         ]
@@ -689,6 +687,31 @@ class PassiveParty:
             job.w, job.iteration = session.w, session.next_iteration
             job.last_apply = (iteration, msg.digest(), 0.0)
 
+    @staticmethod
+    def _require_loss_iteration(job: PassiveJob, iteration: int) -> None:
+        if not job.loss_iteration(iteration):
+            raise FailedPrecondition(
+                f"header.iteration: iteration {iteration} is not a loss check of this job "
+                "(config.loss_every, and the last iteration)"
+            )
+
+    @GATE.working
+    def session_loss_terms(self, job_id: str, iteration: int, target_fp: bytes) -> dict[str, CipherVector]:
+        """The loss check's cross terms with the passive parties after this one."""
+        job, session = self._session_of(job_id, target_fp)
+        with job.lock, self._refusal_ends_job(job):
+            self._require_loss_iteration(job, iteration)
+            return dict(session.loss_cross_terms(iteration))
+
+    @GATE.working
+    def session_decrypt_loss_terms(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> None:
+        """The loss check's cross terms of the passive parties before this one, under its key."""
+        job, session = self._session_of(job_id, target_fp)
+        with job.lock, self._refusal_ends_job(job):
+            self._require_loss_iteration(job, iteration)
+            earlier = {n: self.key.public for n in session.peers if n < session.me}
+            session.decrypt_loss_terms(iteration, msg.party_cipher_vectors(earlier, "party_ciphertexts"))
+
     def _restart_iteration(self, job: PassiveJob) -> None:
         """A starts the current iteration again with a new request (it lost its
         state, or B's answer, in a failure; or B restarted after releasing
@@ -830,6 +853,10 @@ class PassiveParty:
     @GATE.working
     def loss_share(self, job_id: str, iteration: int, target_fp: bytes) -> CipherVector:
         job = self._job(job_id, target_fp)
+        if job.session is not None:
+            with job.lock, self._refusal_ends_job(job):
+                self._require_loss_iteration(job, iteration)
+                return job.session.loss_share(iteration)
         with job.lock, self._refusal_ends_job(job):
             if job.iteration == iteration and "loss" in job.answered:
                 # A retry: the same ciphertext again, never a second computation.

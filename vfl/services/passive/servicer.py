@@ -214,6 +214,22 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         )
 
     @rpc_method
+    def ComputeLossCrossTerms(
+        self, request: common_pb2.StepChunk, context: grpc.ServicerContext
+    ) -> common_pb2.StepChunk:
+        msg = serde.from_chunks([request], "ComputeLossCrossTerms")
+        h = msg.require_header("ComputeLossCrossTerms")
+        terms = self.party.session_loss_terms(h.job_id, h.iteration, h.target_fingerprint)
+        return self._one(list(serde.to_chunks(h, party_ciphers=terms)), "ComputeLossCrossTerms")
+
+    @rpc_method
+    def DecryptLossTerms(self, request: common_pb2.StepChunk, context: grpc.ServicerContext) -> common_pb2.StepChunk:
+        msg = serde.from_chunks([request], "DecryptLossTerms")
+        h = msg.require_header("DecryptLossTerms")
+        self.party.session_decrypt_loss_terms(h.job_id, h.iteration, h.target_fingerprint, msg)
+        return common_pb2.StepChunk(header=h)
+
+    @rpc_method
     def ComputeLossShare(
         self, request: party_pb2.LossShareRequest, context: grpc.ServicerContext
     ) -> party_pb2.LossShareReply:
