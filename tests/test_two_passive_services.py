@@ -4,7 +4,8 @@ between them; A's protocol session in this process talks to both over gRPC
 (`PartyServicePort`): one PSI with each, the job set up at each with the
 other named, the pairwise protocol of docs/PARTIES.md with every message
 between B_1 and B_2 relayed by A. Both B's store their shards; every party's
-weights equal the plain-numpy run on the joined table."""
+weights equal the plain-numpy run on the joined table, and A's scores with
+both B's (PredictScores at each) are the model's."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from vfl.common.protocol.batching import Batch, batch_schedule, coalition_featur
 from vfl.common.protocol.reference import train_plain
 from vfl.common.protocol.sessions import ActiveSession, PartyInfo, TrainingPlan
 from vfl.services.active.alignment import align_as_active
-from vfl.services.active.peer import PartyServicePort, PassiveClient
+from vfl.services.active.peer import PartyServicePort, PassiveClient, PredictionServicePort
 
 BACKEND = get_backend("ou")
 CONFIG = JobConfig(batch_size=64, epochs=2, seed=13, loss_every=3, max_iterations=12, learning_rate=0.2)
@@ -119,6 +120,13 @@ def test_two_passive_services_train_the_plain_model(tmp_path: Path, breast: Brea
         for n, c in clients.items():
             assert c.finish_job(serde.step_header(job_id, len(schedule), fps[n]), aborted=False)
         shards = {n: read_shard(feds[n], "passive", job_id) for n in clients}
+        # Serving: A scores 50 of the model's rows with both B's (PredictScores at each).
+        scored = np.arange(50)
+        predict_ports = {
+            n: PredictionServicePort(c, job_id, fps[n], records[n].alignment_id, [rows.positions[n][i] for i in scored])
+            for n, c in clients.items()
+        }
+        probabilities = session.scores(view.x[scored], session.w, predict_ports)
     finally:
         for c in clients.values():
             c.close()
@@ -148,6 +156,9 @@ def test_two_passive_services_train_the_plain_model(tmp_path: Path, breast: Brea
     np.testing.assert_allclose(np.asarray(shards["b1"]["weights"]), w_b[:10], rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(np.asarray(shards["b2"]["weights"]), w_b[10:], rtol=1e-4, atol=1e-7)
     assert np.linalg.norm(session.w - w0) > 0.05
+    b_weights = np.concatenate([np.asarray(shards[n]["weights"]) for n in sorted(SPLIT)])
+    u = view.x[scored] @ session.w + joined[scored] @ b_weights
+    np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-u)), atol=1e-6)
 
 
 def test_a_passive_service_refuses_what_it_does_not_serve_with_peers(tmp_path: Path, breast: BreastSplit) -> None:

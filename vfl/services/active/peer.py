@@ -453,3 +453,20 @@ class PartyServicePort:
 
     def loss_share(self, t: int) -> CipherVector:
         return self.client.loss_share(self._header(t), self.active_key)
+
+
+class PredictionServicePort:
+    """The session's prediction port (`sessions.PredictionPort`) on one
+    passive party's PredictScores, for one model and one set of rows:
+    positions in an alignment that party holds, never ids."""
+
+    def __init__(
+        self, client: PassiveClient, model_id: str, target_fp: bytes, alignment_id: str, rows: Sequence[int]
+    ) -> None:
+        self.client, self.model_id, self.target_fp = client, model_id, target_fp
+        self.alignment_id, self.rows = alignment_id, list(rows)
+
+    def predict_scores(self, u_active_enc: CipherVector) -> CipherVector:
+        header = serde.step_header(self.model_id, 0, self.target_fp)
+        reply = self.client.predict_scores(header, self.alignment_id, self.rows, u_active_enc)
+        return reply.ciphers(u_active_enc.key, "[[u_A + u_B]]_A")
