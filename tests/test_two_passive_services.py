@@ -47,7 +47,7 @@ def split_passive_csv(tmp: Path) -> dict[str, Path]:
     return out
 
 
-def passive_service(workdir: Path, csv_path: Path) -> LocalFederation:
+def passive_service(workdir: Path, csv_path: Path, backend: str = "ou", plant: str | None = None) -> LocalFederation:
     fed = LocalFederation(
         workdir,
         BUNDLED_ACTIVE,
@@ -55,7 +55,8 @@ def passive_service(workdir: Path, csv_path: Path) -> LocalFederation:
         key_bits=TEST_KEY_BITS,
         assistant=False,
         tls=False,
-        extra_env={"VFL_BACKEND": "ou"},
+        extra_env={"VFL_BACKEND": backend},
+        plants={"passive": plant} if plant else {},
     )
     fed.start("passive")
     return fed

@@ -231,6 +231,32 @@ def _loss_share_any_iteration() -> None:
     party.PassiveJob.loss_iteration = lambda self, iteration: True  # type: ignore[method-assign]
 
 
+@plant("peer-decryption-any-times")
+def _peer_decryption_any_times() -> None:
+    """tests/attacks/test_several_parties.py: with other passive parties, B
+    decrypts whatever A relays as their masked gradients, as often as asked
+    (no one-decryption rule for step 4)."""
+    from vfl.common.protocol import sessions, steps
+
+    def decrypt_any(self, t, gradients):  # type: ignore[no-untyped-def]
+        self._current(t, "step 4")
+        return {
+            n: steps.decrypt_masked_gradient(self.backend, self.key, c, self.peers[n].features)
+            for n, c in gradients.items()
+        }
+
+    sessions.PassiveSession.decrypt_peer_gradients = decrypt_any  # type: ignore[method-assign]
+
+
+@plant("no-coalition-floor")
+def _no_coalition_floor() -> None:
+    """tests/attacks/test_several_parties.py: B's batch floor ignores the
+    other passive parties (the two-party floor on p_A and its own p_B)."""
+    from vfl.services.passive import party
+
+    party.coalition_feature_counts = lambda p_active, p_passives: (p_active, p_passives[0])  # type: ignore[assignment]
+
+
 @plant("no-training-floors")
 def _no_training_floors() -> None:
     """B takes any learning rate and number of iterations, and stores the
