@@ -49,6 +49,7 @@ import numpy as np
 
 from vfl.common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey
 from vfl.common.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from vfl.common.jobconfig import JobConfig
 from vfl.common.protocol import steps
 from vfl.common.protocol.optimizers import OptimizerSettings, OptimizerState
 from vfl.common.protocol.residual import PolynomialResidual, ResidualModel
@@ -68,11 +69,10 @@ class TrainingPlan:
     l2: float
 
     @classmethod
-    def of(cls, config: object, model: ResidualModel | PolynomialResidual | None = None) -> TrainingPlan:
-        """From a JobConfig (duck-typed: the protocol does not import the API's types).
-        `model` overrides config.residual: POLY5 has no JobConfig field yet."""
-        residual = getattr(config, "residual") if model is None else model  # noqa: B009
-        return cls(residual, OptimizerSettings.of(config), float(getattr(config, "l2")))  # noqa: B009
+    def of(cls, config: JobConfig, model: ResidualModel | PolynomialResidual | None = None) -> TrainingPlan:
+        """From a job's configuration. `model` overrides config.residual:
+        POLY5 has no JobConfig field yet."""
+        return cls(config.residual if model is None else model, OptimizerSettings.of(config), config.l2)
 
     @property
     def polynomial(self) -> PolynomialResidual | None:
@@ -133,8 +133,10 @@ def _digest(*parts: object) -> bytes:
     h = hashlib.sha256()
     for p in parts:
         if isinstance(p, CipherVector):
-            h.update(p.key.fingerprint)
-            h.update(b"".join(v.to_bytes((v.bit_length() + 7) // 8 or 1, "big") + b"|" for v in p.values))
+            # Fixed width per ciphertext: no two different vectors encode alike.
+            width = p.key.cipher_width
+            h.update(p.key.fingerprint + len(p).to_bytes(8, "big"))
+            h.update(b"".join(v.to_bytes(width, "big") for v in p.values))
         elif isinstance(p, Mapping):
             for k in sorted(p):
                 h.update(str(k).encode() + b"=")
