@@ -82,3 +82,13 @@ def reference_from_shards(
         np.asarray(b_shard["initial_weights"], dtype=np.float64),
         **csvs,
     )
+
+
+def assert_weights_close(actual: np.ndarray, desired: np.ndarray, rtol: float = 1e-4) -> None:
+    """Federated weights against the plain run: relative error below `rtol`,
+    measured against the vector's scale (max |w|). Element by element a
+    random initial weight that lands near zero would turn the fixed point's
+    ~1e-7 absolute error into a large relative one."""
+    desired = np.asarray(desired, dtype=np.float64)
+    scale = float(np.max(np.abs(desired))) if desired.size else 0.0
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale)

@@ -12,6 +12,7 @@ import numpy as np
 
 from tests.attacks.harness import MaliciousActive, attack_federation, passive_features
 from tests.conftest import BreastSplit, read_shard
+from tests.reference_run import assert_weights_close
 from vfl.common.crypto import get_backend
 from vfl.common.jobconfig import JobConfig
 from vfl.common.protocol.batching import Batch
@@ -65,6 +66,6 @@ def test_active_session_trains_with_the_real_passive_service(tmp_path: Path, bre
         TrainingPlan.of(CONFIG).optimizer,
         CONFIG.l2,
     )
-    np.testing.assert_allclose(session.w, w_a, rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(shard["weights"]), w_b, rtol=1e-4, atol=1e-7)
+    assert_weights_close(session.w, w_a)
+    assert_weights_close(np.asarray(shard["weights"]), w_b)
     assert np.linalg.norm(session.w - a.w) > 0.05  # it learned

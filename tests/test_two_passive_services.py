@@ -17,6 +17,7 @@ import pytest
 
 from tests.attacks.harness import active_view, passive_features
 from tests.conftest import TEST_KEY_BITS, BreastSplit, read_shard
+from tests.reference_run import assert_weights_close
 from vfl.cli.federation import LocalFederation
 from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE
 from vfl.common import serde
@@ -146,7 +147,7 @@ def test_two_passive_services_train_the_plain_model(tmp_path: Path, breast: Brea
         CONFIG.l2,
         trace=trace,
     )
-    np.testing.assert_allclose(session.w, w_a, rtol=1e-4, atol=1e-7)
+    assert_weights_close(session.w, w_a)
     # The loss checks (every third iteration and the last): the plain Taylor loss of the batch.
     assert sorted(losses) == [2, 5, 8, 11]
     for t, loss in losses.items():
@@ -154,8 +155,8 @@ def test_two_passive_services_train_the_plain_model(tmp_path: Path, breast: Brea
         u = view.x[r] @ trace[t]["w_active"] + joined[r] @ trace[t]["w_passive"]
         y_pm = 2 * view.y[r] - 1
         assert loss == pytest.approx(float(np.log(2) + np.mean(-y_pm * u / 2 + u**2 / 8)), abs=1e-6)
-    np.testing.assert_allclose(np.asarray(shards["b1"]["weights"]), w_b[:10], rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(shards["b2"]["weights"]), w_b[10:], rtol=1e-4, atol=1e-7)
+    assert_weights_close(np.asarray(shards["b1"]["weights"]), w_b[:10])
+    assert_weights_close(np.asarray(shards["b2"]["weights"]), w_b[10:])
     assert np.linalg.norm(session.w - w0) > 0.05
     b_weights = np.concatenate([np.asarray(shards[n]["weights"]) for n in sorted(SPLIT)])
     u = view.x[scored] @ session.w + joined[scored] @ b_weights

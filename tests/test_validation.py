@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import read_shard
-from tests.reference_run import ReferenceRun, reference_from_shards
+from tests.reference_run import ReferenceRun, assert_weights_close, reference_from_shards
 from vfl.common.jobconfig import JobConfig
 from vfl.common.protocol.reference import with_intercept
 from vfl.v1 import client_pb2
@@ -61,8 +61,8 @@ def test_patience_stops_the_job_and_both_keep_the_best_check(federation, client,
     np.testing.assert_allclose([v for _, v in got], losses[1 : stop + 1], rtol=1e-6)
     assert final.best_iteration == a["kept_iteration"] == b["kept_iteration"] == best
     assert final.validation_loss == pytest.approx(losses[stop], rel=1e-6)
-    np.testing.assert_allclose(w_a, weights[best][0], rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(w_b, weights[best][1], rtol=1e-4, atol=1e-7)
+    assert_weights_close(w_a, weights[best][0])
+    assert_weights_close(w_b, weights[best][1])
     # Not the last weights: those are further on.
     assert np.linalg.norm(w_b - weights[stop + 1][1]) > 1e-4
 
@@ -80,8 +80,8 @@ def test_checks_every_k_and_after_the_last_iteration(federation, client, breast)
     np.testing.assert_allclose([v for _, v in a["validation_losses"]], [losses[t] for t in checked], rtol=1e-6)
     best = min(checked, key=lambda t: losses[t])
     assert a["kept_iteration"] == b["kept_iteration"] == best
-    np.testing.assert_allclose(w_a, weights[best][0], rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(w_b, weights[best][1], rtol=1e-4, atol=1e-7)
+    assert_weights_close(w_a, weights[best][0])
+    assert_weights_close(w_b, weights[best][1])
 
 
 def test_validation_needs_holdout_rows(client, breast):
