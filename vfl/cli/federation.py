@@ -97,6 +97,10 @@ class LocalFederation:
     # Tests only: run a service under a planted regression (tests/attacks/planted.py),
     # e.g. {"passive": "seeded-initial-weights"}.
     plants: dict[str, str] = field(default_factory=dict)
+    # Several passive parties (name -> CSV, e.g. {"b1": ..., "b2": ...}):
+    # each its own service with its own certificate; A is given them as
+    # VFL_PEERS and `passive_csv` is unused. No assistant (it tunnels to one).
+    passive_parties: dict[str, Path] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,6 +109,14 @@ class LocalFederation:
         self.workdir = Path(self.workdir).resolve()
         self.active_csv = Path(self.active_csv).resolve()
         self.passive_csv = Path(self.passive_csv).resolve()
+        self.passive_parties = {n: Path(p).resolve() for n, p in self.passive_parties.items()}
+        if self.passive_parties and self.assistant:
+            raise ValueError("assistant: not with several passive parties (the assistant tunnels to one)")
+
+    @property
+    def passive_names(self) -> list[str]:
+        """The passive services' names: "passive", or each party's own."""
+        return sorted(self.passive_parties) or ["passive"]
 
     @property
     def certs_dir(self) -> Path:
@@ -114,7 +126,7 @@ class LocalFederation:
         """An identity's TLS files (created on first use); None without TLS."""
         if not self.tls:
             return None
-        create_certs(self.certs_dir, [name])
+        create_certs(self.certs_dir, [name], services=self.passive_parties)
         return TlsFiles.in_dir(self.certs_dir, name)
 
     @property
@@ -153,8 +165,9 @@ class LocalFederation:
 
     def start(self, name: str) -> ServiceProcess:
         """(Re)start one service with its usual environment."""
-        if name == "passive":
-            env = self._env("passive", VFL_DATA_CSV=str(self.passive_csv))
+        if name == "passive" or name in self.passive_parties:
+            csv_path = self.passive_parties.get(name, self.passive_csv)
+            env = self._env(name, VFL_DATA_CSV=str(csv_path))
             module = "vfl.services.passive"
         elif name == "assistant":
             # A tunnel to B and nothing else; C gets no certificate (it uses none).
@@ -175,12 +188,20 @@ class LocalFederation:
                     "VFL_RELAY_TOKEN_FILE": str(self.relay_token_file),
                     "VFL_RELAY_TOKEN": "",
                 }
+            if self.passive_parties:
+                peers = ",".join(f"{n}={self.services[n].address}" for n in self.passive_names)
+                to_passive = {"VFL_PEERS": peers, "VFL_PEER_ADDRESS": "", "VFL_PEER_TLS_NAME": ""}
+            else:
+                to_passive = {
+                    "VFL_PEER_ADDRESS": self.services["passive"].address,
+                    "VFL_PEER_TLS_NAME": "passive",
+                    "VFL_PEERS": "",
+                }
             env = self._env(
                 "active",
                 VFL_DATA_CSV=str(self.active_csv),
-                VFL_PEER_ADDRESS=self.services["passive"].address,
-                VFL_PEER_TLS_NAME="passive",
                 VFL_LABEL_COLUMN=self.label_column,
+                **to_passive,
                 **{**via, **{k: v for k, v in self.extra_env.items() if k in via}},
             )
             module = "vfl.services.active"
@@ -196,7 +217,8 @@ class LocalFederation:
 
     def __enter__(self) -> LocalFederation:
         try:
-            self.start("passive")
+            for name in self.passive_names:
+                self.start(name)
             if self.assistant:
                 self.start("assistant")
             self.start("active")
@@ -210,7 +232,7 @@ class LocalFederation:
         return self.services["active"].address
 
     def stop(self) -> None:
-        for name in ("active", "assistant", "passive"):
+        for name in ("active", "assistant", *self.passive_names):
             if name in self.services:
                 self.services[name].stop()
 

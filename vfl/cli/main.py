@@ -308,7 +308,10 @@ def train_and_evaluate(
 @app.command()
 def demo(
     active_csv: Annotated[Path, typer.Option(help="label holder's CSV")] = BUNDLED_ACTIVE,
-    passive_csv: Annotated[Path, typer.Option(help="feature holder's CSV")] = BUNDLED_PASSIVE,
+    passive_csv: Annotated[
+        list[Path] | None,
+        typer.Option(help="feature holder's CSV; repeat it for several passive parties (b1, b2, ...)"),
+    ] = None,
     label_column: Annotated[str, typer.Option(help="label column in the active CSV")] = "y",
     id_column: Annotated[str, typer.Option(help="id column in both CSVs")] = "id",
     key_bits: Annotated[int, typer.Option(help="Paillier key size; under 2048 runs in test mode")] = 2048,
@@ -336,12 +339,18 @@ def demo(
     try:
         # Both files checked here, with the options' names, before any service starts.
         labels = read_labels(active_csv, id_column, label_column, option="--active-csv")
-        load_party_csv(passive_csv, id_column, option="--passive-csv")
+        passive_csvs = passive_csv or [BUNDLED_PASSIVE]
+        for path in passive_csvs:
+            load_party_csv(path, id_column, option="--passive-csv")
         if not 0 < test_size < 1:
             raise ConfigError(f"--test-size: expected a fraction between 0 and 1, got {test_size:g}")
     except ConfigError as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    parties = {f"b{i + 1}": path for i, path in enumerate(passive_csvs)} if len(passive_csvs) > 1 else {}
+    if parties and assistant:
+        console.print("assistant off: it tunnels to one passive party, and this run has several")
+        assistant = False
     with tempfile.TemporaryDirectory(prefix="vfl-demo-") as tmp:
         root = workdir or Path(tmp)
         console.print(
@@ -351,12 +360,13 @@ def demo(
         fed = LocalFederation(
             root,
             active_csv,
-            passive_csv,
+            passive_csvs[0],
             key_bits=key_bits,
             assistant=assistant,
             label_column=label_column,
             id_column=id_column,
             tls=not insecure,
+            passive_parties=parties,
         )
         with _started(fed):
             console.print("  " + "  ".join(f"{n}={s.address}" for n, s in fed.services.items()))
@@ -607,13 +617,21 @@ def certs(
         list[str] | None,
         typer.Option("--names", help="extra client identities (repeat the option or separate with commas)"),
     ] = None,
+    services: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--services", help="extra service identities, e.g. passive parties b1,b2 of VFL_PEERS (server and client)"
+        ),
+    ] = None,
 ) -> None:
     """Create a CA and a certificate and key for each of active, passive,
     assistant and client (and any --names), and the relay token A presents
     to the assistant, in OUT; existing ones are kept."""
     extra = [n.strip() for item in names or [] for n in item.split(",") if n.strip()]
+    more_services = [n.strip() for item in services or [] for n in item.split(",") if n.strip()]
+    extra += more_services
     try:
-        created = create_certs(out, extra)
+        created = create_certs(out, extra, more_services)
     except (TlsError, OSError) as exc:
         errors.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None

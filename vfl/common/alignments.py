@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,10 @@ class AlignmentRecord:
     peer: str = ""  # at B: the identity that ran it (only it may use it)
     elapsed_s: float = 0.0
     finish_digest: str = ""  # at B: SHA-256 of step 4's request, to answer a retry of it again
+    # At A with several passive parties: `ids` are those every party holds,
+    # and party_rows[name][i] is ids[i]'s position in B_name's own alignment
+    # with A (the alignment id is the same at every B), all B_name is sent.
+    party_rows: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -85,6 +89,7 @@ class AlignmentRecord:
             "peer": self.peer,
             "elapsed_s": self.elapsed_s,
             "finish_digest": self.finish_digest,
+            "party_rows": {name: list(rows) for name, rows in self.party_rows.items()},
         }
 
     @classmethod
@@ -101,6 +106,7 @@ class AlignmentRecord:
             peer=str(d.get("peer", "")),
             elapsed_s=float(d.get("elapsed_s", 0.0)),
             finish_digest=str(d.get("finish_digest", "")),
+            party_rows={str(n): tuple(int(r) for r in rows) for n, rows in d.get("party_rows", {}).items()},
         )
 
 

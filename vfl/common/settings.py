@@ -208,7 +208,14 @@ class PassiveSettings(PartySettings):
 class ActiveSettings(PartySettings):
     TLS_IDENTITY: ClassVar[str] = "active"
     label_column: str = Field("y", min_length=1, description="name of the 0/1 label column")
-    peer_address: str = Field(..., description="host:port of the passive party (also when going through the assistant)")
+    peer_address: str | None = Field(
+        None, description="host:port of the passive party (also when going through the assistant)"
+    )
+    peers: str | None = Field(
+        None,
+        description="several passive parties instead of VFL_PEER_ADDRESS: name=host:port,name=host:port,...; "
+        "each one's certificate must carry its name",
+    )
     peer_timeout_s: float = Field(120.0, gt=0, description="deadline of each call to the peer, seconds")
     peer_tls_name: str | None = Field(
         None, description="name the passive party's certificate must carry (default: the host of VFL_PEER_ADDRESS)"
@@ -223,9 +230,36 @@ class ActiveSettings(PartySettings):
     )
 
     _check_clients = field_validator("allowed_clients")(_identities)
-    _blank_relay = field_validator("assistant_address", "relay_token", "relay_token_file", mode="before")(
-        _blank_is_unset
-    )
+    _blank_relay = field_validator(
+        "assistant_address", "relay_token", "relay_token_file", "peer_address", "peers", "peer_tls_name", mode="before"
+    )(_blank_is_unset)
+
+    @field_validator("peers")
+    @classmethod
+    def _check_peers(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parse_peers(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_the_passive_parties(self) -> ActiveSettings:
+        if self.peers is None and self.peer_address is None:
+            raise ValueError("VFL_PEER_ADDRESS: not set (or VFL_PEERS for several passive parties)")
+        if self.peers is not None:
+            if self.peer_address is not None:
+                raise ValueError("VFL_PEERS: set it or VFL_PEER_ADDRESS, not both")
+            if self.peer_tls_name is not None:
+                raise ValueError("VFL_PEER_TLS_NAME: not used with VFL_PEERS (each party certificate carries its name)")
+            if self.assistant_address is not None:
+                raise ValueError(
+                    "VFL_ASSISTANT_ADDRESS: not served with VFL_PEERS yet (the assistant tunnels to one passive party)"
+                )
+        return self
+
+    def passive_parties(self) -> dict[str, str]:
+        """Name -> address of each passive party (VFL_PEERS), empty with one."""
+        return parse_peers(self.peers) if self.peers is not None else {}
 
     def relay_token_value(self) -> str | None:
         return read_relay_token(self.relay_token, self.relay_token_file)
@@ -239,6 +273,25 @@ class ActiveSettings(PartySettings):
                 "VFL_RELAY_TOKEN: not set: the assistant (VFL_ASSISTANT_ADDRESS) admits only clients with the "
                 "federation's relay token (VFL_RELAY_TOKEN or VFL_RELAY_TOKEN_FILE, e.g. relay.token of `vfl certs`)"
             )
+
+
+def parse_peers(value: str) -> dict[str, str]:
+    """VFL_PEERS: `name=host:port` entries, comma-separated, two or more."""
+    out: dict[str, str] = {}
+    for entry in (e.strip() for e in value.split(",")):
+        name, sep, address = entry.partition("=")
+        name, address = name.strip(), address.strip()
+        if not sep or not name or not address or ":" not in address:
+            raise ValueError(f"expected name=host:port entries separated by commas, got {entry!r}")
+        check_identity(name)
+        if name == "active":
+            raise ValueError("'active' is A's own name; give the passive parties other names")
+        if name in out:
+            raise ValueError(f"passive party {name!r} given twice")
+        out[name] = address
+    if len(out) < 2:
+        raise ValueError("expected two or more passive parties (for one, set VFL_PEER_ADDRESS)")
+    return out
 
 
 class AssistantSettings(ServiceSettings):
@@ -304,6 +357,9 @@ def load_settings(cls: type[S]) -> S:
         settings = cls()
     except ValidationError as exc:
         for err in exc.errors():
+            if not err["loc"]:  # a check across options: its message names them
+                print(f"config error: {err.get('ctx', {}).get('error', err['msg'])}", file=sys.stderr)
+                continue
             name = "VFL_" + "_".join(str(p) for p in err["loc"]).upper()
             print(f"config error: {name}: {err['msg']}", file=sys.stderr)
         raise SystemExit(2) from None

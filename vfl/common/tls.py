@@ -200,7 +200,9 @@ def _load_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def _issue(name: str, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> tuple[str, str]:
+def _issue(
+    name: str, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, server: bool = False
+) -> tuple[str, str]:
     key = _new_key()
     now = _now()
     sans: list[x509.GeneralName] = [
@@ -211,7 +213,7 @@ def _issue(name: str, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivate
     ]
     # The services are servers and clients (A calls C, C calls B); a client identity only a client.
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if name in SERVICE_IDENTITIES:
+    if server or name in SERVICE_IDENTITIES:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
     cert = (
         x509.CertificateBuilder()
@@ -256,11 +258,13 @@ def create_relay_token(path: Path) -> Path:
     return path
 
 
-def create_certs(out: Path, extra_names: Iterable[str] = ()) -> list[str]:
+def create_certs(out: Path, extra_names: Iterable[str] = (), services: Iterable[str] = ()) -> list[str]:
     """Create (once) the CA in `out`, a certificate and key for each default
-    identity and each extra name, and the relay token; existing files are
-    kept. Returns the names whose certificate was created now."""
-    names = list(dict.fromkeys([*DEFAULT_IDENTITIES, *(check_identity(n) for n in extra_names)]))
+    identity, each extra (client) name and each extra service (a server too:
+    several passive parties, VFL_PEERS), and the relay token; existing files
+    are kept. Returns the names whose certificate was created now."""
+    servers = {check_identity(n) for n in services}
+    names = list(dict.fromkeys([*DEFAULT_IDENTITIES, *(check_identity(n) for n in extra_names), *sorted(servers)]))
     ensure_private_dir(out)
     if (out / CA_CERT).exists():
         ca_cert, ca_key = _load_ca(out)
@@ -271,7 +275,7 @@ def create_certs(out: Path, extra_names: Iterable[str] = ()) -> list[str]:
         files = TlsFiles.in_dir(out, name)
         if files.cert.exists() and files.key.exists():
             continue
-        cert_pem, key_pem = _issue(name, ca_cert, ca_key)
+        cert_pem, key_pem = _issue(name, ca_cert, ca_key, server=name in servers)
         atomic_write_text(files.key, key_pem, mode=0o600)
         atomic_write_text(files.cert, cert_pem, mode=0o644)
         created.append(name)

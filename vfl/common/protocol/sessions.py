@@ -596,22 +596,38 @@ class ActiveSession:
         return steps.active_poly_share(self.backend, self.key, reply, u_a, y, model)
 
     def scores(self, x: np.ndarray, w: np.ndarray, ports: Mapping[str, PredictionPort]) -> np.ndarray:
-        """Prediction with k passive parties: [[u_A]]_A to each B_j, which
-        returns [[u_A + u_j]]_A re-randomised; A combines them under its key,
-        sum_j [[u_A + u_j]] - (k - 1) [[u_A]], and decrypts the total once."""
-        u_a = x @ w
-        enc = steps.third_encrypted_data(self.backend, self.key.public, u_a)
-        replies = self._each(lambda j: ports[j].predict_scores(enc))
-        total = None
-        for j, c in replies.items():
-            c.require_key(self.key.public, f"scores of {j}")
-            c.require_length(len(u_a), f"scores of {j}")
-            total = c if total is None else self.backend.add(total, c)
-        assert total is not None
-        if len(replies) > 1:
-            minus = steps.encrypt_share(self.backend, self.key.public, -(len(replies) - 1) * u_a)
-            total = self.backend.add(total, minus)
-        return steps.decrypt_prediction(self.backend, self.key, total, len(u_a), self.plan.model)
+        """Prediction with the session's parties (see `combined_scores`)."""
+        _require_parties(ports, self.passive, "ports")
+        return combined_scores(self.backend, self.key, self.plan.model, x @ w, ports, self.fan_out)
+
+
+def combined_scores(
+    backend: HEBackend,
+    key: PrivateKey,
+    model: ResidualModel | PolynomialResidual,
+    u_a: np.ndarray,
+    ports: Mapping[str, PredictionPort],
+    fan_out: Callable[[Callable[[str], object], Iterable[str]], list[object]] = sequential,
+) -> np.ndarray:
+    """Prediction with k passive parties: [[u_A]]_A to each B_j, which
+    returns [[u_A + u_j]]_A re-randomised; A combines them under its key,
+    sum_j [[u_A + u_j]] - (k - 1) [[u_A]], and decrypts the total once."""
+    if not ports:
+        raise InvalidArgument("ports: at least one passive party")
+    enc = steps.third_encrypted_data(backend, key.public, u_a)
+    names = sorted(ports)
+    replies = dict(zip(names, fan_out(lambda j: ports[j].predict_scores(enc), names), strict=True))
+    total: CipherVector | None = None
+    for j, c in replies.items():
+        assert isinstance(c, CipherVector)
+        c.require_key(key.public, f"scores of {j}")
+        c.require_length(len(u_a), f"scores of {j}")
+        total = c if total is None else backend.add(total, c)
+    assert total is not None
+    if len(replies) > 1:
+        minus = steps.encrypt_share(backend, key.public, -(len(replies) - 1) * u_a)
+        total = backend.add(total, minus)
+    return steps.decrypt_prediction(backend, key, total, len(u_a), model)
 
 
 class PredictionPort(Protocol):

@@ -20,14 +20,24 @@ def main() -> None:
     setup_logging(settings.log_level, "active")
     res = load_party(settings, label_column=settings.label_column)
     recorder = TranscriptRecorder(settings.transcript_path, "active") if settings.transcript_path else None
-    peer = PassiveClient(
-        settings.peer_address,
-        settings.peer_timeout_s,
-        recorder,
-        settings.tls,
-        settings.peer_tls_name,
-        assistant=settings.assistant_address,
-        relay_token=settings.relay_token_value(),
+    # One passive party (VFL_PEER_ADDRESS), or several by name (VFL_PEERS),
+    # each certificate carrying the party's name.
+    parties = {
+        name: PassiveClient(address, settings.peer_timeout_s, recorder, settings.tls, name)
+        for name, address in settings.passive_parties().items()
+    }
+    peer = (
+        next(iter(parties.values()))
+        if parties
+        else PassiveClient(
+            settings.peer_address or "",
+            settings.peer_timeout_s,
+            recorder,
+            settings.tls,
+            settings.peer_tls_name,
+            assistant=settings.assistant_address,
+            relay_token=settings.relay_token_value(),
+        )
     )
     party = ActiveParty(
         res.data,
@@ -38,6 +48,7 @@ def main() -> None:
         res.min_peer_bits,
         dp_clip_norm=settings.dp_clip_norm,
         test_weights_seed=settings.test_initial_weights_seed,
+        parties=parties,
     )
     party.resume_jobs()  # jobs that were running when this process stopped
     with config_errors():
@@ -55,7 +66,7 @@ def main() -> None:
         len(res.data.ids),
         res.data.n_features,
         res.key.public.fingerprint.hex()[:16],
-        settings.peer_address,
+        settings.peers or settings.peer_address,
         settings.assistant_address or "direct",
     )
     serve_forever(server, port, settings.port_file, "active")

@@ -12,11 +12,12 @@ party holds its whole blinded set.
 from __future__ import annotations
 
 import builtins  # the class's list() method shadows the type in its annotations
+import hashlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,14 @@ from vfl.common.data import PartyData, check_ids
 from vfl.common.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable, VflError
 from vfl.common.models import check_job_id
 from vfl.common.oserrors import owned_by
-from vfl.common.protocol.alignment import Shuffle, blind_own_ids, blind_peer_points, intersect, shuffle_own_ids
+from vfl.common.protocol.alignment import (
+    Shuffle,
+    blind_own_ids,
+    blind_peer_points,
+    common_rows,
+    intersect,
+    shuffle_own_ids,
+)
 from vfl.common.storage import read_record, write_record
 from vfl.services.active.peer import PassiveClient
 from vfl.v1 import party_pb2
@@ -78,10 +86,14 @@ class ActiveAlignments:
         peer: PassiveClient,
         recovery_s: float = 120.0,
         running_dir: Path | None = None,
+        parties: Mapping[str, PassiveClient] | None = None,
     ) -> None:
+        """`parties`: with several passive parties, each one's client by
+        name (then `peer` is unused): an alignment is one PSI with each."""
         self.data = data
         self.store = store
         self.peer = peer
+        self.parties = dict(parties or {})
         self.recovery_s = recovery_s
         self._runs: dict[str, AlignmentRun] = {}
         self._lock = threading.Lock()
@@ -215,9 +227,48 @@ class ActiveAlignments:
             run.done.set()
 
     def _align(self, run: AlignmentRun, ids: builtins.list[str], purpose: str, model_id: str) -> AlignmentRecord:
-        record = align_as_active(self.peer, run.alignment_id, ids, purpose, model_id, run, self.recovery_s)
+        if self.parties:
+            record = align_with_parties(self.parties, run.alignment_id, ids, purpose, model_id, run, self.recovery_s)
+        else:
+            record = align_as_active(self.peer, run.alignment_id, ids, purpose, model_id, run, self.recovery_s)
         self.store.save(record)
         return record
+
+
+def align_with_parties(
+    parties: Mapping[str, PassiveClient],
+    alignment_id: str,
+    ids: builtins.list[str],
+    purpose: str = "training",
+    model_id: str = "",
+    run: AlignmentRun | None = None,
+    recovery_s: float = 0.0,
+) -> AlignmentRecord:
+    """docs/PARTIES.md "Alignment": the two-party PSI with each passive party
+    under the same alignment id, then the ids all of them hold, in the first
+    party's alignment order, with each one's positions in its own alignment.
+    Each B_j stores its own pairwise alignment and learns only that one."""
+    started = run.started if run is not None else time.time()
+    pairwise = {
+        name: align_as_active(client, alignment_id, ids, purpose, model_id, None, recovery_s)
+        for name, client in sorted(parties.items())
+    }
+    common = common_rows({name: list(r.ids) for name, r in pairwise.items()})
+    if run is not None:
+        run.passive_size = min(r.passive_size for r in pairwise.values())
+    digest = hashlib.sha256(b"".join(pairwise[n].digest for n in sorted(pairwise))).digest()
+    return AlignmentRecord(
+        alignment_id=alignment_id,
+        created_unix=started,
+        ids=tuple(common.ids),
+        active_size=len(ids),
+        passive_size=min(r.passive_size for r in pairwise.values()),
+        digest=digest,
+        purpose=purpose,
+        model_id=model_id,
+        elapsed_s=time.time() - started,
+        party_rows={name: tuple(rows) for name, rows in common.positions.items()},
+    )
 
 
 def align_as_active(

@@ -9,18 +9,17 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Mapping
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vfl.common import dp, metrics, serde
-from vfl.common.alignments import AlignmentStore
+from vfl.common.alignments import AlignmentRecord, AlignmentStore
 from vfl.common.checkpoint import JobCheckpoints, unusable_reason
 from vfl.common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
 from vfl.common.crypto.pool import GATE
@@ -47,7 +46,9 @@ from vfl.common.protocol.optimizers import (
 )
 from vfl.common.protocol.phases import Phase
 from vfl.common.protocol.residual import residual_model
+from vfl.services.active import coalition
 from vfl.services.active.alignment import ActiveAlignments
+from vfl.services.active.jobs import State, TrainingJob
 from vfl.services.active.peer import PassiveClient
 from vfl.services.active.records import ActiveSetup, ActiveState
 
@@ -55,66 +56,6 @@ log = logging.getLogger("vfl.active")
 
 MAX_PREDICT_IDS = 100_000
 ABORT_PATIENCE_S = 10.0
-
-
-class State(Enum):
-    RUNNING = 1
-    SUCCEEDED = 2
-    FAILED = 3
-
-
-@dataclass
-class Event:
-    state: State
-    iteration: int
-    total: int
-    epoch: int
-    loss: float | None
-    message: str = ""
-    dp_epsilon_spent: float | None = None
-
-
-@dataclass
-class TrainingJob:
-    """One job's progress, observable by status calls and watchers."""
-
-    job_id: str
-    config: JobConfig
-    total: int
-    started: float = field(default_factory=time.time)
-    state: State = State.RUNNING
-    iteration: int = 0
-    epoch: int = 0
-    loss: float | None = None
-    error: str = ""
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, batch loss)
-    dp_epsilon_spent: float | None = None  # under DP: on y, by the z_B released so far
-    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (checked iteration, loss)
-    best_iteration: int | None = None  # the check with the lowest validation loss
-    events: list[Event] = field(default_factory=list)
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    def publish(self, message: str = "") -> None:
-        with self.cond:
-            self.events.append(
-                Event(self.state, self.iteration, self.total, self.epoch, self.loss, message, self.dp_epsilon_spent)
-            )
-            self.cond.notify_all()
-
-    def watch(self, timeout_s: float = 3600.0) -> Iterator[Event]:
-        """Every event so far, then new ones until the job ends."""
-        seen = 0
-        while True:
-            with self.cond:
-                while seen >= len(self.events):
-                    if not self.cond.wait(timeout_s):
-                        return
-                batch = self.events[seen:]
-                seen = len(self.events)
-            for ev in batch:
-                yield ev
-                if ev.state != State.RUNNING:
-                    return
 
 
 @dataclass
@@ -214,7 +155,10 @@ class ActiveParty:
         recovery_s: float = 120.0,
         dp_clip_norm: float = 0.0,
         test_weights_seed: int | None = None,
+        parties: Mapping[str, PassiveClient] | None = None,
     ) -> None:
+        """`parties`: several passive parties by name (VFL_PEERS; `peer` is
+        then unused): their jobs run in coalition.py."""
         if data.labels is None:
             raise InvalidArgument("active party data: expected a label column")
         self.data = data
@@ -222,9 +166,16 @@ class ActiveParty:
         self.key = key
         self.backend = backend
         self.models = ModelStore(data_dir)
+        self.parties = dict(parties or {})
         self.alignments = ActiveAlignments(
-            data, AlignmentStore(data_dir), peer, recovery_s, running_dir=data_dir / "alignments-running"
+            data,
+            AlignmentStore(data_dir),
+            peer,
+            recovery_s,
+            running_dir=data_dir / "alignments-running",
+            parties=self.parties,
         )
+        self.running = coalition.RunningMarkers(data_dir)
         self.peer = peer
         # Calls to B that overlap A's own work (loss share, B's step 5).
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="active-io")
@@ -287,11 +238,15 @@ class ActiveParty:
                 "labels hold other values (model linear fits them as numbers)"
             )
         p_a = self.data.n_features
+        if self.parties:
+            coalition.refuse_unserved(config)
         with self._lock:
             if job_id in self._jobs or job_id in self._reserved or self.models.exists(job_id):
                 raise AlreadyExists(f"job_id: job {job_id!r} already exists")
             # Reserve the id before the slow set-up.
             self._reserved.add(job_id)
+        if self.parties:
+            return self._start_with_parties(job_id, config, ids, holdout, positions, alignment, rows, holdout_rows)
         passive_set_up = False
         target_fp = b""
         try:
@@ -350,13 +305,146 @@ class ActiveParty:
         threading.Thread(target=self._run, args=(session,), name=f"job-{job_id}", daemon=True).start()
         return job
 
+    def _start_with_parties(
+        self,
+        job_id: str,
+        config: JobConfig,
+        ids: list[str],
+        holdout: list[str],
+        positions: np.ndarray,
+        alignment: AlignmentRecord,
+        rows: list[int],
+        holdout_rows: list[int],
+    ) -> TrainingJob:
+        """StartTraining with several passive parties (coalition.py): set up
+        here, so that refusals reach the caller; the iterations run in the
+        background. Whatever fails in set-up, every party that may hold the
+        job releases it and the id is free again."""
+        p_a = self.data.n_features
+        set_up: list[coalition.PartyLink] = []
+        try:
+            links = coalition.exchange_keys(self.parties, self.key, self.backend, self.min_peer_bits)
+            schedule = coalition.schedule_for(config, len(ids), p_a, links)
+            self.running.save(job_id, links)
+            any_row = coalition.set_up_at_parties(
+                links, job_id, config, p_a, alignment, rows, holdout_rows, set_up.append
+            )
+        except BaseException as exc:
+            refused_last = isinstance(exc, PeerError) and set_up
+            coalition.release_at_parties(
+                [(link.name, link.client, link.target_fp) for link in (set_up[:-1] if refused_last else set_up)],
+                job_id,
+                0,
+            )
+            self.running.remove(job_id)
+            with self._lock:
+                self._reserved.discard(job_id)
+            if isinstance(exc, VflError):
+                raise owned_by("active", exc) from None
+            raise
+        job = TrainingJob(job_id, config, total=len(schedule))
+        with self._lock:
+            self._reserved.discard(job_id)
+            self._jobs[job_id] = job
+        job.publish("started")
+        log.info(
+            "event=job_started job=%s rows=%d iterations=%d p_a=%d parties=%s",
+            job_id,
+            len(ids),
+            len(schedule),
+            p_a,
+            ",".join(f"{link.name}:{link.features}" for link in links),
+        )
+        threading.Thread(
+            target=self._run_with_parties,
+            args=(job, links, ids, holdout, positions, schedule, alignment.alignment_id, any_row),
+            name=f"job-{job_id}",
+            daemon=True,
+        ).start()
+        return job
+
+    def _run_with_parties(
+        self,
+        job: TrainingJob,
+        links: list[coalition.PartyLink],
+        ids: list[str],
+        holdout: list[str],
+        positions: np.ndarray,
+        schedule: BatchSchedule,
+        alignment_id: str,
+        any_row: bool,
+    ) -> None:
+        config = job.config
+        clock_start = CLOCK.snapshot()
+        raw = self.data.features[positions]
+        scaler = Scaler.fit(raw, config.standardize)
+        x, y = steps.with_intercept(scaler.transform(raw)), self.labels[positions]
+        w0 = steps.initial_weights(self.test_weights_seed, job.job_id, x.shape[1], config.init_scale)
+        try:
+            with ThreadPoolExecutor(max_workers=len(links), thread_name_prefix="active-parties") as pool:
+                session = coalition.active_session(self.backend, self.key, job.job_id, config, x, y, w0, links, pool)
+                coalition.run_iterations(job, session, schedule)
+                coalition.finish_at_parties(links, job.job_id, job.iteration)
+            self.models.save(
+                job.job_id,
+                {
+                    "model_id": job.job_id,
+                    "role": "active",
+                    "created_unix": time.time(),
+                    "config": config.model_dump(),
+                    "target_fingerprint": "",  # one per party, in "parties"
+                    "parties": coalition.parties_record(links),
+                    "feature_names": self.data.feature_names,
+                    "weights": session.w[:-1].tolist(),
+                    "intercept": float(session.w[-1]),
+                    "initial_weights": w0.tolist(),
+                    "scaler": scaler.to_dict(),
+                    "dp": None,
+                    "holdout_rows": len(holdout),
+                    "alignment_id": alignment_id,
+                    "population": sorted(set(ids) | set(holdout)),
+                    "scores_any_row": any_row,
+                    "active_features": self.data.n_features,
+                    "passive_features": sum(link.features for link in links),
+                    "train_rows": len(ids),
+                    "metrics": {
+                        "iterations": job.iteration,
+                        "final_loss": job.loss,
+                        "loss_history": job.losses,
+                        "elapsed_s": time.time() - job.started,
+                        "dp_epsilon_spent": None,
+                        **metrics.since(clock_start),
+                    },
+                },
+            )
+            self.running.remove(job.job_id)
+            job.state = State.SUCCEEDED
+            job.publish(f"model {job.job_id} stored")
+            log.info("event=job_succeeded job=%s iterations=%d", job.job_id, job.iteration)
+        except Exception as exc:  # noqa: BLE001 - the job fails, the service stays up
+            job.error = (
+                str(owned_by("active", exc)) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
+            )
+            log.warning("event=job_failed job=%s iteration=%d error=%r", job.job_id, job.iteration, job.error)
+            if not isinstance(exc, VflError):
+                log.exception("event=job_internal_error job=%s", job.job_id)
+            coalition.release_at_parties(
+                [(link.name, link.client, link.target_fp) for link in links], job.job_id, job.iteration
+            )
+            self.running.remove(job.job_id)
+            job.state = State.FAILED
+            job.publish(job.error)
+
     def resume_jobs(self) -> int:
         """Pick up the jobs that were running when this process stopped, each
         from its last checkpoint; they continue in the background once B
         answers. Returns how many. A job whose checkpoint is missing, damaged
         or unusable is registered as FAILED with the reason, and released at B
-        (see _fail_unresumable)."""
+        (see _fail_unresumable). A job with several passive parties is not
+        resumed: it is registered FAILED and released at every party."""
         resumed = 0
+        if self.parties:
+            coalition.fail_interrupted(self.running, self.parties, self._register)
         for saved in self.checkpoints.load_all():
             if saved.missing == {"state"} and self.models.exists(saved.job_id):
                 # Stopped between storing the model and removing the checkpoint: done.
@@ -551,6 +639,10 @@ class ActiveParty:
             job.publish(job.error)
             return
         self._run(s)
+
+    def _register(self, job: TrainingJob) -> None:
+        with self._lock:
+            self._jobs[job.job_id] = job
 
     def job(self, job_id: str) -> TrainingJob:
         job = self._jobs.get(job_id)
@@ -951,44 +1043,55 @@ class ActiveParty:
         check_ids(ids, "ids")
         if len(ids) > MAX_PREDICT_IDS:
             raise InvalidArgument(f"ids: at most {MAX_PREDICT_IDS} per call, got {len(ids)}")
-        passive_key = PublicKey.from_dict(shard["passive_key"])
-        target_fp = target_fingerprint(self.key.public, passive_key)
-        if target_fp.hex() != shard["target_fingerprint"]:
-            raise FailedPrecondition("model_id: the model was trained under another key of this party")
         own = self.data.positions(ids, "ids")  # A's own data
         alignment = self.alignments.record(str(shard.get("alignment_id", "")), "model's alignment_id")
         index = alignment.index()
         any_row = bool(shard.get("scores_any_row"))
         population = set(shard.get("population", ()))
-        # (alignment id, [(request index, position in that alignment)])
-        groups = [(alignment.alignment_id, [(k, index[x]) for k, x in enumerate(ids) if x in index])]
+        # (alignment, [(request index, position in that alignment)])
+        groups = [(alignment, [(k, index[x]) for k, x in enumerate(ids) if x in index])]
         if not any_row:
-            groups[0] = (groups[0][0], [(k, r) for k, r in groups[0][1] if ids[k] in population])
+            groups[0] = (alignment, [(k, r) for k, r in groups[0][1] if ids[k] in population])
         new = [k for k, x in enumerate(ids) if x not in index]
         if new and align_new_ids and any_row:
             extra = self.alignments.run_now([ids[k] for k in new], "prediction", model_id)
             extra_index = extra.index()
-            groups.append((extra.alignment_id, [(k, extra_index[ids[k]]) for k in new if ids[k] in extra_index]))
+            groups.append((extra, [(k, extra_index[ids[k]]) for k in new if ids[k] in extra_index]))
         x = Scaler.from_dict(shard["scaler"]).transform(self.data.features[own])
         if shard.get("dp"):
             x = dp.clip_rows(x, float(shard["dp"]["clip_norm"]))
         u_a = x @ np.asarray(shard["weights"]) + float(shard["intercept"])
-        model = residual_model(str(shard["config"].get("model", "logistic")))
         probs = np.full(len(ids), np.nan)
         scored = np.zeros(len(ids), dtype=bool)
-        for alignment_id, pairs in groups:
+        for record, pairs in groups:
             if not pairs:
                 continue
             at = np.asarray([k for k, _ in pairs], dtype=np.int64)
-            enc = steps.third_encrypted_data(self.backend, self.key.public, u_a[at])
-            header = serde.step_header(model_id, 0, target_fp)
-            reply = self.peer.predict_scores(header, alignment_id, [r for _, r in pairs], enc)
-            scores = reply.ciphers(self.key.public, "[[u_A + u_B]]_A")
-            part = steps.decrypt_prediction(self.backend, self.key, scores, len(at), model)
+            if "parties" in shard:
+                part = coalition.predict_with_parties(
+                    self.backend, self.key, shard, self.parties, u_a[at], record, [r for _, r in pairs], model_id
+                )
+            else:
+                part = self._two_party_scores(shard, model_id, record.alignment_id, [r for _, r in pairs], u_a[at])
             if not np.all(np.isfinite(part)):
                 raise FailedPrecondition("prediction: the decrypted scores are not finite")
             probs[at], scored[at] = part, True
         return Prediction(probs, scored)
+
+    def _two_party_scores(
+        self, shard: dict[str, Any], model_id: str, alignment_id: str, rows: list[int], u_a: np.ndarray
+    ) -> np.ndarray:
+        """[[u_A]]_A to B with B's positions, [[u_A + u_B]]_A back, decrypted."""
+        passive_key = PublicKey.from_dict(shard["passive_key"])
+        target_fp = target_fingerprint(self.key.public, passive_key)
+        if target_fp.hex() != shard["target_fingerprint"]:
+            raise FailedPrecondition("model_id: the model was trained under another key of this party")
+        model = residual_model(str(shard["config"].get("model", "logistic")))
+        enc = steps.third_encrypted_data(self.backend, self.key.public, u_a)
+        header = serde.step_header(model_id, 0, target_fp)
+        reply = self.peer.predict_scores(header, alignment_id, rows, enc)
+        scores = reply.ciphers(self.key.public, "[[u_A + u_B]]_A")
+        return steps.decrypt_prediction(self.backend, self.key, scores, len(u_a), model)
 
 
 @dataclass(frozen=True)

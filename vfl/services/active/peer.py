@@ -14,7 +14,7 @@ import grpc
 from vfl.common import psi, serde
 from vfl.common.crypto.backend import CipherVector, PublicKey
 from vfl.common.crypto.pool import GATE
-from vfl.common.errors import InvalidArgument, PeerError, Unavailable
+from vfl.common.errors import FailedPrecondition, InvalidArgument, PeerError, Unavailable
 from vfl.common.jobconfig import JobConfig
 from vfl.common.metrics import CLOCK
 from vfl.common.protocol.phases import Phase
@@ -402,6 +402,10 @@ class PartyServicePort:
 
     def _header(self, t: int) -> common_pb2.StepHeader:
         return serde.step_header(self.job_id, t, self.target_fp)
+
+    def exchange_score_powers(self, t: int, rows: Sequence[int], powers: CipherVector) -> CipherVector:
+        # PartyService has no step-0 RPC yet: the polynomial residual runs in the sessions only.
+        raise FailedPrecondition("residual poly5: not served by the passive service yet (docs/POLY5.md)")
 
     def exchange_residual_shares(self, t: int, rows: Sequence[int], a_enc: CipherVector) -> CipherVector:
         reply = self.client.exchange_residual_shares(self._header(t), rows, a_enc, self.passive_key.cipher_width)

@@ -12,7 +12,8 @@ from vfl.common import serde
 from vfl.common.jobconfig import job_config
 from vfl.common.rpc import rpc_method
 from vfl.services.active.alignment import AlignmentRun
-from vfl.services.active.party import ActiveParty, Event, State, TrainingJob, final_loss
+from vfl.services.active.jobs import Event, State, TrainingJob
+from vfl.services.active.party import ActiveParty, final_loss
 from vfl.v1 import client_pb2, client_pb2_grpc
 
 _STATES = {
