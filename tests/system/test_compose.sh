@@ -6,7 +6,9 @@
 #   bash tests/system/test_compose.sh          (or: make test-compose)
 #
 # Environment: MIN_AUC (0.99), TIMEOUT_S (900, for `up`), VFL_KEY_BITS (2048),
-# VFL_ACTIVE_HOST_PORT (default: a free port, so a local run on 50051 does not clash).
+# VFL_ACTIVE_HOST_PORT (default: a free port, so a local run on 50051 does not clash),
+# COMPOSE_FILE and SERVICES (default docker-compose.yml with "passive assistant active demo";
+# the two-passive federation: COMPOSE_FILE=docker-compose.parties.yml SERVICES="b1 b2 active demo").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -22,7 +24,9 @@ if [ -z "${VFL_ACTIVE_HOST_PORT:-}" ]; then
 fi
 export VFL_ACTIVE_HOST_PORT
 
-COMPOSE=(docker-compose --project-directory "$ROOT" -f "$ROOT/docker-compose.yml" -p "$PROJECT")
+COMPOSE_FILE=${COMPOSE_FILE:-docker-compose.yml}
+read -r -a SERVICES <<<"${SERVICES:-passive assistant active demo}"
+COMPOSE=(docker-compose --project-directory "$ROOT" -f "$ROOT/$COMPOSE_FILE" -p "$PROJECT")
 compose() { "${COMPOSE[@]}" "$@"; }
 log() { printf '[test_compose %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -50,14 +54,14 @@ build_s=$((SECONDS - t0))
 log "built in ${build_s} s"
 
 t1=$SECONDS
-log "docker-compose up (passive, assistant, active, demo); active published on 127.0.0.1:$VFL_ACTIVE_HOST_PORT"
+log "docker-compose -f $COMPOSE_FILE up (${SERVICES[*]}); active published on 127.0.0.1:$VFL_ACTIVE_HOST_PORT"
 # --exit-code-from demo implies --abort-on-container-exit: the demo's exit ends the run, and
 # a service that dies first ends it too (with a non-zero code). The services are named so that
 # compose attaches to them and not to the one-shot `certs` service (started as their dependency),
 # whose successful exit would otherwise end the run.
 set +e
 timeout "$TIMEOUT_S" "${COMPOSE[@]}" up --no-build --no-color --abort-on-container-exit --exit-code-from demo \
-  passive assistant active demo >"$LOG_DIR/up.log" 2>&1
+  "${SERVICES[@]}" >"$LOG_DIR/up.log" 2>&1
 up_rc=$?
 set -e
 run_s=$((SECONDS - t1))
