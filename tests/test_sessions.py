@@ -22,7 +22,7 @@ from vfl.common.crypto import get_backend
 from vfl.common.crypto.backend import CipherVector, PrivateKey
 from vfl.common.crypto.fixedpoint import RESIDUAL_SCALE_BITS
 from vfl.common.data import Scaler, load_party_csv
-from vfl.common.errors import FailedPrecondition, InvalidArgument
+from vfl.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from vfl.common.jobconfig import JobConfig
 from vfl.common.protocol import steps
 from vfl.common.protocol.batching import Batch, batch_schedule, coalition_feature_counts, min_batch_size
@@ -366,3 +366,57 @@ def test_the_loss_check_is_refused_with_the_polynomial_residual() -> None:
     with pytest.raises(FailedPrecondition, match="polynomial residual"):
         _ = plan.loss_model
     assert TrainingPlan.of(BASE).loss_model is BASE.residual
+
+
+class Flaky:
+    """A port that loses the connection once per (method, iteration) in
+    `faults`: "before" the party sees the call, or "after" it answered (the
+    answer is lost). Counts the calls that reached the party."""
+
+    def __init__(self, port: PassiveSession, faults: set[tuple[str, int, str]]) -> None:
+        self.port, self.faults, self.delivered = port, set(faults), 0
+
+    def __getattr__(self, method: str) -> object:
+        target = getattr(self.port, method)
+
+        def call(t: int, *args: object) -> object:
+            if (method, t, "before") in self.faults:
+                self.faults.discard((method, t, "before"))
+                raise Unavailable(f"{method}: connection lost before the call")
+            out = target(t, *args)
+            self.delivered += 1
+            if (method, t, "after") in self.faults:
+                self.faults.discard((method, t, "after"))
+                raise Unavailable(f"{method}: connection lost after the answer")
+            return out
+
+        return call
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_lost_connection_mid_iteration_is_retried_to_the_plain_model(when: str) -> None:
+    """Every step of some iteration loses its connection once; A repeats the
+    iteration: the same requests again, answered by replay (a second,
+    different request would be refused and end the job), and the model is
+    the uninterrupted one."""
+    config = BASE.model_copy(update={"max_iterations": 8, "loss_every": 2})
+    fed = federation(2, config)
+    methods = ["exchange_residual_shares", "exchange_masked_gradients", "decrypt_peer_gradients", "apply_gradient"]
+    methods += ["loss_cross_terms", "decrypt_loss_terms", "loss_share"]
+    faults = {"b1": {(m, 1, when) for m in methods}, "b2": {(m, 3, when) for m in methods[:4]}}
+    fed.active.ports = {n: Flaky(fed.passive[n], faults[n]) for n in fed.passive}  # type: ignore[misc]
+    rows = schedule(2, config, fed)
+    retries = 0
+    for t, r in enumerate(rows):
+        while True:
+            try:
+                fed.active.iteration(t, r.tolist(), check_loss=t % 2 == 1)
+                break
+            except Unavailable:
+                retries += 1
+    assert retries == len(methods) + 4
+    assert all(not p.faults for p in fed.active.ports.values())  # type: ignore[attr-defined]
+    wa, wbs = plain(fed, config, 2)
+    assert_weights_close(fed.active.w, wa)
+    for j, name in enumerate(sorted(fed.passive)):
+        assert_weights_close(fed.passive[name].w, wbs[j])

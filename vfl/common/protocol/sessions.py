@@ -235,6 +235,7 @@ class PassiveSession:
         self.next_iteration = 0
         self._it: _PassiveIteration | None = None
         self._step0: _PassiveStep0 | None = None
+        self._applied: tuple[int, bytes] | None = None  # the last step 5: (t, request digest)
         _check_polynomial(plan, {ACTIVE: active.key, me: key.public}, 1 + len(peers))
 
     def _current(self, t: int, step: str) -> _PassiveIteration:
@@ -406,7 +407,11 @@ class PassiveSession:
 
     def apply_gradient(self, t: int, decryptions: Mapping[str, list[int]]) -> None:
         """Step 5 at B_j: remove its masks from every key owner's decryption,
-        add X_j^T b_j, update w_j."""
+        add X_j^T b_j, update w_j. An identical retry of the step 5 just
+        applied is answered as done (A lost the answer); nothing is applied twice."""
+        request = _digest("step 5", decryptions)
+        if self._applied == (t, request) and self.next_iteration == t + 1:
+            return
         it = self._current(t, "step 5")
         if it.gradients_reply is None or (self.peers and it.decrypt_reply is None):
             raise FailedPrecondition(f"iteration {t}: step 5 before steps 3-4")
@@ -439,9 +444,26 @@ class PassiveSession:
                 state=self.optimizer,
             )
         self.next_iteration, self._it, self._step0 = t + 1, None, None
+        self._applied = (t, request)
 
 
 # --- A -----------------------------------------------------------------------
+
+
+@dataclass
+class _ActiveIteration:
+    """What A computed and received in iteration t so far: kept until the
+    iteration ends, so that a repeated call re-sends the same requests."""
+
+    t: int
+    rows: np.ndarray
+    a: np.ndarray | None = None
+    a_enc: CipherVector | None = None
+    shares: dict[str, CipherVector] | None = None
+    mine: dict[str, steps.MaskedGradient] | None = None
+    replies: dict[str, GradientReply] | None = None
+    loss: float | None = None
+    for_passive: dict[str, dict[str, list[int]]] | None = None
 
 
 class ActiveSession:
@@ -473,6 +495,7 @@ class ActiveSession:
         self.fan_out = fan_out
         self.optimizer: OptimizerState | None = None
         self.next_iteration = 0
+        self._it: _ActiveIteration | None = None
         _check_polynomial(plan, {ACTIVE: key.public, **{p.name: p.key for p in passive}}, len(passive))
 
     def _each(self, fn: Callable[[str], T]) -> dict[str, T]:
@@ -482,56 +505,85 @@ class ActiveSession:
     def iteration(self, t: int, rows: Sequence[int], check_loss: bool = False) -> float | None:
         """One iteration of the pairwise protocol on the batch `rows`; with
         `check_loss`, the batch's loss under the weights before this
-        iteration's update (else None)."""
+        iteration's update (else None).
+
+        A call that fails part-way (a party unreachable) may be repeated for
+        the same t: what was computed is kept, every request is re-sent as it
+        was (each passive party answers an identical request by replay, so
+        nothing is decrypted twice), and A's own update is made once, after
+        every party's step 5 went through."""
         if t != self.next_iteration:
             raise FailedPrecondition(f"iteration: expected {self.next_iteration}, got {t}")
         idx = np.asarray(rows, dtype=np.int64)
+        it = self._it
+        if it is None or it.t != t:
+            it = self._it = _ActiveIteration(t, idx)
+        elif not np.array_equal(it.rows, idx):
+            raise InvalidArgument(f"rows: iteration {t} was started on other rows")
         x, y = self.x[idx], self.y[idx]
         m = len(idx)
         model = self.plan.model
-        if isinstance(model, PolynomialResidual):
-            # Step 0: A's share from [[cross + s]]_A, then steps 1-2 on it.
-            a_int = self._step0(t, idx, x, y, model)
-            a = np.array(a_int, dtype=object)
-            a_enc = steps.encrypt_integer_share(self.backend, self.key.public, a_int, model)
-        else:
-            # Steps 1-2.
-            a = steps.active_residual_share(x, self.w, y, model)
-            a_enc = steps.first_encrypted_data(self.backend, self.key.public, a)
-        shares = self._each(lambda j: self.ports[j].exchange_residual_shares(t, idx.tolist(), a_enc))
-        for j, share in shares.items():
-            share.require_key(self.passive[j].key, f"[[b_S]] of {j}")
-            share.require_length(m, f"[[b_S]] of {j}")
-        # Step 3: A's masked gradient for each B_j, and the relay of the others' shares.
-        mine = {j: steps.masked_encrypted_gradient(self.backend, x, shares[j], model) for j in sorted(self.passive)}
-        replies = self._each(
-            lambda j: self.ports[j].exchange_masked_gradients(
-                t, mine[j].ciphers, {q: s for q, s in shares.items() if q != j}
-            )
-        )
-        for j, reply in replies.items():
-            _require_parties(reply.gradients, [ACTIVE, *(q for q in self.passive if q != j)], f"gradients of {j}")
-            for owner, c in reply.gradients.items():
-                c.require_key(self.key.public if owner == ACTIVE else self.passive[owner].key, f"gradient of {j}")
-        loss = self._loss(t, x @ self.w, y) if check_loss else None
-        # Step 4: A decrypts what is under pk_A; each B_l what the others put under pk_l.
-        decrypted = self._each(
-            lambda owner: self.ports[owner].decrypt_peer_gradients(
-                t, {j: r.gradients[owner] for j, r in replies.items() if j != owner}
-            )
-        )
-        for owner, zs in decrypted.items():
-            _require_parties(zs, [q for q in self.passive if q != owner], f"decryptions of {owner}")
-        for_passive = {
-            j: {
-                ACTIVE: steps.decrypt_masked_gradient(
-                    self.backend, self.key, replies[j].gradients[ACTIVE], self.passive[j].features, model
-                ),
-                **{owner: zs[j] for owner, zs in decrypted.items() if owner != j},
+        if it.a_enc is None:
+            if isinstance(model, PolynomialResidual):
+                # Step 0: A's share from [[cross + s]]_A, then steps 1-2 on it.
+                a_int = self._step0(t, idx, x, y, model)
+                it.a = np.array(a_int, dtype=object)
+                it.a_enc = steps.encrypt_integer_share(self.backend, self.key.public, a_int, model)
+            else:
+                # Steps 1-2.
+                it.a = steps.active_residual_share(x, self.w, y, model)
+                it.a_enc = steps.first_encrypted_data(self.backend, self.key.public, it.a)
+        a_enc, a = it.a_enc, it.a
+        assert a is not None
+        if it.shares is None:
+            shares = self._each(lambda j: self.ports[j].exchange_residual_shares(t, idx.tolist(), a_enc))
+            for j, share in shares.items():
+                share.require_key(self.passive[j].key, f"[[b_S]] of {j}")
+                share.require_length(m, f"[[b_S]] of {j}")
+            it.shares = shares
+            # Step 3: A's masked gradient for each B_j (fresh masks, once per iteration).
+            it.mine = {
+                j: steps.masked_encrypted_gradient(self.backend, x, shares[j], model) for j in sorted(self.passive)
             }
-            for j in sorted(self.passive)
-        }
-        # Step 5: A's update, then each B_j's.
+        shares, mine = it.shares, it.mine
+        assert mine is not None
+        if it.replies is None:
+            # Step 3, and the relay of the other passive parties' shares.
+            replies = self._each(
+                lambda j: self.ports[j].exchange_masked_gradients(
+                    t, mine[j].ciphers, {q: s for q, s in shares.items() if q != j}
+                )
+            )
+            for j, reply in replies.items():
+                expected = [ACTIVE, *(q for q in self.passive if q != j)]
+                _require_parties(reply.gradients, expected, f"gradients of {j}")
+                for owner, c in reply.gradients.items():
+                    c.require_key(self.key.public if owner == ACTIVE else self.passive[owner].key, f"gradient of {j}")
+            it.replies = replies
+        replies = it.replies
+        if check_loss and it.loss is None:
+            it.loss = self._loss(t, x @ self.w, y)
+        if it.for_passive is None:
+            # Step 4: A decrypts what is under pk_A; each B_l what the others put under pk_l.
+            decrypted = self._each(
+                lambda owner: self.ports[owner].decrypt_peer_gradients(
+                    t, {j: r.gradients[owner] for j, r in replies.items() if j != owner}
+                )
+            )
+            for owner, zs in decrypted.items():
+                _require_parties(zs, [q for q in self.passive if q != owner], f"decryptions of {owner}")
+            it.for_passive = {
+                j: {
+                    ACTIVE: steps.decrypt_masked_gradient(
+                        self.backend, self.key, replies[j].gradients[ACTIVE], self.passive[j].features, model
+                    ),
+                    **{owner: zs[j] for owner, zs in decrypted.items() if owner != j},
+                }
+                for j in sorted(self.passive)
+            }
+        for_passive = it.for_passive
+        # Step 5: each B_j's update (replayed by B_j on a retry), then A's own.
+        self._each(lambda j: self.ports[j].apply_gradient(t, for_passive[j]))
         received = [steps.Decryption(replies[j].z_active, mine[j].mask, self.passive[j].key) for j in sorted(mine)]
         penalised = np.r_[np.ones(len(self.w) - 1), 0.0]  # not the intercept
         if isinstance(model, PolynomialResidual):
@@ -558,9 +610,8 @@ class ActiveSession:
                 optimizer=self.plan.optimizer,
                 state=self.optimizer,
             )
-        self._each(lambda j: self.ports[j].apply_gradient(t, for_passive[j]))
-        self.next_iteration = t + 1
-        return loss
+        self.next_iteration, self._it = t + 1, None
+        return it.loss
 
     def _loss(self, t: int, u_a: np.ndarray, y: np.ndarray) -> float:
         """The loss check: each B_j's cross terms with the passive parties
