@@ -11,7 +11,9 @@ and bad VFL_PEERS settings stop A with one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,6 +22,7 @@ import pytest
 
 from tests.attacks.harness import active_view, passive_features
 from tests.conftest import TEST_KEY_BITS, BreastSplit, read_shard, tls_client
+from tests.faultproxy import Faults, FaultyFederation
 from tests.reference_run import assert_weights_close
 from tests.test_services import run_service
 from tests.test_two_passive_services import SPLIT, split_passive_csv
@@ -47,6 +50,32 @@ def two_passive_federation(tmp: Path) -> LocalFederation:
     )
 
 
+def assert_plain_model(shards: dict[str, dict], train_ids: list[str], config: JobConfig) -> None:
+    """Every party's stored weights: the plain run of the same algorithm on the joined table."""
+    view = active_view(train_ids)
+    joined = passive_features(train_ids)
+    p_a, p_b = coalition_feature_counts(view.x.shape[1] - 1, [10, 10])
+    floor = min_batch_size(p_a, p_b, False)
+    schedule = batch_schedule(
+        len(train_ids), config.batch_size, config.epochs, config.seed, floor, config.max_iterations
+    )
+    a = shards["active"]
+    w_a, w_b = train_plain(
+        view.x[:, :-1],
+        joined,
+        view.y,
+        np.asarray(a["initial_weights"]),
+        np.concatenate([np.asarray(shards[n]["initial_weights"]) for n in sorted(SPLIT)]),
+        [Batch(b.epoch, b.rows) for b in schedule],
+        TrainingPlan.of(config).optimizer,
+        config.l2,
+    )
+    assert_weights_close(np.r_[a["weights"], a["intercept"]], w_a)
+    assert_weights_close(np.asarray(shards["b1"]["weights"]), w_b[:10])
+    assert_weights_close(np.asarray(shards["b2"]["weights"]), w_b[10:])
+    assert np.linalg.norm(np.r_[a["weights"], a["intercept"]] - a["initial_weights"]) > 0.05
+
+
 def standardised(shard: dict, raw: np.ndarray) -> np.ndarray:
     return (raw - np.asarray(shard["scaler"]["mean"])) / np.asarray(shard["scaler"]["scale"])
 
@@ -67,31 +96,9 @@ def test_the_active_service_trains_and_predicts_with_two_passive_services(tmp_pa
         (info,) = client.list_models()
         shards = {n: read_shard(fed, n, "k2") for n in ("active", *SPLIT)}
     assert info.passive_features == 20 and info.active_features == 10
-    # Every party's weights: the plain run of the same algorithm on the joined table.
-    view = active_view(breast.train_ids)
-    joined = passive_features(breast.train_ids)
-    p_a, p_b = coalition_feature_counts(view.x.shape[1] - 1, [10, 10])
-    floor = min_batch_size(p_a, p_b, False)
-    schedule = batch_schedule(
-        len(breast.train_ids), CONFIG.batch_size, CONFIG.epochs, CONFIG.seed, floor, CONFIG.max_iterations
-    )
+    assert_plain_model(shards, breast.train_ids, CONFIG)
     a = shards["active"]
-    w_a, w_b = train_plain(
-        view.x[:, :-1],
-        joined,
-        view.y,
-        np.asarray(a["initial_weights"]),
-        np.concatenate([np.asarray(shards[n]["initial_weights"]) for n in sorted(SPLIT)]),
-        [Batch(b.epoch, b.rows) for b in schedule],
-        TrainingPlan.of(CONFIG).optimizer,
-        CONFIG.l2,
-    )
-    assert_weights_close(np.r_[a["weights"], a["intercept"]], w_a)
-    assert_weights_close(np.asarray(shards["b1"]["weights"]), w_b[:10])
-    assert_weights_close(np.asarray(shards["b2"]["weights"]), w_b[10:])
-    assert np.linalg.norm(np.r_[a["weights"], a["intercept"]] - a["initial_weights"]) > 0.05
-    # The loss A reports at each check is the plain Taylor loss (checked in
-    # test_two_passive_services); here: the last one is there.
+    # The loss A reports at each check (the plain Taylor loss: test_two_passive_services).
     assert [t for t, _ in a["metrics"]["loss_history"]] == [4, 8, 12]
     # Predict: the model's probabilities, from A's and both B's shards.
     active = load_party_csv(BUNDLED_ACTIVE, "id", "y")
@@ -145,6 +152,35 @@ def test_what_a_k_party_job_does_not_serve_is_refused_and_a_restart_fails_the_jo
         log = (fed.workdir / f"{name}.log").read_text()
         assert "event=job_ended job=cut " in log and "reason=aborted by the active party" in log
         assert not (fed.workdir / name / "data" / "models" / "cut.json").exists()
+
+
+@dataclass
+class ResetsToB1(FaultyFederation):
+    """The two-passive federation with a fault-injecting proxy on A -> B_1."""
+
+    LINKS = {"b1": "a-b1"}  # noqa: RUF012 - FaultyFederation's class-level map
+
+
+def test_connections_to_one_passive_party_reset_mid_job_give_the_plain_model(
+    tmp_path: Path, breast: BreastSplit
+) -> None:
+    """A's connection to B_1 is reset again and again while the job runs: A
+    repeats each broken iteration with the same requests, every party answers
+    by replay, and all three store the uninterrupted model."""
+    base = two_passive_federation(tmp_path)
+    fed = ResetsToB1(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init})
+    with fed, tls_client(fed) as client:
+        client.wait_ready(30)
+        assert client.align(alignment_id="both").state == client_pb2.ALIGNMENT_STATE_SUCCEEDED
+        client.start_training(CONFIG, breast.train_ids, job_id="reset", alignment_id="both")
+        fed.set_faults(Faults(reset_p=0.03, seed=11))
+        final = client.wait("reset")
+        fed.set_faults(Faults())
+        assert final.state == client_pb2.JOB_STATE_SUCCEEDED, final.error
+        resets = fed.stats()["a-b1"].resets
+        shards = {n: read_shard(fed, n, "reset") for n in ("active", *SPLIT)}
+    assert resets >= 3, f"only {resets} resets: the test did not exercise recovery"
+    assert_plain_model(shards, breast.train_ids, CONFIG)
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,14 @@ short is reported FAILED with the reason, never resumed half-way."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from vfl.services.active.peer import PartyServicePort, PassiveClient, Prediction
 
 log = logging.getLogger("vfl.active.coalition")
 
+T = TypeVar("T")
 RUNNING_KIND = "coalition-job-running"
 RELEASE_PATIENCE_S = 10.0
 
@@ -183,15 +185,22 @@ def active_session(
     return ActiveSession(backend, key, x, y, w0, TrainingPlan.of(config), infos, ports, thread_fan_out(pool))
 
 
-def run_iterations(job: TrainingJob, session: ActiveSession, schedule: BatchSchedule) -> None:
+def run_iterations(
+    job: TrainingJob, session: ActiveSession, schedule: BatchSchedule, recovery_s: float = 120.0
+) -> None:
     """The job's iterations, its progress published after each; the loss on
-    config.loss_every's iterations and the last; early stop on config.tol."""
+    config.loss_every's iterations and the last; early stop on config.tol.
+    A party that cannot be reached is waited for, up to recovery_s at a
+    time: the iteration is repeated with the same requests (see
+    ActiveSession.iteration), so the model is the uninterrupted one."""
     config = job.config
     prev_loss: float | None = None
     for t, batch in enumerate(schedule):
         every = config.loss_every
         due = bool(every) and ((t + 1) % every == 0 or t + 1 == len(schedule))
-        loss = session.iteration(t, batch.rows.tolist(), check_loss=due)
+        loss = _with_retries(
+            functools.partial(session.iteration, t, batch.rows.tolist(), check_loss=due), job, t, recovery_s
+        )
         job.iteration, job.epoch = t + 1, batch.epoch
         message = ""
         if loss is not None:
@@ -208,10 +217,28 @@ def run_iterations(job: TrainingJob, session: ActiveSession, schedule: BatchSche
         job.publish()
 
 
-def finish_at_parties(links: Sequence[PartyLink], job_id: str, iteration: int) -> None:
-    """FinishJob at every party: each stores its shard."""
+def _with_retries(call: Callable[[], T], job: TrainingJob, t: int, recovery_s: float) -> T:
+    deadline = time.monotonic() + recovery_s
+    delay = 0.1
+    while True:
+        try:
+            return call()
+        except Unavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise Unavailable(
+                    f"job {job.job_id}: a passive party was unreachable for {recovery_s:.0f} s: {exc}"
+                ) from None
+            log.warning("event=peer_lost job=%s iteration=%d error=%r", job.job_id, t, str(exc))
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+
+def finish_at_parties(links: Sequence[PartyLink], job: TrainingJob, iteration: int, recovery_s: float = 120.0) -> None:
+    """FinishJob at every party: each stores its shard (and answers a
+    repeated FinishJob from it, so a lost answer is asked again)."""
     for link in links:
-        link.client.finish_job(serde.step_header(job_id, iteration, link.target_fp), aborted=False)
+        header = serde.step_header(job.job_id, iteration, link.target_fp)
+        _with_retries(functools.partial(link.client.finish_job, header, aborted=False), job, iteration, recovery_s)
 
 
 def parties_record(links: Sequence[PartyLink]) -> list[dict[str, Any]]:

@@ -383,8 +383,8 @@ class ActiveParty:
         try:
             with ThreadPoolExecutor(max_workers=len(links), thread_name_prefix="active-parties") as pool:
                 session = coalition.active_session(self.backend, self.key, job.job_id, config, x, y, w0, links, pool)
-                coalition.run_iterations(job, session, schedule)
-                coalition.finish_at_parties(links, job.job_id, job.iteration)
+                coalition.run_iterations(job, session, schedule, self.recovery_s)
+                coalition.finish_at_parties(links, job, job.iteration, self.recovery_s)
             self.models.save(
                 job.job_id,
                 {
