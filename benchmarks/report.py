@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import parties, poly_cost, psi_federation, quality, results
+from benchmarks import parties, parties_services, poly_cost, psi_federation, quality, results
 from benchmarks import psi as psi_bench
 from benchmarks.results import Record
 
@@ -609,6 +609,7 @@ def render(records: list[Record], quick: bool, plot_link: str | None) -> str:
         lines.pop()
     lines += ["", *psi_bench.report_section(records), *psi_federation.report_section(records)]
     lines += parties.report_section(records)
+    lines += parties_services.report_section(records)
     while lines and not lines[-1]:
         lines.pop()
     lines += ["", *poly_cost.report_section(records)]

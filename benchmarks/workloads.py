@@ -380,9 +380,9 @@ def psi_workload(ctx: Context) -> list[dict[str, Any]]:
 def parties_workload(ctx: Context) -> list[dict[str, Any]]:
     """k = 1..4 passive parties through the protocol sessions, in-process
     (benchmarks/parties.py)."""
-    from benchmarks import parties
+    from benchmarks import parties, parties_services
 
-    return parties.workload(ctx.quick)
+    return parties.workload(ctx.quick) + parties_services.workload(ctx.quick)
 
 
 def poly5_workload(ctx: Context) -> list[dict[str, Any]]:
