@@ -422,12 +422,7 @@ class ActiveParty:
             job.publish(f"model {job.job_id} stored")
             log.info("event=job_succeeded job=%s iterations=%d", job.job_id, job.iteration)
         except Exception as exc:  # noqa: BLE001 - the job fails, the service stays up
-            job.error = (
-                str(owned_by("active", exc)) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
-            )
-            log.warning("event=job_failed job=%s iteration=%d error=%r", job.job_id, job.iteration, job.error)
-            if not isinstance(exc, VflError):
-                log.exception("event=job_internal_error job=%s", job.job_id)
+            _record_failure(job, exc)
             coalition.release_at_parties(
                 [(link.name, link.client, link.target_fp) for link in links], job.job_id, job.iteration
             )
@@ -791,12 +786,7 @@ class ActiveParty:
                 time.time() - job.started,
             )
         except Exception as exc:  # noqa: BLE001 - the job fails, the service stays up
-            job.error = (
-                str(owned_by("active", exc)) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
-            )
-            log.warning("event=job_failed job=%s iteration=%d error=%r", job.job_id, job.iteration, job.error)
-            if not isinstance(exc, VflError):
-                log.exception("event=job_internal_error job=%s", job.job_id)
+            _record_failure(job, exc)
             if pending is not None:
                 futures.wait([pending])  # B finishes the last step before it hears of the abort
             self._abort_at_passive(job.job_id, s.target_fp, job.iteration)
@@ -1092,6 +1082,15 @@ class ActiveParty:
         reply = self.peer.predict_scores(header, alignment_id, rows, enc)
         scores = reply.ciphers(self.key.public, "[[u_A + u_B]]_A")
         return steps.decrypt_prediction(self.backend, self.key, scores, len(u_a), model)
+
+
+def _record_failure(job: TrainingJob, exc: Exception) -> None:
+    """The job's error, one line a caller may read (no secret: a domain
+    error's message, or only the type of a bug), logged."""
+    job.error = str(owned_by("active", exc)) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
+    log.warning("event=job_failed job=%s iteration=%d error=%r", job.job_id, job.iteration, job.error)
+    if not isinstance(exc, VflError):
+        log.exception("event=job_internal_error job=%s", job.job_id)
 
 
 @dataclass(frozen=True)
