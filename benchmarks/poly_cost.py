@@ -74,7 +74,7 @@ def run(xa: np.ndarray, y: np.ndarray, xb: np.ndarray, bits: int, iterations: in
     keys = (backend.generate_keypair(bits), backend.generate_keypair(bits))
     rng = np.random.default_rng(5)
     w0_a, w0_b = rng.normal(0, 0.01, xa.shape[1]), rng.normal(0, 0.01, xb.shape[1])
-    models: dict[str, ResidualModel | PolynomialResidual] = {"taylor": CONFIG.residual, "poly5": POLY5}
+    models: dict[str, ResidualModel | PolynomialResidual] = {"taylor": CONFIG.residual_model, "poly5": POLY5}
     runs = {name: _sessions(m, keys, xa, y, xb, w0_a, w0_b) for name, m in models.items()}
     pa, pb = coalition_feature_counts(xa.shape[1] - 1, [xb.shape[1]])
     batches = batch_schedule(len(y), CONFIG.batch_size, 1, CONFIG.seed, min_batch_size(pa, pb, False), iterations + 1)

@@ -30,7 +30,7 @@ class ReferenceRun:
         active_csv: Path = BUNDLED_ACTIVE,
         passive_csv: Path = BUNDLED_PASSIVE,
     ) -> None:
-        self.model = config.residual
+        self.model = config.residual_model
         self.active = load_party_csv(active_csv, "id", "y")
         self.passive = load_party_csv(passive_csv, "id")
         pos_a = self.active.positions(train_ids, "ids")

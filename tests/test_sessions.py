@@ -118,7 +118,7 @@ def plain(fed: Federation, config: JobConfig, k: int) -> tuple[np.ndarray, list[
         batches,
         TrainingPlan.of(config).optimizer,
         config.l2,
-        model=config.residual,
+        model=config.residual_model,
     )
     return wa, np.split(wb, np.cumsum([len(g) for g in fed.column_groups])[:-1])
 
@@ -365,7 +365,7 @@ def test_the_loss_check_is_refused_with_the_polynomial_residual() -> None:
     plan = TrainingPlan.of(BASE, POLY5)
     with pytest.raises(FailedPrecondition, match="polynomial residual"):
         _ = plan.loss_model
-    assert TrainingPlan.of(BASE).loss_model is BASE.residual
+    assert TrainingPlan.of(BASE).loss_model is BASE.residual_model
 
 
 class Flaky:

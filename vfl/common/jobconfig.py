@@ -45,6 +45,9 @@ class JobConfig(BaseModel):
         0, ge=0, le=2**32 - 1, description="validation loss on the holdout rows every this many iterations (0 = off)"
     )
     patience: int = Field(0, ge=0, le=2**32 - 1, description="stop after this many checks without improvement")
+    residual: Literal["taylor", "poly5"] = Field(
+        "taylor", description="the sigmoid's approximation: Taylor's, or a degree-5 fit (docs/POLY5.md)"
+    )
 
     @model_validator(mode="after")
     def _dp_needs_no_loss_share(self) -> JobConfig:
@@ -73,8 +76,22 @@ class JobConfig(BaseModel):
             raise ValueError("dp_epsilon: expected 0 with model linear (DP is calibrated for logistic regression)")
         return self
 
+    @model_validator(mode="after")
+    def _poly5_runs_the_plain_steps(self) -> JobConfig:
+        # The polynomial residual's loss and validation shares are not built,
+        # and its shares are not bounded as DP's calibration needs.
+        if self.residual == "poly5":
+            if self.model != "logistic":
+                raise ValueError("residual: poly5 approximates the sigmoid: expected model logistic")
+            for name in ("loss_every", "validation_every", "dp_epsilon", "tol"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}: expected 0 with residual poly5 (its loss check is not built yet)")
+        return self
+
     @property
-    def residual(self) -> ResidualModel:
+    def residual_model(self) -> ResidualModel:
+        """The share formulas of the model (Taylor's for logistic); a poly5
+        job runs its residual through the sessions (TrainingPlan.of)."""
         return residual_model(self.model)
 
     def validation_due(self, iteration: int, total: int) -> bool:

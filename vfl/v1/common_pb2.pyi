@@ -325,6 +325,7 @@ class TrainingConfig(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     VALIDATION_EVERY_FIELD_NUMBER: _builtins.int
     PATIENCE_FIELD_NUMBER: _builtins.int
+    RESIDUAL_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     """Step size of mini-batch SGD. Default 0.15. Must be > 0."""
     batch_size: _builtins.int
@@ -413,6 +414,13 @@ class TrainingConfig(_message.Message):
     """With validation_every: stop after this many checks without a better
     validation loss (0 = never stop early, keep the best). Default 0.
     """
+    residual: _builtins.str
+    """The sigmoid's approximation in the residual (logistic model only):
+    "taylor" (default), u/4 + 1/2 - y; or "poly5", a degree-5 least-squares
+    fit of the sigmoid over [-8, 8], with a step 0 before steps 1-2
+    (docs/POLY5.md; party.proto ExchangeScorePowers). "poly5": one passive
+    party, loss_every = 0, no validation, no DP.
+    """
     def __init__(
         self,
         *,
@@ -441,10 +449,11 @@ class TrainingConfig(_message.Message):
         model: _builtins.str | None = ...,
         validation_every: _builtins.int | None = ...,
         patience: _builtins.int | None = ...,
+        residual: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_beta1", b"_beta1", "_beta2", b"_beta2", "_decay_rate", b"_decay_rate", "_decay_steps", b"_decay_steps", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_epsilon", b"_epsilon", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_lr_decay", b"_lr_decay", "_max_iterations", b"_max_iterations", "_model", b"_model", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_patience", b"_patience", "_rho", b"_rho", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "_validation_every", b"_validation_every", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "beta1", b"beta1", "beta2", b"beta2", "decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "epsilon", b"epsilon", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "lr_decay", b"lr_decay", "max_iterations", b"max_iterations", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "patience", b"patience", "rho", b"rho", "seed", b"seed", "standardize", b"standardize", "tol", b"tol", "validation_every", b"validation_every"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_beta1", b"_beta1", "_beta2", b"_beta2", "_decay_rate", b"_decay_rate", "_decay_steps", b"_decay_steps", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_epsilon", b"_epsilon", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_lr_decay", b"_lr_decay", "_max_iterations", b"_max_iterations", "_model", b"_model", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_patience", b"_patience", "_residual", b"_residual", "_rho", b"_rho", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "_validation_every", b"_validation_every", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "beta1", b"beta1", "beta2", b"beta2", "decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "epsilon", b"epsilon", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "lr_decay", b"lr_decay", "max_iterations", b"max_iterations", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "patience", b"patience", "residual", b"residual", "rho", b"rho", "seed", b"seed", "standardize", b"standardize", "tol", b"tol", "validation_every", b"validation_every"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_beta1", b"_beta1", "_beta2", b"_beta2", "_decay_rate", b"_decay_rate", "_decay_steps", b"_decay_steps", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_epsilon", b"_epsilon", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_lr_decay", b"_lr_decay", "_max_iterations", b"_max_iterations", "_model", b"_model", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_patience", b"_patience", "_rho", b"_rho", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "_validation_every", b"_validation_every", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "beta1", b"beta1", "beta2", b"beta2", "decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "epsilon", b"epsilon", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "lr_decay", b"lr_decay", "max_iterations", b"max_iterations", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "patience", b"patience", "rho", b"rho", "seed", b"seed", "standardize", b"standardize", "tol", b"tol", "validation_every", b"validation_every"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch", "_batch_size", b"_batch_size", "_beta1", b"_beta1", "_beta2", b"_beta2", "_decay_rate", b"_decay_rate", "_decay_steps", b"_decay_steps", "_dp_delta", b"_dp_delta", "_dp_epsilon", b"_dp_epsilon", "_epochs", b"_epochs", "_epsilon", b"_epsilon", "_init_scale", b"_init_scale", "_l2", b"_l2", "_learning_rate", b"_learning_rate", "_loss_every", b"_loss_every", "_lr_decay", b"_lr_decay", "_max_iterations", b"_max_iterations", "_model", b"_model", "_momentum", b"_momentum", "_optimizer", b"_optimizer", "_patience", b"_patience", "_residual", b"_residual", "_rho", b"_rho", "_seed", b"_seed", "_standardize", b"_standardize", "_tol", b"_tol", "_validation_every", b"_validation_every", "allow_small_batch", b"allow_small_batch", "batch_size", b"batch_size", "beta1", b"beta1", "beta2", b"beta2", "decay_rate", b"decay_rate", "decay_steps", b"decay_steps", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "epochs", b"epochs", "epsilon", b"epsilon", "init_scale", b"init_scale", "l2", b"l2", "learning_rate", b"learning_rate", "loss_every", b"loss_every", "lr_decay", b"lr_decay", "max_iterations", b"max_iterations", "model", b"model", "momentum", b"momentum", "optimizer", b"optimizer", "patience", b"patience", "residual", b"residual", "rho", b"rho", "seed", b"seed", "standardize", b"standardize", "tol", b"tol", "validation_every", b"validation_every"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__allow_small_batch: _TypeAlias = _typing.Literal["allow_small_batch"]  # noqa: Y015
     _WhichOneofArgType__allow_small_batch: _TypeAlias = _typing.Literal["_allow_small_batch", b"_allow_small_batch"]  # noqa: Y015
@@ -486,6 +495,8 @@ class TrainingConfig(_message.Message):
     _WhichOneofArgType__optimizer: _TypeAlias = _typing.Literal["_optimizer", b"_optimizer"]  # noqa: Y015
     _WhichOneofReturnType__patience: _TypeAlias = _typing.Literal["patience"]  # noqa: Y015
     _WhichOneofArgType__patience: _TypeAlias = _typing.Literal["_patience", b"_patience"]  # noqa: Y015
+    _WhichOneofReturnType__residual: _TypeAlias = _typing.Literal["residual"]  # noqa: Y015
+    _WhichOneofArgType__residual: _TypeAlias = _typing.Literal["_residual", b"_residual"]  # noqa: Y015
     _WhichOneofReturnType__rho: _TypeAlias = _typing.Literal["rho"]  # noqa: Y015
     _WhichOneofArgType__rho: _TypeAlias = _typing.Literal["_rho", b"_rho"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
@@ -536,6 +547,8 @@ class TrainingConfig(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__optimizer) -> _WhichOneofReturnType__optimizer | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__patience) -> _WhichOneofReturnType__patience | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__residual) -> _WhichOneofReturnType__residual | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rho) -> _WhichOneofReturnType__rho | None: ...
     @_typing.overload

@@ -65,6 +65,11 @@ class PartyServiceStub:
                 request_serializer=vfl_dot_v1_dot_party__pb2.SetupJobChunk.SerializeToString,
                 response_deserializer=vfl_dot_v1_dot_party__pb2.SetupJobReply.FromString,
                 _registered_method=True)
+        self.ExchangeScorePowers = channel.stream_stream(
+                '/vfl.v1.PartyService/ExchangeScorePowers',
+                request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                _registered_method=True)
         self.ExchangeResidualShares = channel.stream_stream(
                 '/vfl.v1.PartyService/ExchangeResidualShares',
                 request_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
@@ -190,6 +195,18 @@ class PartyServiceServicer:
         may carry a part of the job's rows: positions in the alignment the spec
         names (no id travels). B refuses (NOT_FOUND) an alignment it does not
         hold for this peer, and (INVALID_ARGUMENT) a position outside it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeScorePowers(self, request_iterator, context):
+        """Step 0, with residual "poly5" only (docs/POLY5.md). A -> B: header, rows
+        and ciphertexts = [[u_A^i]]_A for i = 2..5, power by power, each over the
+        batch's rows. B -> A: ciphertexts = [[cross + s]]_A, B's cross terms
+        with its own powers of u_B, masked per row with fresh uniform s that B
+        keeps in its share. Once per iteration, before steps 1-2; an identical
+        retry is answered by replay.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -355,6 +372,11 @@ def add_PartyServiceServicer_to_server(servicer, server):
                     servicer.SetupJob,
                     request_deserializer=vfl_dot_v1_dot_party__pb2.SetupJobChunk.FromString,
                     response_serializer=vfl_dot_v1_dot_party__pb2.SetupJobReply.SerializeToString,
+            ),
+            'ExchangeScorePowers': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExchangeScorePowers,
+                    request_deserializer=vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
+                    response_serializer=vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
             ),
             'ExchangeResidualShares': grpc.stream_stream_rpc_method_handler(
                     servicer.ExchangeResidualShares,
@@ -589,6 +611,33 @@ class PartyService:
             '/vfl.v1.PartyService/SetupJob',
             vfl_dot_v1_dot_party__pb2.SetupJobChunk.SerializeToString,
             vfl_dot_v1_dot_party__pb2.SetupJobReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeScorePowers(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vfl.v1.PartyService/ExchangeScorePowers',
+            vfl_dot_v1_dot_common__pb2.StepChunk.SerializeToString,
+            vfl_dot_v1_dot_common__pb2.StepChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,14 @@ class PartyServiceStub:
     names (no id travels). B refuses (NOT_FOUND) an alignment it does not
     hold for this peer, and (INVALID_ARGUMENT) a position outside it.
     """
+    ExchangeScorePowers: _grpc.StreamStreamMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]
+    """Step 0, with residual "poly5" only (docs/POLY5.md). A -> B: header, rows
+    and ciphertexts = [[u_A^i]]_A for i = 2..5, power by power, each over the
+    batch's rows. B -> A: ciphertexts = [[cross + s]]_A, B's cross terms
+    with its own powers of u_B, masked per row with fresh uniform s that B
+    keeps in its share. Once per iteration, before steps 1-2; an identical
+    retry is answered by replay.
+    """
     ExchangeResidualShares: _grpc.StreamStreamMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]
     """Steps 1-2. A -> B: header, rows (batch positions in the job's ids) and
     ciphertexts = [[a_S]]_A, the first encrypted data. B -> A: header and
@@ -167,6 +175,14 @@ class PartyServiceAsyncStub(PartyServiceStub):
     may carry a part of the job's rows: positions in the alignment the spec
     names (no id travels). B refuses (NOT_FOUND) an alignment it does not
     hold for this peer, and (INVALID_ARGUMENT) a position outside it.
+    """
+    ExchangeScorePowers: _aio.StreamStreamMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]  # type: ignore[assignment]
+    """Step 0, with residual "poly5" only (docs/POLY5.md). A -> B: header, rows
+    and ciphertexts = [[u_A^i]]_A for i = 2..5, power by power, each over the
+    batch's rows. B -> A: ciphertexts = [[cross + s]]_A, B's cross terms
+    with its own powers of u_B, masked per row with fresh uniform s that B
+    keeps in its share. Once per iteration, before steps 1-2; an identical
+    retry is answered by replay.
     """
     ExchangeResidualShares: _aio.StreamStreamMultiCallable[_common_pb2.StepChunk, _common_pb2.StepChunk]  # type: ignore[assignment]
     """Steps 1-2. A -> B: header, rows (batch positions in the job's ids) and
@@ -302,6 +318,20 @@ class PartyServiceServicer(metaclass=_abc_1.ABCMeta):
         may carry a part of the job's rows: positions in the alignment the spec
         names (no id travels). B refuses (NOT_FOUND) an alignment it does not
         hold for this peer, and (INVALID_ARGUMENT) a position outside it.
+        """
+
+    @_abc_1.abstractmethod
+    def ExchangeScorePowers(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.StepChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.StepChunk], _abc.AsyncIterator[_common_pb2.StepChunk]]:
+        """Step 0, with residual "poly5" only (docs/POLY5.md). A -> B: header, rows
+        and ciphertexts = [[u_A^i]]_A for i = 2..5, power by power, each over the
+        batch's rows. B -> A: ciphertexts = [[cross + s]]_A, B's cross terms
+        with its own powers of u_B, masked per row with fresh uniform s that B
+        keeps in its share. Once per iteration, before steps 1-2; an identical
+        retry is answered by replay.
         """
 
     @_abc_1.abstractmethod

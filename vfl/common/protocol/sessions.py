@@ -52,7 +52,7 @@ from vfl.common.errors import FailedPrecondition, InvalidArgument, OutOfRange
 from vfl.common.jobconfig import JobConfig
 from vfl.common.protocol import steps
 from vfl.common.protocol.optimizers import OptimizerSettings, OptimizerState
-from vfl.common.protocol.residual import PolynomialResidual, ResidualModel
+from vfl.common.protocol.residual import POLY5, PolynomialResidual, ResidualModel
 
 ACTIVE = "active"  # A's name in the maps keyed by party
 
@@ -70,9 +70,11 @@ class TrainingPlan:
 
     @classmethod
     def of(cls, config: JobConfig, model: ResidualModel | PolynomialResidual | None = None) -> TrainingPlan:
-        """From a job's configuration. `model` overrides config.residual:
-        POLY5 has no JobConfig field yet."""
-        return cls(config.residual if model is None else model, OptimizerSettings.of(config), config.l2)
+        """From a job's configuration (config.residual picks POLY5);
+        `model` overrides it (tests and benchmarks)."""
+        if model is None:
+            model = POLY5 if config.residual == "poly5" else config.residual_model
+        return cls(model, OptimizerSettings.of(config), config.l2)
 
     @property
     def polynomial(self) -> PolynomialResidual | None:

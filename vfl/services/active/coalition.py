@@ -54,8 +54,11 @@ class PartyLink:
         return PartyInfo(self.name, self.key, self.features)
 
 
+ONE_PASSIVE = "passive"  # the passive party's name in a session job without VFL_PEERS (residual poly5)
+
+
 def refuse_unserved(config: JobConfig) -> None:
-    """What the k-party job does not serve yet, one refusal naming the field."""
+    """What a session job does not serve yet, one refusal naming the field."""
     if config.validation_every:
         raise InvalidArgument("config.validation_every: not served yet with several passive parties (VFL_PEERS)")
     if config.dp:
@@ -85,6 +88,19 @@ def schedule_for(config: JobConfig, rows: int, p_active: int, links: Sequence[Pa
     return batch_schedule(rows, config.batch_size, config.epochs, config.seed, floor, config.max_iterations)
 
 
+def positions_of(alignment: AlignmentRecord, name: str, parties: int) -> Sequence[int]:
+    """Party `name`'s positions of the alignment's ids in its own alignment
+    with A: the record's party_rows, or, for the one passive party of a
+    two-party alignment, the alignment's own positions."""
+    if name in alignment.party_rows:
+        return alignment.party_rows[name]
+    if parties == 1 and not alignment.party_rows:
+        return range(alignment.size)
+    raise FailedPrecondition(
+        f"alignment_id: alignment {alignment.alignment_id!r} was not run with passive party {name!r}; align again"
+    )
+
+
 def set_up_at_parties(
     links: Sequence[PartyLink],
     job_id: str,
@@ -100,14 +116,9 @@ def set_up_at_parties(
     names, keys and feature counts. `on_set_up` is told of each party before
     its call (from then on it may hold the job). Returns whether every party
     scores any row of its data for the model (VFL_PREDICT_SCOPE=any)."""
-    if sorted(alignment.party_rows) != sorted(link.name for link in links):
-        raise FailedPrecondition(
-            f"alignment_id: alignment {alignment.alignment_id!r} was not run with every passive party of "
-            f"VFL_PEERS ({', '.join(sorted(link.name for link in links))}); align again"
-        )
     any_row = True
     for link in links:
-        own = alignment.party_rows[link.name]
+        own = positions_of(alignment, link.name, len(links))
         positions, held = [own[r] for r in rows], [own[r] for r in holdout_rows]
         on_set_up(link)
         reply = link.client.setup_job(
@@ -273,14 +284,15 @@ def predict_with_parties(
         fp = target_fingerprint(key.public, passive_key)
         if fp.hex() != party["target_fingerprint"]:
             raise FailedPrecondition("model_id: the model was trained under another key of this party")
-        if name not in parties or name not in alignment.party_rows:
+        if name not in parties:
             raise FailedPrecondition(
                 f"model_id: the model was trained with passive party {name!r}, which VFL_PEERS does not name"
             )
-        rows = [alignment.party_rows[name][r] for r in positions]
+        own = positions_of(alignment, name, len(shard["parties"]))
+        rows = [own[r] for r in positions]
         ports[name] = PredictionServicePort(parties[name], model_id, fp, alignment.alignment_id, rows)
     with ThreadPoolExecutor(max_workers=len(ports), thread_name_prefix="active-predict") as pool:
-        model = JobConfig.model_validate(shard["config"]).residual
+        model = TrainingPlan.of(JobConfig.model_validate(shard["config"])).model
         return combined_scores(backend, key, model, u_a, ports, thread_fan_out(pool))
 
 

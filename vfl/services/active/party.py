@@ -238,14 +238,17 @@ class ActiveParty:
                 "labels hold other values (model linear fits them as numbers)"
             )
         p_a = self.data.n_features
-        if self.parties:
+        # Several passive parties, or the polynomial residual (its step 0 is
+        # a session step): the protocol sessions run the job (coalition.py).
+        in_session = bool(self.parties) or config.residual == "poly5"
+        if in_session:
             coalition.refuse_unserved(config)
         with self._lock:
             if job_id in self._jobs or job_id in self._reserved or self.models.exists(job_id):
                 raise AlreadyExists(f"job_id: job {job_id!r} already exists")
             # Reserve the id before the slow set-up.
             self._reserved.add(job_id)
-        if self.parties:
+        if in_session:
             return self._start_with_parties(job_id, config, ids, holdout, positions, alignment, rows, holdout_rows)
         passive_set_up = False
         target_fp = b""
@@ -323,7 +326,7 @@ class ActiveParty:
         p_a = self.data.n_features
         set_up: list[coalition.PartyLink] = []
         try:
-            links = coalition.exchange_keys(self.parties, self.key, self.backend, self.min_peer_bits)
+            links = coalition.exchange_keys(self._session_parties(), self.key, self.backend, self.min_peer_bits)
             schedule = coalition.schedule_for(config, len(ids), p_a, links)
             self.running.save(job_id, links)
             any_row = coalition.set_up_at_parties(
@@ -438,8 +441,7 @@ class ActiveParty:
         (see _fail_unresumable). A job with several passive parties is not
         resumed: it is registered FAILED and released at every party."""
         resumed = 0
-        if self.parties:
-            coalition.fail_interrupted(self.running, self.parties, self._register)
+        coalition.fail_interrupted(self.running, self._session_parties(), self._register)
         for saved in self.checkpoints.load_all():
             if saved.missing == {"state"} and self.models.exists(saved.job_id):
                 # Stopped between storing the model and removing the checkpoint: done.
@@ -634,6 +636,10 @@ class ActiveParty:
             job.publish(job.error)
             return
         self._run(s)
+
+    def _session_parties(self) -> dict[str, PassiveClient]:
+        """The passive parties of a session job: VFL_PEERS, or the one peer."""
+        return self.parties or {coalition.ONE_PASSIVE: self.peer}
 
     def _register(self, job: TrainingJob) -> None:
         with self._lock:
@@ -879,14 +885,16 @@ class ActiveParty:
         if s.sent_validation is not None and s.sent_validation[0] == t:
             a_val = s.sent_validation[1]  # re-sent as it was: B answers a retry by replay
         else:
-            a_val = steps.encrypt_share(self.backend, self.key.public, job.config.residual.active_share(u_val, s.val_y))
+            a_val = steps.encrypt_share(
+                self.backend, self.key.public, job.config.residual_model.active_share(u_val, s.val_y)
+            )
             s.sent_validation = (t, a_val)
         # The best so far, which B keeps; never this check itself (redone after
         # B lost an iteration, it is still the best, and B keeps it anew).
         best = job.best_iteration if job.best_iteration is not None and job.best_iteration < t else None
         header = serde.step_header(job.job_id, t, s.target_fp)
         share = self.peer.validation_share(header, best, a_val, self.key.public)
-        loss = steps.active_loss(u_val, s.val_y, share, self.backend, self.key, job.config.residual)
+        loss = steps.active_loss(u_val, s.val_y, share, self.backend, self.key, job.config.residual_model)
         s.validated_at = t
         job.validation_losses = [(i, v) for i, v in job.validation_losses if i != t] + [(t, loss)]
         if job.best_iteration == t or s.best_loss is None or loss < s.best_loss:
@@ -905,7 +913,7 @@ class ActiveParty:
         header = serde.step_header(s.job.job_id, t, s.target_fp)
         x, y = s.x[batch.rows], s.y[batch.rows]
         u_a = x @ s.w
-        a = steps.active_residual_share(x, s.w, y, s.job.config.residual)
+        a = steps.active_residual_share(x, s.w, y, s.job.config.residual_model)
         # Steps 1-2: send [[a_S]]_A, receive [[b_S]]_B. A retried iteration
         # re-sends the same ciphertexts, which B answers by replay.
         if s.sent_shares is not None and s.sent_shares[0] == t:
@@ -949,7 +957,7 @@ class ActiveParty:
             s.job.dp_epsilon_spent = s.epsilon_spent()
         loss = None
         if loss_share is not None:
-            loss = steps.active_loss(u_a, y, loss_share.result(), self.backend, self.key, s.job.config.residual)
+            loss = steps.active_loss(u_a, y, loss_share.result(), self.backend, self.key, s.job.config.residual_model)
         # Step 5 at A: remove R_A, add X_A^T a, update w_A; checkpoint; then
         # B's step 5, in flight while A starts the next iteration.
         noise_std = 0.0 if s.dp is None else s.dp.passive_noise_std
@@ -1059,7 +1067,14 @@ class ActiveParty:
             at = np.asarray([k for k, _ in pairs], dtype=np.int64)
             if "parties" in shard:
                 part = coalition.predict_with_parties(
-                    self.backend, self.key, shard, self.parties, u_a[at], record, [r for _, r in pairs], model_id
+                    self.backend,
+                    self.key,
+                    shard,
+                    self._session_parties(),
+                    u_a[at],
+                    record,
+                    [r for _, r in pairs],
+                    model_id,
                 )
             else:
                 part = self._two_party_scores(shard, model_id, record.alignment_id, [r for _, r in pairs], u_a[at])

@@ -14,7 +14,7 @@ import grpc
 from vfl.common import psi, serde
 from vfl.common.crypto.backend import CipherVector, PublicKey
 from vfl.common.crypto.pool import GATE
-from vfl.common.errors import FailedPrecondition, InvalidArgument, PeerError, Unavailable
+from vfl.common.errors import InvalidArgument, PeerError, Unavailable
 from vfl.common.jobconfig import JobConfig
 from vfl.common.metrics import CLOCK
 from vfl.common.protocol.phases import Phase
@@ -250,6 +250,13 @@ class PassiveClient:
             name, lambda: serde.from_chunks([self._received(name, unary(one, timeout=self.timeout_s))], name)
         )
 
+    def exchange_score_powers(
+        self, header: common_pb2.StepHeader, rows: Sequence[int], powers: CipherVector
+    ) -> serde.StepMessage:
+        """Step 0 (residual poly5): always streamed (four ciphertexts per row)."""
+        parts = list(serde.to_chunks(header, rows=rows, ciphers=powers))
+        return self._stream("ExchangeScorePowers", self._stub.ExchangeScorePowers, iter(parts))
+
     def exchange_residual_shares(
         self, header: common_pb2.StepHeader, rows: Sequence[int], a_enc: CipherVector, reply_width: int
     ) -> serde.StepMessage:
@@ -404,8 +411,8 @@ class PartyServicePort:
         return serde.step_header(self.job_id, t, self.target_fp)
 
     def exchange_score_powers(self, t: int, rows: Sequence[int], powers: CipherVector) -> CipherVector:
-        # PartyService has no step-0 RPC yet: the polynomial residual runs in the sessions only.
-        raise FailedPrecondition("residual poly5: not served by the passive service yet (docs/POLY5.md)")
+        reply = self.client.exchange_score_powers(self._header(t), rows, powers)
+        return reply.ciphers(self.active_key, "[[cross + s]]_A")
 
     def exchange_residual_shares(self, t: int, rows: Sequence[int], a_enc: CipherVector) -> CipherVector:
         reply = self.client.exchange_residual_shares(self._header(t), rows, a_enc, self.passive_key.cipher_width)

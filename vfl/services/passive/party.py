@@ -312,7 +312,8 @@ class PassiveParty:
         ]
         if unserved:
             raise FailedPrecondition(
-                f"config.{unserved[0]}: not served yet with several passive parties (set it to 0); see docs/PARTIES.md"
+                f"config.{unserved[0]}: not served yet with several passive parties or residual poly5 (set it to 0); "
+                "see docs/PARTIES.md"
             )
 
     def _shard_peer(self, model_id: str) -> str | None:
@@ -338,7 +339,10 @@ class PassiveParty:
         peers: Sequence[PartyInfo] = (),
     ) -> SetupReply:
         check_job_id(job_id)
-        if peers:
+        # Other passive parties, or the polynomial residual (its step 0 is a
+        # session step): the job runs through this party's PassiveSession.
+        in_session = bool(peers) or config.residual == "poly5"
+        if in_session:
             self._check_several_parties(config, party_name, peers)
         active_key = self._targets.get(target_fp)
         if active_key is None:
@@ -380,7 +384,7 @@ class PassiveParty:
             "active_clip_norm": active_clip_norm,
             "peer": peer,
         }
-        if peers:
+        if in_session:
             request["party_name"] = party_name
             request["peers"] = [{"name": p.name, "key": p.key.to_dict(), "features": p.features} for p in peers]
         repeated = self._repeated_setup(request)
@@ -475,7 +479,7 @@ class PassiveParty:
         )
         job.expected = expected
         job.x_val = x_val
-        if peers:
+        if "party_name" in setup:  # a session job (see setup_job)
             me = PartyInfo(str(setup["party_name"]), self.key.public, self.data.n_features)
             active = PartyInfo(ACTIVE, job.active_key, active_features)
             job.session = PassiveSession(me.name, self.backend, self.key, x, w0, TrainingPlan.of(config), active, peers)
@@ -511,10 +515,10 @@ class PassiveParty:
                 continue
             setup, state = saved.setup, saved.state
             assert setup is not None and state is not None
-            if setup.get("peers"):
+            if "party_name" in setup:
                 problem = (
-                    f"job {saved.job_id}: a job with several passive parties keeps its state in memory only "
-                    "and cannot resume after a restart (docs/PARTIES.md)"
+                    f"job {saved.job_id}: a job with several passive parties (or residual poly5) keeps its state "
+                    "in memory only and cannot resume after a restart (docs/PARTIES.md)"
                 )
                 self._unresumable_job(saved.job_id, setup, problem, damaged=False)
                 continue
@@ -623,7 +627,9 @@ class PassiveParty:
             job.loss = None
             job.step4_sent.clear()
             if job.loss_iteration(iteration):
-                job.loss = self._loss.submit(self._loss_after_step4, job.step4_sent, a_enc, u, job.config.residual)
+                job.loss = self._loss.submit(
+                    self._loss_after_step4, job.step4_sent, a_enc, u, job.config.residual_model
+                )
             job.rows, job.a_enc, job.u, job.b, job.loss_sent = rows, a_enc, u, b, False
             job.phase = Phase.GRADIENTS
             job.answered = {"shares": (digest, b_enc)}
@@ -639,7 +645,9 @@ class PassiveParty:
     def _session_of(self, job_id: str, target_fp: bytes) -> tuple[PassiveJob, PassiveSession]:
         job = self._job(job_id, target_fp)
         if job.session is None:
-            raise FailedPrecondition(f"header.job_id: job {job_id[:64]!r} has no other passive party")
+            raise FailedPrecondition(
+                f"header.job_id: job {job_id[:64]!r} has no other passive party and residual {job.config.residual}"
+            )
         return job, job.session
 
     def _session_shares(self, job: PassiveJob, iteration: int, msg: StepMessage) -> CipherVector:
@@ -650,6 +658,17 @@ class PassiveParty:
                 raise InvalidArgument(f"rows: not the rows of iteration {iteration} of the job's agreed schedule")
             a_enc = msg.ciphers(job.active_key, "ciphertexts")
             return job.session.exchange_residual_shares(iteration, rows.tolist(), a_enc)
+
+    @GATE.working
+    def session_score_powers(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> CipherVector:
+        """Step 0 (residual poly5): [[cross + s]]_A for the batch's rows of the agreed schedule."""
+        job, session = self._session_of(job_id, target_fp)
+        with job.lock, self._refusal_ends_job(job):
+            rows = rows_array(msg.rows, job.x.shape[0], "rows")
+            if iteration >= len(job.expected) or not np.array_equal(rows, job.expected[iteration].rows):
+                raise InvalidArgument(f"rows: not the rows of iteration {iteration} of the job's agreed schedule")
+            powers = msg.ciphers(job.active_key, "ciphertexts")
+            return session.exchange_score_powers(iteration, rows.tolist(), powers)
 
     @GATE.working
     def session_masked_gradients(
@@ -741,7 +760,7 @@ class PassiveParty:
         """u_B and B's residual share b for the rows (b = u_B / 4 for the
         Taylor residual, u_B for linear); under DP, b clipped to the bound
         B's noise on z_A is calibrated to (and u_B = 4 b with it)."""
-        model = job.config.residual
+        model = job.config.residual_model
         b = steps.passive_residual_share(job.x[rows], job.w, model)
         if job.config.dp:
             b = np.clip(b, -self.policy.dp_share_clip, self.policy.dp_share_clip)
@@ -876,7 +895,7 @@ class PassiveParty:
                 job.loss_sent = True
                 if job.loss is None:
                     job.loss = self._loss.submit(
-                        steps.passive_loss_share, self.backend, job.a_enc, job.u, job.config.residual
+                        steps.passive_loss_share, self.backend, job.a_enc, job.u, job.config.residual_model
                     )
                 pending = job.loss
                 job.answered["loss"] = (b"", pending)
@@ -925,7 +944,7 @@ class PassiveParty:
             a_val = msg.ciphers(job.active_key, "[[a_V]]_A")
             a_val.require_length(len(job.x_val), "[[a_V]]_A")
             with GATE.busy():
-                share = steps.passive_loss_share(self.backend, a_val, job.x_val @ job.w, job.config.residual)
+                share = steps.passive_loss_share(self.backend, a_val, job.x_val @ job.w, job.config.residual_model)
             job.candidates = {k: w for k, w in job.candidates.items() if k == best}
             job.candidates[t] = job.w.copy()
             job.answered["validation"] = (digest, share)

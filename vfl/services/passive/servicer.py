@@ -166,6 +166,17 @@ class PartyServicer(party_pb2_grpc.PartyServiceServicer):
         return one
 
     @rpc_method
+    def ExchangeScorePowers(
+        self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext
+    ) -> Iterator[common_pb2.StepChunk]:
+        with CLOCK.phase("handler_steps"):
+            msg = serde.from_chunks(request_iterator, "ExchangeScorePowers")
+            h = msg.require_header("ExchangeScorePowers")
+            reply = self.party.session_score_powers(h.job_id, h.iteration, h.target_fingerprint, msg)
+            parts = list(serde.to_chunks(h, ciphers=reply))
+        yield from parts
+
+    @rpc_method
     def ExchangeResidualShares(
         self, request_iterator: Iterator[common_pb2.StepChunk], context: grpc.ServicerContext
     ) -> Iterator[common_pb2.StepChunk]:
