@@ -121,13 +121,18 @@ def test_what_a_k_party_job_does_not_serve_is_refused_and_a_restart_fails_the_jo
             unserved = [
                 ({"validation_every": 2}, "config.validation_every"),
                 ({"dp_epsilon": 2.0, "loss_every": 0}, "config.dp_epsilon"),
+                ({"residual": "poly5", "loss_every": 0}, "config.residual"),
             ]
             for update, field in unserved:
                 config = JobConfig.model_validate({**CONFIG.model_dump(), **update})
                 with pytest.raises(grpc.RpcError) as info:
                     client.start_training(config, breast.train_ids, holdout_ids=breast.test_ids, alignment_id="both")
                 assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert info.value.details().startswith(f"{field}: not served yet with several passive parties")
+                assert info.value.details().startswith(field), info.value.details()
+                assert (
+                    "several passive parties" in info.value.details()
+                    or "one passive party only" in info.value.details()
+                )
             # A restarts in the middle of a long job: the job is FAILED with the reason, and both B's let it go.
             long = JobConfig.model_validate({**CONFIG.model_dump(), "epochs": 50, "max_iterations": 0})
             client.start_training(long, breast.train_ids, job_id="cut", alignment_id="both")

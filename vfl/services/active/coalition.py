@@ -57,8 +57,13 @@ class PartyLink:
 ONE_PASSIVE = "passive"  # the passive party's name in a session job without VFL_PEERS (residual poly5)
 
 
-def refuse_unserved(config: JobConfig) -> None:
+def refuse_unserved(config: JobConfig, passive_parties: int) -> None:
     """What a session job does not serve yet, one refusal naming the field."""
+    if config.residual == "poly5" and passive_parties > 1:
+        raise InvalidArgument(
+            "config.residual: poly5 is served with one passive party only (its cross terms between passive "
+            "parties are not built)"
+        )
     if config.validation_every:
         raise InvalidArgument("config.validation_every: not served yet with several passive parties (VFL_PEERS)")
     if config.dp:

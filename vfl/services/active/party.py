@@ -242,7 +242,7 @@ class ActiveParty:
         # a session step): the protocol sessions run the job (coalition.py).
         in_session = bool(self.parties) or config.residual == "poly5"
         if in_session:
-            coalition.refuse_unserved(config)
+            coalition.refuse_unserved(config, len(self._session_parties()))
         with self._lock:
             if job_id in self._jobs or job_id in self._reserved or self.models.exists(job_id):
                 raise AlreadyExists(f"job_id: job {job_id!r} already exists")

@@ -302,6 +302,8 @@ class PassiveParty:
             self.backend.require_scheme(p.key, f"spec.peers[{p.name}].key")
             if p.features < 1:
                 raise InvalidArgument(f"spec.peers[{p.name}].features: expected at least 1")
+        if peers and config.residual == "poly5":
+            raise FailedPrecondition("config.residual: poly5 is served with one passive party only")
         unserved = [
             name
             for name, on in (
