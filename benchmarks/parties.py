@@ -1,8 +1,8 @@
 """`make bench BENCH=parties`: one active and k = 1, 2, 3, 4 passive parties
 on the synthetic 30,000 x (13 + 10) set, the 10 passive columns split across
 the k parties, through the protocol sessions of vfl/common/protocol/sessions.py
-in one process (2048-bit OU keys; no gRPC, no network: the services run the
-pairwise protocol with k = 1 so far).
+in one process (2048-bit OU keys; no gRPC, no network). benchmarks/parties_services.py
+runs the same over the real services.
 
 Per iteration and per party: the time spent in that party's own steps, and
 the bytes it would send and receive on the wire (ciphertexts and residues at

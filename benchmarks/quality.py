@@ -2,7 +2,7 @@
 reference, `vfl.common.protocol.reference.train_plain`, which the services
 match to 1e-4) against scikit-learn's LogisticRegression (lbfgs) on the same
 split, for the Taylor residual (what the services run) and the degree-5
-polynomial (POLY5: in the protocol sessions, not yet in the services), over a small grid of optimisers,
+polynomial (POLY5: a per-job choice, `residual poly5`, with one passive party), over a small grid of optimisers,
 learning rates, decays, batch sizes, L2 penalties and stopping rules.
 
 `python -m benchmarks.quality [--quick] [--json OUT]`, or through the harness
@@ -619,7 +619,7 @@ def report_section(records: Sequence[dict[str, Any]]) -> list[str]:
         "training rows, each party's columns standardised with its own training statistics as the services do), "
         "on the 80/20 split of `vfl demo` (`split_ids(..., 0.2, 42)`). Initial weights N(0, 0.01) from fixed "
         "seeds; the batch order is the job's (seed 42). Grid: the Taylor residual (what the services run) and "
-        "POLY5 (in the protocol sessions, not yet in the services; docs/POLY5.md); sgd lr 0.15 / 0.5, "
+        "POLY5 (`residual poly5`, docs/POLY5.md); sgd lr 0.15 / 0.5, "
         "momentum 0.015 / 0.05, adam "
         "0.01 / 0.05; lr_decay none / inverse_time (r 0.5, k 100); batch 64 / 256; l2 0.01 / 0.001; stopping "
         "by fixed epochs (short / long: "

@@ -2,7 +2,7 @@
 the fit, the split of P(u_A + u_B) into own and cross terms, element-wise
 ciphertext-by-plaintext products, and step 0 with real keys in one process
 (shares that sum to P(u) - y, a cross term A cannot read, A's range check).
-Not yet wired into the services (docs/POLY5.md)."""
+Through the services: tests/test_poly5_service.py (docs/POLY5.md)."""
 
 from __future__ import annotations
 

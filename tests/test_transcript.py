@@ -295,7 +295,8 @@ def positions(run, ids: list[str]) -> list[int]:
 
 # The configuration's string fields: each one of a fixed set of names.
 CONFIG_CHOICES = {
-    name: typing.get_args(JobConfig.model_fields[name].annotation) for name in ("model", "optimizer", "lr_decay", "residual")
+    name: typing.get_args(JobConfig.model_fields[name].annotation)
+    for name in ("model", "optimizer", "lr_decay", "residual")
 }
 
 
