@@ -347,5 +347,22 @@ def _unblinded_psi_points() -> None:
     alignment.blind_own_ids = blind_own_ids
 
 
+@plant("poly5-unmasked-cross")
+def _poly5_unmasked_cross() -> None:
+    """tests/attacks/test_poly5_step0.py: B answers step 0 of the polynomial
+    residual with its cross terms unmasked (s = 0), so A reads them."""
+    from vfl.common.protocol import steps
+
+    masked = steps.masked_cross_terms
+
+    def unmasked(backend, powers, u_passive, model):  # type: ignore[no-untyped-def]
+        out = masked(backend, powers, u_passive, model)
+        key = powers.key
+        minus = backend.encrypt(key, [(-v) % key.n for v in out.mask])
+        return steps.MaskedCross(backend.add(out.ciphers, minus), tuple(0 for _ in out.mask))
+
+    steps.masked_cross_terms = unmasked
+
+
 if __name__ == "__main__":
     main()
