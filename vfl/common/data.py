@@ -8,7 +8,7 @@ from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -238,3 +238,184 @@ def check_ids(ids: Sequence[str], what: str) -> None:
         raise InvalidArgument(
             f"{what}: {len(repeated)} ids are listed more than once (the first repeat at position {repeated[0]})"
         )
+
+
+# --- large tables: pyarrow, in chunks ----------------------------------------
+
+FEATURE_DTYPES = ("float64", "float32")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+CHUNK_ROWS = 65_536
+_CSV_BLOCK_BYTES = 16 << 20
+
+
+def load_party_table(
+    path: Path,
+    id_column: str = "id",
+    label_column: str | None = None,
+    option: str = "VFL_DATA_CSV",
+    dtype: str = "float64",
+) -> PartyData:
+    """A party's table from CSV or Parquet (by suffix), read through pyarrow in
+    chunks into one preallocated feature array of `dtype`: peak memory is the
+    array and the ids, not a copy of the file. The same checks as
+    load_party_csv; for a CSV that pyarrow's reader or a check refuses, the
+    file is read again by load_party_csv, whose message names the line."""
+    if dtype not in FEATURE_DTYPES:
+        raise ConfigError(f"{option}: feature dtype {dtype!r}, expected one of {FEATURE_DTYPES}")
+    where = f"{option}: {path}"
+    if not path.exists():
+        raise ConfigError(f"{where}: no such file")
+    if not path.is_file():
+        raise ConfigError(f"{where}: not a regular file; expected a CSV or Parquet file")
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        return _load_parquet(path, id_column, label_column, where, np.dtype(dtype))
+    try:
+        return _load_csv_arrow(path, id_column, label_column, where, np.dtype(dtype))
+    except (_SlowPath, ConfigError):
+        data = load_party_csv(path, id_column, label_column, option)
+        return PartyData(data.ids, data.features.astype(dtype, copy=False), data.feature_names, data.labels)
+
+
+class _SlowPath(Exception):
+    """The fast reader refused the file: let load_party_csv say where."""
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    with path.open("rb") as fh:
+        while block := fh.read(_CSV_BLOCK_BYTES):
+            count += block.count(b"\n")
+    return count + 1
+
+
+@dataclass
+class _Filling:
+    """The preallocated table being filled chunk by chunk."""
+
+    where: str
+    features: np.ndarray
+    labels: np.ndarray | None
+    ids: list[str] = field(default_factory=list)
+    rows: int = 0
+
+    def add(self, ids: list[str], feats: list[np.ndarray], labels: np.ndarray | None, names: list[str]) -> None:
+        n, start = len(ids), self.rows
+        if start + n > self.features.shape[0]:
+            raise _SlowPath
+        for j, col in enumerate(feats):
+            bad = ~np.isfinite(col)
+            if bad.any():
+                row = start + int(np.flatnonzero(bad)[0]) + 1
+                raise _BadCell(self.where, row, names[j], "expected a finite number")
+            self.features[start : start + n, j] = col
+        if self.labels is not None and labels is not None:
+            bad = ~np.isfinite(labels) | (np.abs(labels) > LABEL_BOUND)
+            if bad.any():
+                row = start + int(np.flatnonzero(bad)[0]) + 1
+                raise _BadCell(
+                    self.where, row, "label", f"expected a label (0 or 1, or a number within +-{LABEL_BOUND:g})"
+                )
+            self.labels[start : start + n] = labels
+        self.ids.extend(ids)
+        self.rows += n
+
+    def result(self, names: list[str]) -> PartyData:
+        if not self.rows:
+            raise ConfigError(f"{self.where}: no data rows; expected at least one row")
+        ids = self.ids
+        if any(not i for i in ids):
+            first = next(k for k, i in enumerate(ids) if not i)
+            raise ConfigError(f"{self.where}: data row {first + 1}: empty id")
+        data = PartyData(
+            ids=ids,
+            # A view of the filled rows: no copy (the unused tail is at most a few lines).
+            features=self.features[: self.rows],
+            feature_names=names,
+            labels=self.labels[: self.rows] if self.labels is not None else None,
+        )
+        if len(data._index) != len(ids):
+            seen: dict[str, int] = {}
+            for k, i in enumerate(ids):
+                if i in seen:
+                    raise ConfigError(
+                        f"{self.where}: data row {k + 1}: the id of data row {seen[i] + 1} again; expected unique ids"
+                    )
+                seen[i] = k
+        return data
+
+
+class _BadCell(ConfigError, _SlowPath):
+    def __init__(self, where: str, row: int, column: str, expected: str) -> None:
+        super().__init__(f"{where}: data row {row}, column {column!r}: {expected}")
+
+
+def _columns(header: list[str], id_column: str, label_column: str | None, where: str) -> list[str]:
+    if id_column not in header:
+        raise ConfigError(f"{where}: id column {id_column!r} not in the columns {header}")
+    if label_column is not None and label_column not in header:
+        raise ConfigError(f"{where}: label column {label_column!r} not in the columns {header}")
+    names = [h for h in header if h not in (id_column, label_column)]
+    if not names:
+        raise ConfigError(f"{where}: no feature columns besides {id_column!r}")
+    return names
+
+
+def _load_parquet(path: Path, id_column: str, label_column: str | None, where: str, dtype: np.dtype) -> PartyData:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ConfigError(f"{where}: not a readable Parquet file ({str(exc)[:120]})") from None
+    schema = pf.schema_arrow
+    names = _columns(list(schema.names), id_column, label_column, where)
+    for name in [*names, *([label_column] if label_column else [])]:
+        kind = schema.field(name).type
+        if not (pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
+            raise ConfigError(f"{where}: column {name!r} is of type {kind}; expected numbers")
+    n = pf.metadata.num_rows
+    fill = _Filling(where, np.empty((n, len(names)), dtype), np.empty(n) if label_column else None)
+    wanted = [id_column, *names, *([label_column] if label_column else [])]
+    for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
+        ids = [("" if i is None else str(i).strip()) for i in batch.column(id_column).to_pylist()]
+        feats = [_float_column(batch.column(c)) for c in names]
+        labels = _float_column(batch.column(label_column)) if label_column else None
+        fill.add(ids, feats, labels, names)
+    return fill.result(names)
+
+
+def _float_column(column: Any) -> np.ndarray:
+    # Nulls become NaN, which the finiteness check refuses with the row.
+    return np.asarray(column.cast("float64").to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def _load_csv_arrow(path: Path, id_column: str, label_column: str | None, where: str, dtype: np.dtype) -> PartyData:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    with path.open("rb") as fh:
+        try:
+            header = [h.strip() for h in next(csv.reader([fh.readline().decode("utf-8-sig")]))]
+        except (StopIteration, UnicodeDecodeError, csv.Error):
+            raise _SlowPath from None
+    names = _columns(header, id_column, label_column, where)
+    if len(set(header)) != len(header):
+        raise _SlowPath
+    types = {h: pa.float64() for h in header} | {id_column: pa.string()}
+    n = _count_lines(path)
+    fill = _Filling(where, np.empty((n, len(names)), dtype), np.empty(n) if label_column else None)
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES, column_names=header, skip_rows=1),
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+        )
+        for batch in reader:
+            ids = [i.strip() for i in batch.column(id_column).to_pylist()]
+            feats = [_float_column(batch.column(c)) for c in names]
+            labels = _float_column(batch.column(label_column)) if label_column else None
+            fill.add(ids, feats, labels, names)
+    except (pa.ArrowException, UnicodeDecodeError):
+        raise _SlowPath from None
+    return fill.result(names)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from vfl.common.crypto import HEBackend, PrivateKey, get_backend
 from vfl.common.crypto.keystore import MIN_KEY_BITS, MIN_TEST_KEY_BITS, load_or_create_keypair
-from vfl.common.data import PartyData, load_party_csv
+from vfl.common.data import PartyData, load_party_table
 from vfl.common.errors import ConfigError, InvalidArgument
 from vfl.common.metrics import TimedBackend
 from vfl.common.oserrors import StorageFull, StorageRefused, check_port_free, config_storage_error
@@ -24,6 +24,17 @@ class PartyResources:
     min_peer_bits: int  # the smallest peer key this party accepts
 
 
+def compute_backend(settings: PartySettings) -> HEBackend:
+    """The backend of VFL_BACKEND, on this process (VFL_COMPUTE=local) or on
+    this party's Ray cluster (VFL_COMPUTE=ray, vfl.common.crypto.ray_engine)."""
+    if settings.compute == "local":
+        return get_backend(settings.backend)
+    from vfl.common.crypto.ray_engine import RayBackend
+
+    get_backend(settings.backend)  # an unknown name is VFL_BACKEND's error, before Ray starts
+    return RayBackend(settings.backend, settings.ray_address, settings.ray_workers)
+
+
 def load_party(settings: PartySettings, label_column: str | None = None) -> PartyResources:
     """Everything a party loads at start; a problem exits 2 with one line.
     The port is checked first, so that a taken port is not found only after
@@ -31,10 +42,10 @@ def load_party(settings: PartySettings, label_column: str | None = None) -> Part
     with config_errors():
         check_port_free(settings.host, settings.port)
         try:
-            backend = TimedBackend(get_backend(settings.backend))
+            backend = TimedBackend(compute_backend(settings))
         except InvalidArgument as exc:
             raise ConfigError(f"VFL_BACKEND: {exc}") from None
-        data = load_party_csv(settings.data_csv, settings.id_column, label_column)
+        data = load_party_table(settings.data_csv, settings.id_column, label_column, dtype=settings.feature_dtype)
         try:
             key = load_or_create_keypair(settings.data_dir, backend, settings.key_bits, settings.test_mode)
         except OSError as exc:

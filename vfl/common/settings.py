@@ -117,7 +117,9 @@ def read_relay_token(token: str | None, token_file: Path | None) -> str | None:
 
 
 class PartySettings(ServiceSettings):
-    data_csv: Path = Field(..., description="this party's CSV: an id column and numeric features")
+    data_csv: Path = Field(
+        ..., description="this party's table, CSV or Parquet (.parquet): an id column and numeric features"
+    )
     id_column: str = Field("id", min_length=1, description="name of the id column")
     key_bits: int = Field(2048, ge=128, le=8192, description="modulus size of this party's key in bits")
     test_mode: bool = Field(False, description="allow keys under 2048 bits (tests only)")
@@ -138,8 +140,35 @@ class PartySettings(ServiceSettings):
         DEFAULT_BACKEND, description="crypto backend: ou (default), paillier (both gmpy2), phe (reference)"
     )
     crypto_workers: int = Field(
-        0, ge=0, le=256, description="processes for large X^T [[v]] products (0 = one per core, 1 = in-process)"
+        0,
+        ge=0,
+        le=256,
+        description="VFL_COMPUTE=local: processes for large X^T [[v]] products (0 = one per core, 1 = in-process)",
     )
+    compute: Literal["local", "ray"] = Field(
+        "local",
+        description="where this party's large crypto operations run: local (this process and its pool) or ray "
+        "(this party's own Ray cluster; pip install 'vfl[ray]')",
+    )
+    ray_address: str = Field(
+        "",
+        max_length=512,
+        description="VFL_COMPUTE=ray: address of this party's Ray cluster (host:port of its head, or auto); "
+        "empty starts a Ray instance on this machine",
+    )
+    ray_workers: int = Field(
+        0, ge=0, le=4096, description="VFL_COMPUTE=ray: crypto worker actors (0 = one per CPU of the cluster)"
+    )
+    feature_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="how this party holds its features in memory (float32 halves it)"
+    )
+
+    @model_validator(mode="after")
+    def _ray_options_need_ray(self) -> PartySettings:
+        if self.compute != "ray" and (self.ray_address or self.ray_workers):
+            raise ValueError("VFL_RAY_ADDRESS, VFL_RAY_WORKERS: only with VFL_COMPUTE=ray")
+        return self
+
     dp_clip_norm: float = Field(
         0.0,
         ge=0,

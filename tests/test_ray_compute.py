@@ -1,0 +1,174 @@
+"""VFL_COMPUTE=ray on a real two-node Ray cluster on this machine
+(`ray.cluster_utils.Cluster`: a head and a second node, each its own raylet
+and worker processes). Both parties' protocol sessions run one job; the
+passive party's crypto runs on the cluster through `RayBackend`, with blocks
+small enough that every encryption and product of the job is split.
+
+- The model is the one the local engine gives, bit for bit: only the masks'
+  randomness differs, and masks cancel exactly.
+- The blocks ran on both nodes (each answer names the node it ran on).
+- A worker killed with SIGKILL in the middle of a job is restarted by Ray, its
+  block retried after the key is sent again, and the model is still the same.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import TEST_KEY_BITS
+from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
+from vfl.common.crypto import HEBackend, get_backend
+from vfl.common.crypto.backend import CipherVector, PrivateKey
+from vfl.common.data import Scaler, load_party_csv
+from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol.batching import batch_schedule, coalition_feature_counts, min_batch_size
+from vfl.common.protocol.reference import with_intercept
+from vfl.common.protocol.sessions import ACTIVE, ActiveSession, GradientReply, PartyInfo, PassiveSession, TrainingPlan
+
+ray = pytest.importorskip("ray", reason="VFL_COMPUTE=ray needs the ray extra (make install installs it)")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from vfl.common.crypto.ray_engine import RayBackend  # noqa: E402
+
+CONFIG = JobConfig(batch_size=64, epochs=1, learning_rate=0.1, l2=0.01, seed=5, max_iterations=6)
+LOCAL = get_backend("ou")
+
+
+@cache
+def party_keys() -> tuple[PrivateKey, PrivateKey]:
+    return LOCAL.generate_keypair(TEST_KEY_BITS), LOCAL.generate_keypair(TEST_KEY_BITS)
+
+
+@cache
+def breast() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    active, passive = load_party_csv(BUNDLED_ACTIVE, "id", "y"), load_party_csv(BUNDLED_PASSIVE, "id", None)
+    train, _, _ = split_ids(BUNDLED_ACTIVE, "id", "y", 0.2, 42)
+    xa = active.features[active.positions(train, "train")]
+    xb = passive.features[passive.positions(train, "train")]
+    assert active.labels is not None
+    y = active.labels[active.positions(train, "train")]
+    return with_intercept(Scaler.fit(xa).transform(xa)), y, Scaler.fit(xb).transform(xb)
+
+
+class KillingPort:
+    """B's session; at iteration `kill_at` a thread SIGKILLs one Ray worker
+    while B's step 1-2 (its share's encryption, on the cluster) is running."""
+
+    def __init__(self, session: PassiveSession, kill: Any = None, kill_at: int = -1) -> None:
+        self.session, self.kill, self.kill_at = session, kill, kill_at
+
+    def exchange_residual_shares(self, t: int, rows: Sequence[int], a_enc: CipherVector) -> CipherVector:
+        if t == self.kill_at:
+            threading.Thread(target=self.kill).start()
+        return self.session.exchange_residual_shares(t, rows, a_enc)
+
+    def exchange_masked_gradients(
+        self, t: int, active_gradient: CipherVector, peer_shares: Mapping[str, CipherVector]
+    ) -> GradientReply:
+        return self.session.exchange_masked_gradients(t, active_gradient, peer_shares)
+
+    def decrypt_peer_gradients(self, t: int, gradients: Mapping[str, CipherVector]) -> Mapping[str, list[int]]:
+        return self.session.decrypt_peer_gradients(t, gradients)
+
+    def apply_gradient(self, t: int, decryptions: Mapping[str, list[int]]) -> None:
+        self.session.apply_gradient(t, decryptions)
+
+    def loss_cross_terms(self, t: int) -> Mapping[str, CipherVector]:
+        return self.session.loss_cross_terms(t)
+
+    def decrypt_loss_terms(self, t: int, terms: Mapping[str, CipherVector]) -> None:
+        self.session.decrypt_loss_terms(t, terms)
+
+    def loss_share(self, t: int) -> CipherVector:
+        return self.session.loss_share(t)
+
+
+def train(passive_backend: HEBackend, kill: Any = None, kill_at: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """One job (same keys, initial weights and batches every time); A's and
+    B's weights at the end."""
+    xa, y, xb = breast()
+    ka, kb = party_keys()
+    plan = TrainingPlan.of(CONFIG)
+    rng = np.random.default_rng(3)
+    w0_a, w0_b = rng.normal(0, 0.01, xa.shape[1]), rng.normal(0, 0.01, xb.shape[1])
+    b_info = PartyInfo("passive", kb.public, xb.shape[1])
+    a_info = PartyInfo(ACTIVE, ka.public, xa.shape[1] - 1)
+    passive_backend.prepare(kb)
+    session = PassiveSession("passive", passive_backend, kb, xb, w0_b, plan, a_info, [])
+    port = KillingPort(session, kill, kill_at)
+    active = ActiveSession(LOCAL, ka, xa, y, w0_a, plan, [b_info], {"passive": port})  # type: ignore[dict-item]
+    pa, pb = coalition_feature_counts(xa.shape[1] - 1, [xb.shape[1]])
+    floor = min_batch_size(pa, pb, False)
+    for t, batch in enumerate(batch_schedule(len(y), CONFIG.batch_size, 1, CONFIG.seed, floor, CONFIG.max_iterations)):
+        active.iteration(t, batch.rows.tolist())
+    return active.w.copy(), session.w.copy()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    c.add_node(num_cpus=1)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_backend(cluster: Cluster) -> Iterator[RayBackend]:
+    # Blocks small enough that every encryption of a 64-row share and every
+    # 30 x 64 product goes to the cluster.
+    backend = RayBackend("ou", cluster.address, min_block=16, min_terms=64)
+    yield backend
+    backend.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_model() -> tuple[np.ndarray, np.ndarray]:
+    return train(LOCAL)
+
+
+def test_two_nodes_run_the_blocks_and_give_the_local_model(
+    ray_backend: RayBackend, local_model: tuple[np.ndarray, np.ndarray]
+) -> None:
+    nodes = {node for node, _ in ray_backend.worker_processes()}
+    assert len(nodes) == 2, "one crypto worker per node of the two-node cluster"
+    before = sum(ray_backend.blocks_by_node.values())
+    wa, wb = train(ray_backend)
+    ran = ray_backend.blocks_by_node
+    assert sum(ran.values()) - before >= 2 * CONFIG.max_iterations, "every iteration's share and product split"
+    assert set(ran) == nodes, f"blocks ran on {len(set(ran))} of the 2 nodes"
+    assert ray_backend.local_blocks == 0
+    # Bit for bit: the masks differ, and cancel exactly.
+    assert np.array_equal(wa, local_model[0])
+    assert np.array_equal(wb, local_model[1])
+
+
+def test_a_worker_killed_mid_job_gives_the_same_model(
+    ray_backend: RayBackend, local_model: tuple[np.ndarray, np.ndarray]
+) -> None:
+    victim = ray_backend.worker_processes()[1]
+    killed = threading.Event()
+
+    def kill() -> None:
+        # Into the middle of B's encryption blocks of this iteration.
+        time.sleep(0.005)
+        os.kill(victim[1], signal.SIGKILL)
+        killed.set()
+
+    retried = ray_backend.retried_blocks
+    wa, wb = train(ray_backend, kill=kill, kill_at=2)
+    assert killed.wait(5)
+    assert victim not in ray_backend.worker_processes(), "the killed worker was replaced"
+    assert len(ray_backend.worker_processes()) == 2
+    assert ray_backend.retried_blocks > retried, "a block of the killed worker was tried again"
+    assert np.array_equal(wa, local_model[0])
+    assert np.array_equal(wb, local_model[1])
