@@ -57,7 +57,7 @@ demo: $(STAMP) ## local federation: train on the bundled breast data, predict th
 certs: $(STAMP) ## CA + certificate and key for active, passive, assistant, client in ./certs (NAMES=a,b: more clients)
 	$(VENV)/bin/vfl certs --out certs $(if $(NAMES),--names $(NAMES))
 
-# make bench BENCH=primitives|breast|synthetic|sweep|load|soak|psi|parties|poly5|quality runs one workload; BENCH_ARGS passes more options
+# make bench BENCH=primitives|breast|synthetic|sweep|load|soak|psi|parties|poly5|quality|scale runs one workload; BENCH_ARGS passes more options
 # (e.g. BENCH_ARGS="--backends ou,phe" or "--quick"). soak (30 min through a faulty network; VFL_SOAK_MINUTES=M
 # sets its length, --quick makes it about 1) is not part of BENCH=all.
 BENCH ?= all

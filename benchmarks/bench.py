@@ -1,5 +1,5 @@
 """Benchmark harness: `python -m benchmarks.bench --bench {all,primitives,breast,synthetic,sweep,load,soak,psi,
-parties,poly5,quality}` (all: every workload but the 30-minute soak).
+parties,poly5,quality,scale}` (all: every workload but the 30-minute soak).
 
 Runs the real federation (three processes, gRPC through the assistant,
 2048-bit keys) per backend, records each run in benchmarks/results.json
@@ -81,7 +81,7 @@ def _stamp(
 
 def _skip_records(workload: str, skipped: dict[str, str]) -> list[dict[str, Any]]:
     # The sweep, the load and the soak use one backend by design: an absent one is not a gap there.
-    if workload in ("sweep", "load", "soak", "psi", "quality"):
+    if workload in ("sweep", "load", "soak", "psi", "quality", "scale"):
         return []
     return [{"name": workload, "case": "", "backend": b, "skipped": why} for b, why in skipped.items()]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import parties, parties_services, poly_cost, psi_federation, quality, results
+from benchmarks import parties, parties_services, poly_cost, psi_federation, quality, results, scale
 from benchmarks import psi as psi_bench
 from benchmarks.results import Record
 
@@ -616,6 +616,9 @@ def render(records: list[Record], quick: bool, plot_link: str | None) -> str:
     while lines and not lines[-1]:
         lines.pop()
     lines += ["", *quality.report_section(records)]
+    while lines and not lines[-1]:
+        lines.pop()
+    lines += ["", *scale.report_section(records)]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -13,6 +13,8 @@ soak       the default backend through a faulty network for 30 minutes: jobs bac
            not part of `all`
 poly5      the polynomial residual (POLY5) against Taylor, per iteration, one passive party through
            the protocol sessions in-process (benchmarks/poly_cost.py)
+scale      10^6 rows x (20 + 20), batch 4096: the local pool against Ray with one and two nodes,
+           and a party's memory loading 10^6 rows from Parquet (benchmarks/scale.py)
 quality    no federation: test AUC of the plain reference (Taylor and POLY5 residuals, a grid of
            optimisers and stopping rules) against scikit-learn on breast and the synthetic set
            (benchmarks/quality.py)
@@ -394,6 +396,14 @@ def poly5_workload(ctx: Context) -> list[dict[str, Any]]:
     return poly_cost.workload(ctx.quick)
 
 
+def scale_workload(ctx: Context) -> list[dict[str, Any]]:
+    """VFL_COMPUTE=local against ray (benchmarks/scale.py)."""
+    from benchmarks import scale
+
+    say("-> scale [ou, protocol sessions in-process, local pool and Ray clusters on this machine]")
+    return scale.workload(ctx.quick)
+
+
 def quality_workload(ctx: Context) -> list[dict[str, Any]]:
     """Model quality (benchmarks/quality.py): the plain reference, which the
     services reproduce to 1e-4, against scikit-learn; no keys, no backend.
@@ -415,6 +425,7 @@ WORKLOADS: dict[str, Callable[[Context], list[dict[str, Any]]]] = {
     "parties": parties_workload,
     "poly5": poly5_workload,
     "quality": quality_workload,
+    "scale": scale_workload,
 }
 # Too long for `make bench` (all): run on its own.
 NOT_IN_ALL = ("soak",)

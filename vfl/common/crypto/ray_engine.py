@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,14 +63,13 @@ MAX_BLOCK = 8192
 CLUSTER_TRIES = 3
 
 
-def _fingerprints(keys: Sequence[PublicKey]) -> list[bytes]:
-    return [k.fingerprint for k in keys]
+Answer = tuple[str, str, float, list[int]]
 
 
 class CryptoWorker:
     """One Ray actor: the inner backend (in-process products) with the keys
     it has been sent, by fingerprint. Every method answers (status, node,
-    value) so that the driver sees where a block ran."""
+    seconds, value) so that the driver sees where a block ran and for how long."""
 
     def __init__(self, backend: str) -> None:
         self.backend = get_backend(backend)
@@ -96,26 +96,29 @@ class CryptoWorker:
                 self.public.setdefault(sk.public.fingerprint, sk.public)
         return self.node
 
-    def encrypt(self, fp: bytes, plaintexts: list[int], hiding: bool) -> tuple[str, str, list[int]]:
+    def _answer(self, work: Callable[[], list[int]]) -> Answer:
+        start = time.perf_counter()
+        with GATE.busy():
+            value = work()
+        return "ok", self.node, time.perf_counter() - start, value
+
+    def encrypt(self, fp: bytes, plaintexts: list[int], hiding: bool) -> Answer:
         key = self.public.get(fp)
         if key is None:
-            return MISSING, self.node, []
-        with GATE.busy():
-            return "ok", self.node, list(self.backend.encrypt(key, plaintexts, hiding=hiding).values)
+            return MISSING, self.node, 0.0, []
+        return self._answer(lambda: list(self.backend.encrypt(key, plaintexts, hiding=hiding).values))
 
-    def decrypt(self, fp: bytes, ciphers: list[int]) -> tuple[str, str, list[int]]:
+    def decrypt(self, fp: bytes, ciphers: list[int]) -> Answer:
         sk = self.private.get(fp)
         if sk is None:
-            return MISSING, self.node, []
-        with GATE.busy():
-            return "ok", self.node, self.backend.decrypt(sk, CipherVector(sk.public, tuple(ciphers)))
+            return MISSING, self.node, 0.0, []
+        return self._answer(lambda: self.backend.decrypt(sk, CipherVector(sk.public, tuple(ciphers))))
 
-    def matvec(self, fp: bytes, matrix: np.ndarray, ciphers: list[int]) -> tuple[str, str, list[int]]:
+    def matvec(self, fp: bytes, matrix: np.ndarray, ciphers: list[int]) -> Answer:
         key = self.public.get(fp)
         if key is None:
-            return MISSING, self.node, []
-        with GATE.busy():
-            return "ok", self.node, list(self.backend.matvec(matrix, CipherVector(key, tuple(ciphers))).values)
+            return MISSING, self.node, 0.0, []
+        return self._answer(lambda: list(self.backend.matvec(matrix, CipherVector(key, tuple(ciphers))).values))
 
 
 def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
@@ -135,6 +138,7 @@ class RayBackend(HEBackend):
         workers: int = 0,
         min_block: int = MIN_BLOCK,
         min_terms: int = MIN_TERMS,
+        cpus_per_worker: float = 1.0,
     ) -> None:
         self.inner = get_backend(inner)
         self.inner.set_workers(1)
@@ -151,6 +155,8 @@ class RayBackend(HEBackend):
         self.blocks_by_node: Counter[str] = Counter()
         self.retried_blocks = 0
         self.local_blocks = 0
+        self.block_seconds = 0.0  # time the workers spent in blocks (for projections)
+        self.cpus_per_worker = cpus_per_worker
         self._actors = self._start(workers)
 
     # --- cluster --------------------------------------------------------
@@ -177,7 +183,7 @@ class RayBackend(HEBackend):
                 raise ConfigError(f"VFL_RAY_ADDRESS: could not connect to Ray at {where}: {exc}") from None
         count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
         actor = ray.remote(CryptoWorker).options(
-            num_cpus=1, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD"
+            num_cpus=self.cpus_per_worker, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD"
         )
         actors = [actor.remote(self.inner.name) for _ in range(count)]
         self._held = [set() for _ in actors]
@@ -240,13 +246,14 @@ class RayBackend(HEBackend):
             ready, _ = ray.wait(list(pending), num_returns=1)
             b, i = pending.pop(ready[0])
             try:
-                status, node, value = ray.get(ready[0])
+                status, node, seconds, value = ray.get(ready[0])
             except RayError as exc:
-                status, node, value = "failed", "", []
+                status, node, seconds, value = "failed", "", 0.0, []
                 log.warning("event=ray_block_failed method=%s block=%d error=%s", method, b, type(exc).__name__)
             if status == "ok":
                 results[b] = value
                 self.blocks_by_node[node] += 1
+                self.block_seconds += seconds
                 continue
             if status == MISSING:
                 self._held[i].discard(fp)
