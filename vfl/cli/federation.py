@@ -101,6 +101,9 @@ class LocalFederation:
     # each its own service with its own certificate; A is given them as
     # VFL_PEERS and `passive_csv` is unused. No assistant (it tunnels to one).
     passive_parties: dict[str, Path] = field(default_factory=dict)
+    # More environment for one service only (name -> VFL_* values), after extra_env,
+    # e.g. {"passive": {"VFL_COMPUTE": "ray"}}.
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -158,6 +161,7 @@ class LocalFederation:
             **tls_env,
             **self.extra_env,
             **more,
+            **self.service_env.get(name, {}),
         }
         if self.transcripts:
             env["VFL_TRANSCRIPT_PATH"] = str(self.workdir / f"{name}.transcript.jsonl")

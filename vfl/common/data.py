@@ -365,7 +365,8 @@ def _load_parquet(path: Path, id_column: str, label_column: str | None, where: s
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        # Read by buffered column chunks: pre-buffering would hold whole row groups' bytes at once.
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
     except (pa.ArrowException, OSError) as exc:
         raise ConfigError(f"{where}: not a readable Parquet file ({str(exc)[:120]})") from None
     schema = pf.schema_arrow
@@ -375,14 +376,32 @@ def _load_parquet(path: Path, id_column: str, label_column: str | None, where: s
         if not (pa.types.is_floating(kind) or pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
             raise ConfigError(f"{where}: column {name!r} is of type {kind}; expected numbers")
     n = pf.metadata.num_rows
-    fill = _Filling(where, np.empty((n, len(names)), dtype), np.empty(n) if label_column else None)
-    wanted = [id_column, *names, *([label_column] if label_column else [])]
-    for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=wanted):
-        ids = [("" if i is None else str(i).strip()) for i in batch.column(id_column).to_pylist()]
-        feats = [_float_column(batch.column(c)) for c in names]
-        labels = _float_column(batch.column(label_column)) if label_column else None
-        fill.add(ids, feats, labels, names)
+    # Column by column: the reader then holds one column's chunk at a time,
+    # not a row group of every column (a third of the peak at 10^6 x 20).
+    features = np.empty((n, len(names)), dtype)
+    labels = np.empty(n) if label_column else None
+    for j, name in enumerate(names):
+        _fill_column(pf, name, features[:, j], where, "expected a finite number", np.inf)
+    if label_column and labels is not None:
+        why = f"expected a label (0 or 1, or a number within +-{LABEL_BOUND:g})"
+        _fill_column(pf, label_column, labels, where, why, LABEL_BOUND)
+    ids: list[str] = []
+    for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=[id_column], use_threads=False):
+        ids.extend("" if i is None else str(i).strip() for i in batch.column(0).to_pylist())
+    pa.default_memory_pool().release_unused()  # the chunks' buffers, kept by the allocator otherwise
+    fill = _Filling(where, features, labels, ids, n)
     return fill.result(names)
+
+
+def _fill_column(pf: Any, name: str, out: np.ndarray, where: str, expected: str, bound: float) -> None:
+    start = 0
+    for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=[name], use_threads=False):
+        col = _float_column(batch.column(0))
+        bad = ~np.isfinite(col) | (np.abs(col) > bound)
+        if bad.any():
+            raise _BadCell(where, start + int(np.flatnonzero(bad)[0]) + 1, name, expected)
+        out[start : start + len(col)] = col
+        start += len(col)
 
 
 def _float_column(column: Any) -> np.ndarray:
@@ -418,4 +437,5 @@ def _load_csv_arrow(path: Path, id_column: str, label_column: str | None, where:
             fill.add(ids, feats, labels, names)
     except (pa.ArrowException, UnicodeDecodeError):
         raise _SlowPath from None
+    pa.default_memory_pool().release_unused()
     return fill.result(names)

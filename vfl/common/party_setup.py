@@ -32,7 +32,8 @@ def compute_backend(settings: PartySettings) -> HEBackend:
     from vfl.common.crypto.ray_engine import RayBackend
 
     get_backend(settings.backend)  # an unknown name is VFL_BACKEND's error, before Ray starts
-    return RayBackend(settings.backend, settings.ray_address, settings.ray_workers)
+    block = settings.ray_min_block
+    return RayBackend(settings.backend, settings.ray_address, settings.ray_workers, block, 16 * block)
 
 
 def load_party(settings: PartySettings, label_column: str | None = None) -> PartyResources:

@@ -159,6 +159,13 @@ class PartySettings(ServiceSettings):
     ray_workers: int = Field(
         0, ge=0, le=4096, description="VFL_COMPUTE=ray: crypto worker actors (0 = one per CPU of the cluster)"
     )
+    ray_min_block: int = Field(
+        256,
+        ge=1,
+        le=1 << 20,
+        description="VFL_COMPUTE=ray: operations on fewer values (products on fewer than 16 x this many terms) "
+        "stay in this process; a Ray task costs about a millisecond",
+    )
     feature_dtype: Literal["float64", "float32"] = Field(
         "float64", description="how this party holds its features in memory (float32 halves it)"
     )

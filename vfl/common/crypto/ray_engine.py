@@ -79,9 +79,14 @@ class CryptoWorker:
         import ray
 
         self.node = str(ray.get_runtime_context().get_node_id())
+        self.served = 0  # blocks answered since this process started
 
     def where(self) -> tuple[str, int]:
         return self.node, os.getpid()
+
+    def stats(self) -> dict[str, Any]:
+        """Where this worker runs and what it has done (for operators and tests)."""
+        return {"node": self.node, "pid": os.getpid(), "served": self.served, "keys": len(self.public)}
 
     def add_keys(self, public: list[dict[str, Any]], private: list[dict[str, Any]]) -> str:
         with GATE.busy():
@@ -100,6 +105,7 @@ class CryptoWorker:
         start = time.perf_counter()
         with GATE.busy():
             value = work()
+        self.served += 1
         return "ok", self.node, time.perf_counter() - start, value
 
     def encrypt(self, fp: bytes, plaintexts: list[int], hiding: bool) -> Answer:
@@ -185,7 +191,9 @@ class RayBackend(HEBackend):
         actor = ray.remote(CryptoWorker).options(
             num_cpus=self.cpus_per_worker, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD"
         )
-        actors = [actor.remote(self.inner.name) for _ in range(count)]
+        # Named, so that an operator (or a test) attached to the cluster can find them.
+        prefix = f"vfl-crypto-{os.getpid()}-{id(self):x}"
+        actors = [actor.options(name=f"{prefix}-{i}").remote(self.inner.name) for i in range(count)]
         self._held = [set() for _ in actors]
         nodes = Counter(node for node, _ in ray.get([a.where.remote() for a in actors]))  # type: ignore[attr-defined]
         log.info("event=ray_workers workers=%d nodes=%d address=%s", count, len(nodes), self.address or "local")
