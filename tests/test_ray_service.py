@@ -7,7 +7,8 @@ own process, B's crypto on a two-node Ray cluster on this machine
   masks' randomness differs).
 - B's blocks ran on both nodes: the test attaches to the cluster and asks
   each of B's named crypto workers where it runs and how many blocks it
-  answered.
+  answered; none of them was sent B's private key (training's decryptions
+  are too small to split).
 - One of B's workers SIGKILLed while the job runs: the job succeeds with the
   same model.
 """
@@ -109,6 +110,8 @@ def test_ray_passive_gives_the_local_model_with_blocks_on_both_nodes(
         assert len(workers) == 2
         assert {w["node"] for w in workers} == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert all(w["served"] > 0 for w in workers), f"blocks per worker: {[w['served'] for w in workers]}"
+        # Training decrypts p values per step: too few to split, so B's private key never left its process.
+        assert all(w["private_keys"] == 0 for w in workers)
         log = fed.services["passive"].log_path.read_text()
         assert "event=ray_workers workers=2 nodes=2" in log
     assert np.array_equal(wa, local_model[0])

@@ -86,7 +86,13 @@ class CryptoWorker:
 
     def stats(self) -> dict[str, Any]:
         """Where this worker runs and what it has done (for operators and tests)."""
-        return {"node": self.node, "pid": os.getpid(), "served": self.served, "keys": len(self.public)}
+        return {
+            "node": self.node,
+            "pid": os.getpid(),
+            "served": self.served,
+            "public_keys": len(self.public),
+            "private_keys": len(self.private),
+        }
 
     def add_keys(self, public: list[dict[str, Any]], private: list[dict[str, Any]]) -> str:
         with GATE.busy():
@@ -188,12 +194,19 @@ class RayBackend(HEBackend):
                 where = self.address or "a new local instance"
                 raise ConfigError(f"VFL_RAY_ADDRESS: could not connect to Ray at {where}: {exc}") from None
         count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
-        actor = ray.remote(CryptoWorker).options(
-            num_cpus=self.cpus_per_worker, max_restarts=-1, max_task_retries=-1, scheduling_strategy="SPREAD"
-        )
+        actor = ray.remote(CryptoWorker)
         # Named, so that an operator (or a test) attached to the cluster can find them.
         prefix = f"vfl-crypto-{os.getpid()}-{id(self):x}"
-        actors = [actor.options(name=f"{prefix}-{i}").remote(self.inner.name) for i in range(count)]
+        actors = [
+            actor.options(
+                name=f"{prefix}-{i}",
+                num_cpus=self.cpus_per_worker,
+                max_restarts=-1,
+                max_task_retries=-1,
+                scheduling_strategy="SPREAD",
+            ).remote(self.inner.name)
+            for i in range(count)
+        ]
         self._held = [set() for _ in actors]
         nodes = Counter(node for node, _ in ray.get([a.where.remote() for a in actors]))  # type: ignore[attr-defined]
         log.info("event=ray_workers workers=%d nodes=%d address=%s", count, len(nodes), self.address or "local")
