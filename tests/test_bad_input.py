@@ -181,6 +181,34 @@ def test_unknown_backend_names_vfl_backend(tmp_path: Path) -> None:
     )
 
 
+def test_ray_address_with_nothing_there_is_one_line_in_seconds(tmp_path: Path) -> None:
+    # ray.init alone would wait minutes for a GCS that is not there.
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    start = time.monotonic()
+    result = start_service("vfl.services.passive", tmp_path, VFL_COMPUTE="ray", VFL_RAY_ADDRESS=f"127.0.0.1:{port}")
+    assert_one_line(
+        result,
+        f"config error: VFL_RAY_ADDRESS: nothing answers at 127.0.0.1:{port} (Connection refused); "
+        "expected the head of this party's Ray cluster (ray start --head)",
+    )
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"VFL_RAY_WORKERS": "4"}, "config error: VFL_RAY_ADDRESS, VFL_RAY_WORKERS: only with VFL_COMPUTE=ray"),
+        ({"VFL_COMPUTE": "spark"}, "config error: VFL_COMPUTE: Input should be 'local' or 'ray'"),
+        ({"VFL_FEATURE_DTYPE": "int8"}, "config error: VFL_FEATURE_DTYPE: Input should be 'float64' or 'float32'"),
+    ],
+    ids=["ray-option-without-ray", "unknown-engine", "dtype"],
+)
+def test_compute_options_are_checked_in_one_line(tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    assert_one_line(start_service("vfl.services.passive", tmp_path, **env), expected)
+
+
 def test_unwritable_data_dir_names_vfl_data_dir(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with read_only_dir(data) as why:

@@ -9,6 +9,8 @@ small enough that every encryption and product of the job is split.
 - The blocks ran on both nodes (each answer names the node it ran on).
 - A worker killed with SIGKILL in the middle of a job is restarted by Ray, its
   block retried after the key is sent again, and the model is still the same.
+- The party's private key reaches its workers only for a decryption large
+  enough to split, never with an encryption under its own key.
 """
 
 from __future__ import annotations
@@ -172,3 +174,21 @@ def test_a_worker_killed_mid_job_gives_the_same_model(
     assert ray_backend.retried_blocks > retried, "a block of the killed worker was tried again"
     assert np.array_equal(wa, local_model[0])
     assert np.array_equal(wb, local_model[1])
+
+
+def test_private_key_goes_to_the_workers_only_for_a_split_decryption(ray_backend: RayBackend) -> None:
+    sk = LOCAL.generate_keypair(TEST_KEY_BITS)
+    ray_backend.prepare(sk)
+
+    def private_keys() -> int:
+        return sum(w["private_keys"] for w in ray_backend.worker_stats())
+
+    before = private_keys()
+    values = list(range(100))
+    ciphers = ray_backend.encrypt(sk.public, values)  # under the party's own key, split
+    assert LOCAL.decrypt(sk, ciphers) == values
+    assert private_keys() == before, "an encryption sent the private key"
+    assert ray_backend.decrypt(sk, CipherVector(sk.public, ciphers.values[:8])) == values[:8]  # small: in-process
+    assert private_keys() == before
+    assert ray_backend.decrypt(sk, ciphers) == values  # large: split across the workers
+    assert private_keys() == before + 2

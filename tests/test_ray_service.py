@@ -1,6 +1,7 @@
-"""The passive service with VFL_COMPUTE=ray, over real gRPC, each party in its
-own process, B's crypto on a two-node Ray cluster on this machine
-(`ray.cluster_utils.Cluster`), and B's data read from Parquet.
+"""The services with VFL_COMPUTE=ray, over real gRPC, each party in its own
+process: B's crypto on a two-node Ray cluster on this machine
+(`ray.cluster_utils.Cluster`), A's on a cluster of its own, and B's data
+read from Parquet.
 
 - The job's model (both shards) is the one the local engine gives from the
   CSV, bit for bit (same initial weights by the test-mode seed; only the
@@ -45,6 +46,14 @@ def cluster() -> Iterator[Cluster]:
     ray.init(address=c.address, namespace="vfl-test", log_to_driver=False)
     yield c
     ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def active_cluster() -> Iterator[Cluster]:
+    """A's own cluster (one node): each party's keys stay in its own."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    yield c
     c.shutdown()
 
 
@@ -100,10 +109,21 @@ def local_model(tmp_path_factory: pytest.TempPathFactory, train_ids: list[str]) 
         return _train(fed, train_ids)
 
 
-def test_ray_passive_gives_the_local_model_with_blocks_on_both_nodes(
-    tmp_path: Path, cluster: Cluster, passive_parquet: Path, train_ids: list[str], local_model: Any
+def test_both_parties_on_ray_give_the_local_model_with_blocks_on_both_nodes(
+    tmp_path: Path,
+    cluster: Cluster,
+    active_cluster: Cluster,
+    passive_parquet: Path,
+    train_ids: list[str],
+    local_model: Any,
 ) -> None:
     env = _ray_env(cluster, passive_parquet)
+    env["active"] = {
+        "VFL_COMPUTE": "ray",
+        "VFL_RAY_ADDRESS": active_cluster.address,
+        "VFL_RAY_WORKERS": "2",
+        "VFL_RAY_MIN_BLOCK": "16",
+    }
     with make_federation(tmp_path, extra_env=SAME_START, assistant=False, service_env=env) as fed:
         wa, wb = _train(fed, train_ids)
         workers = _workers()
@@ -112,8 +132,8 @@ def test_ray_passive_gives_the_local_model_with_blocks_on_both_nodes(
         assert all(w["served"] > 0 for w in workers), f"blocks per worker: {[w['served'] for w in workers]}"
         # Training decrypts p values per step: too few to split, so B's private key never left its process.
         assert all(w["private_keys"] == 0 for w in workers)
-        log = fed.services["passive"].log_path.read_text()
-        assert "event=ray_workers workers=2 nodes=2" in log
+        assert "event=ray_workers workers=2 nodes=2" in fed.services["passive"].log_path.read_text()
+        assert "event=ray_workers workers=2 nodes=1" in fed.services["active"].log_path.read_text()
     assert np.array_equal(wa, local_model[0])
     assert np.array_equal(wb, local_model[1])
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -133,6 +134,23 @@ class CryptoWorker:
         return self._answer(lambda: list(self.backend.matvec(matrix, CipherVector(key, tuple(ciphers))).values))
 
 
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes: ray.init waits long for a GCS that is
+    not there. 'auto' and ray:// addresses are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"VFL_RAY_ADDRESS: {address[:80]!r}: expected host:port of the Ray head, or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"VFL_RAY_ADDRESS: nothing answers at {address} ({exc.strerror or exc}); "
+            "expected the head of this party's Ray cluster (ray start --head)"
+        ) from None
+
+
 def _blocks(n: int, parts: int) -> list[tuple[int, int]]:
     """[start, end) ranges: at least `parts` (if n allows), none over MAX_BLOCK."""
     count = max(1, min(n, max(parts, -(-n // MAX_BLOCK))))
@@ -163,7 +181,10 @@ class RayBackend(HEBackend):
         self._lock = threading.Lock()
         self._private: dict[bytes, PrivateKey] = {}
         self._public: dict[bytes, PublicKey] = {}
-        self._held: list[set[bytes]] = []  # per worker: fingerprints it has been sent
+        # Per worker: (fingerprint, private?) of what it has been sent. A
+        # private key only for a decryption: never with an encryption under
+        # the party's own public key.
+        self._held: list[set[tuple[bytes, bool]]] = []
         self.blocks_by_node: Counter[str] = Counter()
         self.retried_blocks = 0
         self.local_blocks = 0
@@ -179,6 +200,8 @@ class RayBackend(HEBackend):
         except ImportError:
             raise ConfigError("VFL_COMPUTE=ray: the ray package is not installed (pip install 'vfl[ray]')") from None
         if not ray.is_initialized():
+            if self.address:
+                _check_reachable(self.address)
             try:
                 if self.address:
                     ray.init(address=self.address, namespace="vfl", log_to_driver=False, logging_level=logging.WARNING)
@@ -222,6 +245,11 @@ class RayBackend(HEBackend):
 
         return list(ray.get([a.where.remote() for a in self._actors]))
 
+    def worker_stats(self) -> list[dict[str, Any]]:
+        import ray
+
+        return list(ray.get([a.stats.remote() for a in self._actors]))
+
     def shutdown(self) -> None:
         import ray
 
@@ -229,13 +257,14 @@ class RayBackend(HEBackend):
             ray.kill(a)
         self._actors = []
 
-    def _send_keys(self, i: int, fps: Sequence[bytes]) -> None:
+    def _send_key(self, i: int, fp: bytes, private: bool) -> None:
         import ray
 
-        public = [self._public[fp].to_dict() for fp in fps if fp not in self._private]
-        private = [self._private[fp].to_dict() for fp in fps if fp in self._private]
-        ray.get(self._actors[i].add_keys.remote(public, private))
-        self._held[i].update(fps)
+        if private:
+            ray.get(self._actors[i].add_keys.remote([], [self._private[fp].to_dict()]))
+        else:
+            ray.get(self._actors[i].add_keys.remote([self._public[fp].to_dict()], []))
+        self._held[i].add((fp, private))
 
     def _run(
         self,
@@ -249,6 +278,8 @@ class RayBackend(HEBackend):
         try, a lost worker Ray's restart, and a block that still fails is
         computed in the driver by local(b)."""
         import ray
+
+        private = method == "decrypt"
         from ray.exceptions import RayError
 
         results: list[list[int] | None] = [None] * len(args)
@@ -257,8 +288,8 @@ class RayBackend(HEBackend):
 
         def submit(b: int) -> None:
             i = (b + tries[b]) % len(self._actors)
-            if fp not in self._held[i]:
-                self._send_keys(i, [fp])
+            if (fp, private) not in self._held[i]:
+                self._send_key(i, fp, private)
             pending[getattr(self._actors[i], method).remote(fp, *args[b])] = (b, i)
 
         for b in range(len(args)):
@@ -277,7 +308,7 @@ class RayBackend(HEBackend):
                 self.block_seconds += seconds
                 continue
             if status == MISSING:
-                self._held[i].discard(fp)
+                self._held[i].discard((fp, private))
             tries[b] += 1
             self.retried_blocks += 1
             if tries[b] < CLUSTER_TRIES:
