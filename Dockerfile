@@ -21,8 +21,11 @@ WORKDIR /app
 # the lock with -r would also put the dev tools (mypy, ruff, pytest, grpcio-tools) in the image.
 # libsodium: the ristretto255 group of the private set intersection (pysodium loads it).
 RUN apt-get update && apt-get install -y --no-install-recommends libsodium23 && rm -rf /var/lib/apt/lists/*
+# EXTRAS (comma-separated optional-dependency groups of pyproject.toml, e.g. ray for
+# docker-compose.ray.yml) adds those groups, at the lock's versions too.
+ARG EXTRAS=""
 COPY pyproject.toml requirements.lock ./
-RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/runtime.txt \
+RUN python -c 'import os, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extras = [e for e in os.environ.get("EXTRAS", "").split(",") if e]; print("\n".join(p["dependencies"] + [d for e in extras for d in p["optional-dependencies"][e]]))' > /tmp/runtime.txt \
  && pip install -r /tmp/runtime.txt -c requirements.lock \
  && rm /tmp/runtime.txt
 

@@ -65,9 +65,11 @@ BENCH_ARGS ?=
 bench: $(STAMP) ## benchmarks on the real federation (2048-bit keys) -> BENCHMARKS.md, benchmarks/results.json
 	$(PY) -m benchmarks.bench --bench $(BENCH) $(BENCH_ARGS)
 
-test-compose: ## docker-compose: build, run the demo federation (and the one with two passive parties), check the AUC
+test-compose: ## docker-compose: build, run the demo federation (also with two passive parties, and on Ray), check the AUC
 	bash tests/system/test_compose.sh
 	COMPOSE_FILE=docker-compose.parties.yml SERVICES="b1 b2 active demo" bash tests/system/test_compose.sh
+	COMPOSE_FILE=docker-compose.yml:docker-compose.ray.yml EXPECT_LOG="passive:event=ray_workers workers=2 nodes=2" \
+		bash tests/system/test_compose.sh
 
 test-system: $(STAMP) ## system tests: network namespaces and netem (as root; skipped otherwise), fault-injecting proxies
 	@# Skipped tests exit 0; collecting nothing (exit 5) is a failure.

@@ -8,7 +8,8 @@
 # Environment: MIN_AUC (0.99), TIMEOUT_S (900, for `up`), VFL_KEY_BITS (2048),
 # VFL_ACTIVE_HOST_PORT (default: a free port, so a local run on 50051 does not clash),
 # COMPOSE_FILE and SERVICES (default docker-compose.yml with "passive assistant active demo";
-# the two-passive federation: COMPOSE_FILE=docker-compose.parties.yml SERVICES="b1 b2 active demo").
+# the two-passive federation: COMPOSE_FILE=docker-compose.parties.yml SERVICES="b1 b2 active demo";
+# the Ray profile: COMPOSE_FILE=docker-compose.yml:docker-compose.ray.yml), EXPECT_LOG ("service:text").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -26,7 +27,11 @@ export VFL_ACTIVE_HOST_PORT
 
 COMPOSE_FILE=${COMPOSE_FILE:-docker-compose.yml}
 read -r -a SERVICES <<<"${SERVICES:-passive assistant active demo}"
-COMPOSE=(docker-compose --project-directory "$ROOT" -f "$ROOT/$COMPOSE_FILE" -p "$PROJECT")
+# COMPOSE_FILE may list overrides, colon-separated as docker-compose reads it (base first).
+COMPOSE=(docker-compose --project-directory "$ROOT")
+IFS=: read -r -a FILES <<<"$COMPOSE_FILE"
+for f in "${FILES[@]}"; do COMPOSE+=(-f "$ROOT/$f"); done
+COMPOSE+=(-p "$PROJECT")
 compose() { "${COMPOSE[@]}" "$@"; }
 log() { printf '[test_compose %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -84,6 +89,18 @@ auc=$(grep -oE 'AUC [0-9]+\.[0-9]+' "$LOG_DIR/demo.log" | tail -n 1 | cut -d' ' 
 if [ -z "$auc" ]; then
   log "no 'AUC x.xxxx' line in the demo output"
   exit 1
+fi
+
+# EXPECT_LOG="service:text": the service's log must contain the text (e.g. that the crypto
+# ran on the party's Ray workers).
+if [ -n "${EXPECT_LOG:-}" ]; then
+  svc=${EXPECT_LOG%%:*}
+  text=${EXPECT_LOG#*:}
+  if ! compose logs --no-color "$svc" | grep -qF -- "$text"; then
+    log "the $svc log has no line with: $text"
+    exit 1
+  fi
+  echo "$svc log: $(compose logs --no-color "$svc" | grep -F -- "$text" | tail -n 1 | sed -E 's/^[^|]*\| ?//')"
 fi
 
 echo "AUC $auc (min $MIN_AUC)"

@@ -206,7 +206,9 @@ class RayBackend(HEBackend):
                 if self.address:
                     ray.init(address=self.address, namespace="vfl", log_to_driver=False, logging_level=logging.WARNING)
                 else:
+                    # "local": a new instance, even where `ray start` left one running.
                     ray.init(
+                        address="local",
                         num_cpus=workers or os.cpu_count() or 1,
                         namespace="vfl",
                         include_dashboard=False,
@@ -214,8 +216,9 @@ class RayBackend(HEBackend):
                         logging_level=logging.WARNING,
                     )
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = self.address or "a new local instance"
-                raise ConfigError(f"VFL_RAY_ADDRESS: could not connect to Ray at {where}: {exc}") from None
+                if self.address:
+                    raise ConfigError(f"VFL_RAY_ADDRESS: could not connect to Ray at {self.address}: {exc}") from None
+                raise ConfigError(f"VFL_COMPUTE=ray: could not start a Ray instance on this machine: {exc}") from None
         count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
         actor = ray.remote(CryptoWorker)
         # Named, so that an operator (or a test) attached to the cluster can find them.
