@@ -19,27 +19,24 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from functools import cache
 from typing import Any
 
 import numpy as np
 import pytest
+import ray
+from ray.cluster_utils import Cluster
 
 from tests.conftest import TEST_KEY_BITS
-from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
+from tests.test_sessions import breast
 from vfl.common.crypto import HEBackend, get_backend
 from vfl.common.crypto.backend import CipherVector, PrivateKey
-from vfl.common.data import Scaler, load_party_csv
+from vfl.common.crypto.ray_engine import RayBackend
+from vfl.common.errors import ConfigError
 from vfl.common.jobconfig import JobConfig
 from vfl.common.protocol.batching import batch_schedule, coalition_feature_counts, min_batch_size
-from vfl.common.protocol.reference import with_intercept
-from vfl.common.protocol.sessions import ACTIVE, ActiveSession, GradientReply, PartyInfo, PassiveSession, TrainingPlan
-
-ray = pytest.importorskip("ray", reason="VFL_COMPUTE=ray needs the ray extra (make install installs it)")
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from vfl.common.crypto.ray_engine import RayBackend  # noqa: E402
+from vfl.common.protocol.sessions import ACTIVE, ActiveSession, PartyInfo, PassiveSession, TrainingPlan
 
 CONFIG = JobConfig(batch_size=64, epochs=1, learning_rate=0.1, l2=0.01, seed=5, max_iterations=6)
 LOCAL = get_backend("ou")
@@ -48,17 +45,6 @@ LOCAL = get_backend("ou")
 @cache
 def party_keys() -> tuple[PrivateKey, PrivateKey]:
     return LOCAL.generate_keypair(TEST_KEY_BITS), LOCAL.generate_keypair(TEST_KEY_BITS)
-
-
-@cache
-def breast() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    active, passive = load_party_csv(BUNDLED_ACTIVE, "id", "y"), load_party_csv(BUNDLED_PASSIVE, "id", None)
-    train, _, _ = split_ids(BUNDLED_ACTIVE, "id", "y", 0.2, 42)
-    xa = active.features[active.positions(train, "train")]
-    xb = passive.features[passive.positions(train, "train")]
-    assert active.labels is not None
-    y = active.labels[active.positions(train, "train")]
-    return with_intercept(Scaler.fit(xa).transform(xa)), y, Scaler.fit(xb).transform(xb)
 
 
 class KillingPort:
@@ -73,25 +59,9 @@ class KillingPort:
             threading.Thread(target=self.kill).start()
         return self.session.exchange_residual_shares(t, rows, a_enc)
 
-    def exchange_masked_gradients(
-        self, t: int, active_gradient: CipherVector, peer_shares: Mapping[str, CipherVector]
-    ) -> GradientReply:
-        return self.session.exchange_masked_gradients(t, active_gradient, peer_shares)
-
-    def decrypt_peer_gradients(self, t: int, gradients: Mapping[str, CipherVector]) -> Mapping[str, list[int]]:
-        return self.session.decrypt_peer_gradients(t, gradients)
-
-    def apply_gradient(self, t: int, decryptions: Mapping[str, list[int]]) -> None:
-        self.session.apply_gradient(t, decryptions)
-
-    def loss_cross_terms(self, t: int) -> Mapping[str, CipherVector]:
-        return self.session.loss_cross_terms(t)
-
-    def decrypt_loss_terms(self, t: int, terms: Mapping[str, CipherVector]) -> None:
-        self.session.decrypt_loss_terms(t, terms)
-
-    def loss_share(self, t: int) -> CipherVector:
-        return self.session.loss_share(t)
+    def __getattr__(self, step: str) -> Any:
+        # Every other step goes to the session as it is.
+        return getattr(self.session, step)
 
 
 def train(passive_backend: HEBackend, kill: Any = None, kill_at: int = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -192,3 +162,10 @@ def test_private_key_goes_to_the_workers_only_for_a_split_decryption(ray_backend
     assert private_keys() == before
     assert ray_backend.decrypt(sk, ciphers) == values  # large: split across the workers
     assert private_keys() == before + 2
+
+
+def test_workers_that_cannot_be_placed_fail_start_up_in_one_line(ray_backend: RayBackend) -> None:
+    # The cluster's 2 CPUs are taken by ray_backend's workers: 3 more cannot be placed.
+    with pytest.raises(ConfigError, match=r"VFL_RAY_WORKERS: 3 workers of 1 CPU each were not placed within 2 s"):
+        RayBackend("ou", None, workers=3, start_timeout_s=2)
+    assert len(ray_backend.worker_processes()) == 2

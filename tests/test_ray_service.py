@@ -25,15 +25,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import ray
+from ray.cluster_utils import Cluster
 
 from tests.conftest import SAME_START, make_federation, read_shard
 from vfl.cli.client import VflClient
 from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
 from vfl.common.jobconfig import JobConfig
 from vfl.v1 import client_pb2
-
-ray = pytest.importorskip("ray", reason="VFL_COMPUTE=ray needs the ray extra (make install installs it)")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 CONFIG = JobConfig(epochs=3, batch_size=64, seed=5, learning_rate=0.1, l2=0.01)
 JOB = "ray-job"

@@ -62,6 +62,10 @@ MIN_TERMS = 4096
 MAX_BLOCK = 8192
 # Tries of one block on the cluster before the driver computes it itself.
 CLUSTER_TRIES = 3
+# Tries of ray.init (1, 2, 4, 8 s apart).
+CONNECT_TRIES = 5
+# How long the workers may take to be placed (nodes joining) before start-up fails.
+START_TIMEOUT_S = 300.0
 
 
 Answer = tuple[str, str, float, list[int]]
@@ -169,6 +173,7 @@ class RayBackend(HEBackend):
         min_block: int = MIN_BLOCK,
         min_terms: int = MIN_TERMS,
         cpus_per_worker: float = 1.0,
+        start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
         self.inner = get_backend(inner)
         self.inner.set_workers(1)
@@ -190,6 +195,7 @@ class RayBackend(HEBackend):
         self.local_blocks = 0
         self.block_seconds = 0.0  # time the workers spent in blocks (for projections)
         self.cpus_per_worker = cpus_per_worker
+        self.start_timeout_s = start_timeout_s
         self._actors = self._start(workers)
 
     # --- cluster --------------------------------------------------------
@@ -200,8 +206,42 @@ class RayBackend(HEBackend):
         except ImportError:
             raise ConfigError("VFL_COMPUTE=ray: the ray package is not installed (pip install 'vfl[ray]')") from None
         if not ray.is_initialized():
-            if self.address:
-                _check_reachable(self.address)
+            self._connect(ray, workers)
+        count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
+        actor = ray.remote(CryptoWorker)
+        # Named, so that an operator (or a test) attached to the cluster can find them.
+        prefix = f"vfl-crypto-{os.getpid()}-{id(self):x}"
+        actors: list[Any] = [
+            actor.options(
+                name=f"{prefix}-{i}",
+                num_cpus=self.cpus_per_worker,
+                max_restarts=-1,
+                max_task_retries=-1,
+                scheduling_strategy="SPREAD",
+            ).remote(self.inner.name)
+            for i in range(count)
+        ]
+        self._held = [set() for _ in actors]
+        try:
+            placed = ray.get([a.where.remote() for a in actors], timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            cpus = ray.cluster_resources().get("CPU", 0)  # type: ignore[no-untyped-call]
+            for a in actors:
+                ray.kill(a)
+            raise ConfigError(
+                f"VFL_RAY_WORKERS: {count} workers of {self.cpus_per_worker:g} CPU each were not placed within "
+                f"{self.start_timeout_s:g} s; the cluster has {cpus:g} CPUs (are its worker nodes up?)"
+            ) from None
+        nodes = Counter(node for node, _ in placed)
+        log.info("event=ray_workers workers=%d nodes=%d address=%s", count, len(nodes), self.address or "local")
+        return actors
+
+    def _connect(self, ray: Any, workers: int) -> None:
+        """ray.init, tried again a few times: a Ray Client server can fail a
+        connection while its head is still starting (seen under load)."""
+        if self.address:
+            _check_reachable(self.address)
+        for attempt in range(CONNECT_TRIES):
             try:
                 if self.address:
                     ray.init(address=self.address, namespace="vfl", log_to_driver=False, logging_level=logging.WARNING)
@@ -215,28 +255,17 @@ class RayBackend(HEBackend):
                         log_to_driver=False,
                         logging_level=logging.WARNING,
                     )
+                return
             except (ConnectionError, RuntimeError, ValueError) as exc:
+                ray.shutdown()
+                if attempt + 1 < CONNECT_TRIES:
+                    log.warning("event=ray_connect_retry attempt=%d error=%s", attempt + 1, type(exc).__name__)
+                    time.sleep(2**attempt)
+                    continue
+                first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 if self.address:
-                    raise ConfigError(f"VFL_RAY_ADDRESS: could not connect to Ray at {self.address}: {exc}") from None
-                raise ConfigError(f"VFL_COMPUTE=ray: could not start a Ray instance on this machine: {exc}") from None
-        count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))  # type: ignore[no-untyped-call]
-        actor = ray.remote(CryptoWorker)
-        # Named, so that an operator (or a test) attached to the cluster can find them.
-        prefix = f"vfl-crypto-{os.getpid()}-{id(self):x}"
-        actors = [
-            actor.options(
-                name=f"{prefix}-{i}",
-                num_cpus=self.cpus_per_worker,
-                max_restarts=-1,
-                max_task_retries=-1,
-                scheduling_strategy="SPREAD",
-            ).remote(self.inner.name)
-            for i in range(count)
-        ]
-        self._held = [set() for _ in actors]
-        nodes = Counter(node for node, _ in ray.get([a.where.remote() for a in actors]))  # type: ignore[attr-defined]
-        log.info("event=ray_workers workers=%d nodes=%d address=%s", count, len(nodes), self.address or "local")
-        return actors
+                    raise ConfigError(f"VFL_RAY_ADDRESS: could not connect to Ray at {self.address}: {first}") from None
+                raise ConfigError(f"VFL_COMPUTE=ray: could not start a Ray instance on this machine: {first}") from None
 
     @property
     def workers(self) -> int:
@@ -309,6 +338,7 @@ class RayBackend(HEBackend):
                 results[b] = value
                 self.blocks_by_node[node] += 1
                 self.block_seconds += seconds
+                self._report()
                 continue
             if status == MISSING:
                 self._held[i].discard((fp, private))
@@ -320,6 +350,19 @@ class RayBackend(HEBackend):
                 results[b] = local(b)
                 self.local_blocks += 1
         return [r if r is not None else [] for r in results]
+
+    def _report(self) -> None:
+        """A line at 1, 2, 4, 8, ... blocks: where the work went, a few dozen
+        lines in a service's life."""
+        done = sum(self.blocks_by_node.values())
+        if done & (done - 1) == 0:
+            log.info(
+                "event=ray_blocks blocks=%d nodes=%d retried=%d in_service=%d",
+                done,
+                len(self.blocks_by_node),
+                self.retried_blocks,
+                self.local_blocks,
+            )
 
     # --- HEBackend ------------------------------------------------------
 
