@@ -68,7 +68,7 @@ bench: $(STAMP) ## benchmarks on the real federation (2048-bit keys) -> BENCHMAR
 test-compose: ## docker-compose: build, run the demo federation (also with two passive parties, and on Ray), check the AUC
 	bash tests/system/test_compose.sh
 	COMPOSE_FILE=docker-compose.parties.yml SERVICES="b1 b2 active demo" bash tests/system/test_compose.sh
-	COMPOSE_FILE=docker-compose.yml:docker-compose.ray.yml EXPECT_LOG="passive:event=ray_blocks blocks=64 nodes=2" \
+	COMPOSE_FILE=docker-compose.yml:docker-compose.ray.yml EXPECT_LOG="passive:event=ray_blocks blocks=64 nodes=2" RAY_ISOLATION=1 \
 		bash tests/system/test_compose.sh
 
 test-system: $(STAMP) ## system tests: network namespaces and netem (as root; skipped otherwise), fault-injecting proxies

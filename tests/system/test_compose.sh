@@ -9,7 +9,8 @@
 # VFL_ACTIVE_HOST_PORT (default: a free port, so a local run on 50051 does not clash),
 # COMPOSE_FILE and SERVICES (default docker-compose.yml with "passive assistant active demo";
 # the two-passive federation: COMPOSE_FILE=docker-compose.parties.yml SERVICES="b1 b2 active demo";
-# the Ray profile: COMPOSE_FILE=docker-compose.yml:docker-compose.ray.yml), EXPECT_LOG ("service:text").
+# the Ray profile: COMPOSE_FILE=docker-compose.yml:docker-compose.ray.yml), EXPECT_LOG ("service:text"),
+# RAY_ISOLATION (1: check that no party reaches another's Ray cluster).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -101,6 +102,36 @@ if [ -n "${EXPECT_LOG:-}" ]; then
     exit 1
   fi
   echo "$svc log: $(compose logs --no-color "$svc" | grep -F -- "$text" | tail -n 1 | sed -E 's/^[^|]*\| ?//')"
+fi
+
+# RAY_ISOLATION=1 (the Ray profile): the red-team check that no other party reaches a party's
+# Ray cluster (whoever reaches it runs code beside the party's keys). With the heads up again,
+# each party's own service reaches its head (the control: the probe can succeed), and neither the
+# other data party nor the assistant reaches it, by name or at all.
+if [ "${RAY_ISOLATION:-0}" = 1 ]; then
+  compose up -d --no-build passive-ray-head active-ray-head >/dev/null 2>&1
+  probe() {  # service, host: exit 0 if a TCP connection to host:10001 and host:6379 opens
+    compose run --rm --no-deps -T --entrypoint python "$1" -c '
+import socket, sys
+for port in (10001, 6379):
+    try:
+        socket.create_connection((sys.argv[1], port), 3).close()
+    except OSError as exc:
+        print(f"{sys.argv[1]}:{port} unreachable ({type(exc).__name__})")
+        sys.exit(1)
+print(f"{sys.argv[1]}: reachable")
+' "$2" 2>/dev/null
+  }
+  for pair in passive:passive-ray-head active:active-ray-head; do
+    probe "${pair%%:*}" "${pair#*:}" || { log "${pair%%:*} cannot reach its own Ray head"; exit 1; }
+  done
+  for pair in active:passive-ray-head assistant:passive-ray-head passive:active-ray-head assistant:active-ray-head; do
+    if probe "${pair%%:*}" "${pair#*:}"; then
+      log "${pair%%:*} reaches ${pair#*:}: another party's Ray cluster is reachable"
+      exit 1
+    fi
+  done
+  echo "Ray isolation: each party reaches only its own Ray head"
 fi
 
 echo "AUC $auc (min $MIN_AUC)"
