@@ -125,7 +125,12 @@ print(f"{sys.argv[1]}: reachable")
   for pair in passive:passive-ray-head active:active-ray-head; do
     probe "${pair%%:*}" "${pair#*:}" || { log "${pair%%:*} cannot reach its own Ray head"; exit 1; }
   done
-  for pair in active:passive-ray-head assistant:passive-ray-head passive:active-ray-head assistant:active-ray-head; do
+  ip_of() { docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}' "$(compose ps -q "$1")" | awk '{print $1}'; }
+  passive_ip=$(ip_of passive-ray-head)
+  active_ip=$(ip_of active-ray-head)
+  probe passive "$passive_ip" || { log "passive cannot reach its own Ray head at $passive_ip"; exit 1; }
+  for pair in active:passive-ray-head "active:$passive_ip" assistant:passive-ray-head "assistant:$passive_ip" \
+      passive:active-ray-head "passive:$active_ip" assistant:active-ray-head "assistant:$active_ip"; do
     if probe "${pair%%:*}" "${pair#*:}"; then
       log "${pair%%:*} reaches ${pair#*:}: another party's Ray cluster is reachable"
       exit 1
