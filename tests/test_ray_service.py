@@ -3,9 +3,10 @@ process: B's crypto on a two-node Ray cluster on this machine
 (`ray.cluster_utils.Cluster`), A's on a cluster of its own, and B's data
 read from Parquet.
 
-- The job's model (both shards) is the one the local engine gives from the
-  CSV, bit for bit (same initial weights by the test-mode seed; only the
-  masks' randomness differs).
+- The job's model (both shards) and its predictions are those the local
+  engine gives from the CSV, bit for bit (same initial weights by the
+  test-mode seed; only the masks' randomness differs); A's prediction
+  decryption is split across A's workers.
 - B's blocks ran on both nodes: the test attaches to the cluster and asks
   each of B's named crypto workers where it runs and how many blocks it
   answered; none of them was sent B's private key (training's decryptions
@@ -67,15 +68,18 @@ def passive_parquet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _train(fed: Any, ids: list[str], during: Any = None) -> tuple[np.ndarray, np.ndarray]:
+def _train(fed: Any, ids: list[str], during: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both shards' weights, and the model's predictions of the held-out ids."""
     with VflClient(fed.active_address, timeout_s=120) as c:
         c.wait_ready(60)
         c.start_training(CONFIG, ids, JOB)
         if during is not None:
             during(c)
         assert c.wait(JOB).state == client_pb2.JOB_STATE_SUCCEEDED
+        _, test, _ = split_ids(BUNDLED_ACTIVE, "id", "y", 0.2, 42)
+        probs = c.predict(JOB, test)
     a, b = read_shard(fed, "active", JOB), read_shard(fed, "passive", JOB)
-    return np.r_[a["weights"], a["intercept"]], np.asarray(b["weights"])
+    return np.r_[a["weights"], a["intercept"]], np.asarray(b["weights"]), probs
 
 
 def _ray_env(cluster: Cluster, parquet: Path) -> dict[str, dict[str, str]]:
@@ -103,7 +107,9 @@ def train_ids() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def local_model(tmp_path_factory: pytest.TempPathFactory, train_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def local_model(
+    tmp_path_factory: pytest.TempPathFactory, train_ids: list[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with make_federation(tmp_path_factory.mktemp("local"), extra_env=SAME_START, assistant=False) as fed:
         return _train(fed, train_ids)
 
@@ -124,7 +130,7 @@ def test_both_parties_on_ray_give_the_local_model_with_blocks_on_both_nodes(
         "VFL_RAY_MIN_BLOCK": "16",
     }
     with make_federation(tmp_path, extra_env=SAME_START, assistant=False, service_env=env) as fed:
-        wa, wb = _train(fed, train_ids)
+        wa, wb, probs = _train(fed, train_ids)
         workers = _workers()
         assert len(workers) == 2
         assert {w["node"] for w in workers} == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
@@ -135,6 +141,8 @@ def test_both_parties_on_ray_give_the_local_model_with_blocks_on_both_nodes(
         assert "event=ray_workers workers=2 nodes=1" in fed.services["active"].log_path.read_text()
     assert np.array_equal(wa, local_model[0])
     assert np.array_equal(wb, local_model[1])
+    # A's prediction decrypts 114 scores: split across A's workers, and exact.
+    assert np.array_equal(probs, local_model[2])
 
 
 def test_ray_worker_killed_during_a_service_job(
@@ -153,7 +161,7 @@ def test_ray_worker_killed_during_a_service_job(
         killed.append(victim)
 
     with make_federation(tmp_path, extra_env=SAME_START, assistant=False, service_env=env) as fed:
-        wa, wb = _train(fed, train_ids, during=kill_one)
+        wa, wb, _ = _train(fed, train_ids, during=kill_one)
         pids = {w["pid"] for w in _workers()}
         assert killed and killed[0] not in pids and len(pids) == 2, "the killed worker was replaced"
     assert np.array_equal(wa, local_model[0])

@@ -271,7 +271,7 @@ def load_party_table(
         return _load_parquet(path, id_column, label_column, where, np.dtype(dtype))
     try:
         return _load_csv_arrow(path, id_column, label_column, where, np.dtype(dtype))
-    except (_SlowPath, ConfigError):
+    except (_SlowPath, ConfigError, OSError):
         data = load_party_csv(path, id_column, label_column, option)
         return PartyData(data.ids, data.features.astype(dtype, copy=False), data.feature_names, data.labels)
 
