@@ -202,20 +202,30 @@ def train_with_progress(
         TextColumn("epoch {task.fields[epoch]}"),
         TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(),
+        # A's estimate (WatchJob's eta_s), not rich's own: A knows the pace of its iterations.
+        TextColumn("eta {task.fields[eta]}"),
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("train", total=status.total_iterations, job=status.job_id, epoch=0, loss="-")
+        task = progress.add_task("train", total=status.total_iterations, job=status.job_id, epoch=0, loss="-", eta="-")
 
         def on_event(ev: client_pb2.JobEvent) -> None:
             loss = f"{ev.loss:.5f}" if ev.HasField("loss") else "-"
-            progress.update(task, completed=ev.iteration, epoch=ev.epoch, loss=loss)
+            eta = format_eta(ev.eta_s) if ev.HasField("eta_s") else "-"
+            progress.update(task, completed=ev.iteration, epoch=ev.epoch, loss=loss, eta=eta)
 
         final = client.wait(status.job_id, on_event)
     if final.state != client_pb2.JOB_STATE_SUCCEEDED:
         console.print(f"[red]job {final.job_id} {STATE_NAMES[final.state]}:[/red] {final.error}")
         raise typer.Exit(1)
     return final
+
+
+def format_eta(seconds: float) -> str:
+    """'0:42' or '1:02:05'."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def summary(final: client_pb2.JobStatus) -> str:
@@ -489,9 +499,10 @@ def status(
         except grpc.RpcError as exc:
             raise _fail(exc) from None
     loss = f"{st.loss:.5f}" if st.HasField("loss") else "-"
+    eta = f"  eta {format_eta(st.eta_s)}" if st.HasField("eta_s") else ""
     console.print(
         f"{st.job_id}: {STATE_NAMES[st.state]}  iteration {st.iteration}/{st.total_iterations}  "
-        f"epoch {st.epoch}  loss {loss}  {st.elapsed_s:.1f} s {st.error}"
+        f"epoch {st.epoch}  loss {loss}  {st.elapsed_s:.1f} s{eta} {st.error}"
     )
 
 

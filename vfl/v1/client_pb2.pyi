@@ -363,6 +363,7 @@ class JobStatus(_message.Message):
     DP_EPSILON_SPENT_FIELD_NUMBER: _builtins.int
     VALIDATION_LOSS_FIELD_NUMBER: _builtins.int
     BEST_ITERATION_FIELD_NUMBER: _builtins.int
+    ETA_S_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id (also the model id once it succeeded)."""
     state: Global___JobState.ValueType
@@ -388,6 +389,11 @@ class JobStatus(_message.Message):
     whose weights the model keeps.
     """
     best_iteration: _builtins.int
+    eta_s: _builtins.float
+    """Expected seconds to the last planned iteration, from the recent
+    iterations' pace (RUNNING, after two iterations; early stopping can end
+    the job sooner).
+    """
     def __init__(
         self,
         *,
@@ -402,15 +408,18 @@ class JobStatus(_message.Message):
         dp_epsilon_spent: _builtins.float | None = ...,
         validation_loss: _builtins.float | None = ...,
         best_iteration: _builtins.int | None = ...,
+        eta_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "_validation_loss", b"_validation_loss", "best_iteration", b"best_iteration", "dp_epsilon_spent", b"dp_epsilon_spent", "loss", b"loss", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "_dp_epsilon_spent", b"_dp_epsilon_spent", "_eta_s", b"_eta_s", "_loss", b"_loss", "_validation_loss", b"_validation_loss", "best_iteration", b"best_iteration", "dp_epsilon_spent", b"dp_epsilon_spent", "eta_s", b"eta_s", "loss", b"loss", "validation_loss", b"validation_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "_validation_loss", b"_validation_loss", "best_iteration", b"best_iteration", "dp_epsilon_spent", b"dp_epsilon_spent", "elapsed_s", b"elapsed_s", "epoch", b"epoch", "error", b"error", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "state", b"state", "total_iterations", b"total_iterations", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "_dp_epsilon_spent", b"_dp_epsilon_spent", "_eta_s", b"_eta_s", "_loss", b"_loss", "_validation_loss", b"_validation_loss", "best_iteration", b"best_iteration", "dp_epsilon_spent", b"dp_epsilon_spent", "elapsed_s", b"elapsed_s", "epoch", b"epoch", "error", b"error", "eta_s", b"eta_s", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "state", b"state", "total_iterations", b"total_iterations", "validation_loss", b"validation_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__best_iteration: _TypeAlias = _typing.Literal["best_iteration"]  # noqa: Y015
     _WhichOneofArgType__best_iteration: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration"]  # noqa: Y015
     _WhichOneofReturnType__dp_epsilon_spent: _TypeAlias = _typing.Literal["dp_epsilon_spent"]  # noqa: Y015
     _WhichOneofArgType__dp_epsilon_spent: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent"]  # noqa: Y015
+    _WhichOneofReturnType__eta_s: _TypeAlias = _typing.Literal["eta_s"]  # noqa: Y015
+    _WhichOneofArgType__eta_s: _TypeAlias = _typing.Literal["_eta_s", b"_eta_s"]  # noqa: Y015
     _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
     _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
     _WhichOneofReturnType__validation_loss: _TypeAlias = _typing.Literal["validation_loss"]  # noqa: Y015
@@ -419,6 +428,8 @@ class JobStatus(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__best_iteration) -> _WhichOneofReturnType__best_iteration | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_epsilon_spent) -> _WhichOneofReturnType__dp_epsilon_spent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eta_s) -> _WhichOneofReturnType__eta_s | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss) -> _WhichOneofReturnType__loss | None: ...
     @_typing.overload
@@ -440,6 +451,7 @@ class JobEvent(_message.Message):
     LOSS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     DP_EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    ETA_S_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id."""
     state: Global___JobState.ValueType
@@ -455,6 +467,8 @@ class JobEvent(_message.Message):
     """Free text for a person ("early stop: loss change 3e-7 < tol")."""
     dp_epsilon_spent: _builtins.float
     """Differential privacy: the epsilon spent so far; unset without DP."""
+    eta_s: _builtins.float
+    """Expected seconds to the last planned iteration (as JobStatus.eta_s)."""
     def __init__(
         self,
         *,
@@ -466,17 +480,22 @@ class JobEvent(_message.Message):
         loss: _builtins.float | None = ...,
         message: _builtins.str = ...,
         dp_epsilon_spent: _builtins.float | None = ...,
+        eta_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "dp_epsilon_spent", b"dp_epsilon_spent", "loss", b"loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_eta_s", b"_eta_s", "_loss", b"_loss", "dp_epsilon_spent", b"dp_epsilon_spent", "eta_s", b"eta_s", "loss", b"loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_loss", b"_loss", "dp_epsilon_spent", b"dp_epsilon_spent", "epoch", b"epoch", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "message", b"message", "state", b"state", "total_iterations", b"total_iterations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_eta_s", b"_eta_s", "_loss", b"_loss", "dp_epsilon_spent", b"dp_epsilon_spent", "epoch", b"epoch", "eta_s", b"eta_s", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "message", b"message", "state", b"state", "total_iterations", b"total_iterations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dp_epsilon_spent: _TypeAlias = _typing.Literal["dp_epsilon_spent"]  # noqa: Y015
     _WhichOneofArgType__dp_epsilon_spent: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent"]  # noqa: Y015
+    _WhichOneofReturnType__eta_s: _TypeAlias = _typing.Literal["eta_s"]  # noqa: Y015
+    _WhichOneofArgType__eta_s: _TypeAlias = _typing.Literal["_eta_s", b"_eta_s"]  # noqa: Y015
     _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
     _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_epsilon_spent) -> _WhichOneofReturnType__dp_epsilon_spent | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__eta_s) -> _WhichOneofReturnType__eta_s | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss) -> _WhichOneofReturnType__loss | None: ...
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
 from vfl.common.jobconfig import JobConfig
+
+# Iterations whose pace gives the estimate of the time to finish.
+ETA_WINDOW = 20
 
 
 class State(Enum):
@@ -27,6 +31,7 @@ class Event:
     loss: float | None
     message: str = ""
     dp_epsilon_spent: float | None = None
+    eta_s: float | None = None
 
 
 @dataclass
@@ -48,11 +53,38 @@ class TrainingJob:
     best_iteration: int | None = None  # the check with the lowest validation loss
     events: list[Event] = field(default_factory=list)
     cond: threading.Condition = field(default_factory=threading.Condition)
+    # (iteration, time) of the latest iterations: the pace the estimate uses.
+    marks: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=ETA_WINDOW + 1))
+
+    def eta_s(self, now: float | None = None) -> float | None:
+        """Seconds to the last planned iteration at the pace of the last
+        ETA_WINDOW iterations, counted from the latest one; None unless
+        running with two iterations seen."""
+        if self.state != State.RUNNING or len(self.marks) < 2:
+            return None
+        (i0, t0), (i1, t1) = self.marks[0], self.marks[-1]
+        if i1 <= i0:
+            return None
+        per_iteration = (t1 - t0) / (i1 - i0)
+        since = (time.time() if now is None else now) - t1
+        return max(0.0, per_iteration * (self.total - self.iteration) - since)
 
     def publish(self, message: str = "") -> None:
         with self.cond:
+            now = time.time()
+            if not self.marks or self.marks[-1][0] != self.iteration:
+                self.marks.append((self.iteration, now))
             self.events.append(
-                Event(self.state, self.iteration, self.total, self.epoch, self.loss, message, self.dp_epsilon_spent)
+                Event(
+                    self.state,
+                    self.iteration,
+                    self.total,
+                    self.epoch,
+                    self.loss,
+                    message,
+                    self.dp_epsilon_spent,
+                    self.eta_s(now),
+                )
             )
             self.cond.notify_all()
 

@@ -41,6 +41,9 @@ def _status(job: TrainingJob) -> client_pb2.JobStatus:
         msg.validation_loss = job.validation_losses[-1][1]
     if job.best_iteration is not None:
         msg.best_iteration = job.best_iteration
+    eta = job.eta_s()
+    if eta is not None:
+        msg.eta_s = eta
     return msg
 
 
@@ -57,6 +60,8 @@ def _event(job_id: str, ev: Event) -> client_pb2.JobEvent:
         msg.loss = ev.loss
     if ev.dp_epsilon_spent is not None:
         msg.dp_epsilon_spent = ev.dp_epsilon_spent
+    if ev.eta_s is not None:
+        msg.eta_s = ev.eta_s
     return msg
 
 
