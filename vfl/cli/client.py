@@ -123,3 +123,15 @@ class VflClient:
 
     def list_models(self) -> list[client_pb2.ModelInfo]:
         return list(self.stub.ListModels(client_pb2.ListModelsRequest(), timeout=self.timeout_s).models)
+
+    def cancel(self, job_id: str) -> client_pb2.JobStatus:
+        """Stop a running job; the status once it has ended (CANCELLED unless it ended first)."""
+        req = client_pb2.CancelJobRequest(job_id=job_id)
+        return cast(client_pb2.JobStatus, self.stub.CancelJob(req, timeout=self.timeout_s))
+
+    def list_jobs(self) -> list[client_pb2.JobStatus]:
+        return list(self.stub.ListJobs(client_pb2.ListJobsRequest(), timeout=self.timeout_s).jobs)
+
+    def model(self, model_id: str) -> client_pb2.ModelDetail:
+        req = client_pb2.GetModelRequest(model_id=model_id)
+        return cast(client_pb2.ModelDetail, self.stub.GetModel(req, timeout=self.timeout_s))

@@ -507,6 +507,57 @@ def status(
 
 
 @app.command()
+def cancel(
+    job_id: str,
+    address: Address = "localhost:50051",
+    tls_dir: TlsDir = None,
+    tls_name: TlsName = CLIENT_IDENTITY,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
+) -> None:
+    """Stop a running job: both parties drop it and store nothing."""
+    tls = _tls(tls_dir, tls_name, insecure)
+    with VflClient(address, tls=tls, server_name=tls_server_name) as client:
+        try:
+            st = client.cancel(job_id)
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    console.print(f"{st.job_id}: {STATE_NAMES[st.state]} at iteration {st.iteration}/{st.total_iterations}")
+
+
+@app.command()
+def jobs(
+    address: Address = "localhost:50051",
+    tls_dir: TlsDir = None,
+    tls_name: TlsName = CLIENT_IDENTITY,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
+) -> None:
+    """Running and finished jobs at the active party (since it started)."""
+    tls = _tls(tls_dir, tls_name, insecure)
+    with VflClient(address, tls=tls, server_name=tls_server_name) as client:
+        try:
+            infos = client.list_jobs()
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+    table = Table("job", "state", "iteration", "epoch", "loss", "seconds", "eta", "AUC", "KS", "error")
+    for j in infos:
+        table.add_row(
+            j.job_id,
+            STATE_NAMES[j.state],
+            f"{j.iteration}/{j.total_iterations}",
+            str(j.epoch),
+            f"{j.loss:.5f}" if j.HasField("loss") else "-",
+            f"{j.elapsed_s:.1f}",
+            format_eta(j.eta_s) if j.HasField("eta_s") else "-",
+            f"{j.validation_auc:.4f}" if j.HasField("validation_auc") else "-",
+            f"{j.validation_ks:.4f}" if j.HasField("validation_ks") else "-",
+            j.error,
+        )
+    console.print(table)
+
+
+@app.command()
 def predict(
     model_id: str,
     ids_csv: Annotated[Path, typer.Option(help="CSV with an id column")],
@@ -608,7 +659,7 @@ def models(
             infos = client.list_models()
         except grpc.RpcError as exc:
             raise _fail(exc) from None
-    table = Table("model", "rows", "p_A", "p_B", "iterations", "final loss")
+    table = Table("model", "rows", "p_A", "p_B", "iterations", "final loss", "holdout", "AUC", "KS")
     for m in infos:
         table.add_row(
             m.model_id,
@@ -617,6 +668,9 @@ def models(
             str(m.passive_features),
             str(m.iterations),
             f"{m.final_loss:.5f}" if m.HasField("final_loss") else "-",
+            str(m.holdout_rows),
+            f"{m.validation_auc:.4f}" if m.HasField("validation_auc") else "-",
+            f"{m.validation_ks:.4f}" if m.HasField("validation_ks") else "-",
         )
     console.print(table)
 

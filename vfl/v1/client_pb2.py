@@ -25,19 +25,21 @@ _sym_db = _symbol_database.Default()
 from vfl.v1 import common_pb2 as vfl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vfl/v1/client.proto\x12\x06vfl.v1\x1a\x13vfl/v1/common.proto\":\n\x15StartAlignmentRequest\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"@\n\x13GetAlignmentRequest\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12\x13\n\x0binclude_ids\x18\x02 \x01(\x08\"\xc6\x01\n\tAlignment\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.vfl.v1.AlignmentState\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x13\n\x0b\x61\x63tive_size\x18\x04 \x01(\x04\x12\x14\n\x0cpassive_size\x18\x05 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x11\n\telapsed_s\x18\x08 \x01(\x01\x12\x0b\n\x03ids\x18\t \x03(\t\"\x17\n\x15ListAlignmentsRequest\"<\n\x13ListAlignmentsReply\x12%\n\nalignments\x18\x01 \x03(\x0b\x32\x11.vfl.v1.Alignment\"\x8c\x01\n\x14StartTrainingRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.vfl.v1.TrainingConfig\x12\x11\n\ttrain_ids\x18\x03 \x03(\t\x12\x13\n\x0bholdout_ids\x18\x04 \x03(\t\x12\x14\n\x0c\x61lignment_id\x18\x05 \x01(\t\"%\n\x13GetJobStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xea\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.vfl.v1.JobState\x12\x11\n\titeration\x18\x03 \x01(\x04\x12\x18\n\x10total_iterations\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x11\n\x04loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x11\n\telapsed_s\x18\x08 \x01(\x01\x12\x1d\n\x10\x64p_epsilon_spent\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0fvalidation_loss\x18\n \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0e\x62\x65st_iteration\x18\x0b \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05\x65ta_s\x18\x0c \x01(\x01H\x04\x88\x01\x01\x42\x07\n\x05_lossB\x13\n\x11_dp_epsilon_spentB\x12\n\x10_validation_lossB\x11\n\x0f_best_iterationB\x08\n\x06_eta_s\"\xf6\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.vfl.v1.JobState\x12\x11\n\titeration\x18\x03 \x01(\x04\x12\x18\n\x10total_iterations\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x11\n\x04loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x1d\n\x10\x64p_epsilon_spent\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x65ta_s\x18\t \x01(\x01H\x02\x88\x01\x01\x42\x07\n\x05_lossB\x13\n\x11_dp_epsilon_spentB\x08\n\x06_eta_s\"F\n\x0ePredictRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x15\n\ralign_new_ids\x18\x03 \x01(\x08\"\\\n\x0cPredictReply\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x01\x12(\n\x06status\x18\x03 \x03(\x0e\x32\x18.vfl.v1.PredictionStatus\"\x13\n\x11ListModelsRequest\"\xc4\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x02 \x01(\x01\x12&\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x16.vfl.v1.TrainingConfig\x12\x1a\n\x12target_fingerprint\x18\x04 \x01(\x0c\x12\x17\n\x0f\x61\x63tive_features\x18\x05 \x01(\r\x12\x18\n\x10passive_features\x18\x06 \x01(\r\x12\x12\n\ntrain_rows\x18\x07 \x01(\r\x12\x14\n\x0c\x61lignment_id\x18\x0b \x01(\t\x12\x12\n\niterations\x18\x08 \x01(\x04\x12\x17\n\nfinal_loss\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1d\n\x10\x64p_epsilon_spent\x18\n \x01(\x01H\x01\x88\x01\x01\x42\r\n\x0b_final_lossB\x13\n\x11_dp_epsilon_spent\"4\n\x0fListModelsReply\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.vfl.v1.ModelInfo*k\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x02\x12\x14\n\x10JOB_STATE_FAILED\x10\x03*\x89\x01\n\x0e\x41lignmentState\x12\x1f\n\x1b\x41LIGNMENT_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41LIGNMENT_STATE_RUNNING\x10\x01\x12\x1d\n\x19\x41LIGNMENT_STATE_SUCCEEDED\x10\x02\x12\x1a\n\x16\x41LIGNMENT_STATE_FAILED\x10\x03*y\n\x10PredictionStatus\x12!\n\x1dPREDICTION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18PREDICTION_STATUS_SCORED\x10\x01\x12$\n PREDICTION_STATUS_NOT_AT_PASSIVE\x10\x02\x32\x99\x04\n\x0fTrainingService\x12\x42\n\x0eStartAlignment\x12\x1d.vfl.v1.StartAlignmentRequest\x1a\x11.vfl.v1.Alignment\x12>\n\x0cGetAlignment\x12\x1b.vfl.v1.GetAlignmentRequest\x1a\x11.vfl.v1.Alignment\x12L\n\x0eListAlignments\x12\x1d.vfl.v1.ListAlignmentsRequest\x1a\x1b.vfl.v1.ListAlignmentsReply\x12@\n\rStartTraining\x12\x1c.vfl.v1.StartTrainingRequest\x1a\x11.vfl.v1.JobStatus\x12>\n\x0cGetJobStatus\x12\x1b.vfl.v1.GetJobStatusRequest\x1a\x11.vfl.v1.JobStatus\x12\x37\n\x08WatchJob\x12\x17.vfl.v1.WatchJobRequest\x1a\x10.vfl.v1.JobEvent0\x01\x12\x37\n\x07Predict\x12\x16.vfl.v1.PredictRequest\x1a\x14.vfl.v1.PredictReply\x12@\n\nListModels\x12\x19.vfl.v1.ListModelsRequest\x1a\x17.vfl.v1.ListModelsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vfl/v1/client.proto\x12\x06vfl.v1\x1a\x13vfl/v1/common.proto\":\n\x15StartAlignmentRequest\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"@\n\x13GetAlignmentRequest\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12\x13\n\x0binclude_ids\x18\x02 \x01(\x08\"\xc6\x01\n\tAlignment\x12\x14\n\x0c\x61lignment_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.vfl.v1.AlignmentState\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x13\n\x0b\x61\x63tive_size\x18\x04 \x01(\x04\x12\x14\n\x0cpassive_size\x18\x05 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x11\n\telapsed_s\x18\x08 \x01(\x01\x12\x0b\n\x03ids\x18\t \x03(\t\"\x17\n\x15ListAlignmentsRequest\"<\n\x13ListAlignmentsReply\x12%\n\nalignments\x18\x01 \x03(\x0b\x32\x11.vfl.v1.Alignment\"\x8c\x01\n\x14StartTrainingRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12&\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.vfl.v1.TrainingConfig\x12\x11\n\ttrain_ids\x18\x03 \x03(\t\x12\x13\n\x0bholdout_ids\x18\x04 \x03(\t\x12\x14\n\x0c\x61lignment_id\x18\x05 \x01(\t\"%\n\x13GetJobStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xc8\x03\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.vfl.v1.JobState\x12\x11\n\titeration\x18\x03 \x01(\x04\x12\x18\n\x10total_iterations\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x11\n\x04loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x11\n\telapsed_s\x18\x08 \x01(\x01\x12\x1d\n\x10\x64p_epsilon_spent\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0fvalidation_loss\x18\n \x01(\x01H\x02\x88\x01\x01\x12\x1b\n\x0e\x62\x65st_iteration\x18\x0b \x01(\x04H\x03\x88\x01\x01\x12\x12\n\x05\x65ta_s\x18\x0c \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0evalidation_auc\x18\r \x01(\x01H\x05\x88\x01\x01\x12\x1a\n\rvalidation_ks\x18\x0e \x01(\x01H\x06\x88\x01\x01\x42\x07\n\x05_lossB\x13\n\x11_dp_epsilon_spentB\x12\n\x10_validation_lossB\x11\n\x0f_best_iterationB\x08\n\x06_eta_sB\x11\n\x0f_validation_aucB\x10\n\x0e_validation_ks\"\xf6\x01\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.vfl.v1.JobState\x12\x11\n\titeration\x18\x03 \x01(\x04\x12\x18\n\x10total_iterations\x18\x04 \x01(\x04\x12\r\n\x05\x65poch\x18\x05 \x01(\r\x12\x11\n\x04loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x1d\n\x10\x64p_epsilon_spent\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05\x65ta_s\x18\t \x01(\x01H\x02\x88\x01\x01\x42\x07\n\x05_lossB\x13\n\x11_dp_epsilon_spentB\x08\n\x06_eta_s\"F\n\x0ePredictRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x15\n\ralign_new_ids\x18\x03 \x01(\x08\"\\\n\x0cPredictReply\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x15\n\rprobabilities\x18\x02 \x03(\x01\x12(\n\x06status\x18\x03 \x03(\x0e\x32\x18.vfl.v1.PredictionStatus\"\x13\n\x11ListModelsRequest\"\xb8\x03\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63reated_unix\x18\x02 \x01(\x01\x12&\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x16.vfl.v1.TrainingConfig\x12\x1a\n\x12target_fingerprint\x18\x04 \x01(\x0c\x12\x17\n\x0f\x61\x63tive_features\x18\x05 \x01(\r\x12\x18\n\x10passive_features\x18\x06 \x01(\r\x12\x12\n\ntrain_rows\x18\x07 \x01(\r\x12\x14\n\x0c\x61lignment_id\x18\x0b \x01(\t\x12\x12\n\niterations\x18\x08 \x01(\x04\x12\x17\n\nfinal_loss\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x1d\n\x10\x64p_epsilon_spent\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x0choldout_rows\x18\x0c \x01(\r\x12\x1b\n\x0evalidation_auc\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x1a\n\rvalidation_ks\x18\x0e \x01(\x01H\x03\x88\x01\x01\x42\r\n\x0b_final_lossB\x13\n\x11_dp_epsilon_spentB\x11\n\x0f_validation_aucB\x10\n\x0e_validation_ks\"4\n\x0fListModelsReply\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.vfl.v1.ModelInfo\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fListJobsRequest\"0\n\rListJobsReply\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.vfl.v1.JobStatus\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\",\n\tLossPoint\x12\x11\n\titeration\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\"\xd8\x03\n\x0bModelDetail\x12\x1f\n\x04info\x18\x01 \x01(\x0b\x32\x11.vfl.v1.ModelInfo\x12\'\n\x0closs_history\x18\x02 \x03(\x0b\x32\x11.vfl.v1.LossPoint\x12,\n\x11validation_losses\x18\x03 \x03(\x0b\x32\x11.vfl.v1.LossPoint\x12\x1b\n\x0ekept_iteration\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12<\n\rphase_seconds\x18\x05 \x03(\x0b\x32%.vfl.v1.ModelDetail.PhaseSecondsEntry\x12\x12\n\nbytes_sent\x18\x06 \x01(\x04\x12\x11\n\telapsed_s\x18\x07 \x01(\x01\x12\x13\n\x0bholdout_ids\x18\x08 \x03(\t\x12\x1c\n\x14\x61\x63tive_feature_names\x18\t \x03(\t\x12\x16\n\x0e\x61\x63tive_weights\x18\n \x03(\x01\x12\x18\n\x10\x61\x63tive_intercept\x18\x0b \x01(\x01\x12\x15\n\x08\x64p_delta\x18\x0c \x01(\x01H\x01\x88\x01\x01\x1a\x33\n\x11PhaseSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_kept_iterationB\x0b\n\t_dp_delta*\x84\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_RUNNING\x10\x01\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x02\x12\x14\n\x10JOB_STATE_FAILED\x10\x03\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x04*\x89\x01\n\x0e\x41lignmentState\x12\x1f\n\x1b\x41LIGNMENT_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41LIGNMENT_STATE_RUNNING\x10\x01\x12\x1d\n\x19\x41LIGNMENT_STATE_SUCCEEDED\x10\x02\x12\x1a\n\x16\x41LIGNMENT_STATE_FAILED\x10\x03*y\n\x10PredictionStatus\x12!\n\x1dPREDICTION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18PREDICTION_STATUS_SCORED\x10\x01\x12$\n PREDICTION_STATUS_NOT_AT_PASSIVE\x10\x02\x32\xc9\x05\n\x0fTrainingService\x12\x42\n\x0eStartAlignment\x12\x1d.vfl.v1.StartAlignmentRequest\x1a\x11.vfl.v1.Alignment\x12>\n\x0cGetAlignment\x12\x1b.vfl.v1.GetAlignmentRequest\x1a\x11.vfl.v1.Alignment\x12L\n\x0eListAlignments\x12\x1d.vfl.v1.ListAlignmentsRequest\x1a\x1b.vfl.v1.ListAlignmentsReply\x12@\n\rStartTraining\x12\x1c.vfl.v1.StartTrainingRequest\x1a\x11.vfl.v1.JobStatus\x12>\n\x0cGetJobStatus\x12\x1b.vfl.v1.GetJobStatusRequest\x1a\x11.vfl.v1.JobStatus\x12\x37\n\x08WatchJob\x12\x17.vfl.v1.WatchJobRequest\x1a\x10.vfl.v1.JobEvent0\x01\x12\x37\n\x07Predict\x12\x16.vfl.v1.PredictRequest\x1a\x14.vfl.v1.PredictReply\x12@\n\nListModels\x12\x19.vfl.v1.ListModelsRequest\x1a\x17.vfl.v1.ListModelsReply\x12\x38\n\tCancelJob\x12\x18.vfl.v1.CancelJobRequest\x1a\x11.vfl.v1.JobStatus\x12:\n\x08ListJobs\x12\x17.vfl.v1.ListJobsRequest\x1a\x15.vfl.v1.ListJobsReply\x12\x38\n\x08GetModel\x12\x17.vfl.v1.GetModelRequest\x1a\x13.vfl.v1.ModelDetailb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vfl.v1.client_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=1865
-  _globals['_JOBSTATE']._serialized_end=1972
-  _globals['_ALIGNMENTSTATE']._serialized_start=1975
-  _globals['_ALIGNMENTSTATE']._serialized_end=2112
-  _globals['_PREDICTIONSTATUS']._serialized_start=2114
-  _globals['_PREDICTIONSTATUS']._serialized_end=2235
+  _globals['_MODELDETAIL_PHASESECONDSENTRY']._loaded_options = None
+  _globals['_MODELDETAIL_PHASESECONDSENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATE']._serialized_start=2739
+  _globals['_JOBSTATE']._serialized_end=2871
+  _globals['_ALIGNMENTSTATE']._serialized_start=2874
+  _globals['_ALIGNMENTSTATE']._serialized_end=3011
+  _globals['_PREDICTIONSTATUS']._serialized_start=3013
+  _globals['_PREDICTIONSTATUS']._serialized_end=3134
   _globals['_STARTALIGNMENTREQUEST']._serialized_start=52
   _globals['_STARTALIGNMENTREQUEST']._serialized_end=110
   _globals['_GETALIGNMENTREQUEST']._serialized_start=112
@@ -55,19 +57,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHJOBREQUEST']._serialized_start=648
   _globals['_WATCHJOBREQUEST']._serialized_end=681
   _globals['_JOBSTATUS']._serialized_start=684
-  _globals['_JOBSTATUS']._serialized_end=1046
-  _globals['_JOBEVENT']._serialized_start=1049
-  _globals['_JOBEVENT']._serialized_end=1295
-  _globals['_PREDICTREQUEST']._serialized_start=1297
-  _globals['_PREDICTREQUEST']._serialized_end=1367
-  _globals['_PREDICTREPLY']._serialized_start=1369
-  _globals['_PREDICTREPLY']._serialized_end=1461
-  _globals['_LISTMODELSREQUEST']._serialized_start=1463
-  _globals['_LISTMODELSREQUEST']._serialized_end=1482
-  _globals['_MODELINFO']._serialized_start=1485
-  _globals['_MODELINFO']._serialized_end=1809
-  _globals['_LISTMODELSREPLY']._serialized_start=1811
-  _globals['_LISTMODELSREPLY']._serialized_end=1863
-  _globals['_TRAININGSERVICE']._serialized_start=2238
-  _globals['_TRAININGSERVICE']._serialized_end=2775
+  _globals['_JOBSTATUS']._serialized_end=1140
+  _globals['_JOBEVENT']._serialized_start=1143
+  _globals['_JOBEVENT']._serialized_end=1389
+  _globals['_PREDICTREQUEST']._serialized_start=1391
+  _globals['_PREDICTREQUEST']._serialized_end=1461
+  _globals['_PREDICTREPLY']._serialized_start=1463
+  _globals['_PREDICTREPLY']._serialized_end=1555
+  _globals['_LISTMODELSREQUEST']._serialized_start=1557
+  _globals['_LISTMODELSREQUEST']._serialized_end=1576
+  _globals['_MODELINFO']._serialized_start=1579
+  _globals['_MODELINFO']._serialized_end=2019
+  _globals['_LISTMODELSREPLY']._serialized_start=2021
+  _globals['_LISTMODELSREPLY']._serialized_end=2073
+  _globals['_CANCELJOBREQUEST']._serialized_start=2075
+  _globals['_CANCELJOBREQUEST']._serialized_end=2109
+  _globals['_LISTJOBSREQUEST']._serialized_start=2111
+  _globals['_LISTJOBSREQUEST']._serialized_end=2128
+  _globals['_LISTJOBSREPLY']._serialized_start=2130
+  _globals['_LISTJOBSREPLY']._serialized_end=2178
+  _globals['_GETMODELREQUEST']._serialized_start=2180
+  _globals['_GETMODELREQUEST']._serialized_end=2215
+  _globals['_LOSSPOINT']._serialized_start=2217
+  _globals['_LOSSPOINT']._serialized_end=2261
+  _globals['_MODELDETAIL']._serialized_start=2264
+  _globals['_MODELDETAIL']._serialized_end=2736
+  _globals['_MODELDETAIL_PHASESECONDSENTRY']._serialized_start=2653
+  _globals['_MODELDETAIL_PHASESECONDSENTRY']._serialized_end=2704
+  _globals['_TRAININGSERVICE']._serialized_start=3137
+  _globals['_TRAININGSERVICE']._serialized_end=3850
 # @@protoc_insertion_point(module_scope)

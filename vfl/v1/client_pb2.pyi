@@ -35,6 +35,8 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     """Finished; both parties stored their model shards under the job id."""
     JOB_STATE_FAILED: _JobState.ValueType  # 3
     """Stopped on an error (see JobStatus.error); no model stored."""
+    JOB_STATE_CANCELLED: _JobState.ValueType  # 4
+    """Stopped by CancelJob; neither party stored a model or a checkpoint."""
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
     """Life cycle of a training job."""
@@ -46,6 +48,8 @@ JOB_STATE_SUCCEEDED: JobState.ValueType  # 2
 """Finished; both parties stored their model shards under the job id."""
 JOB_STATE_FAILED: JobState.ValueType  # 3
 """Stopped on an error (see JobStatus.error); no model stored."""
+JOB_STATE_CANCELLED: JobState.ValueType  # 4
+"""Stopped by CancelJob; neither party stored a model or a checkpoint."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 class _AlignmentState:
@@ -364,6 +368,8 @@ class JobStatus(_message.Message):
     VALIDATION_LOSS_FIELD_NUMBER: _builtins.int
     BEST_ITERATION_FIELD_NUMBER: _builtins.int
     ETA_S_FIELD_NUMBER: _builtins.int
+    VALIDATION_AUC_FIELD_NUMBER: _builtins.int
+    VALIDATION_KS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The job id (also the model id once it succeeded)."""
     state: Global___JobState.ValueType
@@ -394,6 +400,11 @@ class JobStatus(_message.Message):
     iterations' pace (RUNNING, after two iterations; early stopping can end
     the job sooner).
     """
+    validation_auc: _builtins.float
+    """With holdout ids (a logistic model): AUC and KS statistic of the
+    model on the holdout rows, scored once the model is stored (SUCCEEDED).
+    """
+    validation_ks: _builtins.float
     def __init__(
         self,
         *,
@@ -409,10 +420,12 @@ class JobStatus(_message.Message):
         validation_loss: _builtins.float | None = ...,
         best_iteration: _builtins.int | None = ...,
         eta_s: _builtins.float | None = ...,
+        validation_auc: _builtins.float | None = ...,
+        validation_ks: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "_dp_epsilon_spent", b"_dp_epsilon_spent", "_eta_s", b"_eta_s", "_loss", b"_loss", "_validation_loss", b"_validation_loss", "best_iteration", b"best_iteration", "dp_epsilon_spent", b"dp_epsilon_spent", "eta_s", b"eta_s", "loss", b"loss", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "_dp_epsilon_spent", b"_dp_epsilon_spent", "_eta_s", b"_eta_s", "_loss", b"_loss", "_validation_auc", b"_validation_auc", "_validation_ks", b"_validation_ks", "_validation_loss", b"_validation_loss", "best_iteration", b"best_iteration", "dp_epsilon_spent", b"dp_epsilon_spent", "eta_s", b"eta_s", "loss", b"loss", "validation_auc", b"validation_auc", "validation_ks", b"validation_ks", "validation_loss", b"validation_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "_dp_epsilon_spent", b"_dp_epsilon_spent", "_eta_s", b"_eta_s", "_loss", b"_loss", "_validation_loss", b"_validation_loss", "best_iteration", b"best_iteration", "dp_epsilon_spent", b"dp_epsilon_spent", "elapsed_s", b"elapsed_s", "epoch", b"epoch", "error", b"error", "eta_s", b"eta_s", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "state", b"state", "total_iterations", b"total_iterations", "validation_loss", b"validation_loss"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration", "_dp_epsilon_spent", b"_dp_epsilon_spent", "_eta_s", b"_eta_s", "_loss", b"_loss", "_validation_auc", b"_validation_auc", "_validation_ks", b"_validation_ks", "_validation_loss", b"_validation_loss", "best_iteration", b"best_iteration", "dp_epsilon_spent", b"dp_epsilon_spent", "elapsed_s", b"elapsed_s", "epoch", b"epoch", "error", b"error", "eta_s", b"eta_s", "iteration", b"iteration", "job_id", b"job_id", "loss", b"loss", "state", b"state", "total_iterations", b"total_iterations", "validation_auc", b"validation_auc", "validation_ks", b"validation_ks", "validation_loss", b"validation_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__best_iteration: _TypeAlias = _typing.Literal["best_iteration"]  # noqa: Y015
     _WhichOneofArgType__best_iteration: _TypeAlias = _typing.Literal["_best_iteration", b"_best_iteration"]  # noqa: Y015
@@ -422,6 +435,10 @@ class JobStatus(_message.Message):
     _WhichOneofArgType__eta_s: _TypeAlias = _typing.Literal["_eta_s", b"_eta_s"]  # noqa: Y015
     _WhichOneofReturnType__loss: _TypeAlias = _typing.Literal["loss"]  # noqa: Y015
     _WhichOneofArgType__loss: _TypeAlias = _typing.Literal["_loss", b"_loss"]  # noqa: Y015
+    _WhichOneofReturnType__validation_auc: _TypeAlias = _typing.Literal["validation_auc"]  # noqa: Y015
+    _WhichOneofArgType__validation_auc: _TypeAlias = _typing.Literal["_validation_auc", b"_validation_auc"]  # noqa: Y015
+    _WhichOneofReturnType__validation_ks: _TypeAlias = _typing.Literal["validation_ks"]  # noqa: Y015
+    _WhichOneofArgType__validation_ks: _TypeAlias = _typing.Literal["_validation_ks", b"_validation_ks"]  # noqa: Y015
     _WhichOneofReturnType__validation_loss: _TypeAlias = _typing.Literal["validation_loss"]  # noqa: Y015
     _WhichOneofArgType__validation_loss: _TypeAlias = _typing.Literal["_validation_loss", b"_validation_loss"]  # noqa: Y015
     @_typing.overload
@@ -432,6 +449,10 @@ class JobStatus(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__eta_s) -> _WhichOneofReturnType__eta_s | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__loss) -> _WhichOneofReturnType__loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_auc) -> _WhichOneofReturnType__validation_auc | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_ks) -> _WhichOneofReturnType__validation_ks | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_loss) -> _WhichOneofReturnType__validation_loss | None: ...
 
@@ -608,6 +629,9 @@ class ModelInfo(_message.Message):
     ITERATIONS_FIELD_NUMBER: _builtins.int
     FINAL_LOSS_FIELD_NUMBER: _builtins.int
     DP_EPSILON_SPENT_FIELD_NUMBER: _builtins.int
+    HOLDOUT_ROWS_FIELD_NUMBER: _builtins.int
+    VALIDATION_AUC_FIELD_NUMBER: _builtins.int
+    VALIDATION_KS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     """The model id (the job id of the job that trained it)."""
     created_unix: _builtins.float
@@ -626,6 +650,12 @@ class ModelInfo(_message.Message):
     """Taylor loss of the last checked batch."""
     dp_epsilon_spent: _builtins.float
     """Differential privacy: the epsilon the training spent; unset without DP."""
+    holdout_rows: _builtins.int
+    """Holdout rows; with some (a logistic model), the model's AUC and KS
+    statistic on them, scored when the model was stored.
+    """
+    validation_auc: _builtins.float
+    validation_ks: _builtins.float
     @_builtins.property
     def config(self) -> _common_pb2.TrainingConfig:
         """The hyper-parameters it was trained with."""
@@ -644,19 +674,30 @@ class ModelInfo(_message.Message):
         iterations: _builtins.int = ...,
         final_loss: _builtins.float | None = ...,
         dp_epsilon_spent: _builtins.float | None = ...,
+        holdout_rows: _builtins.int = ...,
+        validation_auc: _builtins.float | None = ...,
+        validation_ks: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_final_loss", b"_final_loss", "config", b"config", "dp_epsilon_spent", b"dp_epsilon_spent", "final_loss", b"final_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_final_loss", b"_final_loss", "_validation_auc", b"_validation_auc", "_validation_ks", b"_validation_ks", "config", b"config", "dp_epsilon_spent", b"dp_epsilon_spent", "final_loss", b"final_loss", "validation_auc", b"validation_auc", "validation_ks", b"validation_ks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_final_loss", b"_final_loss", "active_features", b"active_features", "alignment_id", b"alignment_id", "config", b"config", "created_unix", b"created_unix", "dp_epsilon_spent", b"dp_epsilon_spent", "final_loss", b"final_loss", "iterations", b"iterations", "model_id", b"model_id", "passive_features", b"passive_features", "target_fingerprint", b"target_fingerprint", "train_rows", b"train_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent", "_final_loss", b"_final_loss", "_validation_auc", b"_validation_auc", "_validation_ks", b"_validation_ks", "active_features", b"active_features", "alignment_id", b"alignment_id", "config", b"config", "created_unix", b"created_unix", "dp_epsilon_spent", b"dp_epsilon_spent", "final_loss", b"final_loss", "holdout_rows", b"holdout_rows", "iterations", b"iterations", "model_id", b"model_id", "passive_features", b"passive_features", "target_fingerprint", b"target_fingerprint", "train_rows", b"train_rows", "validation_auc", b"validation_auc", "validation_ks", b"validation_ks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__dp_epsilon_spent: _TypeAlias = _typing.Literal["dp_epsilon_spent"]  # noqa: Y015
     _WhichOneofArgType__dp_epsilon_spent: _TypeAlias = _typing.Literal["_dp_epsilon_spent", b"_dp_epsilon_spent"]  # noqa: Y015
     _WhichOneofReturnType__final_loss: _TypeAlias = _typing.Literal["final_loss"]  # noqa: Y015
     _WhichOneofArgType__final_loss: _TypeAlias = _typing.Literal["_final_loss", b"_final_loss"]  # noqa: Y015
+    _WhichOneofReturnType__validation_auc: _TypeAlias = _typing.Literal["validation_auc"]  # noqa: Y015
+    _WhichOneofArgType__validation_auc: _TypeAlias = _typing.Literal["_validation_auc", b"_validation_auc"]  # noqa: Y015
+    _WhichOneofReturnType__validation_ks: _TypeAlias = _typing.Literal["validation_ks"]  # noqa: Y015
+    _WhichOneofArgType__validation_ks: _TypeAlias = _typing.Literal["_validation_ks", b"_validation_ks"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_epsilon_spent) -> _WhichOneofReturnType__dp_epsilon_spent | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__final_loss) -> _WhichOneofReturnType__final_loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_auc) -> _WhichOneofReturnType__validation_auc | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__validation_ks) -> _WhichOneofReturnType__validation_ks | None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
@@ -683,3 +724,218 @@ class ListModelsReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelsReply: _TypeAlias = ListModelsReply  # noqa: Y015
+
+@_typing.final
+class CancelJobRequest(_message.Message):
+    """Sent by a client to A."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job id StartTraining returned."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelJobRequest: _TypeAlias = CancelJobRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsRequest(_message.Message):
+    """Sent by a client to A; no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsReply(_message.Message):
+    """Sent by A."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobStatus]:
+        """Running and finished jobs, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___JobStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsReply: _TypeAlias = ListJobsReply  # noqa: Y015
+
+@_typing.final
+class GetModelRequest(_message.Message):
+    """Sent by a client to A."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_ID_FIELD_NUMBER: _builtins.int
+    model_id: _builtins.str
+    """The model id (the job id of a finished job)."""
+    def __init__(
+        self,
+        *,
+        model_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_id", b"model_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelRequest: _TypeAlias = GetModelRequest  # noqa: Y015
+
+@_typing.final
+class LossPoint(_message.Message):
+    """A loss at one iteration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITERATION_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    iteration: _builtins.int
+    loss: _builtins.float
+    def __init__(
+        self,
+        *,
+        iteration: _builtins.int = ...,
+        loss: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["iteration", b"iteration", "loss", b"loss"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LossPoint: _TypeAlias = LossPoint  # noqa: Y015
+
+@_typing.final
+class ModelDetail(_message.Message):
+    """One model in detail, as A knows it (A's own part of the model only)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PhaseSecondsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INFO_FIELD_NUMBER: _builtins.int
+    LOSS_HISTORY_FIELD_NUMBER: _builtins.int
+    VALIDATION_LOSSES_FIELD_NUMBER: _builtins.int
+    KEPT_ITERATION_FIELD_NUMBER: _builtins.int
+    PHASE_SECONDS_FIELD_NUMBER: _builtins.int
+    BYTES_SENT_FIELD_NUMBER: _builtins.int
+    ELAPSED_S_FIELD_NUMBER: _builtins.int
+    HOLDOUT_IDS_FIELD_NUMBER: _builtins.int
+    ACTIVE_FEATURE_NAMES_FIELD_NUMBER: _builtins.int
+    ACTIVE_WEIGHTS_FIELD_NUMBER: _builtins.int
+    ACTIVE_INTERCEPT_FIELD_NUMBER: _builtins.int
+    DP_DELTA_FIELD_NUMBER: _builtins.int
+    kept_iteration: _builtins.int
+    bytes_sent: _builtins.int
+    elapsed_s: _builtins.float
+    active_intercept: _builtins.float
+    dp_delta: _builtins.float
+    """Differential privacy: the delta the epsilon is spent at; unset without DP."""
+    @_builtins.property
+    def info(self) -> Global___ModelInfo: ...
+    @_builtins.property
+    def loss_history(self) -> _containers.RepeatedCompositeFieldContainer[Global___LossPoint]:
+        """Taylor loss of each checked training batch."""
+
+    @_builtins.property
+    def validation_losses(self) -> _containers.RepeatedCompositeFieldContainer[Global___LossPoint]:
+        """With config.validation_every: the validation loss of each check, and
+        the checked iteration whose weights the model keeps.
+        """
+
+    @_builtins.property
+    def phase_seconds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """A's time by phase (seconds, summed over threads), bytes A sent, and
+        the job's wall time.
+        """
+
+    @_builtins.property
+    def holdout_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A's holdout ids (the job's holdout_ids), in the order they were given."""
+
+    @_builtins.property
+    def active_feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A's own features, and its weights on them in the units of A's raw
+        data (the standardisation folded in), with A's intercept: u_A =
+        x_A . active_weights + active_intercept. B's weights stay at B.
+        """
+
+    @_builtins.property
+    def active_weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        info: Global___ModelInfo | None = ...,
+        loss_history: _abc.Iterable[Global___LossPoint] | None = ...,
+        validation_losses: _abc.Iterable[Global___LossPoint] | None = ...,
+        kept_iteration: _builtins.int | None = ...,
+        phase_seconds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        bytes_sent: _builtins.int = ...,
+        elapsed_s: _builtins.float = ...,
+        holdout_ids: _abc.Iterable[_builtins.str] | None = ...,
+        active_feature_names: _abc.Iterable[_builtins.str] | None = ...,
+        active_weights: _abc.Iterable[_builtins.float] | None = ...,
+        active_intercept: _builtins.float = ...,
+        dp_delta: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_dp_delta", b"_dp_delta", "_kept_iteration", b"_kept_iteration", "dp_delta", b"dp_delta", "info", b"info", "kept_iteration", b"kept_iteration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_dp_delta", b"_dp_delta", "_kept_iteration", b"_kept_iteration", "active_feature_names", b"active_feature_names", "active_intercept", b"active_intercept", "active_weights", b"active_weights", "bytes_sent", b"bytes_sent", "dp_delta", b"dp_delta", "elapsed_s", b"elapsed_s", "holdout_ids", b"holdout_ids", "info", b"info", "kept_iteration", b"kept_iteration", "loss_history", b"loss_history", "phase_seconds", b"phase_seconds", "validation_losses", b"validation_losses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__dp_delta: _TypeAlias = _typing.Literal["dp_delta"]  # noqa: Y015
+    _WhichOneofArgType__dp_delta: _TypeAlias = _typing.Literal["_dp_delta", b"_dp_delta"]  # noqa: Y015
+    _WhichOneofReturnType__kept_iteration: _TypeAlias = _typing.Literal["kept_iteration"]  # noqa: Y015
+    _WhichOneofArgType__kept_iteration: _TypeAlias = _typing.Literal["_kept_iteration", b"_kept_iteration"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__dp_delta) -> _WhichOneofReturnType__dp_delta | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__kept_iteration) -> _WhichOneofReturnType__kept_iteration | None: ...
+
+Global___ModelDetail: _TypeAlias = ModelDetail  # noqa: Y015

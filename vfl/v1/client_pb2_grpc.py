@@ -74,6 +74,21 @@ class TrainingServiceStub:
                 request_serializer=vfl_dot_v1_dot_client__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=vfl_dot_v1_dot_client__pb2.ListModelsReply.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/vfl.v1.TrainingService/CancelJob',
+                request_serializer=vfl_dot_v1_dot_client__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_client__pb2.JobStatus.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/vfl.v1.TrainingService/ListJobs',
+                request_serializer=vfl_dot_v1_dot_client__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_client__pb2.ListJobsReply.FromString,
+                _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/vfl.v1.TrainingService/GetModel',
+                request_serializer=vfl_dot_v1_dot_client__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=vfl_dot_v1_dot_client__pb2.ModelDetail.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -142,6 +157,33 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """Stops a running job: A stops before its next iteration, both parties
+        release the job and store nothing (no model, no checkpoint). Returns
+        the job's status once it has ended (CANCELLED, or SUCCEEDED/FAILED if
+        it ended first). FAILED_PRECONDITION for a job that already ended,
+        NOT_FOUND for an unknown job id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """The jobs this active party has run since it started (and the ones it
+        resumed), running and finished, sorted by start time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """One stored model in detail, for reports and clients: its ModelInfo,
+        loss histories, timings, and A's own part of the model (never B's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +226,21 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=vfl_dot_v1_dot_client__pb2.ListModelsRequest.FromString,
                     response_serializer=vfl_dot_v1_dot_client__pb2.ListModelsReply.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=vfl_dot_v1_dot_client__pb2.CancelJobRequest.FromString,
+                    response_serializer=vfl_dot_v1_dot_client__pb2.JobStatus.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=vfl_dot_v1_dot_client__pb2.ListJobsRequest.FromString,
+                    response_serializer=vfl_dot_v1_dot_client__pb2.ListJobsReply.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=vfl_dot_v1_dot_client__pb2.GetModelRequest.FromString,
+                    response_serializer=vfl_dot_v1_dot_client__pb2.ModelDetail.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -402,6 +459,87 @@ class TrainingService:
             '/vfl.v1.TrainingService/ListModels',
             vfl_dot_v1_dot_client__pb2.ListModelsRequest.SerializeToString,
             vfl_dot_v1_dot_client__pb2.ListModelsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.TrainingService/CancelJob',
+            vfl_dot_v1_dot_client__pb2.CancelJobRequest.SerializeToString,
+            vfl_dot_v1_dot_client__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.TrainingService/ListJobs',
+            vfl_dot_v1_dot_client__pb2.ListJobsRequest.SerializeToString,
+            vfl_dot_v1_dot_client__pb2.ListJobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vfl.v1.TrainingService/GetModel',
+            vfl_dot_v1_dot_client__pb2.GetModelRequest.SerializeToString,
+            vfl_dot_v1_dot_client__pb2.ModelDetail.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,21 @@ class TrainingServiceStub:
     """Probabilities P(y = 1) for a list of ids, from a trained model."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListModelsRequest, _client_pb2.ListModelsReply]
     """The models this active party has stored."""
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_client_pb2.CancelJobRequest, _client_pb2.JobStatus]
+    """Stops a running job: A stops before its next iteration, both parties
+    release the job and store nothing (no model, no checkpoint). Returns
+    the job's status once it has ended (CANCELLED, or SUCCEEDED/FAILED if
+    it ended first). FAILED_PRECONDITION for a job that already ended,
+    NOT_FOUND for an unknown job id.
+    """
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_client_pb2.ListJobsRequest, _client_pb2.ListJobsReply]
+    """The jobs this active party has run since it started (and the ones it
+    resumed), running and finished, sorted by start time.
+    """
+    GetModel: _grpc.UnaryUnaryMultiCallable[_client_pb2.GetModelRequest, _client_pb2.ModelDetail]
+    """One stored model in detail, for reports and clients: its ModelInfo,
+    loss histories, timings, and A's own part of the model (never B's).
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -89,6 +104,21 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     """Probabilities P(y = 1) for a list of ids, from a trained model."""
     ListModels: _aio.UnaryUnaryMultiCallable[_client_pb2.ListModelsRequest, _client_pb2.ListModelsReply]  # type: ignore[assignment]
     """The models this active party has stored."""
+    CancelJob: _aio.UnaryUnaryMultiCallable[_client_pb2.CancelJobRequest, _client_pb2.JobStatus]  # type: ignore[assignment]
+    """Stops a running job: A stops before its next iteration, both parties
+    release the job and store nothing (no model, no checkpoint). Returns
+    the job's status once it has ended (CANCELLED, or SUCCEEDED/FAILED if
+    it ended first). FAILED_PRECONDITION for a job that already ended,
+    NOT_FOUND for an unknown job id.
+    """
+    ListJobs: _aio.UnaryUnaryMultiCallable[_client_pb2.ListJobsRequest, _client_pb2.ListJobsReply]  # type: ignore[assignment]
+    """The jobs this active party has run since it started (and the ones it
+    resumed), running and finished, sorted by start time.
+    """
+    GetModel: _aio.UnaryUnaryMultiCallable[_client_pb2.GetModelRequest, _client_pb2.ModelDetail]  # type: ignore[assignment]
+    """One stored model in detail, for reports and clients: its ModelInfo,
+    loss histories, timings, and A's own part of the model (never B's).
+    """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -164,5 +194,38 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_client_pb2.ListModelsReply, _abc.Awaitable[_client_pb2.ListModelsReply]]:
         """The models this active party has stored."""
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _client_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.JobStatus, _abc.Awaitable[_client_pb2.JobStatus]]:
+        """Stops a running job: A stops before its next iteration, both parties
+        release the job and store nothing (no model, no checkpoint). Returns
+        the job's status once it has ended (CANCELLED, or SUCCEEDED/FAILED if
+        it ended first). FAILED_PRECONDITION for a job that already ended,
+        NOT_FOUND for an unknown job id.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _client_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.ListJobsReply, _abc.Awaitable[_client_pb2.ListJobsReply]]:
+        """The jobs this active party has run since it started (and the ones it
+        resumed), running and finished, sorted by start time.
+        """
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _client_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_client_pb2.ModelDetail, _abc.Awaitable[_client_pb2.ModelDetail]]:
+        """One stored model in detail, for reports and clients: its ModelInfo,
+        loss histories, timings, and A's own part of the model (never B's).
+        """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

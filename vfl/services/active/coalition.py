@@ -212,6 +212,7 @@ def run_iterations(
     config = job.config
     prev_loss: float | None = None
     for t, batch in enumerate(schedule):
+        job.raise_if_cancelled()
         every = config.loss_every
         due = bool(every) and ((t + 1) % every == 0 or t + 1 == len(schedule))
         loss = _with_retries(
@@ -237,6 +238,7 @@ def _with_retries(call: Callable[[], T], job: TrainingJob, t: int, recovery_s: f
     deadline = time.monotonic() + recovery_s
     delay = 0.1
     while True:
+        job.raise_if_cancelled()
         try:
             return call()
         except Unavailable as exc:

@@ -20,6 +20,11 @@ class State(Enum):
     RUNNING = 1
     SUCCEEDED = 2
     FAILED = 3
+    CANCELLED = 4
+
+
+class JobCancelled(Exception):
+    """Raised in a job's own thread, between iterations, once CancelJob asked it to stop."""
 
 
 @dataclass
@@ -55,6 +60,27 @@ class TrainingJob:
     cond: threading.Condition = field(default_factory=threading.Condition)
     # (iteration, time) of the latest iterations: the pace the estimate uses.
     marks: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=ETA_WINDOW + 1))
+    # With holdout ids: the stored model's AUC and KS statistic on them.
+    validation_auc: float | None = None
+    validation_ks: float | None = None
+    # Set by CancelJob; the job's thread stops at its next check.
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+
+    def raise_if_cancelled(self) -> None:
+        """Called by the job's own thread where stopping leaves nothing half
+        done: before an iteration, and while waiting for a peer."""
+        if self.cancel_requested.is_set():
+            raise JobCancelled(f"job {self.job_id}: cancelled by the client at iteration {self.iteration}")
+
+    def ended(self, timeout_s: float) -> bool:
+        """Wait up to timeout_s for the job to leave RUNNING."""
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while self.state == State.RUNNING:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.cond.wait(left):
+                    return self.state != State.RUNNING
+        return True
 
     def eta_s(self, now: float | None = None) -> float | None:
         """Seconds to the last planned iteration at the pace of the last

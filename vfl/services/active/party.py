@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from vfl.common import dp, metrics, serde
+from vfl.common import dp, evaluation, metrics, serde
 from vfl.common.alignments import AlignmentRecord, AlignmentStore
 from vfl.common.checkpoint import JobCheckpoints, unusable_reason
 from vfl.common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
@@ -48,7 +48,7 @@ from vfl.common.protocol.phases import Phase
 from vfl.common.protocol.residual import residual_model
 from vfl.services.active import coalition
 from vfl.services.active.alignment import ActiveAlignments
-from vfl.services.active.jobs import State, TrainingJob
+from vfl.services.active.jobs import JobCancelled, State, TrainingJob
 from vfl.services.active.peer import PassiveClient
 from vfl.services.active.records import ActiveSetup, ActiveState
 
@@ -56,6 +56,9 @@ log = logging.getLogger("vfl.active")
 
 MAX_PREDICT_IDS = 100_000
 ABORT_PATIENCE_S = 10.0
+# How long CancelJob waits for the job to stop (one iteration, or a wait
+# for a peer that is down, which checks every few seconds at most).
+CANCEL_WAIT_S = 60.0
 
 
 @dataclass
@@ -387,6 +390,7 @@ class ActiveParty:
             with ThreadPoolExecutor(max_workers=len(links), thread_name_prefix="active-parties") as pool:
                 session = coalition.active_session(self.backend, self.key, job.job_id, config, x, y, w0, links, pool)
                 coalition.run_iterations(job, session, schedule, self.recovery_s)
+                job.raise_if_cancelled()  # the last chance: after FinishJob, each party has stored its shard
                 coalition.finish_at_parties(links, job, job.iteration, self.recovery_s)
             self.models.save(
                 job.job_id,
@@ -404,6 +408,7 @@ class ActiveParty:
                     "scaler": scaler.to_dict(),
                     "dp": None,
                     "holdout_rows": len(holdout),
+                    "holdout_ids": list(holdout),
                     "alignment_id": alignment_id,
                     "population": sorted(set(ids) | set(holdout)),
                     "scores_any_row": any_row,
@@ -421,6 +426,7 @@ class ActiveParty:
                 },
             )
             self.running.remove(job.job_id)
+            self._evaluate_holdout(job, holdout)
             job.state = State.SUCCEEDED
             job.publish(f"model {job.job_id} stored")
             log.info("event=job_succeeded job=%s iterations=%d", job.job_id, job.iteration)
@@ -430,7 +436,7 @@ class ActiveParty:
                 [(link.name, link.client, link.target_fp) for link in links], job.job_id, job.iteration
             )
             self.running.remove(job.job_id)
-            job.state = State.FAILED
+            job.state = State.CANCELLED if isinstance(exc, JobCancelled) else State.FAILED
             job.publish(job.error)
 
     def resume_jobs(self) -> int:
@@ -651,6 +657,52 @@ class ActiveParty:
             raise NotFound(f"job_id: no job {job_id[:64]!r}")
         return job
 
+    def jobs(self) -> list[TrainingJob]:
+        """Every job this process knows, oldest first."""
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.started)
+
+    def cancel_job(self, job_id: str, wait_s: float = CANCEL_WAIT_S) -> TrainingJob:
+        """Ask a running job to stop, and wait for it to end: it stops before
+        its next iteration, tells every passive party to drop the job (each
+        stores nothing and removes its checkpoint) and removes A's own."""
+        job = self.job(job_id)
+        if job.state != State.RUNNING:
+            raise FailedPrecondition(f"job_id: job {job_id[:64]!r} already ended ({job.state.name.lower()})")
+        job.cancel_requested.set()
+        log.info("event=job_cancel_requested job=%s iteration=%d", job_id, job.iteration)
+        if not job.ended(wait_s):
+            raise Unavailable(f"job {job_id[:64]!r}: asked to stop, still running after {wait_s:.0f} s")
+        return job
+
+    def load_model(self, model_id: str) -> dict[str, Any]:
+        return self.models.load(check_job_id(model_id, "model_id"))
+
+    def _evaluate_holdout(self, job: TrainingJob, holdout_ids: list[str]) -> None:
+        """AUC and KS of the stored model on the job's holdout rows (logistic
+        models with both classes there), kept in the shard and the job record.
+        A prediction like any other: B charges the ids to its budgets. If it
+        cannot be scored the job still succeeds, without the figures."""
+        if not holdout_ids or job.config.model != "logistic":
+            return
+        y = self.labels[self.data.positions(holdout_ids, "holdout_ids")]
+        if len(np.unique(y)) < 2:
+            return
+        try:
+            out = self.predict(job.job_id, holdout_ids)
+        except VflError as exc:
+            log.warning("event=holdout_not_scored job=%s error=%r", job.job_id, str(exc))
+            return
+        keep = out.scored
+        if len(np.unique(y[keep])) < 2:
+            return
+        auc, ks = evaluation.auc_and_ks(y[keep], out.probabilities[keep])
+        shard = self.models.load(job.job_id)
+        shard["metrics"]["validation"] = {"auc": auc, "ks": ks, "rows": int(keep.sum())}
+        self.models.save(job.job_id, shard)
+        job.validation_auc, job.validation_ks = auc, ks
+        log.info("event=holdout_scored job=%s rows=%d auc=%.4f ks=%.4f", job.job_id, int(keep.sum()), auc, ks)
+
     def list_models(self) -> list[dict[str, Any]]:
         """The readable shards; a damaged one is quarantined and logged, not listed."""
         return self.models.load_all()
@@ -728,6 +780,7 @@ class ActiveParty:
         try:
             prev_loss: float | None = job.losses[-1][1] if job.losses else None
             while s.next_iteration < len(s.batches):
+                job.raise_if_cancelled()
                 t = s.next_iteration
                 batch = s.batches[t]
                 try:
@@ -777,12 +830,14 @@ class ActiveParty:
                     break
                 except Unavailable as exc:
                     self._recover(s, exc)
+            job.raise_if_cancelled()  # the last chance: after FinishJob, B has stored its shard
             if s.best_w is not None:
                 s.w = s.best_w  # the best check's weights, as B keeps its own
                 job.publish(f"validation: keeping iteration {job.best_iteration} (loss {s.best_loss:.6g})")
             self._finish_at_passive(s)
             self._store_model(s)
             self.checkpoints.remove(job.job_id)
+            self._evaluate_holdout(job, s.holdout_ids)
             job.state = State.SUCCEEDED
             job.publish(f"model {job.job_id} stored")
             log.info(
@@ -797,7 +852,7 @@ class ActiveParty:
                 futures.wait([pending])  # B finishes the last step before it hears of the abort
             self._abort_at_passive(job.job_id, s.target_fp, job.iteration)
             self.checkpoints.remove(job.job_id)
-            job.state = State.FAILED
+            job.state = State.CANCELLED if isinstance(exc, JobCancelled) else State.FAILED
             job.publish(job.error)
 
     def _finish_at_passive(self, s: _Session) -> None:
@@ -839,6 +894,7 @@ class ActiveParty:
         deadline = time.monotonic() + self.recovery_s
         delay = 0.1
         while True:
+            job.raise_if_cancelled()
             try:
                 # All of it again if the connection breaks anew, re-sent step 5 included.
                 self._line_up(s)
@@ -999,6 +1055,7 @@ class ActiveParty:
                 "scaler": s.scaler.to_dict(),
                 "dp": self._dp_record(s),
                 "holdout_rows": len(s.holdout_ids),
+                "holdout_ids": list(s.holdout_ids),
                 "alignment_id": s.alignment_id,
                 "population": sorted(set(s.train_ids) | set(s.holdout_ids)),
                 "scores_any_row": s.scores_any_row,
@@ -1102,6 +1159,10 @@ class ActiveParty:
 def _record_failure(job: TrainingJob, exc: Exception) -> None:
     """The job's error, one line a caller may read (no secret: a domain
     error's message, or only the type of a bug), logged."""
+    if isinstance(exc, JobCancelled):
+        job.error = str(exc)
+        log.info("event=job_cancelled job=%s iteration=%d", job.job_id, job.iteration)
+        return
     job.error = str(owned_by("active", exc)) if isinstance(exc, VflError) else f"internal error: {type(exc).__name__}"
     log.warning("event=job_failed job=%s iteration=%d error=%r", job.job_id, job.iteration, job.error)
     if not isinstance(exc, VflError):

@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 
 from vfl.common import serde
+from vfl.common.data import Scaler
 from vfl.common.jobconfig import job_config
 from vfl.common.rpc import rpc_method
 from vfl.services.active.alignment import AlignmentRun
@@ -20,6 +22,7 @@ _STATES = {
     State.RUNNING: client_pb2.JOB_STATE_RUNNING,
     State.SUCCEEDED: client_pb2.JOB_STATE_SUCCEEDED,
     State.FAILED: client_pb2.JOB_STATE_FAILED,
+    State.CANCELLED: client_pb2.JOB_STATE_CANCELLED,
 }
 
 
@@ -44,6 +47,8 @@ def _status(job: TrainingJob) -> client_pb2.JobStatus:
     eta = job.eta_s()
     if eta is not None:
         msg.eta_s = eta
+    if job.validation_auc is not None and job.validation_ks is not None:
+        msg.validation_auc, msg.validation_ks = job.validation_auc, job.validation_ks
     return msg
 
 
@@ -76,6 +81,7 @@ def _model_info(shard: dict[str, Any]) -> client_pb2.ModelInfo:
         train_rows=shard["train_rows"],
         iterations=shard["metrics"]["iterations"],
         alignment_id=shard.get("alignment_id", ""),
+        holdout_rows=shard.get("holdout_rows", 0),
     )
     loss = final_loss(shard)
     if loss is not None:
@@ -83,6 +89,34 @@ def _model_info(shard: dict[str, Any]) -> client_pb2.ModelInfo:
     spent = shard["metrics"].get("dp_epsilon_spent")
     if spent is not None:
         msg.dp_epsilon_spent = float(spent)
+    validation = shard["metrics"].get("validation")
+    if validation:
+        msg.validation_auc, msg.validation_ks = validation["auc"], validation["ks"]
+    return msg
+
+
+def _model_detail(shard: dict[str, Any]) -> client_pb2.ModelDetail:
+    m = shard["metrics"]
+    scaler = Scaler.from_dict(shard["scaler"])
+    w = np.asarray(shard["weights"])
+    # w . (x - mean) / scale + b = (w / scale) . x + (b - w . mean / scale)
+    raw_w = w / scaler.scale
+    msg = client_pb2.ModelDetail(
+        info=_model_info(shard),
+        loss_history=[client_pb2.LossPoint(iteration=i, loss=v) for i, v in m.get("loss_history", [])],
+        validation_losses=[client_pb2.LossPoint(iteration=i, loss=v) for i, v in shard.get("validation_losses", [])],
+        phase_seconds={k: float(v) for k, v in m.get("phases_s", {}).items()},
+        bytes_sent=int(m.get("bytes_sent", 0)),
+        elapsed_s=float(m.get("elapsed_s", 0.0)),
+        holdout_ids=shard.get("holdout_ids", []),
+        active_feature_names=shard.get("feature_names", []),
+        active_weights=raw_w.tolist(),
+        active_intercept=float(shard["intercept"]) - float(raw_w @ scaler.mean),
+    )
+    if shard.get("kept_iteration") is not None:
+        msg.kept_iteration = shard["kept_iteration"]
+    if shard.get("dp"):
+        msg.dp_delta = float(shard["dp"]["delta"])
     return msg
 
 
@@ -173,3 +207,15 @@ class TrainingServicer(client_pb2_grpc.TrainingServiceServicer):
         self, request: client_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> client_pb2.ListModelsReply:
         return client_pb2.ListModelsReply(models=[_model_info(s) for s in self.party.list_models()])
+
+    @rpc_method
+    def CancelJob(self, request: client_pb2.CancelJobRequest, context: grpc.ServicerContext) -> client_pb2.JobStatus:
+        return _status(self.party.cancel_job(request.job_id))
+
+    @rpc_method
+    def ListJobs(self, request: client_pb2.ListJobsRequest, context: grpc.ServicerContext) -> client_pb2.ListJobsReply:
+        return client_pb2.ListJobsReply(jobs=[_status(j) for j in self.party.jobs()])
+
+    @rpc_method
+    def GetModel(self, request: client_pb2.GetModelRequest, context: grpc.ServicerContext) -> client_pb2.ModelDetail:
+        return _model_detail(self.party.load_model(request.model_id))
