@@ -821,7 +821,7 @@ def _page(
         "</head><body><main>",
         "<header>",
         f"<h1>Model report: {_e(data.model_id)}</h1>",
-        f'<div class="sub">Vertical federated logistic regression · trained {_e(created)} · '
+        f'<div class="sub">Vertical federated logistic regression · created {_e(created)} · '
         f"evaluated on {len(y):,} {_e(data.split_name)}</div>",
         '<div id="plot-check" class="check">plots not checked (the page script did not run)</div>',
         "</header>",
