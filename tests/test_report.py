@@ -8,6 +8,7 @@ import dataclasses
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +305,36 @@ def test_render_without_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(FileNotFoundError, match="install Debian's chromium"):
         render_in_chromium(tmp_path / "index.html", tmp_path / "shot.png")
+
+
+def fake_chromium(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "chromium"
+    fake.write_text("#!/bin/sh\n" + script + "\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_a_failing_chromium_raises_with_its_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_chromium(tmp_path, monkeypatch, 'echo "noise"; echo "fatal: cannot open display" >&2; exit 3')
+    with pytest.raises(RuntimeError, match=r"(?s)exited with code 3.*fatal: cannot open display"):
+        render_in_chromium(tmp_path / "index.html", tmp_path / "shot.png")
+
+
+def test_a_hung_chromium_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_chromium(tmp_path, monkeypatch, 'echo "starting" >&2; sleep 30')
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"(?s)timed out.*starting"):
+        render_in_chromium(tmp_path / "index.html", tmp_path / "shot.png", timeout_s=1)
+    assert time.monotonic() - started < 10
+
+
+def test_ties_matter_in_the_comparison_data() -> None:
+    """Plant: KS taken row by row (equal scores split by position) differs from the
+    grouped value on the tied data, so the comparison with scikit-learn would catch it."""
+    y, s = CASES[0]
+    order = np.argsort(-s, kind="stable")
+    per_row = np.cumsum(y[order]) / y.sum() - np.cumsum(1 - y[order]) / (len(y) - y.sum())
+    assert abs(float(per_row.max()) - sklearn_ks(y, s)[0]) > 1e-3
+    assert abs(ks_statistic(y, s)[0] - sklearn_ks(y, s)[0]) <= 1e-12

@@ -14,10 +14,13 @@ each distinct score (equal scores are one threshold).
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -572,7 +575,12 @@ def _check_data(data: ReportData) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _figure() -> tuple[Figure, Axes]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "the model report draws its plots with matplotlib: pip install matplotlib==3.11.2 (vfl's bench extra)"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -876,20 +884,28 @@ def _chromium() -> str:
     return found
 
 
-def _run_chromium(args: list[str], deadline: float, what: str) -> subprocess.CompletedProcess[str]:
+def _run_chromium(args: list[str], deadline: float, what: str) -> str:
+    """Chromium's stdout; it runs in its own session, so a timeout ends its helper processes too."""
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise TimeoutError(f"chromium {what}: no time left")
-    try:
-        done = subprocess.run(
-            args, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=remaining
-        )
-    except subprocess.TimeoutExpired as exc:
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        raise TimeoutError(f"chromium {what} timed out after {remaining:.0f} s; stderr tail:\n{_tail(err)}") from None
-    if done.returncode != 0:
-        raise RuntimeError(f"chromium {what} exited with code {done.returncode}; stderr tail:\n{_tail(done.stderr)}")
-    return done
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            err.seek(0)
+            tail = _tail(err.read().decode(errors="replace"))
+            raise TimeoutError(f"chromium {what} timed out after {remaining:.0f} s; stderr tail:\n{tail}") from None
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if returncode != 0:
+        raise RuntimeError(f"chromium {what} exited with code {returncode}; stderr tail:\n{_tail(stderr)}")
+    return stdout
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -932,7 +948,7 @@ def render_in_chromium(html_path: Path, screenshot: Path, timeout_s: float = 60)
             f"--user-data-dir={profile}",
             "--virtual-time-budget=5000",
         ]
-        dom = _run_chromium([*common, "--window-size=1280,1000", "--dump-dom", url], deadline, "--dump-dom").stdout
+        dom = _run_chromium([*common, "--window-size=1280,1000", "--dump-dom", url], deadline, "--dump-dom")
         # The page's height (set by its onload script) sizes the screenshot to the whole page.
         found = re.search(r'\bdata-page-height="(\d+)"', dom)
         height = min(max(int(found.group(1)), 800), 16000) if found else 4000
