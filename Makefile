@@ -45,7 +45,16 @@ lint: $(STAMP) ## ruff, and the import contract (no gRPC under vfl/common/protoc
 typecheck: $(STAMP) ## mypy, strict on all of vfl/ but the generated vfl/v1
 	$(VENV)/bin/mypy vfl
 
-test: $(STAMP) ## unit, protocol and end-to-end tests (real gRPC, real OU and Paillier keys)
+# Debian's chromium renders the model report headless in tests/test_report.py
+# (skipped without it, unless VFL_REQUIRE_CHROMIUM=1 as in .ci/run).
+CHROMIUM_STAMP := $(VENV)/.chromium
+$(CHROMIUM_STAMP): $(STAMP)
+	@command -v chromium >/dev/null || \
+		{ echo "installing chromium (Debian) for the report's rendering test"; \
+		  $$( [ $$(id -u) -eq 0 ] || echo sudo ) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium' >/dev/null; }
+	touch $(CHROMIUM_STAMP)
+
+test: $(STAMP) $(CHROMIUM_STAMP) ## unit, protocol, end-to-end and report tests (real gRPC, real OU and Paillier keys, headless Chromium)
 	@# pytest exits 5 when it collects nothing: that is a failure here, not a pass.
 	@# tests/system (root, network namespaces) is make test-system's.
 	@$(PY) -m pytest -q tests --ignore=tests/system; rc=$$?; \
