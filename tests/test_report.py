@@ -15,18 +15,16 @@ import numpy as np
 import pytest
 from sklearn import metrics
 
-from vfl.cli.report import (
-    ReportData,
+from vfl.cli.report import ReportData, plots_loaded, render_in_chromium, write_report
+from vfl.common.evaluation import (
+    auc_and_ks,
     calibration_bins,
     confusion_matrix,
     cumulative_gain,
     ks_curve,
     ks_statistic,
     lift_table,
-    plots_loaded,
-    render_in_chromium,
     roc_auc,
-    write_report,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +67,9 @@ def test_ks_statistic_equals_sklearn_and_scipy(case: int) -> None:
     assert abs(ks - float(max(tpr - fpr))) <= 1e-12
     stats = pytest.importorskip("scipy.stats")
     assert abs(ks - stats.ks_2samp(s[y == 1], s[y == 0]).statistic) <= 1e-12
+    # What A puts in JobStatus and ModelInfo for a holdout split.
+    auc, ks_a = auc_and_ks(y, s)
+    assert abs(auc - metrics.roc_auc_score(y, s)) <= 1e-12 and ks_a == ks
 
 
 def test_ks_curve_groups_equal_scores() -> None:
