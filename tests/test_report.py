@@ -4,6 +4,7 @@ loads; a missing plot is caught)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import re
@@ -339,3 +340,45 @@ def test_ties_matter_in_the_comparison_data() -> None:
     per_row = np.cumsum(y[order]) / y.sum() - np.cumsum(1 - y[order]) / (len(y) - y.sum())
     assert abs(float(per_row.max()) - sklearn_ks(y, s)[0]) > 1e-3
     assert abs(ks_statistic(y, s)[0] - sklearn_ks(y, s)[0]) <= 1e-12
+
+
+def test_the_demo_writes_a_report_whose_ks_equals_sklearns(tmp_path: Path, chromium: str) -> None:
+    """`vfl demo` (each party its own process, real gRPC, test-size keys)
+    writes the report of its run and prints its path; the page renders with
+    every plot, and its KS and AUC are scikit-learn's on the scores it scored."""
+    import subprocess
+    import sys
+
+    from vfl.cli.main import BUNDLED_ACTIVE, read_labels
+
+    cmd = [sys.executable, "-m", "vfl.cli.main", "demo", "--key-bits", "1024", "--epochs", "2"]
+    cmd += ["--report-dir", str(tmp_path / "report"), "--workdir", str(tmp_path / "fed")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    page = Path(next(line for line in lines if line.startswith("report ")).removeprefix("report "))
+    printed_auc = float(next(line for line in lines if line.startswith("AUC ")).split()[1])
+    assert page == tmp_path / "report" / "index.html"
+
+    shot = tmp_path / "demo-report.png"
+    dom = render_in_chromium(page, shot)
+    total, loaded = plots_loaded(dom)
+    assert total == loaded == len(list(page.parent.glob("*.png"))) >= 8
+    artefacts = Path(os.environ.get("VFL_ARTEFACT_DIR") or REPO / "artefacts")
+    artefacts.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, artefacts / "demo-report-screenshot.png")
+
+    # The scored rows the page lists, with the labels from A's own file (not the page's).
+    with (page.parent / "scores.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    labels = read_labels(BUNDLED_ACTIVE, "id", "y")
+    y = np.array([labels[r["id"]] for r in rows])
+    s = np.array([float(r["score"]) for r in rows])
+    assert len(rows) == 114
+    ks_page = float(re.search(r'\bdata-ks="([^"]+)"', dom).group(1))  # type: ignore[union-attr]
+    auc_page = float(re.search(r'\bdata-auc="([^"]+)"', dom).group(1))  # type: ignore[union-attr]
+    fpr, tpr, _ = metrics.roc_curve(y, s)
+    assert ks_page == pytest.approx(float(max(tpr - fpr)), abs=1e-12)
+    assert auc_page == pytest.approx(metrics.roc_auc_score(y, s), abs=1e-12)
+    assert round(auc_page, 4) == printed_auc

@@ -21,6 +21,7 @@ from vfl.cli.federation import LocalFederation, ServiceStartError
 from vfl.common.data import load_party_csv, read_id_column
 from vfl.common.errors import ConfigError, VflError
 from vfl.common.jobconfig import JobConfig, job_config
+from vfl.common.serde import config_from_proto
 from vfl.common.tls import CLIENT_IDENTITY, DEFAULT_IDENTITIES, TlsConfig, TlsError, TlsFiles, create_certs
 from vfl.v1 import client_pb2
 
@@ -264,8 +265,8 @@ def split_aligned(ids: Sequence[str], test_size: float, split_seed: int) -> tupl
 
 def evaluate_and_report(
     client: VflClient, model_id: str, test_ids: list[str], labels: dict[str, float], started: float
-) -> float:
-    """Predict the held-out ids, print AUC, confusion matrix and time; return the AUC."""
+) -> tuple[float, np.ndarray]:
+    """Predict the held-out ids, print AUC, confusion matrix and time; return the AUC and the scores."""
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
     probs = client.predict(model_id, test_ids)
@@ -283,7 +284,86 @@ def evaluate_and_report(
     console.print(table)
     console.print(f"accuracy {np.trace(cm) / cm.sum():.4f}   wall time {time.time() - started:.1f} s")
     print(f"AUC {auc:.4f}", flush=True)
-    return auc
+    return auc, probs
+
+
+# What each party learns, for the report (SECURITY.md has the whole table).
+PARTY_LEARNS = [
+    (
+        "A (active, labels)",
+        "Which of its ids B holds, and the size of B's set; its own gradient each iteration; the loss of each "
+        "checked batch; p_B; u_A + u_B for each id it scores (hence B's part of the score), within B's budgets.",
+    ),
+    (
+        "B (passive, features)",
+        "Which of its ids A holds, and the size of A's set; its own gradient each iteration; the batch row "
+        "positions of the agreed schedule; p_A; which positions are trained on and held out; which of its ids "
+        "A scores. Never y, A's features, A's weights or any score.",
+    ),
+    (
+        "C (assistant, relay)",
+        "Both set sizes and the timing and sizes of the TLS records it relays; no message content (TLS end to end).",
+    ),
+]
+
+
+def write_model_report(
+    client: VflClient,
+    model_id: str,
+    labels: dict[str, float],
+    out_dir: Path,
+    ids: Sequence[str] = (),
+    scores: np.ndarray | None = None,
+    threshold: float = 0.5,
+) -> Path:
+    """The model's HTML report in out_dir, on `ids` (default: the model's
+    holdout ids), scored now unless `scores` are given; returns index.html."""
+    from vfl.cli.report import ReportData, write_report
+
+    detail = client.model(model_id)
+    info = detail.info
+    ids = list(ids) or list(detail.holdout_ids)
+    split = "held-out rows" if ids == list(detail.holdout_ids) else "given ids"
+    if not ids:
+        raise ConfigError(f"--ids-csv: model {model_id} has no holdout ids; give the ids to evaluate it on")
+    unlabelled = [k for k, i in enumerate(ids) if i not in labels]
+    if unlabelled:
+        raise ConfigError(
+            f"--labels-csv: {len(unlabelled)} of the {len(ids)} ids have no label (the first at position "
+            f"{unlabelled[0]} of the ids)"
+        )
+    probs = client.predict(model_id, ids) if scores is None else np.asarray(scores)
+    scored = ~np.isnan(probs)
+    if not scored.all():
+        split += f" ({int((~scored).sum())} not scored by the passive party, left out)"
+    kept = [i for i, ok in zip(ids, scored, strict=True) if ok]
+    data = ReportData(
+        model_id=model_id,
+        created_unix=info.created_unix,
+        config=config_from_proto(info.config).model_dump(),
+        loss_history=[(p.iteration, p.loss) for p in detail.loss_history],
+        validation_losses=[(p.iteration, p.loss) for p in detail.validation_losses],
+        kept_iteration=detail.kept_iteration if detail.HasField("kept_iteration") else None,
+        ids=kept,
+        y=np.array([labels[i] for i in kept]),
+        scores=probs[scored],
+        split_name=split,
+        iterations=info.iterations,
+        train_rows=info.train_rows,
+        active_features=info.active_features,
+        passive_features=info.passive_features,
+        elapsed_s=detail.elapsed_s,
+        phase_seconds=dict(detail.phase_seconds),
+        bytes_sent=detail.bytes_sent,
+        dp_epsilon_spent=info.dp_epsilon_spent if info.HasField("dp_epsilon_spent") else None,
+        dp_delta=detail.dp_delta if detail.HasField("dp_delta") else None,
+        learned=PARTY_LEARNS,
+        threshold=threshold,
+    )
+    try:
+        return write_report(data, out_dir)
+    except ValueError as exc:  # e.g. one class only among the ids
+        raise ConfigError(f"--ids-csv: {exc}") from None
 
 
 def train_and_evaluate(
@@ -296,9 +376,11 @@ def train_and_evaluate(
     wait_s: float,
     tls: TlsFiles | TlsConfig | None = None,
     server_name: str | None = None,
+    report_dir: Path | None = None,
 ) -> float:
     """The demo job: align by PSI, split the intersection, train on the
-    training part, predict the held-out part, report; returns the AUC."""
+    training part, predict the held-out part, report (and with report_dir,
+    write the HTML report there); returns the AUC."""
     with VflClient(address, tls=tls, server_name=server_name) as client:
         client.wait_ready(wait_s)
         try:
@@ -310,7 +392,11 @@ def train_and_evaluate(
                 client, config, train_ids, holdout_ids=test_ids, alignment_id=aligned.alignment_id
             )
             console.print(f"trained {final.job_id}: {summary(final)}")
-            return evaluate_and_report(client, final.job_id, test_ids, labels, started)
+            auc, probs = evaluate_and_report(client, final.job_id, test_ids, labels, started)
+            if report_dir is not None:
+                page = write_model_report(client, final.job_id, labels, report_dir, test_ids, probs)
+                print(f"report {page}", flush=True)
+            return auc
         except grpc.RpcError as exc:
             raise _fail(exc) from None
 
@@ -341,6 +427,9 @@ def demo(
         Path | None, typer.Option(help="keys, models, certificates and logs (default: a temporary dir)")
     ] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="plaintext gRPC instead of mutual TLS")] = False,
+    report_dir: Annotated[Path, typer.Option(help="write the model's HTML report (plots of its quality) here")] = Path(
+        "vfl-report"
+    ),
 ) -> None:
     """Start A, B (and C) locally, train, predict the held-out rows, print the AUC, stop.
     Every connection uses mutual TLS with certificates made in WORKDIR/certs, unless --insecure."""
@@ -390,6 +479,7 @@ def demo(
                 wait_s=60.0,
                 tls=fed.tls_files(CLIENT_IDENTITY),
                 server_name="active" if fed.tls else None,
+                report_dir=report_dir,
             )
 
 
@@ -415,13 +505,14 @@ def demo_client(
     tls_name: TlsName = CLIENT_IDENTITY,
     tls_server_name: TlsServerName = None,
     insecure: Insecure = False,
+    report_dir: Annotated[Path | None, typer.Option(help="also write the model's HTML report here")] = None,
 ) -> None:
     """Against running services: train on 80 %, predict the held-out 20 %, print the AUC."""
     started = time.time()
     tls = _tls(tls_dir, tls_name, insecure)
     config = _config(epochs, batch_size, learning_rate, l2, seed, dp_epsilon, optimizer, lr_decay, setting)
     labels = read_labels(labels_csv, id_column, label_column)
-    train_and_evaluate(address, config, labels, 0.2, 42, started, wait_s, tls, tls_server_name)
+    train_and_evaluate(address, config, labels, 0.2, 42, started, wait_s, tls, tls_server_name, report_dir)
 
 
 @app.command()
@@ -504,6 +595,49 @@ def status(
         f"{st.job_id}: {STATE_NAMES[st.state]}  iteration {st.iteration}/{st.total_iterations}  "
         f"epoch {st.epoch}  loss {loss}  {st.elapsed_s:.1f} s{eta} {st.error}"
     )
+
+
+@app.command()
+def report(
+    model_id: str,
+    out: Annotated[Path, typer.Option("--out", help="directory to write index.html and its plots to")],
+    address: Address = "localhost:50051",
+    ids_csv: Annotated[
+        Path | None, typer.Option(help="CSV whose id column lists the ids to evaluate on (default: the holdout ids)")
+    ] = None,
+    labels_csv: Annotated[
+        Path, typer.Option(help="the label holder's CSV (A's data: ids and labels)")
+    ] = BUNDLED_ACTIVE,
+    label_column: Annotated[str, typer.Option()] = "y",
+    id_column: Annotated[str, typer.Option()] = "id",
+    threshold: Annotated[float, typer.Option(help="score threshold of the confusion matrix")] = 0.5,
+    tls_dir: TlsDir = None,
+    tls_name: TlsName = CLIENT_IDENTITY,
+    tls_server_name: TlsServerName = None,
+    insecure: Insecure = False,
+) -> None:
+    """A model's report at A (which alone holds the labels): an HTML page with
+    loss, ROC, KS, lift and gain, score distributions, confusion matrix,
+    calibration, configuration, timings, bytes, epsilon and what each party learned."""
+    tls = _tls(tls_dir, tls_name, insecure)
+    if not 0 < threshold < 1:
+        errors.print(f"[red]error:[/red] --threshold: expected a number between 0 and 1, got {threshold:g}")
+        raise typer.Exit(2)
+    try:
+        labels = read_labels(labels_csv, id_column, label_column)
+    except ConfigError as exc:
+        errors.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    ids = _read_ids(ids_csv, id_column, "--ids-csv") if ids_csv else []
+    with VflClient(address, tls=tls, server_name=tls_server_name) as client:
+        try:
+            page = write_model_report(client, model_id, labels, out, ids, threshold=threshold)
+        except grpc.RpcError as exc:
+            raise _fail(exc) from None
+        except ConfigError as exc:
+            errors.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from None
+    print(f"report {page}", flush=True)
 
 
 @app.command()

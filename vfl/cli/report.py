@@ -15,6 +15,7 @@ each distinct score (equal scores are one threshold).
 from __future__ import annotations
 
 import contextlib
+import csv
 import html
 import math
 import os
@@ -573,6 +574,11 @@ def write_report(data: ReportData, out_dir: Path) -> Path:
         )
     by_file = {p.file: p for p in plots}
 
+    # The scored rows beside the page: the figures can be recomputed from them.
+    with (out_dir / "scores.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "y", "score"])
+        writer.writerows((i, int(label), repr(float(score))) for i, label, score in zip(data.ids, y, s, strict=True))
     page = out_dir / "index.html"
     page.write_text(_page(data, y, s, plots=by_file, auc=auc, ks=ks, ks_at=ks_at, accuracy=accuracy, brier=brier))
     return page
@@ -662,7 +668,7 @@ def _page(
         f"<title>Model report: {_e(data.model_id)}</title>",
         f"<style>{CSS}</style>",
         f"<script>{SCRIPT}</script>",
-        "</head><body><main>",
+        f'</head><body data-auc="{auc!r}" data-ks="{ks!r}"><main>',
         "<header>",
         f"<h1>Model report: {_e(data.model_id)}</h1>",
         f'<div class="sub">Vertical federated logistic regression · created {_e(created)} · '
