@@ -16,10 +16,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.conftest import make_federation, tls_client
+from tests.attacks.harness import MaliciousActive, attack_federation, refused
+from tests.conftest import BreastSplit, make_federation, tls_client
 from tests.test_bad_input import assert_one_line, start_service
 from vfl.cli.main import BUNDLED_ACTIVE, BUNDLED_PASSIVE, split_ids
+from vfl.common.crypto.backend import get_backend
 from vfl.common.jobconfig import JobConfig
+from vfl.common.protocol import steps
+from vfl.common.rpc import status_of
 from vfl.v1 import client_pb2
 
 STEP_1_2 = ("ExchangeResidualShares", "ExchangeResidualSharesUnary")
@@ -166,3 +170,35 @@ def test_a_taken_metrics_port_is_one_line_before_any_key_is_made(tmp_path: Path,
         result, f"config error: VFL_METRICS_PORT: could not serve metrics on 127.0.0.1:{port}: Address already in use"
     )
     assert not (tmp_path / "data" / "keys").exists(), "a key was made before the metrics port was found taken"
+
+
+def test_b_counts_the_decryptions_it_serves_and_refuses(tmp_path: Path, breast: BreastSplit) -> None:
+    """Over real gRPC, A played by the test (tests/attacks/harness.py): step 4
+    served once, the same request again answered from memory (no second
+    decryption), a different one in the same iteration refused."""
+    port = free_port()
+    backend = get_backend("ou")
+    fed = attack_federation(tmp_path, None, VFL_METRICS_PORT=str(port))
+    try:
+        fed.start("passive")
+        a = MaliciousActive(fed.services["passive"].address, backend.generate_keypair(1024), backend, breast.train_ids)
+        try:
+            a.exchange_keys()
+            a.setup(JobConfig(batch_size=64, epochs=2, seed=5, loss_every=0, max_iterations=12))
+            b_enc = a.shares(0)
+            grad = steps.masked_encrypted_gradient(backend, a.view.x[a.rows(0)], b_enc)
+            a.gradients(0, None, crafted=grad.ciphers)
+            a.gradients(0, None, crafted=grad.ciphers)  # a retry: the same answer, not a new decryption
+            assert value(scrape(port), "vfl_decryptions_total", result="served") == 1
+            assert value(scrape(port), "vfl_decryptions_total", result="refused") == 0
+            err = refused(a.gradients, 0, b_enc)  # a fresh mask: another vector to decrypt in iteration 0
+            assert status_of(err) == grpc.StatusCode.FAILED_PRECONDITION, err
+        finally:
+            a.close()
+        samples = scrape(port)
+        assert value(samples, "vfl_decryptions_total", result="served") == 1
+        assert value(samples, "vfl_decryptions_total", result="refused") == 1
+        assert value(samples, "vfl_jobs", state="running") == 0, "the refusal ended the job"
+        assert value(samples, "vfl_rpc_errors_total", code="FAILED_PRECONDITION") == 1
+    finally:
+        fed.stop()
