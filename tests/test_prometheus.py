@@ -152,11 +152,31 @@ def test_each_service_serves_the_documented_metrics(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module", ["vfl.services.active", "vfl.services.passive", "vfl.services.assistant"])
-def test_a_bad_metrics_port_is_one_line(tmp_path: Path, module: str) -> None:
-    assert_one_line(
-        start_service(module, tmp_path, VFL_METRICS_PORT="abc"),
-        "config error: VFL_METRICS_PORT: Input should be a valid integer, unable to parse string as an integer",
-    )
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"VFL_METRICS_PORT": "abc"},
+            "VFL_METRICS_PORT: Input should be a valid integer, unable to parse string as an integer",
+        ),
+        ({"VFL_METRICS_PORT": "70000"}, "VFL_METRICS_PORT: Input should be less than or equal to 65535"),
+        (
+            {"VFL_METRICS_PORT": "50999", "VFL_PORT": "50999"},
+            "VFL_METRICS_PORT: 50999 is also VFL_PORT; expected another port",
+        ),
+        (
+            {"VFL_METRICS_PORT": "50998", "VFL_METRICS_HOST": "no-such-host.invalid"},
+            "VFL_METRICS_HOST: no-such-host.invalid: cannot be resolved to an address",
+        ),
+        (
+            {"VFL_METRICS_PORT": "50997", "VFL_METRICS_HOST": "192.0.2.1"},  # TEST-NET-1: never this machine's
+            "VFL_METRICS_HOST: 192.0.2.1 is not an address of this machine",
+        ),
+    ],
+    ids=["not-a-number", "out-of-range", "the-service-port", "unknown-host", "not-this-machine"],
+)
+def test_a_bad_metrics_setting_is_one_line(tmp_path: Path, module: str, env: dict[str, str], expected: str) -> None:
+    assert_one_line(start_service(module, tmp_path, **env), f"config error: {expected}")
 
 
 @pytest.mark.parametrize("module", ["vfl.services.active", "vfl.services.passive", "vfl.services.assistant"])

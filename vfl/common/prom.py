@@ -17,6 +17,7 @@ crypto layers may count through it).
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -143,9 +144,11 @@ def start_metrics(host: str, port: int, service: str, rpc: bool = True) -> int |
     build.info({"service": service, "version": _version()})
     try:
         server, _ = start_http_server(port, addr=host, registry=REGISTRY)
-    except socket.gaierror as exc:
-        raise ConfigError(f"VFL_METRICS_HOST: {host}: not an address of this machine ({exc.strerror})") from None
+    except socket.gaierror:
+        raise ConfigError(f"VFL_METRICS_HOST: {host}: cannot be resolved to an address") from None
     except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"VFL_METRICS_HOST: {host} is not an address of this machine") from None
         what = exc.strerror or str(exc)
         raise ConfigError(f"VFL_METRICS_PORT: could not serve metrics on {host}:{port}: {what}") from None
     bound = int(server.server_address[1])
