@@ -11,6 +11,8 @@
 # the two-passive federation: COMPOSE_FILE=docker-compose.parties.yml SERVICES="b1 b2 active demo";
 # the Ray profile: COMPOSE_FILE=docker-compose.yml:docker-compose.ray.yml), EXPECT_LOG ("service:text"),
 # RAY_ISOLATION (1: check that no party reaches another's Ray cluster).
+# METRICS_CHECK (1: after the demo, A is started again and must serve vfl_rpc_duration_seconds
+# on VFL_ACTIVE_METRICS_HOST_PORT; the other *_METRICS_HOST_PORT default to free ports too).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -21,10 +23,17 @@ TIMEOUT_S=${TIMEOUT_S:-900}
 PROJECT="vflsystest$$"
 LOG_DIR="$(mktemp -d)"
 
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 if [ -z "${VFL_ACTIVE_HOST_PORT:-}" ]; then
-  VFL_ACTIVE_HOST_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  VFL_ACTIVE_HOST_PORT=$(free_port)
 fi
 export VFL_ACTIVE_HOST_PORT
+# The metrics ports the compose files publish (docs/METRICS.md): free ones too, unless given.
+for var in VFL_ACTIVE_METRICS_HOST_PORT VFL_PASSIVE_METRICS_HOST_PORT VFL_ASSISTANT_METRICS_HOST_PORT \
+  VFL_B1_METRICS_HOST_PORT VFL_B2_METRICS_HOST_PORT; do
+  [ -n "${!var:-}" ] || printf -v "$var" '%s' "$(free_port)"
+  export "${var?}"
+done
 
 COMPOSE_FILE=${COMPOSE_FILE:-docker-compose.yml}
 read -r -a SERVICES <<<"${SERVICES:-passive assistant active demo}"
@@ -102,6 +111,27 @@ if [ -n "${EXPECT_LOG:-}" ]; then
     exit 1
   fi
   echo "$svc log: $(compose logs --no-color "$svc" | grep -F -- "$text" | tail -n 1 | sed -E 's/^[^|]*\| ?//')"
+fi
+
+# METRICS_CHECK=1 (default): A serves Prometheus metrics on its published port, with the
+# per-RPC histogram fed (the healthcheck's calls count), once it is up again.
+if [ "${METRICS_CHECK:-1}" = 1 ]; then
+  compose up -d --no-build active >/dev/null 2>&1 || { log "could not start active again for the metrics check"; exit 1; }
+  url="http://127.0.0.1:$VFL_ACTIVE_METRICS_HOST_PORT/metrics"
+  found=""
+  for _ in $(seq 1 60); do
+    if python3 -c 'import sys, urllib.request; t = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode(); sys.exit(0 if "vfl_rpc_duration_seconds_count{" in t else 1)' "$url" 2>/dev/null; then
+      found=1
+      break
+    fi
+    sleep 2
+  done
+  if [ -z "$found" ]; then
+    log "no vfl_rpc_duration_seconds samples at $url"
+    exit 1
+  fi
+  echo "metrics: vfl_rpc_duration_seconds served by active at $url"
+  compose stop >/dev/null 2>&1 || true
 fi
 
 # RAY_ISOLATION=1 (the Ray profile): the red-team check that no other party reaches a party's

@@ -38,6 +38,7 @@ from vfl.common.errors import (
     VflError,
 )
 from vfl.common.metrics import CLOCK
+from vfl.common.prom import RPC_DURATION, RPC_ERRORS
 from vfl.common.storage import atomic_write_text
 from vfl.common.tls import SPIFFE_PREFIX, TlsConfig
 
@@ -127,6 +128,62 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         return handler._replace(request_deserializer=safe_parse, **{kind: unary})
 
 
+class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """vfl_rpc_duration_seconds{method, code} and vfl_rpc_errors_total{method,
+    code} for every call this server serves (health and reflection too):
+    the outermost interceptor, so that a call the authorisation or the
+    request check refuses is counted with its code. The method label is the
+    short name of a registered method (bounded: unknown methods are not
+    counted); the code is the one the call ends with, read from the context
+    (set by `context.abort` before it raises), UNKNOWN for an exception that
+    is not an abort, CANCELLED for a response stream its caller dropped."""
+
+    def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+
+        def observe(context: grpc.ServicerContext, start: float, failed: grpc.StatusCode | None) -> None:
+            code = context.code() or failed or grpc.StatusCode.OK
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            RPC_DURATION.labels(method, name).observe(time.perf_counter() - start)
+            if name != "OK":
+                RPC_ERRORS.labels(method, name).inc()
+
+        if handler.response_streaming:
+            kind = "stream_stream" if handler.request_streaming else "unary_stream"
+            inner = getattr(handler, kind)
+
+            def streamed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                start, failed = time.perf_counter(), grpc.StatusCode.CANCELLED
+                try:
+                    yield from inner(request, context)
+                    failed = grpc.StatusCode.OK
+                except Exception:
+                    failed = grpc.StatusCode.UNKNOWN
+                    raise
+                finally:  # GeneratorExit too: the caller went away mid-stream
+                    observe(context, start, failed)
+
+            return handler._replace(**{kind: streamed})
+
+        kind = "stream_unary" if handler.request_streaming else "unary_unary"
+        inner = getattr(handler, kind)
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            try:
+                response = inner(request, context)
+            except Exception:
+                observe(context, start, grpc.StatusCode.UNKNOWN)
+                raise
+            observe(context, start, None)
+            return response
+
+        return handler._replace(**{kind: unary})
+
+
 def create_server(
     add_servicers: Callable[[grpc.Server], None],
     service_names: Sequence[str],
@@ -148,6 +205,7 @@ def create_server(
     interceptors = [MalformedRequestInterceptor(), *interceptors]
     if tls is not None:
         interceptors = [AuthzInterceptor(allowed or {}), *interceptors]
+    interceptors = [MetricsInterceptor(), *interceptors]  # outermost: refusals are counted too
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers), options=SERVER_OPTIONS, interceptors=list(interceptors)
     )

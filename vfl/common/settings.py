@@ -42,6 +42,12 @@ class ServiceSettings(BaseSettings):
     )
     tls_key: Path | None = Field(None, description="this service's private key (PEM); overrides the one in VFL_TLS_DIR")
     insecure: bool = Field(False, description="plaintext gRPC without TLS or authorisation (local tests only)")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="serve Prometheus metrics over HTTP on this port (0 = off; docs/METRICS.md)"
+    )
+    metrics_host: str | None = Field(
+        None, description="address the metrics endpoint listens on (default: VFL_HOST); plain HTTP, no auth"
+    )
 
     # This service's identity: the name of its files in VFL_TLS_DIR.
     TLS_IDENTITY: ClassVar[str] = ""
@@ -51,6 +57,22 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("metrics_host", mode="before")
+    @classmethod
+    def _blank_metrics_host(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _metrics_port_not_the_service_port(self) -> ServiceSettings:
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"VFL_METRICS_PORT: {self.metrics_port} is also VFL_PORT; expected another port")
+        return self
+
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        """(host, port) of the metrics endpoint; port 0 is off."""
+        return self.metrics_host or self.host, self.metrics_port
 
     @property
     def tls(self) -> TlsConfig | None:

@@ -7,11 +7,15 @@ import logging
 import signal
 from pathlib import Path
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
 from vfl.common.oserrors import check_port_free
+from vfl.common.prom import Scraped, add_collectors, start_metrics
 from vfl.common.rpc import TranscriptRecorder, setup_logging
 from vfl.common.settings import AssistantSettings, config_errors, load_settings
 from vfl.common.storage import atomic_write_text
-from vfl.services.assistant.proxy import TunnelProxy, serve
+from vfl.services.assistant.proxy import TunnelProxy, TunnelStats, serve
 
 log = logging.getLogger("vfl.assistant")
 
@@ -21,6 +25,7 @@ def main() -> None:
     setup_logging(settings.log_level, "assistant")
     with config_errors():
         check_port_free(settings.host, settings.port)
+        start_metrics(*settings.metrics_address, "assistant", rpc=False)
     recorder = None
     if settings.transcript_path is not None:
         rec = TranscriptRecorder(settings.transcript_path, "assistant")
@@ -34,7 +39,24 @@ def main() -> None:
         settings.max_tunnels,
         recorder,
     )
+    add_collectors(Scraped(lambda: tunnel_metrics(proxy.stats)))
     asyncio.run(_run(proxy, settings.host, settings.port, settings.port_file))
+
+
+def tunnel_metrics(stats: TunnelStats) -> list[Metric]:
+    """C's tunnels and the bytes it relayed (added when a tunnel closes), read at scrape time."""
+    opened = CounterMetricFamily("vfl_tunnels_opened", "CONNECT tunnels the assistant opened")
+    opened.add_metric([], float(stats.opened))
+    refused = CounterMetricFamily("vfl_tunnels_refused", "CONNECT requests the assistant refused")
+    refused.add_metric([], float(stats.refused))
+    active = GaugeMetricFamily("vfl_tunnels_open", "CONNECT tunnels open now")
+    active.add_metric([], float(stats.active))
+    relayed = CounterMetricFamily(
+        "vfl_relayed_bytes", "Bytes relayed through closed tunnels, by direction", labels=["direction"]
+    )
+    relayed.add_metric(["a_to_b"], float(stats.a_to_b_bytes))
+    relayed.add_metric(["b_to_a"], float(stats.b_to_a_bytes))
+    return [opened, refused, active, relayed]
 
 
 async def _run(proxy: TunnelProxy, host: str, port: int, port_file: Path | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from vfl.common.party_setup import load_party
+from vfl.common.prom import PASSIVE_COUNTERS, Scraped, add_collectors, start_metrics
 from vfl.common.rpc import RecordingInterceptor, TranscriptRecorder, create_server, serve_forever, setup_logging
 from vfl.common.settings import PassiveSettings, config_errors, identities, load_settings
 from vfl.services.passive.party import PassiveParty
@@ -18,6 +19,8 @@ SERVICE_NAME = party_pb2.DESCRIPTOR.services_by_name["PartyService"].full_name
 def main() -> None:
     settings = load_settings(PassiveSettings)
     setup_logging(settings.log_level, "passive")
+    with config_errors():
+        start_metrics(*settings.metrics_address, "passive")
     res = load_party(settings)
     policy = PassivePolicy(
         min_learning_rate=settings.min_learning_rate,
@@ -37,6 +40,7 @@ def main() -> None:
     party = PassiveParty(
         res.data, res.key, res.backend, settings.data_dir, policy, test_weights_seed=settings.test_initial_weights_seed
     )
+    add_collectors(*PASSIVE_COUNTERS, Scraped(party.scraped_metrics))
     party.restore_jobs()  # jobs that were running when this process stopped
     servicer = PartyServicer(party, res.min_peer_bits)
     interceptors = []

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+from prometheus_client.metrics_core import Metric
 
-from vfl.common import dp, metrics
+from vfl.common import dp, metrics, prom
 from vfl.common.alignments import AlignmentStore
 from vfl.common.checkpoint import JobCheckpoints, unusable_reason
 from vfl.common.crypto.backend import CipherVector, HEBackend, PrivateKey, PublicKey, target_fingerprint
@@ -146,6 +147,7 @@ class PassiveJob:
     # With several passive parties (docs/PARTIES.md): the protocol session
     # that runs the job's steps; in memory only (such a job does not resume).
     session: PassiveSession | None = None
+    peers_decrypted_at: int = -1  # with several: the last iteration whose step 4 B served (metrics only)
 
     def replay(self, iteration: int, step: str, digest: bytes) -> Any | None:
         """The answer already given to this very request in this iteration."""
@@ -186,6 +188,18 @@ class SetupReply:
     scores_any_row: bool = False  # VFL_PREDICT_SCOPE=any
 
 
+@contextmanager
+def _counted_refusal() -> Iterator[None]:
+    """A step that asks B to decrypt, refused by the one-decryption rule
+    (out of order, or a second, different request in one iteration): one
+    vfl_decryptions_total{result="refused"}."""
+    try:
+        yield
+    except FailedPrecondition:
+        prom.count_refused_decryption()
+        raise
+
+
 class PassiveParty:
     def __init__(
         self,
@@ -217,6 +231,11 @@ class PassiveParty:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passive-step3")
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="passive-ahead")
         self._loss = ThreadPoolExecutor(max_workers=4, thread_name_prefix="passive-loss")
+
+    def scraped_metrics(self) -> list[Metric]:
+        """vfl_jobs{state="running"} (the jobs B runs now) and the prediction
+        ids left per peer identity (vfl_prediction_ids_left), read at scrape time."""
+        return [prom.jobs_metric({"running": len(self._jobs)}), *self.budget.left_metrics()]
 
     # --- key exchange and set-up ------------------------------------------
 
@@ -682,7 +701,10 @@ class PassiveParty:
         with job.lock, self._refusal_ends_job(job):
             grad_a = msg.ciphers(self.key.public, "ciphertexts")
             shares = msg.party_cipher_vectors({n: p.key for n, p in session.peers.items()}, "party_ciphertexts")
-            reply = session.exchange_masked_gradients(iteration, grad_a, shares)
+            with _counted_refusal():
+                reply = session.exchange_masked_gradients(iteration, grad_a, shares)
+            if job.released_at < iteration:  # not a retry answered from memory
+                prom.count_served_decryption()
             job.released_at = max(job.released_at, iteration)
             return reply
 
@@ -692,7 +714,12 @@ class PassiveParty:
         job, session = self._session_of(job_id, target_fp)
         with job.lock, self._refusal_ends_job(job):
             grads = msg.party_cipher_vectors({n: self.key.public for n in session.peers}, "party_ciphertexts")
-            return session.decrypt_peer_gradients(iteration, grads)
+            with _counted_refusal():
+                reply = session.decrypt_peer_gradients(iteration, grads)
+            if job.peers_decrypted_at < iteration:  # not a retry answered from memory
+                prom.count_served_decryption(len(reply))
+                job.peers_decrypted_at = iteration
+            return reply
 
     @GATE.working
     def session_apply(self, job_id: str, iteration: int, target_fp: bytes, msg: StepMessage) -> None:
@@ -707,6 +734,7 @@ class PassiveParty:
             session.apply_gradient(iteration, z)
             job.w, job.iteration = session.w, session.next_iteration
             job.last_apply = (iteration, msg.digest(), 0.0)
+            prom.ITERATIONS.inc()
 
     @staticmethod
     def _require_loss_iteration(job: PassiveJob, iteration: int) -> None:
@@ -741,6 +769,7 @@ class PassiveParty:
         have one more vector of this batch decrypted, and the batch floor
         assumes at most DECRYPTIONS_PER_ITERATION."""
         if job.restarted_at == job.iteration or job.restarts >= MAX_RESTARTS:
+            prom.count_refused_decryption()  # a restart would let A have this batch decrypted again
             raise FailedPrecondition(
                 f"header.iteration: iteration {job.iteration} of job {job.job_id!r} was already started; "
                 f"B restarts an iteration once, and at most {MAX_RESTARTS} times per job"
@@ -807,7 +836,8 @@ class PassiveParty:
             replayed = job.replay(iteration, "gradients", digest)
             if replayed is not None:
                 return cast(tuple[list[int], CipherVector], replayed)
-            job.expect(iteration, Phase.GRADIENTS)
+            with _counted_refusal():  # e.g. a second, different masked gradient in this iteration
+                job.expect(iteration, Phase.GRADIENTS)
             grad_a = msg.ciphers(self.key.public, "ciphertexts")
             assert job.own_gradient is not None
             # B's own product first: if it failed, nothing is decrypted for A.
@@ -817,6 +847,7 @@ class PassiveParty:
                 z_a = steps.add_release_noise(self.key, z_a, self._release_noise(job, len(z_a)))
             job.released_at = iteration
             self._record_release(job)
+            prom.count_served_decryption()
             job.phase = Phase.APPLY
             job.step4_sent.set()
             job.answered["gradients"] = (digest, (z_a, own.ciphers))
@@ -863,6 +894,7 @@ class PassiveParty:
             level = logging.INFO if (iteration + 1) % 10 == 0 else logging.DEBUG
             log.log(level, "event=iteration_applied job=%s iteration=%d", job_id, iteration + 1)
             job.iteration += 1
+            prom.ITERATIONS.inc()
             job.phase = Phase.SHARES
             job.last_apply = (iteration, digest, update)
             job.answered = {}

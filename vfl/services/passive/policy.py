@@ -20,8 +20,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
+from prometheus_client.core import GaugeMetricFamily
+
+from vfl.common import prom
 from vfl.common.errors import DamagedFile, ResourceExhausted
 from vfl.common.storage import read_record, write_record
 
@@ -95,6 +98,7 @@ class PredictionBudget:
             models: dict[str, int] = dict(entry.get("models", {}))  # type: ignore[call-overload]
             used_model = models.get(model_id, 0)
             if used_model + count > p.max_predict_ids_per_model:
+                prom.PREDICTION_IDS_REFUSED.labels(peer=peer).inc(count)
                 raise ResourceExhausted(
                     f"ids: model {model_id!r} has {p.max_predict_ids_per_model - used_model} of its "
                     f"{p.max_predict_ids_per_model} prediction ids left at the passive party, asked for {count} "
@@ -102,6 +106,7 @@ class PredictionBudget:
                 )
             used_window = sum(c for _, c in window)
             if used_window + count > p.predict_ids_per_window:
+                prom.PREDICTION_IDS_REFUSED.labels(peer=peer).inc(count)
                 raise ResourceExhausted(
                     f"ids: identity {peer!r} has {p.predict_ids_per_window - used_window} of its "
                     f"{p.predict_ids_per_window} prediction ids per {p.predict_window_s:g} s left at the passive "
@@ -121,3 +126,31 @@ class PredictionBudget:
             entry["window"] = window
             entry["models"] = models
             write_record(self._path, BUDGETS_KIND, data)
+        prom.PREDICTION_IDS.labels(peer=peer, model=model_id).inc(count)
+
+    def left_metrics(self, now: float | None = None) -> list[GaugeMetricFamily]:
+        """vfl_prediction_ids_left{peer, budget, model}: per peer identity, the
+        ids left in its window (budget="window", model="") and for each model
+        it has had scored (budget="model"; a model never charged has all of
+        VFL_MAX_PREDICT_IDS_PER_MODEL). One read of budgets.json; nothing
+        while it is damaged (every prediction is refused then)."""
+        now = time.time() if now is None else now
+        p = self._policy
+        gauge = GaugeMetricFamily(
+            "vfl_prediction_ids_left",
+            "Prediction ids a peer identity has left, in its window (budget=window) and per model (budget=model)",
+            labels=["peer", "budget", "model"],
+        )
+        try:
+            with self._lock:
+                data = self._load()
+        except DamagedFile:
+            return [gauge]
+        for peer, entry in sorted(data.items()):
+            window = cast(list[tuple[float, int]], entry.get("window", []))
+            used = sum(int(c) for t, c in window if float(t) > now - p.predict_window_s)
+            gauge.add_metric([peer, "window", ""], float(max(0, p.predict_ids_per_window - used)))
+            models: dict[str, int] = dict(entry.get("models", {}))  # type: ignore[call-overload]
+            for model_id, n in sorted(models.items()):
+                gauge.add_metric([peer, "model", model_id], float(max(0, p.max_predict_ids_per_model - int(n))))
+        return [gauge]
