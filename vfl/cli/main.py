@@ -266,7 +266,7 @@ def split_aligned(ids: Sequence[str], test_size: float, split_seed: int) -> tupl
 def evaluate_and_report(
     client: VflClient, model_id: str, test_ids: list[str], labels: dict[str, float], started: float
 ) -> tuple[float, np.ndarray]:
-    """Predict the held-out ids, print AUC, confusion matrix and time; return the AUC and the scores."""
+    """Predict the held-out ids, print the confusion matrix and time; return the AUC and the scores."""
     from sklearn.metrics import confusion_matrix, roc_auc_score
 
     probs = client.predict(model_id, test_ids)
@@ -283,7 +283,6 @@ def evaluate_and_report(
     table.add_row("actual 1", str(cm[1, 0]), str(cm[1, 1]))
     console.print(table)
     console.print(f"accuracy {np.trace(cm) / cm.sum():.4f}   wall time {time.time() - started:.1f} s")
-    print(f"AUC {auc:.4f}", flush=True)
     return auc, probs
 
 
@@ -396,6 +395,7 @@ def train_and_evaluate(
             if report_dir is not None:
                 page = write_model_report(client, final.job_id, labels, report_dir, test_ids, probs)
                 print(f"report {page}", flush=True)
+            print(f"AUC {auc:.4f}", flush=True)  # the last line: scripts read it
             return auc
         except grpc.RpcError as exc:
             raise _fail(exc) from None
