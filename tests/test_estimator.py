@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.base import clone
-from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, roc_auc_score, roc_curve
 
 from tests.conftest import make_federation
+from vfl.cli.client import VflClient
 from vfl.cli.main import BUNDLED_ACTIVE, ROOT, split_ids
 from vfl.common.data import Scaler, load_party_csv
 from vfl.common.storage import read_record
@@ -59,6 +60,19 @@ def test_fit_predict_proba_equals_the_cli(tmp_path: Path) -> None:
         auc = roc_auc_score(y_test, proba[:, 1])
         assert auc > 0.95
         assert est.validation_auc_ == pytest.approx(auc, abs=1e-12), "A's holdout AUC is the same model's"
+        fpr, tpr, _ = roc_curve(y_test, proba[:, 1])
+        assert est.validation_ks_ == pytest.approx(max(tpr - fpr), abs=1e-12)
+        # The same figures in GetJobStatus, ListModels and ListJobs.
+        with VflClient(fed.active_address) as c:
+            st = c.status(est.model_id_)
+            assert (st.validation_auc, st.validation_ks) == (est.validation_auc_, est.validation_ks_)
+            info = next(m for m in c.list_models() if m.model_id == est.model_id_)
+            assert (info.validation_auc, info.validation_ks, info.holdout_rows) == (
+                est.validation_auc_,
+                est.validation_ks_,
+                len(test),
+            )
+            assert c.list_jobs()[0].validation_ks == est.validation_ks_
 
         # coef_ and intercept_: A's part of the score on A's raw features, as A's shard has it.
         shard = read_record(fed.workdir / "active" / "data" / "models" / f"{est.model_id_}.json", "model")
@@ -78,6 +92,7 @@ def test_fit_predict_proba_equals_the_cli(tmp_path: Path) -> None:
             other.predict_proba(test)
         other.fit(train)
         assert other.n_iter_ < est.n_iter_ and other.model_id_ != est.model_id_
+        assert other.validation_auc_ is None and other.validation_ks_ is None, "no holdout, no figures"
 
 
 def test_connection_options_are_checked() -> None:
