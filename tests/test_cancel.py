@@ -9,20 +9,24 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.conftest import make_federation
+from tests.conftest import make_federation, tls_client
 from tests.test_errors import assert_serving
 from vfl.cli.client import VflClient
 from vfl.cli.federation import LocalFederation
 from vfl.cli.main import BUNDLED_ACTIVE, split_ids
+from vfl.common import healthcheck
 from vfl.common.jobconfig import JobConfig
+from vfl.common.tls import TlsConfig
 from vfl.v1 import client_pb2
 
 
-def _files_of(fed: LocalFederation, job_id: str) -> dict[str, list[str]]:
+def _files_of(
+    fed: LocalFederation, job_id: str, names: tuple[str, ...] = ("active", "passive")
+) -> dict[str, list[str]]:
     """Every file named after the job under each party's data directory."""
     return {
         name: sorted(str(p.relative_to(fed.workdir)) for p in (fed.workdir / name / "data").rglob(f"{job_id}*"))
-        for name in ("active", "passive")
+        for name in names
     }
 
 
@@ -71,3 +75,34 @@ def test_a_cancelled_job_leaves_nothing_at_either_party(tmp_path: Path) -> None:
             ("after", client_pb2.JOB_STATE_SUCCEEDED),
         ]
         assert jobs[0].iteration == final.iteration
+
+
+def test_cancel_with_two_passive_parties(tmp_path: Path) -> None:
+    """The coalition job (VFL_PEERS): every passive party drops the job."""
+    from tests.test_active_service_parties import two_passive_federation
+
+    train, _, _ = split_ids(BUNDLED_ACTIVE, "id", "y", 0.2, 42)
+    names = ("active", "b1", "b2")
+    with two_passive_federation(tmp_path) as fed, tls_client(fed) as c:
+        c.wait_ready(30)
+        status = c.start_training(JobConfig(epochs=50, batch_size=64, seed=5), train, "k-cancel")
+        events = c.watch(status.job_id)
+        during: dict[str, list[str]] = {}
+        for ev in events:
+            if ev.iteration >= 2:
+                during = _files_of(fed, status.job_id, names)
+                break
+        # A's running marker, each B's checkpoint: "nothing after" means something.
+        assert all(during[n] for n in names), during
+        final = c.cancel(status.job_id)
+        assert final.state == client_pb2.JOB_STATE_CANCELLED and final.iteration < final.total_iterations
+        assert _files_of(fed, status.job_id, names) == {n: [] for n in names}
+        for name in ("b1", "b2"):
+            assert not (fed.workdir / name / "data" / "models" / f"{status.job_id}.json").exists()
+        assert all(m.model_id != status.job_id for m in c.list_models())
+        files = fed.tls_files("client")
+        assert files is not None
+        for name in names:
+            assert fed.services[name].proc.poll() is None, f"{name} exited"
+            ok, line = healthcheck.check(fed.services[name].address, 10, TlsConfig.load(files))
+            assert ok, line
