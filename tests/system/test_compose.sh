@@ -152,8 +152,13 @@ for port in (10001, 6379):
 print(f"{sys.argv[1]}: reachable")
 ' "$2" 2>/dev/null
   }
+  # The control, retried while the heads start (their Ray Client server opens a few seconds after).
   for pair in passive:passive-ray-head active:active-ray-head; do
-    probe "${pair%%:*}" "${pair#*:}" || { log "${pair%%:*} cannot reach its own Ray head"; exit 1; }
+    for try in $(seq 1 20); do
+      probe "${pair%%:*}" "${pair#*:}" && break
+      [ "$try" -lt 20 ] || { log "${pair%%:*} cannot reach its own Ray head"; exit 1; }
+      sleep 3
+    done
   done
   ip_of() { docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}' "$(compose ps -q "$1")" | awk '{print $1}'; }
   passive_ip=$(ip_of passive-ray-head)
