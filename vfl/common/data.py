@@ -219,6 +219,12 @@ class Scaler:
     def to_dict(self) -> dict[str, list[float]]:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist()}
 
+    def unscaled(self, w: np.ndarray, b: float) -> tuple[np.ndarray, float]:
+        """Weights and intercept on the raw features with the same linear form:
+        w . (x - mean) / scale + b = (w / scale) . x + (b - w . mean / scale)."""
+        raw = np.asarray(w, dtype=np.float64) / self.scale
+        return raw, float(b) - float(raw @ self.mean)
+
     @classmethod
     def from_dict(cls, d: dict[str, list[float]]) -> Scaler:
         return cls(np.array(d["mean"], dtype=np.float64), np.array(d["scale"], dtype=np.float64))

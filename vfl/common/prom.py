@@ -64,14 +64,14 @@ RPC_ERRORS = Counter(
     registry=None,
 )
 
-# The passive party's own counters (B registers them; A reads its job records instead).
-DECRYPTIONS = Counter(
-    "vfl_decryptions",
-    "Decryptions this party performed for its peer (served), and requests to decrypt its guards refused (refused)",
-    ["result"],
-    registry=None,
+# The passive party's own counters (B registers them; A serves the same
+# families from its job records, with the same help texts).
+DECRYPTIONS_HELP = (
+    "Decryptions this party performed for its peer (served), and requests to decrypt its guards refused (refused)"
 )
-ITERATIONS = Counter("vfl_iterations", "Training iterations done (A) or served through step 5 (B)", registry=None)
+ITERATIONS_HELP = "Training iterations done (A) or served through step 5 (B)"
+DECRYPTIONS = Counter("vfl_decryptions", DECRYPTIONS_HELP, ["result"], registry=None)
+ITERATIONS = Counter("vfl_iterations", ITERATIONS_HELP, registry=None)
 PREDICTION_IDS = Counter(
     "vfl_prediction_ids",
     "Ids scored against this party's prediction budgets, by peer identity and model id",

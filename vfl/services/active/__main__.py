@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from vfl.common.party_setup import load_party
-from vfl.common.prom import Scraped, add_collectors, jobs_metric, start_metrics
+from vfl.common.prom import DECRYPTIONS_HELP, ITERATIONS_HELP, Scraped, add_collectors, jobs_metric, start_metrics
 from vfl.common.rpc import TranscriptRecorder, create_server, serve_forever, setup_logging
 from vfl.common.settings import ActiveSettings, config_errors, identities, load_settings
 from vfl.services.active.jobs import State
@@ -28,17 +28,13 @@ def job_metrics(party: ActiveParty) -> Iterable[Metric]:
     A decrypts one masked gradient of B's, z_B, per iteration: its served
     decryptions are its iterations done (an iteration restarted after a
     failure decrypts again and is not counted twice)."""
-    jobs = list(party._jobs.values())  # a copy: jobs may be added while we read
+    jobs = party.jobs()
     yield jobs_metric(Counter(j.state.name.lower() for j in jobs), (s.name.lower() for s in State))
     done = float(sum(j.iteration for j in jobs))
-    iterations = CounterMetricFamily("vfl_iterations", "Training iterations done (A) or served through step 5 (B)")
+    iterations = CounterMetricFamily("vfl_iterations", ITERATIONS_HELP)
     iterations.add_metric([], done)
     yield iterations
-    decryptions = CounterMetricFamily(
-        "vfl_decryptions",
-        "Decryptions this party performed for its peer (served), and requests to decrypt its guards refused (refused)",
-        labels=["result"],
-    )
+    decryptions = CounterMetricFamily("vfl_decryptions", DECRYPTIONS_HELP, labels=["result"])
     decryptions.add_metric(["served"], done)  # no "refused": B sends A no request it could refuse
     yield decryptions
 

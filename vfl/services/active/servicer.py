@@ -97,10 +97,7 @@ def _model_info(shard: dict[str, Any]) -> client_pb2.ModelInfo:
 
 def _model_detail(shard: dict[str, Any]) -> client_pb2.ModelDetail:
     m = shard["metrics"]
-    scaler = Scaler.from_dict(shard["scaler"])
-    w = np.asarray(shard["weights"])
-    # w . (x - mean) / scale + b = (w / scale) . x + (b - w . mean / scale)
-    raw_w = w / scaler.scale
+    raw_w, raw_b = Scaler.from_dict(shard["scaler"]).unscaled(np.asarray(shard["weights"]), shard["intercept"])
     msg = client_pb2.ModelDetail(
         info=_model_info(shard),
         loss_history=[client_pb2.LossPoint(iteration=i, loss=v) for i, v in m.get("loss_history", [])],
@@ -111,7 +108,7 @@ def _model_detail(shard: dict[str, Any]) -> client_pb2.ModelDetail:
         holdout_ids=shard.get("holdout_ids", []),
         active_feature_names=shard.get("feature_names", []),
         active_weights=raw_w.tolist(),
-        active_intercept=float(shard["intercept"]) - float(raw_w @ scaler.mean),
+        active_intercept=raw_b,
     )
     if shard.get("kept_iteration") is not None:
         msg.kept_iteration = shard["kept_iteration"]
