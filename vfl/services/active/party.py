@@ -687,19 +687,21 @@ class ActiveParty:
             return
         y = self.labels[self.data.positions(holdout_ids, "holdout_ids")]
         if len(np.unique(y)) < 2:
-            return
+            return  # no AUC with one class: not worth a charge to B's budgets
+        # The model is stored at every party by now: nothing here may fail the job.
         try:
             out = self.predict(job.job_id, holdout_ids)
-        except VflError as exc:
-            log.warning("event=holdout_not_scored job=%s error=%r", job.job_id, str(exc))
+            keep = out.scored
+            if len(np.unique(y[keep])) < 2:
+                return
+            auc, ks = evaluation.auc_and_ks(y[keep], out.probabilities[keep])
+            shard = self.models.load(job.job_id)
+            shard["metrics"]["validation"] = {"auc": auc, "ks": ks, "rows": int(keep.sum())}
+            self.models.save(job.job_id, shard)
+        except Exception as exc:  # noqa: BLE001 - the figures are optional, the job has succeeded
+            reason = str(exc) if isinstance(exc, VflError) else type(exc).__name__
+            log.warning("event=holdout_not_scored job=%s error=%r", job.job_id, reason)
             return
-        keep = out.scored
-        if len(np.unique(y[keep])) < 2:
-            return
-        auc, ks = evaluation.auc_and_ks(y[keep], out.probabilities[keep])
-        shard = self.models.load(job.job_id)
-        shard["metrics"]["validation"] = {"auc": auc, "ks": ks, "rows": int(keep.sum())}
-        self.models.save(job.job_id, shard)
         job.validation_auc, job.validation_ks = auc, ks
         log.info("event=holdout_scored job=%s rows=%d auc=%.4f ks=%.4f", job.job_id, int(keep.sum()), auc, ks)
 
