@@ -44,6 +44,9 @@ class PartyData:
 # Labels beyond this would let A's residual share u_A - y leave the
 # fixed-point range every homomorphic sum is bounded by.
 LABEL_BOUND = 2.0**16
+# What a bad cell of the fast readers is told it should have been.
+FEATURE_EXPECTED = "expected a finite number"
+LABEL_EXPECTED = f"expected a label (0 or 1, or a number within +-{LABEL_BOUND:g})"
 
 
 def _text_lines(fh: BinaryIO, where: str) -> Iterator[str]:
@@ -309,19 +312,9 @@ class _Filling:
         if start + n > self.features.shape[0]:
             raise _SlowPath
         for j, col in enumerate(feats):
-            bad = ~np.isfinite(col)
-            if bad.any():
-                row = start + int(np.flatnonzero(bad)[0]) + 1
-                raise _BadCell(self.where, row, names[j], "expected a finite number")
-            self.features[start : start + n, j] = col
+            _put(self.features[:, j], start, col, self.where, names[j], FEATURE_EXPECTED, np.inf)
         if self.labels is not None and labels is not None:
-            bad = ~np.isfinite(labels) | (np.abs(labels) > LABEL_BOUND)
-            if bad.any():
-                row = start + int(np.flatnonzero(bad)[0]) + 1
-                raise _BadCell(
-                    self.where, row, "label", f"expected a label (0 or 1, or a number within +-{LABEL_BOUND:g})"
-                )
-            self.labels[start : start + n] = labels
+            _put(self.labels, start, labels, self.where, "label", LABEL_EXPECTED, LABEL_BOUND)
         self.ids.extend(ids)
         self.rows += n
 
@@ -387,10 +380,9 @@ def _load_parquet(path: Path, id_column: str, label_column: str | None, where: s
     features = np.empty((n, len(names)), dtype)
     labels = np.empty(n) if label_column else None
     for j, name in enumerate(names):
-        _fill_column(pf, name, features[:, j], where, "expected a finite number", np.inf)
+        _fill_column(pf, name, features[:, j], where, FEATURE_EXPECTED, np.inf)
     if label_column and labels is not None:
-        why = f"expected a label (0 or 1, or a number within +-{LABEL_BOUND:g})"
-        _fill_column(pf, label_column, labels, where, why, LABEL_BOUND)
+        _fill_column(pf, label_column, labels, where, LABEL_EXPECTED, LABEL_BOUND)
     ids: list[str] = []
     for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=[id_column], use_threads=False):
         ids.extend("" if i is None else str(i).strip() for i in batch.column(0).to_pylist())
@@ -403,11 +395,17 @@ def _fill_column(pf: Any, name: str, out: np.ndarray, where: str, expected: str,
     start = 0
     for batch in pf.iter_batches(batch_size=CHUNK_ROWS, columns=[name], use_threads=False):
         col = _float_column(batch.column(0))
-        bad = ~np.isfinite(col) | (np.abs(col) > bound)
-        if bad.any():
-            raise _BadCell(where, start + int(np.flatnonzero(bad)[0]) + 1, name, expected)
-        out[start : start + len(col)] = col
+        _put(out, start, col, where, name, expected, bound)
         start += len(col)
+
+
+def _put(out: np.ndarray, start: int, col: np.ndarray, where: str, name: str, expected: str, bound: float) -> None:
+    """out[start:] = col, or _BadCell naming the first value that is not finite
+    or beyond +-bound, by its data row (1-based) and column."""
+    bad = ~np.isfinite(col) | (np.abs(col) > bound)
+    if bad.any():
+        raise _BadCell(where, start + int(np.flatnonzero(bad)[0]) + 1, name, expected)
+    out[start : start + len(col)] = col
 
 
 def _float_column(column: Any) -> np.ndarray:
