@@ -364,5 +364,33 @@ def _poly5_unmasked_cross() -> None:
     steps.masked_cross_terms = unmasked
 
 
+@plant("metrics-ids-label")
+def _metrics_ids_label() -> None:
+    """tests/attacks/test_metrics_scrape.py: a well-meant per-request metric
+    labelled with the ids a request names (Predict's, StartAlignment's), so
+    whoever reaches the metrics endpoint reads A's customers off it."""
+    from prometheus_client import Counter
+
+    from vfl.common import prom, rpc
+
+    requests = Counter("vfl_requests_by_id", "Requests by the ids they name", ["id"], registry=prom.REGISTRY)
+    wrap = rpc.MetricsInterceptor.intercept_service
+
+    def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
+        handler = wrap(self, continuation, details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        def unary(request, context):  # type: ignore[no-untyped-def]
+            for i in list(getattr(request, "ids", []))[:50]:
+                requests.labels(i).inc()
+            return inner(request, context)
+
+        return handler._replace(unary_unary=unary)
+
+    rpc.MetricsInterceptor.intercept_service = intercept_service
+
+
 if __name__ == "__main__":
     main()
